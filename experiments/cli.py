@@ -1,0 +1,110 @@
+"""Command line: parses flags and calls flaxlab; every bad input is one line on stderr and exit code 2.
+
+  python -m experiments list
+  python -m experiments show mnist_cnn --optimizer.lr=0.05
+  python -m experiments run mnist_cnn --seeds 3 --data-dir ../shared/data
+  python -m experiments bench mnist_cnn --peer
+"""
+import argparse
+import json
+import sys
+
+from flaxlab.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage; one line is enough
+        command = self.prog.split()[-1]
+        raise UsageError(f"{message} (see `python -m experiments{'' if command == 'experiments' else ' ' + command} --help`)")
+
+
+def _experiment(name):
+    from experiments import EXPERIMENTS
+    if name not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment '{name}'; known: {', '.join(sorted(EXPERIMENTS))}")
+    return EXPERIMENTS[name]()
+
+
+def _apply_overrides(config, tokens):
+    """`--key=value` or `--key value` for any (dotted) config field."""
+    from flaxlab import config as config_lib
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument '{token}'")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+        elif i + 1 < len(tokens):
+            key, value = token[2:], tokens[i + 1]
+            i += 1
+        else:
+            raise UsageError(f"option {token} needs a value")
+        config = config_lib.override(config, key, value)
+        i += 1
+    return config_lib.validate(config)
+
+
+def _parser():
+    parser = _Parser(prog="python -m experiments", description=__doc__, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="the experiments and what they reproduce", allow_abbrev=False)
+    show = sub.add_parser("show", help="print an experiment's config (after overrides) as JSON", allow_abbrev=False)
+    show.add_argument("experiment")
+    run = sub.add_parser("run", allow_abbrev=False,
+                         help="train an experiment; any config field is an option: --optimizer.lr 0.05, --seeds 3")
+    run.add_argument("experiment")
+    run.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the shipped sample")
+    run.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+    bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
+                           allow_abbrev=False)
+    bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment")
+    bench.add_argument("--epochs", type=int, default=1)
+    bench.add_argument("--data-dir", help="default: ../shared/data when present, else the shipped sample")
+    bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
+    return parser
+
+
+def _bench(args, overrides):
+    from flaxlab import bench
+    if args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    config = _apply_overrides(_experiment(args.experiment), overrides)
+    shared = bench.shared_dir()
+    data_dir = args.data_dir or (shared / "data" if shared else None)
+    if args.peer and not shared:
+        raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
+    ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)
+    print(json.dumps(ours), flush=True)
+    if args.peer:
+        peers = bench.run_peer(config["name"], args.epochs, config["batch_size"], config["seeds"], shared)
+        for p in peers:
+            print(json.dumps(p), flush=True)
+        print(json.dumps(bench.compare(ours, peers)), flush=True)
+
+
+def main(argv=None):
+    try:
+        args, overrides = _parser().parse_known_args(argv)
+        if args.command == "list":
+            from experiments import EXPERIMENTS
+            for name, make in sorted(EXPERIMENTS.items()):
+                print(f"{name:24s} {make()['description']}")
+        elif args.command == "show":
+            print(json.dumps(_apply_overrides(_experiment(args.experiment), overrides), indent=1))
+        elif args.command == "run":
+            from flaxlab.runner import run_experiment
+            config = _apply_overrides(_experiment(args.experiment), overrides)
+            run_experiment(config, workdir=args.workdir, data_dir=args.data_dir, progress=not args.quiet,
+                           log=(lambda *a: None) if args.quiet else print)
+        elif args.command == "bench":
+            _bench(args, overrides)
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

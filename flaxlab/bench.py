@@ -1,0 +1,86 @@
+"""Benchmark a course workload and, in the same run, its eager-PyTorch peer.
+
+Prints JSON lines with the fields of ../shared/peers/torch_reference.py (steps_per_s, images_per_s,
+train_s, load_s, test_accuracy, ...) plus compile_s, which flaxlab keeps apart from train time, and
+a final line with the ratios. Speed is a ratio measured in one run on one machine, never a test.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flaxlab import data as data_lib
+from flaxlab.errors import UsageError
+from flaxlab.train import summarize
+
+PEER_FIELDS = ("workload", "device", "seed", "batch_size", "steps", "load_s", "train_s", "steps_per_s",
+               "images_per_s", "test_accuracy", "test_size")
+
+
+def shared_dir():
+    """../shared (beside the repository or the working directory), or $FLAXLAB_SHARED."""
+    candidates = [os.environ.get("FLAXLAB_SHARED"), Path(__file__).resolve().parents[2] / "shared",
+                  Path.cwd().parent / "shared"]
+    return next((Path(c) for c in candidates if c and (Path(c) / "data").is_dir()), None)
+
+
+def bench_flaxlab(config, data_dir, epochs=1, log=print):
+    """Trains config['seeds'] models for `epochs` epochs; returns one JSON-able dict."""
+    from flaxlab.runner import build, seed_keys
+    t0 = time.perf_counter()
+    dataset = data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+    load_s = time.perf_counter() - t0
+    model, trainer = build(config, dataset)
+    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
+    states = trainer.init(keys[:, 0], dataset.train.images.shape[1:])
+    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
+    compile_s = trainer.compile(states, train_data, test_data)
+    t = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        states, _ = trainer.train_epoch(states, train_data, keys[:, 1], epoch)
+    jax.block_until_ready(states)
+    train_s = time.perf_counter() - t
+    accuracy = summarize(trainer.evaluate(states, test_data))["accuracy"]
+    steps = trainer.steps_per_epoch(len(dataset.train)) * epochs
+    images = steps * config["batch_size"] * config["seeds"]
+    return dict(peer="flaxlab", jax=jax.__version__, workload=config["name"], device=str(jax.devices()[0]),
+                backend=jax.default_backend(), epoch_mode=trainer.epoch_mode, seeds=config["seeds"],
+                seed=config["seed"], batch_size=config["batch_size"], steps=steps, data=dataset.source,
+                load_s=round(load_s, 2), compile_s=round(compile_s, 3), train_s=round(train_s, 3),
+                steps_per_s=round(steps / train_s, 1), images_per_s=round(images / train_s),
+                test_accuracy=round(float(np.mean(accuracy)), 4), test_size=len(dataset.test))
+
+
+def run_peer(workload, epochs, batch_size, seeds, shared, log=print):
+    """Runs torch_reference.py as a subprocess; returns its JSON lines as dicts (one per seed)."""
+    script = shared / "peers" / "torch_reference.py"
+    if not script.is_file():
+        raise UsageError(f"no PyTorch peer at {script}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError("the PyTorch peer needs torch: `pip install torch==2.13.0`") from None
+    cmd = [sys.executable, str(script), workload, "--epochs", str(epochs), "--batch-size", str(batch_size),
+           "--seeds", str(seeds)]
+    env = {**os.environ, "SHARED_DATA": str(shared / "data")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise UsageError(f"the PyTorch peer failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def compare(ours, peers):
+    """Ratio of flaxlab to the peer in throughput; with N seeds, N vmapped models vs N sequential runs."""
+    peer_train_s = sum(p["train_s"] for p in peers)
+    peer_images = sum(p["steps"] * p["batch_size"] for p in peers)
+    return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
+                flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=round(peer_images / peer_train_s),
+                ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
+                ratio_steps_per_s=round(ours["steps_per_s"] / peers[0]["steps_per_s"], 2) if ours["seeds"] == 1 else None,
+                flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))

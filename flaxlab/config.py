@@ -1,0 +1,83 @@
+"""Experiment configs are plain nested dicts; the command line overrides any field by its dotted name.
+
+`--optimizer.lr=0.05`, `--batch-size 64` and `--model.features 8,16,32` all parse against the type of
+the default, and every string field with a fixed set of values is checked against it, so a typo is
+one clear error before anything runs or is written.
+"""
+import copy
+
+from flaxlab.errors import UsageError
+
+
+def _choices():
+    from flaxlab import data, models, optim, train
+    return {
+        "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
+        "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
+        "epoch_mode": train.EPOCH_MODES,
+    }
+
+
+FIXED = ("name", "description")  # identify the experiment; not options
+POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed")
+
+
+def flatten(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _parse(key, text, default):
+    def scalar(t, like):
+        if isinstance(like, bool):
+            if t.lower() in ("1", "true", "yes", "on"):
+                return True
+            if t.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return type(like)(t)
+
+    try:
+        if isinstance(default, (tuple, list)):
+            like = default[0] if default else 0
+            return tuple(scalar(t.strip(), like) for t in text.split(",") if t.strip())
+        return scalar(text, default)
+    except ValueError:
+        kind = "comma-separated list" if isinstance(default, (tuple, list)) else type(default).__name__
+        raise UsageError(f"bad value '{text}' for {key}: expected {kind}") from None
+
+
+def override(config, key, text):
+    """A copy of `config` with the dotted `key` set from its command-line text."""
+    key = key.replace("-", "_")
+    flat = {k: v for k, v in flatten(config).items() if k not in FIXED}
+    if key not in flat:
+        raise UsageError(f"unknown option '--{key}'; options: {', '.join('--' + k for k in sorted(flat))}")
+    config = copy.deepcopy(config)
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    node[leaf] = _parse(key, text, flat[key])
+    return config
+
+
+def validate(config):
+    """Raises UsageError for a value outside its allowed set or range."""
+    flat = flatten(config)
+    for key, allowed in _choices().items():
+        if key in flat and flat[key] not in allowed:
+            raise UsageError(f"unknown value '{flat[key]}' for --{key}; choose one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if key in flat and not flat[key] > 0:
+            raise UsageError(f"--{key} must be positive, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if key in flat and flat[key] < 0:
+            raise UsageError(f"--{key} must not be negative, got {flat[key]}")
+    return config

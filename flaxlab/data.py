@@ -1,0 +1,174 @@
+"""Input pipeline: MNIST from TFDS, from IDX files, or from the sample the package ships.
+
+Datasets are small enough to live whole on the accelerator, so loading returns numpy arrays
+once and `to_device` puts each split there; shuffling and batching then happen on device
+inside the jitted train step (see `flaxlab.train`).
+"""
+import dataclasses
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from flaxlab.errors import DataError
+
+SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist-sample"
+SOURCES = ("auto", "files", "tfds", "sample")
+HOW_TO_GET_MNIST = (
+    "download the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from http://yann.lecun.com/exdb/mnist/ "
+    "and pass their folder with --data-dir, or use --data.source=sample for the shipped sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, NHWC
+    labels: np.ndarray  # int32
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str  # where the examples came from, recorded with every run
+    train: Split
+    test: Split
+    num_classes: int
+
+    def describe(self):
+        return {"name": self.name, "source": self.source, "train_examples": len(self.train),
+                "test_examples": len(self.test), "image_shape": list(self.train.images.shape[1:]),
+                "num_classes": self.num_classes}
+
+
+# --- IDX files (the official MNIST format) -----------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """Reads an IDX file, gzipped or not, and checks its header against its size."""
+    path = Path(path)
+    try:
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path} is truncated or corrupt: {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+
+
+def _find_idx(folder, split, kind):
+    """Finds e.g. train-images-idx3-ubyte[.gz] or the train-images.idx3-ubyte spelling."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    ndim = {"images": 3, "labels": 1}[kind]
+    for name in (f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte"):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_mnist_files(data_dir):
+    """MNIST from a folder holding the four IDX files (or from its `mnist/` subfolder)."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a folder; {HOW_TO_GET_MNIST}")
+    for folder in (data_dir, data_dir / "mnist", data_dir / "MNIST" / "raw"):
+        paths = {(s, k): _find_idx(folder, s, k) for s in ("train", "test") for k in ("images", "labels")}
+        if all(paths.values()):
+            break
+    else:
+        raise DataError(f"no MNIST IDX files in {data_dir}; {HOW_TO_GET_MNIST}")
+    splits = {}
+    for s in ("train", "test"):
+        images, labels = read_idx(paths[s, "images"]), read_idx(paths[s, "labels"])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"MNIST {s} files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+        if labels.max(initial=0) > 9:
+            raise DataError(f"MNIST {s} labels in {folder} go beyond 9: corrupt file?")
+        splits[s] = Split(np.ascontiguousarray(images[..., None]), labels.astype(np.int32))
+    return splits["train"], splits["test"]
+
+
+# --- TFDS ----------------------------------------------------------------------------------
+
+def _tfds_data_dir(data_dir=None):
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def tfds_prepared(name, data_dir=None):
+    """Whether TFDS already holds `name` on disk, so loading it needs no network."""
+    return (_tfds_data_dir(data_dir) / name).is_dir()
+
+
+def load_tfds(name, data_dir=None, download=True):
+    """A dataset through `tfds.data_source` (array_record; unlike `tfds.load`, no TensorFlow needed)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("tensorflow-datasets is not installed; `pip install tensorflow-datasets`, "
+                        f"or {HOW_TO_GET_MNIST}") from None
+    try:
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=str(_tfds_data_dir(data_dir)),
+                                   download=download)
+    except Exception as e:  # tfds raises many kinds when offline; all mean the same to a user
+        raise DataError(f"TFDS could not provide '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        f"without internet, {HOW_TO_GET_MNIST}") from None
+    splits = []
+    for source in sources:
+        records = [source[i] for i in range(len(source))]
+        images = np.stack([r["image"] for r in records]).astype(np.uint8)
+        splits.append(Split(images.reshape(len(records), 28, 28, 1), np.array([r["label"] for r in records], np.int32)))
+    return tuple(splits)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def load_mnist(source="auto", data_dir=None, tfds_dir=None):
+    """Loads MNIST; 'auto' prefers --data-dir, then a TFDS copy on disk, then the shipped sample."""
+    if source not in SOURCES:
+        raise DataError(f"unknown data source '{source}'; choose one of {', '.join(SOURCES)}")
+    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    if source == "auto":
+        source = "files" if data_dir else "tfds" if tfds_prepared("mnist", tfds_dir) else "sample"
+    if source == "files":
+        if not data_dir:
+            raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_MNIST}")
+        train, test = load_mnist_files(data_dir)
+        where = f"files:{Path(data_dir).expanduser().resolve()}"
+    elif source == "tfds":
+        train, test = load_tfds("mnist", tfds_dir)
+        where = "tfds:mnist"
+    else:
+        train, test = load_mnist_files(SAMPLE_DIR)
+        where = "sample:flaxlab/assets/mnist-sample"
+    return Dataset("mnist", where, train, test, num_classes=10)
+
+
+DATASETS = {"mnist": load_mnist}
+
+
+def load(name, **kwargs):
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    return DATASETS[name](**kwargs)
+
+
+def to_device(split, sharding=None):
+    """Puts a whole split on the device once; batches are gathered from it inside jit."""
+    import jax
+    return {"image": jax.device_put(split.images, sharding), "label": jax.device_put(split.labels, sharding)}

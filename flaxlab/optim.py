@@ -1,0 +1,75 @@
+"""Optimizers of the reports (SGD with momentum/Nesterov, Adam, Rprop) plus L2 and L1 terms.
+
+The learning rate is injected as optimizer state (`optax.inject_hyperparams`), so models trained
+side by side under vmap may use different rates without a recompile.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxlab.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adam", "rprop")
+
+
+class RpropState(NamedTuple):
+    step_size: optax.Updates
+    prev_grad: optax.Updates
+
+
+def rprop(learning_rate=0.01, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_step_size=50.0):
+    """iRprop- as torch.optim.Rprop computes it: the very first update is already -lr * sign(grad).
+
+    optax.rprop (0.2.8) starts from a zero previous update and so lags one step; this one keeps the
+    previous gradient instead, zeroing it where the sign flipped, as Igel & Huesken's iRprop- does.
+    """
+
+    def init_fn(params):
+        return RpropState(step_size=jax.tree.map(lambda p: jnp.full_like(p, learning_rate), params),
+                          prev_grad=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(grads, state, params=None):
+        del params
+
+        def leaf(g, prev, step):
+            agreement = g * prev
+            factor = jnp.where(agreement > 0, eta_plus, jnp.where(agreement < 0, eta_minus, 1.0))
+            step = jnp.clip(step * factor, min_step_size, max_step_size)
+            g = jnp.where(agreement < 0, 0.0, g)
+            return -step * jnp.sign(g), g, step
+
+        out = jax.tree.map(leaf, grads, state.prev_grad, state.step_size)
+        is_triple = lambda x: isinstance(x, tuple) and len(x) == 3
+        pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)
+        return pick(0), RpropState(step_size=pick(2), prev_grad=pick(1))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sgd(learning_rate, momentum=0.0, nesterov=False):
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+def make_optimizer(cfg):
+    """An optax transform from the config's optimizer section.
+
+    weight_decay is coupled L2 (added to the gradient, as torch's `weight_decay` does for SGD/Adam);
+    the L1 penalty lives in the loss (see `flaxlab.train.l1_penalty`).
+    """
+    name = cfg["name"]
+    if name == "sgd":
+        tx = optax.inject_hyperparams(_sgd, static_args=("momentum", "nesterov"))(
+            learning_rate=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+                                            nesterov=cfg.get("nesterov", False))
+    elif name == "adam":
+        tx = optax.inject_hyperparams(optax.adam)(learning_rate=cfg["lr"], b1=cfg.get("b1", 0.9),
+                                                  b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8))
+    elif name == "rprop":
+        tx = optax.inject_hyperparams(rprop)(learning_rate=cfg["lr"])
+    else:
+        raise UsageError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+    if cfg.get("weight_decay", 0.0):
+        tx = optax.chain(optax.add_decayed_weights(cfg["weight_decay"]), tx)
+    return tx

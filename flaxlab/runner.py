@@ -1,0 +1,120 @@
+"""One experiment end to end: config -> data -> N stacked models trained -> history, table, figure.
+
+Everything that can be wrong with the input (config values, data) is checked before the run
+folder is created, so a bad command writes nothing.
+"""
+import dataclasses
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flaxlab import config as config_lib
+from flaxlab import data as data_lib
+from flaxlab import metrics, plots
+from flaxlab.models import count_params, make_model
+from flaxlab.optim import make_optimizer
+from flaxlab.progress import Progress
+from flaxlab.train import Trainer, summarize
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: Path
+    history: dict
+    stats: list
+    states: object  # stacked TrainStates, leading axis = seed
+    info: dict
+
+
+def seed_keys(first_seed, num_seeds):
+    """Model i of a multi-seed run gets exactly the keys a single run with seed first_seed+i gets."""
+    return jax.vmap(jax.random.key)(np.arange(first_seed, first_seed + num_seeds))
+
+
+def build(config, dataset):
+    model = make_model(config["model"], dataset.num_classes)
+    trainer = Trainer(model, make_optimizer(config["optimizer"]), num_models=config["seeds"],
+                      batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
+                      l1=config["l1"], epoch_mode=config["epoch_mode"])
+    return model, trainer
+
+
+def _write_json(path, obj):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def default_workdir(name):
+    return Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
+    """Trains config['seeds'] models of one experiment as one program and writes its run folder.
+
+    Writes config.json, history.json (per epoch, one value per seed), results.md (the trial
+    table) and curves.png (loss and accuracy, train vs test).
+    """
+    config_lib.validate(config)
+    name = config["name"]
+    if dataset is None:
+        d = config["data"]
+        dataset = data_lib.load(d["name"], source=d["source"], data_dir=data_dir)
+    if config["batch_size"] > len(dataset.train):
+        raise config_lib.UsageError(f"--batch-size {config['batch_size']} is larger than the training set "
+                                    f"({len(dataset.train)} examples)")
+    model, trainer = build(config, dataset)
+    num_seeds, epochs = config["seeds"], config["epochs"]
+    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], num_seeds))
+    init_keys, train_keys = keys[:, 0], keys[:, 1]
+    states = trainer.init(init_keys, dataset.train.images.shape[1:])
+    num_params = count_params(jax.tree.map(lambda a: a[0], states.params))
+    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
+    info = {"experiment": name, "data": dataset.describe(), "learnable_weights": num_params,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
+            "epoch_mode": trainer.epoch_mode, "seeds": num_seeds}
+    log(f"{name}: {model.__class__.__name__} with {num_params:,} learnable weights, {num_seeds} seed(s), "
+        f"{epochs} epochs on {jax.default_backend()} ({trainer.epoch_mode} mode)")
+    log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")
+
+    info["compile_s"] = round(trainer.compile(states, train_data, test_data), 3)
+    workdir = Path(workdir) if workdir else default_workdir(name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", config)
+
+    history = metrics.new_history()
+    bar = Progress(epochs, enabled=progress, log=log)
+    train_s = 0.0
+    for epoch in range(1, epochs + 1):
+        bar.begin_epoch(epoch)
+        t0 = time.perf_counter()
+        states, train_sums = trainer.train_epoch(states, train_data, train_keys, epoch, on_step=bar.on_step)
+        jax.block_until_ready(states)  # the epoch's only sync: it makes the timing honest
+        seconds = time.perf_counter() - t0
+        train_s += seconds
+        train, test = summarize(train_sums), summarize(trainer.evaluate(states, test_data))
+        metrics.append_epoch(history, epoch, seconds, train, test)
+        _write_json(workdir / "history.json", {"info": info, "history": history})
+        bar.end_epoch(f"train loss {np.mean(train['loss']):.4f} acc {100 * np.mean(train['accuracy']):.2f}%  "
+                      f"test loss {np.mean(test['loss']):.4f} acc {100 * np.mean(test['accuracy']):.2f}%")
+
+    steps = trainer.steps_per_epoch(len(dataset.train)) * epochs
+    info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
+                images_per_s=round(steps * config["batch_size"] * num_seeds / train_s))
+    stats = metrics.final_stats(history)
+    _write_json(workdir / "history.json", {"info": info, "history": history})
+    table = metrics.markdown_table(stats)
+    (workdir / "results.md").write_text(
+        f"# {name}\n\n{config.get('description', '')}\n\n"
+        f"- data: {dataset.source}, {len(dataset.train):,} train / {len(dataset.test):,} test examples\n"
+        f"- model: {num_params:,} learnable weights; {num_seeds} seed(s) from seed {config['seed']}; {epochs} epochs\n"
+        f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
+        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n")
+    plots.learning_curves(history, workdir / "curves.png", f"{name}: {dataset.name} from {dataset.source.split(':')[0]}")
+    log(f"\n{table}\n\nwrote {workdir}/ (config.json, history.json, results.md, curves.png)")
+    return RunResult(workdir, history, stats, states, info)
