@@ -1,0 +1,79 @@
+"""The command line as a user meets it: the main job, its files, and one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "mnist_cnnn"], "unknown experiment 'mnist_cnnn'"),
+    (["run", "mnist_cnn", "--optimiser.lr", "0.1"], "unknown option '--optimiser.lr'"),
+    (["run", "mnist_cnn", "--optimizer.name=adamw"], "unknown value 'adamw' for --optimizer.name"),
+    (["run", "mnist_cnn", "--epochs", "ten"], "bad value 'ten' for epochs"),
+    (["run", "mnist_cnn", "--batch-size", "0"], "--batch_size must be positive"),
+    (["run", "mnist_cnn", "--batch-size", "100000"], "larger than the training set"),
+    (["run", "mnist_cnn", "--model.activation", "swish"], "unknown value 'swish'"),
+    (["run", "mnist_cnn", "--data-dir", "no/such/folder"], "is not a folder"),
+    (["run", "mnist_cnn", "--data.source", "files"], "needs --data-dir"),
+    (["run", "mnist_cnn", "stray"], "unexpected argument 'stray'"),
+    (["run", "mnist_cnn", "--epochs"], "needs a value"),
+    (["train", "mnist_cnn"], "invalid choice: 'train'"),
+    (["run"], "required: experiment"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_job_on_the_shipped_sample(tmp_path):
+    out = cli("run", "mnist_cnn", "--epochs", "2", "--seeds", "2", "--workdir", "run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "21,578 learnable weights" in out.stdout and "sample" in out.stdout
+    run = tmp_path / "run"
+    history = json.loads((run / "history.json").read_text())
+    assert history["info"]["data"]["source"].startswith("sample")
+    assert history["info"]["data"]["train_examples"] == 5000 and history["info"]["data"]["test_examples"] == 1000
+    assert history["history"]["epoch"] == [1, 2] and len(history["history"]["test_accuracy"][-1]) == 2
+    assert min(history["history"]["test_accuracy"][-1]) > 0.85
+    assert "| final test accuracy |" in (run / "results.md").read_text() and "over 2 seeds" in out.stdout
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "config.json").read_text())["seeds"] == 2
+
+
+def test_show_applies_overrides_and_list_names_experiments(tmp_path):
+    shown = json.loads(cli("show", "mnist_cnn", "--optimizer.lr=0.05", "--model.features", "4,8,16",
+                           cwd=tmp_path).stdout)
+    assert shown["optimizer"]["lr"] == 0.05 and shown["model"]["features"] == [4, 8, 16]
+    listed = cli("list", cwd=tmp_path).stdout
+    for name in ("mnist_fnn", "mnist_cnn", "mnist_cnn_pool_first", "mnist_cnn_tanh", "mnist_cnn_adam"):
+        assert name in listed
+
+
+def test_bench_prints_peer_fields(tmp_path):
+    from flaxlab.bench import PEER_FIELDS
+    out = cli("bench", "mnist_fnn", "--batch-size", "256", "--data-dir", str(REPO / "flaxlab/assets/mnist-sample"),
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.splitlines()[0])
+    assert set(PEER_FIELDS) <= set(line) and line["peer"] == "flaxlab" and line["compile_s"] > 0
+    assert line["steps"] == 5000 // 256 and line["images_per_s"] > 0
+
+
+def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
+    pytest.importorskip("torch", reason="the PyTorch peer needs torch")
+    out = cli("bench", "mnist_fnn", "--peer", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    ours, peer, ratio = (json.loads(line) for line in out.stdout.splitlines())
+    assert ours["peer"] == "flaxlab" and peer["peer"] == "pytorch-eager" and ours["steps"] == peer["steps"] == 58
+    assert ratio["ratio_images_per_s"] > 0 and ours["test_accuracy"] > 0.85

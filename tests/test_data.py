@@ -1,0 +1,77 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from flaxlab import data
+from flaxlab.errors import DataError
+
+
+def write_idx(path, array, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist_dir(tmp_path, n_train=20, n_test=10, gz=False, spelling="-idx"):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        suffix = ".gz" if gz else ""
+        dot = spelling
+        write_idx(tmp_path / f"{prefix}-images{dot}3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(tmp_path / f"{prefix}-labels{dot}1-ubyte{suffix}", np.arange(n) % 10, gz)
+    return tmp_path
+
+
+def test_sample_ships_balanced_real_digits(mnist_sample):
+    assert mnist_sample.source.startswith("sample")
+    assert mnist_sample.train.images.shape == (5000, 28, 28, 1) and mnist_sample.train.images.dtype == np.uint8
+    assert mnist_sample.test.images.shape == (1000, 28, 28, 1)
+    assert np.bincount(mnist_sample.train.labels).tolist() == [500] * 10
+    # real digits: mostly black background with bright strokes, not noise
+    assert 20 < mnist_sample.train.images.mean() < 50
+
+
+@pytest.mark.parametrize("gz,spelling", [(False, "-idx"), (True, "-idx"), (False, ".idx")])
+def test_idx_files_in_official_spellings(tmp_path, gz, spelling):
+    ds = data.load_mnist(source="files", data_dir=fake_mnist_dir(tmp_path, gz=gz, spelling=spelling))
+    assert ds.source == f"files:{tmp_path.resolve()}"
+    assert ds.describe()["train_examples"] == 20 and ds.describe()["test_examples"] == 10
+    assert ds.train.labels.dtype == np.int32 and ds.train.labels.tolist() == [i % 10 for i in range(20)]
+
+
+def test_auto_prefers_data_dir_then_sample(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLAXLAB_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "no-tfds"))
+    assert data.load_mnist(data_dir=fake_mnist_dir(tmp_path)).source.startswith("files:")
+    assert data.load_mnist().source.startswith("sample:")
+
+
+def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no MNIST IDX files"):
+        data.load_mnist(source="files", data_dir=tmp_path)
+    with pytest.raises(DataError, match="not a folder"):
+        data.load_mnist(source="files", data_dir=tmp_path / "missing")
+    fake_mnist_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x0a\x01\x02")  # truncated
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.load_mnist(source="files", data_dir=tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not an idx file")
+    with pytest.raises(DataError, match="bad magic"):
+        data.load_mnist(source="files", data_dir=tmp_path)
+    with pytest.raises(DataError, match="unknown data source"):
+        data.load_mnist(source="kaggle")
+
+
+def test_full_mnist_from_shared_data(mnist_full):
+    assert len(mnist_full.train) == 60000 and len(mnist_full.test) == 10000
+    assert np.bincount(mnist_full.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_to_device_keeps_whole_split(mnist_sample):
+    import jax
+    on_device = data.to_device(mnist_sample.test)
+    assert isinstance(on_device["image"], jax.Array) and on_device["image"].shape == (1000, 28, 28, 1)
+    np.testing.assert_array_equal(np.asarray(on_device["label"]), mnist_sample.test.labels)

@@ -1,0 +1,70 @@
+"""Models: the reports' parameter counts, shapes, and forward numerics against the PyTorch originals."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlab import models
+from experiments import EXPERIMENTS
+
+
+@pytest.mark.parametrize("name,count", [("mnist_cnn", 21578), ("mnist_fnn", 636010), ("mnist_cnn_tanh", 21578)])
+def test_learnable_weight_counts_match_report(name, count):
+    model = models.make_model(EXPERIMENTS[name]()["model"], 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    assert models.count_params(params) == count
+
+
+@pytest.mark.parametrize("cfg", [{"name": "small_cnn"}, {"name": "small_cnn", "pool_first": True},
+                                 {"name": "mlp", "hidden": (50, 30)}])
+def test_logit_shapes(cfg):
+    model = models.make_model(cfg, 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert model.apply(variables, jnp.zeros((7, 28, 28, 1))).shape == (7, 10)
+
+
+def test_init_follows_torch_default_bounds():
+    params = models.make_model({"name": "mlp", "hidden": (800,)}, 10).init(
+        jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    bound = 1 / np.sqrt(784)
+    for leaf in jax.tree_util.tree_leaves(params["Dense_0"]):
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+
+
+def to_torch_cnn(params, torch, pool_first=False, activation="relu"):
+    """The 1MD120 CNN in PyTorch (NCHW), holding our weights: conv HWIO->OIHW, linear rows from HWC to CHW order."""
+    nn = torch.nn
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    convs = [nn.Conv2d(i, o, 3, 1, 1) for i, o in ((1, 8), (8, 16), (16, 32))]
+    layers = []
+    for i, conv in enumerate(convs):
+        p = params[f"Conv_{i}"]["Conv_0"]
+        conv.weight.data = torch.tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy())
+        conv.bias.data = torch.tensor(np.asarray(p["bias"]))
+        block = [act(), nn.MaxPool2d(2)] if i < 2 else [act()]
+        layers += [conv] + (block[::-1] if pool_first and i < 2 else block)
+    linear = nn.Linear(32 * 7 * 7, 10)
+    k = np.asarray(params["Dense_0"]["Dense_0"]["kernel"])  # (7*7*32 in HWC order, 10)
+    linear.weight.data = torch.tensor(k.reshape(7, 7, 32, 10).transpose(3, 2, 0, 1).reshape(10, -1).copy())
+    linear.bias.data = torch.tensor(np.asarray(params["Dense_0"]["Dense_0"]["bias"]))
+    return nn.Sequential(*layers, nn.Flatten(), linear)
+
+
+@pytest.mark.parametrize("pool_first,activation", [(False, "relu"), (True, "relu"), (False, "tanh")])
+def test_cnn_forward_matches_pytorch(pool_first, activation):
+    torch = pytest.importorskip("torch", reason="torch is the reference for the CNN numerics")
+    model = models.make_model({"name": "small_cnn", "pool_first": pool_first, "activation": activation}, 10)
+    params = model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))["params"]
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+    with torch.no_grad():
+        theirs = to_torch_cnn(params, torch, pool_first, activation)(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_model_or_activation_is_usage_error():
+    from flaxlab.errors import UsageError
+    with pytest.raises(UsageError, match="unknown model"):
+        models.make_model({"name": "resnet9000"}, 10)
+    with pytest.raises(UsageError, match="unknown activation"):
+        models.make_model({"name": "small_cnn", "activation": "swish"}, 10)
