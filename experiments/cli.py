@@ -64,25 +64,32 @@ def _parser():
     bench.add_argument("--epochs", type=int, default=1)
     bench.add_argument("--data-dir", help="default: ../shared/data when present, else the shipped sample")
     bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="alternate flaxlab and the peer this many times (a shared machine's speed drifts)")
     return parser
 
 
 def _bench(args, overrides):
     from flaxlab import bench
-    if args.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+    if args.epochs < 1 or args.repeat < 1:
+        raise UsageError("--epochs and --repeat must be at least 1")
     config = _apply_overrides(_experiment(args.experiment), overrides)
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)
     if args.peer and not shared:
         raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
-    ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)
-    print(json.dumps(ours), flush=True)
-    if args.peer:
-        peers = bench.run_peer(config["name"], args.epochs, config["batch_size"], config["seeds"], shared)
-        for p in peers:
-            print(json.dumps(p), flush=True)
-        print(json.dumps(bench.compare(ours, peers)), flush=True)
+    ratios = []
+    for _ in range(args.repeat):
+        ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)
+        print(json.dumps(ours), flush=True)
+        if args.peer:
+            peers = bench.run_peer(config["name"], args.epochs, config["batch_size"], config["seeds"], shared)
+            for p in peers:
+                print(json.dumps(p), flush=True)
+            ratios.append(bench.compare(ours, peers))
+            print(json.dumps(ratios[-1]), flush=True)
+    if len(ratios) > 1:
+        print(json.dumps(bench.median_ratio(ratios)), flush=True)
 
 
 def main(argv=None):

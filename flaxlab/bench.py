@@ -84,3 +84,10 @@ def compare(ours, peers):
                 ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
                 ratio_steps_per_s=round(ours["steps_per_s"] / peers[0]["steps_per_s"], 2) if ours["seeds"] == 1 else None,
                 flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
+
+
+def median_ratio(comparisons):
+    """The median over alternating repeats: one slow minute of a shared machine does not decide it."""
+    values = sorted(c["ratio_images_per_s"] for c in comparisons)
+    return dict(compare=comparisons[0]["compare"], repeats=len(values), ratios=values,
+                median_ratio_images_per_s=float(np.median(values)))

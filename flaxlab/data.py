@@ -111,8 +111,14 @@ def _tfds_data_dir(data_dir=None):
 
 
 def tfds_prepared(name, data_dir=None):
-    """Whether TFDS already holds `name` on disk, so loading it needs no network."""
-    return (_tfds_data_dir(data_dir) / name).is_dir()
+    """Whether TFDS already holds `name` on disk, so loading it needs no network.
+
+    TFDS writes `<data_dir>/<name>[/<config>]/<version>/dataset_info.json` last, when a build
+    is complete; a bare `<name>/` folder (e.g. a failed download's `incomplete.*`) doesn't count.
+    """
+    root = _tfds_data_dir(data_dir) / name
+    return any(not any(part.startswith("incomplete") for part in info.relative_to(root).parts)
+               for pattern in ("*/dataset_info.json", "*/*/dataset_info.json") for info in root.glob(pattern))
 
 
 def load_tfds(name, data_dir=None, download=True):
@@ -126,7 +132,8 @@ def load_tfds(name, data_dir=None, download=True):
         sources = tfds.data_source(name, split=["train", "test"], data_dir=str(_tfds_data_dir(data_dir)),
                                    download=download)
     except Exception as e:  # tfds raises many kinds when offline; all mean the same to a user
-        raise DataError(f"TFDS could not provide '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+        first_line = (str(e).strip().splitlines() or ["no message"])[0][:160]
+        raise DataError(f"TFDS could not provide '{name}' ({type(e).__name__}: {first_line}); "
                         f"without internet, {HOW_TO_GET_MNIST}") from None
     splits = []
     for source in sources:

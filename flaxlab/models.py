@@ -4,6 +4,7 @@ Every module takes NHWC float images and `train` (for dropout and batch norm) an
 Weights start as PyTorch's defaults do (uniform, fan-in scaled), because the reports' learning
 rates (SGD lr 1 for the FNN) were tuned for that start.
 """
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -25,17 +26,45 @@ def _torch_bias_init(fan_in):
 
 
 class Dense(nn.Module):
-    """nn.Dense with PyTorch's default initialisation (the bias too)."""
+    """A linear layer with PyTorch's default initialisation (the bias too)."""
     features: int
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, kernel_init=torch_kernel_init,
-                        bias_init=_torch_bias_init(x.shape[-1]))(x)
+        kernel = self.param("kernel", torch_kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+        return x @ kernel + bias
+
+
+@jax.custom_vjp
+def _conv_one_channel(padded, kernel):
+    """Stride-1 VALID conv of a 1-channel image as kh*kw broadcast multiply-adds (one fused loop).
+
+    XLA:CPU's convolution is ~9x slower than this for a single input channel (measured: 0.9 ms vs
+    0.1 ms for 32 MNIST digits into 8 maps); the gradient still goes through lax's convolution.
+    """
+    kh, kw = kernel.shape[:2]
+    h, w = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
+    return sum(padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(kh) for j in range(kw))
+
+
+def _lax_conv(x, kernel, strides=(1, 1), padding="VALID"):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_one_channel_fwd(padded, kernel):
+    return _conv_one_channel(padded, kernel), (padded, kernel)
+
+
+def _conv_one_channel_bwd(residuals, grad):
+    return jax.vjp(_lax_conv, *residuals)[1](grad)
+
+
+_conv_one_channel.defvjp(_conv_one_channel_fwd, _conv_one_channel_bwd)
 
 
 class Conv(nn.Module):
-    """nn.Conv with PyTorch's default initialisation and explicit symmetric padding."""
+    """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding."""
     features: int
     kernel_size: int = 3
     strides: int = 1
@@ -43,9 +72,55 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        k = self.kernel_size
-        return nn.Conv(self.features, (k, k), (self.strides, self.strides), padding=[(self.padding,) * 2] * 2,
-                       kernel_init=torch_kernel_init, bias_init=_torch_bias_init(k * k * x.shape[-1]))(x)
+        k, p = self.kernel_size, self.padding
+        kernel = self.param("kernel", torch_kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
+        if x.shape[-1] == 1 and self.strides == 1:
+            y = _conv_one_channel(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), kernel)
+        else:
+            y = _lax_conv(x, kernel, (self.strides,) * 2, [(p, p), (p, p)])
+        return y + bias
+
+
+def _windows(x, size):
+    """The size*size members of each non-overlapping window, each as an (n, h/size, w/size, c) view."""
+    n, h, w, c = x.shape
+    x = x[:, :h - h % size, :w - w % size].reshape(n, h // size, size, w // size, size, c)
+    return [[x[:, :, i, :, j] for j in range(size)] for i in range(size)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x, size=2):
+    """Non-overlapping max pooling, floor mode: torch's MaxPool2d(size), gradient to the first max.
+
+    Elementwise maxima of the window members instead of lax.reduce_window: on XLA:CPU the 1MD120
+    CNN's two pools took ~1.8 ms of a 4.5 ms step that way (select-and-scatter), ~0.4 ms this way.
+    """
+    return functools.reduce(jnp.maximum, [m for row in _windows(x, size) for m in row])
+
+
+def _max_pool_fwd(x, size):
+    y = max_pool(x, size)
+    return y, (x, y)
+
+
+def _max_pool_bwd(size, residuals, grad):
+    x, y = residuals
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for row in _windows(x, size):
+        cols = []
+        for member in row:
+            hit = (member == y) & ~taken  # the first maximum of a window gets the gradient, as in torch
+            taken = taken | hit
+            cols.append(jnp.where(hit, grad, 0.0))
+        rows.append(jnp.stack(cols, axis=3))
+    n, h, w, c = x.shape
+    dx = jnp.stack(rows, axis=2).reshape(n, h - h % size, w - w % size, c)
+    return (jnp.pad(dx, ((0, 0), (0, h % size), (0, w % size), (0, 0))),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class MLP(nn.Module):
@@ -75,7 +150,7 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         act = ACTIVATIONS[self.activation]
-        pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))
+        pool = max_pool
         for i, width in enumerate(self.features):
             x = Conv(width, 3, padding=1)(x)
             last = i == len(self.features) - 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import flax
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
@@ -185,19 +186,20 @@ class Trainer:
         ev = jax.jit(per_model(functools.partial(evaluate, batch_size=self.eval_batch_size), k, (0, None)))
         self._compiled = {
             "chunk": chunk, "steps": steps,
-            "train": run.lower(states, totals, train_data, orders, jnp.int32(0), step_keys).compile(),
+            "train": run.lower(states, totals, train_data, orders, np.int32(0), step_keys).compile(),
             "eval": ev.lower(states, test_data).compile(),
-            "orders": jax.jit(epoch_orders, static_argnums=2).lower(keys, jnp.int32(0), n).compile(),
+            "orders": jax.jit(epoch_orders, static_argnums=2).lower(keys, np.int32(0), n).compile(),
         }
         return time.perf_counter() - t0
 
     def train_epoch(self, states, train_data, keys, epoch, on_step=None):
         """One epoch for every model. Returns new states and per-model metric sums (on device)."""
         c = self._compiled
-        orders, step_keys = c["orders"](keys, jnp.int32(epoch))
+        orders, step_keys = c["orders"](keys, np.int32(epoch))
         totals = jax.tree.map(lambda z: jnp.zeros((self.num_models,)), _zero_sums())
         for first in range(0, c["steps"], c["chunk"]):
-            states, totals = c["train"](states, totals, train_data, orders, jnp.int32(first), step_keys)
+            # np.int32, not jnp.int32: the latter dispatches a conversion op (~0.5 ms on CPU, per step)
+            states, totals = c["train"](states, totals, train_data, orders, np.int32(first), step_keys)
             if on_step is not None:
                 on_step(first + c["chunk"], c["steps"])
         return states, totals

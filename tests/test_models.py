@@ -27,7 +27,7 @@ def test_init_follows_torch_default_bounds():
     params = models.make_model({"name": "mlp", "hidden": (800,)}, 10).init(
         jax.random.key(0), jnp.zeros((1, 784)))["params"]
     bound = 1 / np.sqrt(784)
-    for leaf in jax.tree_util.tree_leaves(params["Dense_0"]):
+    for leaf in jax.tree_util.tree_leaves(params["Dense_0"]):  # kernel and bias
         assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
 
 
@@ -38,15 +38,15 @@ def to_torch_cnn(params, torch, pool_first=False, activation="relu"):
     convs = [nn.Conv2d(i, o, 3, 1, 1) for i, o in ((1, 8), (8, 16), (16, 32))]
     layers = []
     for i, conv in enumerate(convs):
-        p = params[f"Conv_{i}"]["Conv_0"]
+        p = params[f"Conv_{i}"]
         conv.weight.data = torch.tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy())
         conv.bias.data = torch.tensor(np.asarray(p["bias"]))
         block = [act(), nn.MaxPool2d(2)] if i < 2 else [act()]
         layers += [conv] + (block[::-1] if pool_first and i < 2 else block)
     linear = nn.Linear(32 * 7 * 7, 10)
-    k = np.asarray(params["Dense_0"]["Dense_0"]["kernel"])  # (7*7*32 in HWC order, 10)
+    k = np.asarray(params["Dense_0"]["kernel"])  # (7*7*32 in HWC order, 10)
     linear.weight.data = torch.tensor(k.reshape(7, 7, 32, 10).transpose(3, 2, 0, 1).reshape(10, -1).copy())
-    linear.bias.data = torch.tensor(np.asarray(params["Dense_0"]["Dense_0"]["bias"]))
+    linear.bias.data = torch.tensor(np.asarray(params["Dense_0"]["bias"]))
     return nn.Sequential(*layers, nn.Flatten(), linear)
 
 
@@ -68,3 +68,36 @@ def test_unknown_model_or_activation_is_usage_error():
         models.make_model({"name": "resnet9000"}, 10)
     with pytest.raises(UsageError, match="unknown activation"):
         models.make_model({"name": "small_cnn", "activation": "swish"}, 10)
+
+
+@pytest.mark.parametrize("in_channels,strides,padding", [(1, 1, 1), (1, 1, 0), (1, 2, 1), (3, 1, 1)])
+def test_conv_and_its_gradients_match_lax(in_channels, strides, padding):
+    """The one-channel fast path (and the general path) against lax.conv, values and gradients."""
+    conv = models.Conv(8, 3, strides, padding)
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, in_channels))
+    params = conv.init(jax.random.key(1), x)["params"]
+
+    def reference(params, x):
+        y = jax.lax.conv_general_dilated(x, params["kernel"], (strides,) * 2, [(padding, padding)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + params["bias"]
+
+    loss = lambda f: lambda params, x: (f(params, x) ** 2).sum()
+    ours = lambda params, x: conv.apply({"params": params}, x)
+    np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+
+
+@pytest.mark.parametrize("shape,size", [((3, 8, 8, 4), 2), ((2, 7, 9, 3), 2), ((2, 9, 9, 2), 3)])
+def test_max_pool_matches_reduce_window_and_torch_gradient(shape, size):
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))  # relu: many tied zeros in a window
+    x = x.at[0, 0, 0, 0].set(1.0).at[0, 0, 1, 0].set(1.0)  # a tie between two maxima
+    ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, size, size, 1), "VALID")
+    np.testing.assert_array_equal(models.max_pool(x, size), ref)
+    torch = pytest.importorskip("torch", reason="torch is the reference for max-pool gradients")
+    g = jax.random.normal(jax.random.key(1), ref.shape)
+    ours = jax.vjp(lambda x: models.max_pool(x, size), x)[1](g)[0]
+    tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, size).backward(torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(ours, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
