@@ -25,7 +25,7 @@ def quiet(*_):
 
 def test_train_step_is_pure_and_learns(mnist_sample):
     model = models.make_model({"name": "small_cnn"}, 10)
-    tx = optim.make_optimizer({"name": "sgd", "lr": 0.1})
+    tx = optim.make_optimizer({"name": "adam", "lr": 3e-3})
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
     batch = {"image": train.preprocess(jnp.asarray(mnist_sample.train.images[:64])),
