@@ -1,4 +1,8 @@
-"""Per-epoch history and the trial tables (mean, std, min, max over seeds) the reports print."""
+"""Per-epoch history and the trial tables (mean, std, min, max over seeds) the reports print.
+
+Train loss and accuracy of an epoch are averages over its mini-batches as they were trained (what
+the reports' loops printed); test figures are computed after the epoch on the whole test split.
+"""
 import numpy as np
 
 HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")

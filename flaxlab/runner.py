@@ -16,6 +16,7 @@ import numpy as np
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
 from flaxlab import metrics, plots
+from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.optim import make_optimizer
 from flaxlab.progress import Progress
@@ -54,67 +55,80 @@ def default_workdir(name):
     return Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
-    """Trains config['seeds'] models of one experiment as one program and writes its run folder.
-
-    Writes config.json, history.json (per epoch, one value per seed), results.md (the trial
-    table) and curves.png (loss and accuracy, train vs test).
-    """
-    config_lib.validate(config)
-    name = config["name"]
-    if dataset is None:
-        d = config["data"]
-        dataset = data_lib.load(d["name"], source=d["source"], data_dir=data_dir)
-    if config["batch_size"] > len(dataset.train):
-        raise config_lib.UsageError(f"--batch-size {config['batch_size']} is larger than the training set "
-                                    f"({len(dataset.train)} examples)")
-    model, trainer = build(config, dataset)
-    num_seeds, epochs = config["seeds"], config["epochs"]
-    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], num_seeds))
-    init_keys, train_keys = keys[:, 0], keys[:, 1]
-    states = trainer.init(init_keys, dataset.train.images.shape[1:])
-    num_params = count_params(jax.tree.map(lambda a: a[0], states.params))
-    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
-    info = {"experiment": name, "data": dataset.describe(), "learnable_weights": num_params,
-            "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "epoch_mode": trainer.epoch_mode, "seeds": num_seeds}
-    log(f"{name}: {model.__class__.__name__} with {num_params:,} learnable weights, {num_seeds} seed(s), "
-        f"{epochs} epochs on {jax.default_backend()} ({trainer.epoch_mode} mode)")
-    log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")
-
-    info["compile_s"] = round(trainer.compile(states, train_data, test_data), 3)
-    workdir = Path(workdir) if workdir else default_workdir(name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", config)
-
+def fit(trainer, states, train_data, test_data, keys, epochs, progress=True, log=print, on_epoch=None):
+    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end."""
     history = metrics.new_history()
     bar = Progress(epochs, enabled=progress, log=log)
-    train_s = 0.0
     for epoch in range(1, epochs + 1):
         bar.begin_epoch(epoch)
         t0 = time.perf_counter()
-        states, train_sums = trainer.train_epoch(states, train_data, train_keys, epoch, on_step=bar.on_step)
+        states, train_sums = trainer.train_epoch(states, train_data, keys, epoch, on_step=bar.on_step)
         jax.block_until_ready(states)  # the epoch's only sync: it makes the timing honest
         seconds = time.perf_counter() - t0
-        train_s += seconds
         train, test = summarize(train_sums), summarize(trainer.evaluate(states, test_data))
         metrics.append_epoch(history, epoch, seconds, train, test)
-        _write_json(workdir / "history.json", {"info": info, "history": history})
+        if on_epoch is not None:
+            on_epoch(history)
         bar.end_epoch(f"train loss {np.mean(train['loss']):.4f} acc {100 * np.mean(train['accuracy']):.2f}%  "
                       f"test loss {np.mean(test['loss']):.4f} acc {100 * np.mean(test['accuracy']):.2f}%")
+    return states, history
 
-    steps = trainer.steps_per_epoch(len(dataset.train)) * epochs
-    info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
-                images_per_s=round(steps * config["batch_size"] * num_seeds / train_s))
+
+def write_summary(workdir, config, dataset, info, history):
+    """results.md (the trial table with the run's facts) and curves.png; returns stats and table."""
     stats = metrics.final_stats(history)
-    _write_json(workdir / "history.json", {"info": info, "history": history})
     table = metrics.markdown_table(stats)
+    counts = f"{len(dataset.train):,} train / {len(dataset.test):,} test"
     (workdir / "results.md").write_text(
-        f"# {name}\n\n{config.get('description', '')}\n\n"
-        f"- data: {dataset.source}, {len(dataset.train):,} train / {len(dataset.test):,} test examples\n"
-        f"- model: {num_params:,} learnable weights; {num_seeds} seed(s) from seed {config['seed']}; {epochs} epochs\n"
+        f"# {config['name']}\n\n{config.get('description', '')}\n\n"
+        f"- data: {dataset.source}, {counts} examples\n"
+        f"- model: {info['learnable_weights']:,} learnable weights; {info['seeds']} seed(s) from seed "
+        f"{config['seed']}; {config['epochs']} epochs\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n")
-    plots.learning_curves(history, workdir / "curves.png", f"{name}: {dataset.name} from {dataset.source.split(':')[0]}")
+    plots.learning_curves(history, workdir / "curves.png",
+                          f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
+    return stats, table
+
+
+def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
+    """Trains config['seeds'] models of one experiment as one program and writes its run folder.
+
+    Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
+    results.md (the trial table) and curves.png (loss and accuracy, train vs test).
+    """
+    config_lib.validate(config)
+    if dataset is None:
+        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
+    if config["batch_size"] > len(dataset.train):
+        raise UsageError(f"--batch-size {config['batch_size']} is larger than the training set "
+                         f"({len(dataset.train)} examples)")
+    model, trainer = build(config, dataset)
+    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
+    init_keys, train_keys = keys[:, 0], keys[:, 1]
+    states = trainer.init(init_keys, dataset.train.images.shape[1:])
+    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
+    info = {"experiment": config["name"], "data": dataset.describe(),
+            "learnable_weights": count_params(jax.tree.map(lambda a: a[0], states.params)),
+            "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
+            "epoch_mode": trainer.epoch_mode, "seeds": config["seeds"]}
+    log(f"{config['name']}: {model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
+        f"{config['seeds']} seed(s), {config['epochs']} epochs on {info['backend']} ({trainer.epoch_mode} mode)")
+    log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")
+    info["compile_s"] = round(trainer.compile(states, train_data, test_data), 3)
+
+    workdir = Path(workdir) if workdir else default_workdir(config["name"])
+    workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
+    _write_json(workdir / "config.json", config)
+    save_history = lambda history: _write_json(workdir / "history.json", {"info": info, "history": history})
+    states, history = fit(trainer, states, train_data, test_data, train_keys, config["epochs"],
+                          progress=progress, log=log, on_epoch=save_history)
+
+    train_s = sum(history["epoch_time_s"])
+    steps = trainer.steps_per_epoch(len(dataset.train)) * config["epochs"]
+    info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
+                images_per_s=round(steps * config["batch_size"] * config["seeds"] / train_s))
+    save_history(history)
+    stats, table = write_summary(workdir, config, dataset, info, history)
     log(f"\n{table}\n\nwrote {workdir}/ (config.json, history.json, results.md, curves.png)")
     return RunResult(workdir, history, stats, states, info)

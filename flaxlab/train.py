@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from flaxlab.errors import UsageError
+
 EPOCH_MODES = ("auto", "step", "scan")
 
 # XLA:CPU's YNNPACK fusions make the course's small nets slower: the 1MD120 CNN's step took
@@ -188,7 +190,6 @@ class Trainer:
         n = train_data["label"].shape[0]
         steps = self.steps_per_epoch(n)
         if steps < 1:
-            from flaxlab.errors import UsageError
             raise UsageError(f"batch size {self.batch_size} is larger than the training set ({n} examples)")
         chunk = 1 if self.epoch_mode == "step" else largest_divisor_at_most(steps, self.scan_steps or steps)
         k = self.num_models
