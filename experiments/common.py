@@ -1,5 +1,5 @@
 """Shared defaults every experiment config starts from, and a way to derive variants from one."""
-import copy
+from flaxlab.config import with_field
 
 
 def base_config(name, description, **sections):
@@ -28,14 +28,7 @@ def base_config(name, description, **sections):
 
 def variant(config, name, description, **dotted):
     """A copy of `config` under a new name, with dotted fields replaced: an ablation in one line."""
-    config = copy.deepcopy(config)
-    config["name"], config["description"] = name, description
+    config = {**config, "name": name, "description": description}
     for key, value in dotted.items():
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"{name}: no field {key} to vary")
-        node[leaf] = value
+        config = with_field(config, key, value)
     return config

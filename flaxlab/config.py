@@ -53,19 +53,26 @@ def _parse(key, text, default):
         raise UsageError(f"bad value '{text}' for {key}: expected {kind}") from None
 
 
+def with_field(config, key, value):
+    """A copy of `config` with the existing dotted field `key` set to `value`."""
+    config = copy.deepcopy(config)
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(key)
+    node[leaf] = value
+    return config
+
+
 def override(config, key, text):
     """A copy of `config` with the dotted `key` set from its command-line text."""
     key = key.replace("-", "_")
     flat = {k: v for k, v in flatten(config).items() if k not in FIXED}
     if key not in flat:
         raise UsageError(f"unknown option '--{key}'; options: {', '.join('--' + k for k in sorted(flat))}")
-    config = copy.deepcopy(config)
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    node[leaf] = _parse(key, text, flat[key])
-    return config
+    return with_field(config, key, _parse(key, text, flat[key]))
 
 
 def validate(config):
