@@ -15,7 +15,8 @@ from flaxlab.errors import UsageError
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the whole usage; one line is enough
         command = self.prog.split()[-1]
-        raise UsageError(f"{message} (see `python -m experiments{'' if command == 'experiments' else ' ' + command} --help`)")
+        where = "" if command == "experiments" else " " + command
+        raise UsageError(f"{message} (see `python -m experiments{where} --help`)")
 
 
 def _experiment(name):
@@ -55,7 +56,7 @@ def _parser():
     run = sub.add_parser("run", allow_abbrev=False,
                          help="train an experiment; any config field is an option: --optimizer.lr 0.05, --seeds 3")
     run.add_argument("experiment")
-    run.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the shipped sample")
+    run.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the sample")
     run.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
     run.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",

@@ -17,6 +17,7 @@ def base_config(name, description, **sections):
         "seeds": 1,  # models trained side by side in one program
         "seed": 0,  # the first model's seed; model i uses seed + i
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
+        "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -71,7 +71,8 @@ def run_peer(workload, epochs, batch_size, seeds, shared, log=print):
     env = {**os.environ, "SHARED_DATA": str(shared / "data")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise UsageError(f"the PyTorch peer failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
+        raise UsageError(f"the PyTorch peer failed: {why}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -82,7 +83,8 @@ def compare(ours, peers):
     return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
                 flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=round(peer_images / peer_train_s),
                 ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
-                ratio_steps_per_s=round(ours["steps_per_s"] / peers[0]["steps_per_s"], 2) if ours["seeds"] == 1 else None,
+                ratio_steps_per_s=(round(ours["steps_per_s"] / peers[0]["steps_per_s"], 2)
+                                   if ours["seeds"] == 1 else None),
                 flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
 
 

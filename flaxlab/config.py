@@ -20,7 +20,7 @@ def _choices():
 
 FIXED = ("name", "description")  # identify the experiment; not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
-NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed")
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps")
 
 
 def flatten(config, prefix=""):

@@ -42,5 +42,6 @@ def markdown_table(stats):
     n = stats[0]["n"]
     lines = [f"| metric (over {n} seed{'s' if n > 1 else ''}) | mean | std | min | max |", "|---|---|---|---|---|"]
     for s in stats:
-        lines.append(f"| {s['metric']} | " + " | ".join(fmt(s["metric"], s[k]) for k in ("mean", "std", "min", "max")) + " |")
+        cells = " | ".join(fmt(s["metric"], s[k]) for k in ("mean", "std", "min", "max"))
+        lines.append(f"| {s['metric']} | {cells} |")
     return "\n".join(lines)

@@ -41,7 +41,8 @@ def build(config, dataset):
     model = make_model(config["model"], dataset.num_classes)
     trainer = Trainer(model, make_optimizer(config["optimizer"]), num_models=config["seeds"],
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
-                      l1=config["l1"], epoch_mode=config["epoch_mode"])
+                      l1=config["l1"], epoch_mode=config["epoch_mode"],
+                      scan_steps=config.get("scan_steps") or None)
     return model, trainer
 
 

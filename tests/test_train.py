@@ -63,9 +63,11 @@ def test_eval_sums_are_exact_with_a_padded_last_batch(mnist_sample):
 
 def test_vmapped_seeds_equal_separate_runs(mnist_sample, tmp_path):
     ds = small_dataset(mnist_sample, 1024, 256)
-    together = run_experiment(tiny_mlp_config(seeds=3, seed=5), workdir=tmp_path / "together", dataset=ds, progress=False, log=quiet)
+    together = run_experiment(tiny_mlp_config(seeds=3, seed=5), workdir=tmp_path / "together", dataset=ds,
+                              progress=False, log=quiet)
     for i in range(3):
-        alone = run_experiment(tiny_mlp_config(seed=5 + i), workdir=tmp_path / f"alone{i}", dataset=ds, progress=False, log=quiet)
+        alone = run_experiment(tiny_mlp_config(seed=5 + i), workdir=tmp_path / f"alone{i}", dataset=ds,
+                               progress=False, log=quiet)
         chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], together.states.params),
                                     jax.tree.map(lambda a: a[0], alone.states.params), atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(np.asarray(together.history["test_accuracy"])[:, i],
@@ -77,7 +79,8 @@ def test_vmapped_seeds_equal_separate_runs(mnist_sample, tmp_path):
 def test_scan_epochs_equal_per_step_dispatch(mnist_sample, tmp_path):
     ds = small_dataset(mnist_sample, 512, 128)
     step = run_experiment(tiny_mlp_config(epoch_mode="step"), workdir=tmp_path / "step", dataset=ds, progress=False, log=quiet)
-    scan = run_experiment(tiny_mlp_config(epoch_mode="scan"), workdir=tmp_path / "scan", dataset=ds, progress=False, log=quiet)
+    scan = run_experiment(tiny_mlp_config(epoch_mode="scan", scan_steps=3),  # 8 steps: chunks of 2
+                          workdir=tmp_path / "scan", dataset=ds, progress=False, log=quiet)
     assert scan.info["epoch_mode"] == "scan" and step.info["epoch_mode"] == "step"
     chex.assert_trees_all_close(step.states.params, scan.states.params, atol=1e-5, rtol=1e-4)
 
