@@ -24,9 +24,10 @@ PEER_FIELDS = ("workload", "device", "seed", "batch_size", "steps", "load_s", "t
 
 
 def shared_dir():
-    """../shared (beside the repository or the working directory), or $FLAXLAB_SHARED."""
-    candidates = [os.environ.get("FLAXLAB_SHARED"), Path(__file__).resolve().parents[2] / "shared",
-                  Path.cwd().parent / "shared"]
+    """../shared (beside the repository or the working directory), $FLAXLAB_SHARED, or $FLAXLAB_SHARED_DATA/.."""
+    data = os.environ.get("FLAXLAB_SHARED_DATA")
+    candidates = [os.environ.get("FLAXLAB_SHARED"), data and Path(data).parent,
+                  Path(__file__).resolve().parents[2] / "shared", Path.cwd().parent / "shared"]
     return next((Path(c) for c in candidates if c and (Path(c) / "data").is_dir()), None)
 
 
