@@ -31,23 +31,21 @@ def shared_dir():
     return next((Path(c) for c in candidates if c and (Path(c) / "data").is_dir()), None)
 
 
-def bench_flaxlab(config, data_dir, epochs=1, log=print):
+def bench_flaxlab(config, data_dir, epochs=1):
     """Trains config['seeds'] models for `epochs` epochs; returns one JSON-able dict."""
-    from flaxlab.runner import build, seed_keys
+    from flaxlab.runner import set_up
     t0 = time.perf_counter()
     dataset = data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
     load_s = time.perf_counter() - t0
-    model, trainer = build(config, dataset)
-    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
-    states = trainer.init(keys[:, 0], dataset.train.images.shape[1:])
-    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
-    compile_s = trainer.compile(states, train_data, test_data)
+    s = set_up(config, dataset)
+    trainer, states = s.trainer, s.states
+    compile_s = trainer.compile(states, s.train_data, s.test_data)
     t = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        states, _ = trainer.train_epoch(states, train_data, keys[:, 1], epoch)
+        states, _ = trainer.train_epoch(states, s.train_data, s.train_keys, epoch)
     jax.block_until_ready(states)
     train_s = time.perf_counter() - t
-    accuracy = summarize(trainer.evaluate(states, test_data))["accuracy"]
+    accuracy = summarize(trainer.evaluate(states, s.test_data))["accuracy"]
     steps = trainer.steps_per_epoch(len(dataset.train)) * epochs
     images = steps * config["batch_size"] * config["seeds"]
     return dict(peer="flaxlab", jax=jax.__version__, workload=config["name"], device=str(jax.devices()[0]),
@@ -58,7 +56,7 @@ def bench_flaxlab(config, data_dir, epochs=1, log=print):
                 test_accuracy=round(float(np.mean(accuracy)), 4), test_size=len(dataset.test))
 
 
-def run_peer(workload, epochs, batch_size, seeds, shared, log=print):
+def run_peer(workload, epochs, batch_size, seeds, shared):
     """Runs torch_reference.py as a subprocess; returns its JSON lines as dicts (one per seed)."""
     script = shared / "peers" / "torch_reference.py"
     if not script.is_file():

@@ -37,13 +37,27 @@ def seed_keys(first_seed, num_seeds):
     return jax.vmap(jax.random.key)(np.arange(first_seed, first_seed + num_seeds))
 
 
-def build(config, dataset):
+@dataclasses.dataclass
+class Setup:
+    model: object
+    trainer: Trainer  # not yet compiled: compiling is slow enough to announce first
+    states: object  # stacked TrainStates, one per seed
+    train_keys: jax.Array  # one per seed
+    train_data: dict  # device-resident splits
+    test_data: dict
+
+
+def set_up(config, dataset):
+    """Model, trainer, independently initialised states for every seed, and the data on the device."""
     model = make_model(config["model"], dataset.num_classes)
     trainer = Trainer(model, make_optimizer(config["optimizer"]), num_models=config["seeds"],
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
                       l1=config["l1"], epoch_mode=config["epoch_mode"],
                       scan_steps=config.get("scan_steps") or None)
-    return model, trainer
+    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
+    states = trainer.init(keys[:, 0], dataset.train.images.shape[1:])
+    return Setup(model, trainer, states, keys[:, 1], data_lib.to_device(dataset.train),
+                 data_lib.to_device(dataset.test))
 
 
 def _write_json(path, obj):
@@ -104,25 +118,22 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if config["batch_size"] > len(dataset.train):
         raise UsageError(f"--batch-size {config['batch_size']} is larger than the training set "
                          f"({len(dataset.train)} examples)")
-    model, trainer = build(config, dataset)
-    keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
-    init_keys, train_keys = keys[:, 0], keys[:, 1]
-    states = trainer.init(init_keys, dataset.train.images.shape[1:])
-    train_data, test_data = data_lib.to_device(dataset.train), data_lib.to_device(dataset.test)
+    s = set_up(config, dataset)
+    trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),
-            "learnable_weights": count_params(jax.tree.map(lambda a: a[0], states.params)),
+            "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "seeds": config["seeds"]}
-    log(f"{config['name']}: {model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
+    log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {info['backend']} ({trainer.epoch_mode} mode)")
     log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")
-    info["compile_s"] = round(trainer.compile(states, train_data, test_data), 3)
+    info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data), 3)
 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
     _write_json(workdir / "config.json", config)
     save_history = lambda history: _write_json(workdir / "history.json", {"info": info, "history": history})
-    states, history = fit(trainer, states, train_data, test_data, train_keys, config["epochs"],
+    states, history = fit(trainer, s.states, s.train_data, s.test_data, s.train_keys, config["epochs"],
                           progress=progress, log=log, on_epoch=save_history)
 
     train_s = sum(history["epoch_time_s"])

@@ -14,8 +14,8 @@ from typing import Any
 
 import flax
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
