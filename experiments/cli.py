@@ -59,6 +59,11 @@ def _parser():
     run.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the sample")
     run.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
     run.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+    summary = sub.add_parser("summary", allow_abbrev=False,
+                             help="a network's layers, output shapes and parameter counts (Keras-style)")
+    summary.add_argument("model", help="a model (e.g. tdt4265_cnn, gtsrb_cnn) or an experiment (e.g. mnist_cnn)")
+    summary.add_argument("--input-shape", help="H,W,C without the batch (default: what the report fed it)")
+    summary.add_argument("--num-classes", type=int, help="default: the report's")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment")
@@ -93,6 +98,39 @@ def _bench(args, overrides):
         print(json.dumps(bench.median_ratio(ratios)), flush=True)
 
 
+def _summary(args, overrides):
+    from experiments import EXPERIMENTS
+    from flaxlab import models, summary
+    if args.model in EXPERIMENTS:
+        model_config = _apply_overrides(_experiment(args.model), overrides)["model"]
+    elif args.model in models.MODELS:
+        if overrides:
+            raise UsageError(f"unexpected argument '{overrides[0]}'")
+        model_config = {"name": args.model}
+    else:
+        known = sorted(set(models.MODELS) | set(EXPERIMENTS))
+        raise UsageError(f"unknown model or experiment '{args.model}'; known: {', '.join(known)}")
+    input_shape, num_classes = models.REPORT_INPUTS.get(model_config["name"], (None, 10))
+    if args.input_shape:
+        try:
+            input_shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise UsageError(f"bad --input-shape '{args.input_shape}': expected H,W,C such as 32,32,3") from None
+    if not input_shape or len(input_shape) != 3 or min(input_shape) < 1:
+        raise UsageError(f"--input-shape must be H,W,C with positive sizes, got {args.input_shape}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError("--num-classes must be positive")
+    model = models.make_model(model_config, args.num_classes or num_classes)
+    try:
+        table = summary.summarize_model(model, input_shape)
+    except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
+        if not args.input_shape:
+            raise
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"{args.model} cannot take input {args.input_shape} ({why})") from None
+    print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
+
+
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
@@ -109,6 +147,8 @@ def main(argv=None):
                            log=(lambda *a: None) if args.quiet else print)
         elif args.command == "bench":
             _bench(args, overrides)
+        elif args.command == "summary":
+            _summary(args, overrides)
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -123,6 +123,41 @@ def _max_pool_bwd(size, residuals, grad):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+# Parameter-free layers as modules, so that model summaries (flaxlab.summary) list them as rows. Flax numbers
+# submodules per class (Conv_0, Dense_0, ...), so adding these leaves the parameter names of a network as they were.
+
+class Activation(nn.Module):
+    """An elementwise activation from `ACTIVATIONS`, by name."""
+    kind: str = "relu"
+
+    def __call__(self, x):
+        return ACTIVATIONS[self.kind](x)
+
+
+class MaxPool(nn.Module):
+    """torch's MaxPool2d(size): non-overlapping, floor mode (see `max_pool`)."""
+    size: int = 2
+
+    def __call__(self, x):
+        return max_pool(x, self.size)
+
+
+class AvgPool(nn.Module):
+    """torch's AvgPool2d(size): non-overlapping windows, floor mode; size = height gives global pooling."""
+    size: int = 2
+
+    def __call__(self, x):
+        windows = [m for row in _windows(x, self.size) for m in row]
+        return sum(windows) / len(windows)
+
+
+class Flatten(nn.Module):
+    """Flattens all but the batch dimension, in HWC order."""
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
 class MLP(nn.Module):
     """Fully connected net, e.g. the 1MD120 FNN 784-800-10."""
     hidden: Sequence[int] = (800,)
@@ -131,9 +166,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        x = x.reshape(x.shape[0], -1)
+        x = Flatten()(x)
         for width in self.hidden:
-            x = ACTIVATIONS[self.activation](Dense(width)(x))
+            x = Activation(self.activation)(Dense(width)(x))
         return Dense(self.num_classes)(x)
 
 
@@ -149,8 +184,8 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        act = ACTIVATIONS[self.activation]
-        pool = max_pool
+        act = lambda x: Activation(self.activation)(x)
+        pool = lambda x: MaxPool(2)(x)
         for i, width in enumerate(self.features):
             x = Conv(width, 3, padding=1)(x)
             last = i == len(self.features) - 1
@@ -160,10 +195,90 @@ class SmallCNN(nn.Module):
                 x = act(pool(x))
             else:
                 x = pool(act(x))
-        return Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+        return Dense(self.num_classes)(Flatten()(x))
 
 
-MODELS = {"mlp": MLP, "small_cnn": SmallCNN}
+class LayerStack(nn.Module):
+    """A network written as a list of layer specs, PyTorch `nn.Sequential` style, ending in Dense(num_classes).
+
+    One module for the reports' plain stacks, so each report's net is a readable spec (below) rather than a class.
+    Specs: ("conv", features, kernel_size[, strides[, padding]]), ("dense", features), ("act",) for the
+    `activation`, ("max_pool", size), ("avg_pool", size), ("flatten",), ("batch_norm",), ("dropout", rate).
+    Batch norm uses torch's defaults (momentum 0.1 = flax 0.9, eps 1e-5); its running stats are `batch_stats`.
+    """
+    layers: Sequence[Sequence] = ()
+    num_classes: int = 10
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for kind, *args in self.layers:
+            if kind == "conv":
+                x = Conv(*args)(x)
+            elif kind == "dense":
+                x = Dense(*args)(x)
+            elif kind == "act":
+                x = Activation(self.activation)(x)
+            elif kind == "max_pool":
+                x = MaxPool(*args)(x)
+            elif kind == "avg_pool":
+                x = AvgPool(*args)(x)
+            elif kind == "flatten":
+                x = Flatten()(x)
+            elif kind == "batch_norm":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+            elif kind == "dropout":
+                x = nn.Dropout(*args, deterministic=not train)(x)
+            else:
+                raise UsageError(f"unknown layer '{kind}' in a layer stack")
+        if x.ndim > 2:
+            x = Flatten()(x)
+        return Dense(self.num_classes)(x)
+
+
+def _conv_blocks(convs, *after):
+    """("conv", ...) specs, each followed by the specs in `after` (e.g. ReLU then pooling)."""
+    return tuple(layer for conv in convs for layer in (("conv", *conv), *after))
+
+
+def _bs6207_allconv(batch_norm):
+    """3x3 pad-1 conv pairs of 16, 32, 64, 128 maps, 2x2 max pool between pairs, 4x4 average pool."""
+    norm = (("batch_norm",),) if batch_norm else ()
+    layers = []
+    for i, width in enumerate((16, 32, 64, 128)):
+        layers += _conv_blocks([(width, 3, 1, 1)] * 2, *norm, ("act",))
+        layers += [("max_pool", 2)] if i < 3 else [("avg_pool", 4)]
+    return tuple(layers)
+
+
+# The reports' stacks; the final Dense(num_classes) is implicit. Trainable counts for 10 (GTSRB: 43) classes.
+REPORT_LAYERS = {
+    # TDT4265 task 2, CIFAR-10 32x32x3: 390,410.
+    "tdt4265_cnn": _conv_blocks([(32, 5, 1, 2), (64, 5, 1, 2), (128, 5, 1, 2)], ("act",), ("max_pool", 2))
+                   + (("flatten",), ("dense", 64), ("act",)),
+    # BS6207 all-conv CIFAR-10 net: 294,810; with batch norm 295,770 trainable + 960 running stats.
+    "bs6207_allconv": _bs6207_allconv(batch_norm=False),
+    "bs6207_allconv_bn": _bs6207_allconv(batch_norm=True),
+    # AI604 MNIST: MLP 784-50-30-10 with batch norm, 41,250 trainable (+160 running stats).
+    "ai604_mlp_bn": (("flatten",), ("dense", 50), ("batch_norm",), ("act",),
+                     ("dense", 30), ("batch_norm",), ("act",)),
+    # AI604 MNIST: conv 8 6x6 stride 2 (28 -> 12), batch norm, ReLU: 11,842 trainable; with a 2x2 max pool 3,202.
+    "ai604_cnn_bn": (("conv", 8, 6, 2), ("batch_norm",), ("act",)),
+    "ai604_cnn_bn_pool": (("conv", 8, 6, 2), ("batch_norm",), ("act",), ("max_pool", 2)),
+    # ADL GTSRB 28x28x3: 28 -> 24 -> 20 -> pool 10 -> 8 -> pool 4, so 4*4*32 = 512 features into Dense(43).
+    "gtsrb_cnn": (("conv", 64, 5), ("act",), ("conv", 32, 5), ("act",), ("max_pool", 2),
+                  ("conv", 32, 3), ("act",), ("max_pool", 2)),
+}
+
+# What each network is fed in its report: (input shape, number of classes), for summaries by name.
+REPORT_INPUTS = {
+    "mlp": ((28, 28, 1), 10), "small_cnn": ((28, 28, 1), 10), "tdt4265_cnn": ((32, 32, 3), 10),
+    "bs6207_allconv": ((32, 32, 3), 10), "bs6207_allconv_bn": ((32, 32, 3), 10), "ai604_mlp_bn": ((28, 28, 1), 10),
+    "ai604_cnn_bn": ((28, 28, 1), 10), "ai604_cnn_bn_pool": ((28, 28, 1), 10), "gtsrb_cnn": ((28, 28, 3), 43),
+}
+
+MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack,
+          **{name: functools.partial(LayerStack, layers=layers) for name, layers in REPORT_LAYERS.items()}}
 
 
 def make_model(model_config, num_classes):

@@ -27,6 +27,9 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--epochs"], "needs a value"),
     (["train", "mnist_cnn"], "invalid choice: 'train'"),
     (["run"], "required: experiment"),
+    (["summary", "resnet1000"], "unknown model or experiment 'resnet1000'"),
+    (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"], "cannot take input 4,4,3"),
+    (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
@@ -77,3 +80,12 @@ def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
     ours, peer, ratio = (json.loads(line) for line in out.stdout.splitlines())
     assert ours["peer"] == "flaxlab" and peer["peer"] == "pytorch-eager" and ours["steps"] == peer["steps"] == 58
     assert ratio["ratio_images_per_s"] > 0 and ours["test_accuracy"] > 0.85
+
+
+def test_summary_prints_the_reports_counts(tmp_path):
+    out = cli("summary", "bs6207_allconv_bn", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Total params: 296,730" in out.stdout and "Non-trainable params: 960" in out.stdout
+    assert "MaxPool_0 (MaxPool)" in out.stdout and "(16, 16, 16)" in out.stdout
+    out = cli("summary", "mnist_cnn", cwd=tmp_path)
+    assert "Total params: 21,578" in out.stdout and "Flatten_0 (Flatten)              (1568,)" in out.stdout
