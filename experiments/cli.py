@@ -64,6 +64,9 @@ def _parser():
     summary.add_argument("model", help="a model (e.g. tdt4265_cnn, gtsrb_cnn) or an experiment (e.g. mnist_cnn)")
     summary.add_argument("--input-shape", help="H,W,C without the batch (default: what the report fed it)")
     summary.add_argument("--num-classes", type=int, help="default: the report's")
+    layers = sub.add_parser("layers", allow_abbrev=False,
+                            help="check every from-scratch layer against the framework (max abs difference)")
+    layers.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment")
@@ -131,6 +134,20 @@ def _summary(args, overrides):
     print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
 
 
+def _layers(args):
+    from flaxlab import layers
+    cases = [case for case in layers.comparison_cases(args.seed) if case.available()]
+    print(f"{'layer':28s} {'case':40s} {'max |diff|':>11s} {'grad max |diff|':>16s}")
+    worst = 0.0
+    for case in cases:
+        row = case.run(args.seed)
+        grad = row["grad_max_abs_diff"]
+        print(f"{row['layer']:28s} {row['case'][:40]:40s} {row['max_abs_diff']:11.2e} "
+              f"{grad:16.2e}", flush=True)
+        worst = max(worst, row["max_abs_diff"], grad)
+    print(f"{len(cases)} comparisons, largest difference {worst:.2e}")
+
+
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
@@ -149,6 +166,10 @@ def main(argv=None):
             _bench(args, overrides)
         elif args.command == "summary":
             _summary(args, overrides)
+        elif args.command == "layers":
+            if overrides:
+                raise UsageError(f"unexpected argument '{overrides[0]}'")
+            _layers(args)
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

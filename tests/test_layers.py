@@ -1,0 +1,176 @@
+"""Layers from scratch (`flaxlab.layers`) against the frameworks, and the TDT4265 task 1a convolution."""
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlab import layers
+from flaxlab.errors import UsageError
+
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("case", layers.comparison_cases(), ids=repr)
+def test_layer_matches_framework(case):
+    if not case.available():
+        pytest.skip(f"{case.needs} is not installed; it is the reference for {case!r}")
+    result = case.run()
+    assert result["max_abs_diff"] < TOLERANCE, result
+    assert result["grad_max_abs_diff"] < TOLERANCE, result
+
+
+def test_check_all_reports_each_available_case(monkeypatch):
+    few = [c for c in layers.comparison_cases() if c.layer in ("flatten", "mse")]
+    monkeypatch.setattr(layers, "comparison_cases", lambda seed=0: few)
+    report = layers.check_all()
+    assert [(r["layer"], r["case"]) for r in report] == [(c.layer, c.case) for c in few]
+    assert all(set(r) == {"layer", "case", "max_abs_diff", "grad_max_abs_diff"} for r in report)
+    assert all(r["max_abs_diff"] < TOLERANCE and r["grad_max_abs_diff"] < TOLERANCE for r in report)
+
+
+# TDT4265 assignment 1, task 1a: a 3x5 image convolved with a Sobel kernel, zero padding 1, stride 1.
+IMAGE_1A = np.array([[1, 0, 2, 3, 1], [3, 2, 0, 7, 0], [0, 6, 1, 1, 4]], np.float32)
+SOBEL = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+REPORTED_1A = np.array([[-2, 1, -1, 2, 13], [-10, 4, -8, -2, 18], [-14, 1, 5, -6, 9]], np.float32)
+CORRECT_1A = np.array([[-2, 1, -11, 2, 13], [-10, 4, -8, -2, 18], [-14, 1, 5, -6, 9]], np.float32)
+
+
+def numpy_true_convolution(image, kernel, padding):
+    """The definition, one output pixel at a time: out[r, c] = sum_ij image[r - i + p, c - j + p] * kernel[i, j]
+    over the zero-padded image, i.e. the kernel flipped and slid over it."""
+    kh, kw = kernel.shape
+    padded = np.pad(image, padding)
+    out = np.zeros((padded.shape[0] - kh + 1, padded.shape[1] - kw + 1), np.float32)
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[r, c] = sum(padded[r + kh - 1 - i, c + kw - 1 - j] * kernel[i, j] for i in range(kh) for j in range(kw))
+    return out
+
+
+def test_tdt4265_task_1a_true_convolution():
+    """The report's matrix is right in 14 of 15 entries; entry (row 0, column 2) should be -11, not -1.
+
+    That entry's window is image rows -1..1 (row -1 is padding) by columns 1..3; with the flipped kernel
+    [[1, 0, -1], [2, 0, -2], [1, 0, -1]]: 2*0 - 2*3 + 1*2 - 1*7 = -11. The other entries show the report did
+    flip the kernel (cross-correlation would negate all of them), so this is an arithmetic slip; -1 is what one
+    gets by taking the second image row with the unflipped kernel row (-2 + 7) while flipping the first (-6).
+    """
+    ours = np.asarray(layers.convolve2d(jnp.asarray(IMAGE_1A)[None, :, :, None], jnp.asarray(SOBEL)[:, :, None, None],
+                                        padding=1))[0, :, :, 0]
+    np.testing.assert_array_equal(ours, numpy_true_convolution(IMAGE_1A, SOBEL, 1))
+    np.testing.assert_array_equal(ours, CORRECT_1A)
+    wrong = np.argwhere(ours != REPORTED_1A)
+    assert wrong.tolist() == [[0, 2]] and REPORTED_1A[0, 2] == -1 and ours[0, 2] == -11
+    # Cross-correlation would have given the negation (the Sobel kernel is antisymmetric left-right).
+    cross = np.asarray(layers.conv2d(jnp.asarray(IMAGE_1A)[None, :, :, None], jnp.asarray(SOBEL)[:, :, None, None],
+                                     padding=1))[0, :, :, 0]
+    np.testing.assert_array_equal(cross, -CORRECT_1A)
+
+
+def test_convolve2d_matches_scipy():
+    signal = pytest.importorskip("scipy.signal")
+    rng = np.random.default_rng(3)
+    image, kernel = rng.standard_normal((6, 7)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    ours = layers.convolve2d(jnp.asarray(image)[None, :, :, None], jnp.asarray(kernel)[:, :, None, None],
+                             padding=((2, 2), (3, 3)))[0, :, :, 0]
+    np.testing.assert_allclose(ours, signal.convolve2d(image, kernel, mode="full"), atol=TOLERANCE)
+
+
+def test_layers_jit_with_static_options():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((1, 6, 6, 2)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+    conv = jax.jit(layers.conv2d, static_argnames=("stride", "padding", "dilation", "groups"))
+    chex.assert_trees_all_close(conv(x, w, stride=2, padding=1), layers.conv2d(x, w, stride=2, padding=1), atol=1e-6)
+    pool = jax.jit(functools.partial(layers.max_pool2d, kernel=3, stride=2, padding=1, ceil_mode=True))
+    chex.assert_shape(pool(x), (1, 4, 4, 2))
+
+
+def test_conv_transpose_inverts_conv_shape():
+    x = jnp.ones((1, 7, 7, 2))
+    down = layers.conv2d(x, jnp.ones((3, 3, 2, 4)), stride=2, padding=1)
+    up = layers.conv_transpose2d(down, jnp.ones((3, 3, 4, 2)), stride=2, padding=1)
+    chex.assert_shape((down, up), [(1, 4, 4, 4), (1, 7, 7, 2)])
+
+
+def test_sigmoid_is_finite_at_extremes():
+    x = jnp.array([-1000.0, -100.0, 0.0, 100.0, 1000.0])
+    np.testing.assert_allclose(layers.sigmoid(x), [0, 0, 0.5, 1, 1], atol=1e-30)
+    assert np.isfinite(jax.grad(lambda v: layers.sigmoid(v).sum())(x)).all()
+
+
+def test_flatten_keeps_nhwc_order():
+    x = jnp.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
+    np.testing.assert_array_equal(layers.flatten(x)[1], np.arange(24, 48))
+
+
+def test_conv2d_rejects_kernel_that_does_not_fit_the_channels():
+    with pytest.raises(UsageError):
+        layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 2, 4)), groups=1)
+    with pytest.raises(UsageError):
+        layers.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)))
+
+
+def _c_round(v):
+    """C's round(): halves away from zero."""
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def roi_pool_loop(features, boxes, output_size):
+    """torchvision's roi_pool CPU kernel (spatial_scale 1) transcribed as loops: the output and the gradient
+    of sum(output * weights) would go to each bin's first maximum in row-major order."""
+    height, width, channels = features.shape
+    oh, ow = output_size
+    out = np.zeros((len(boxes), oh, ow, channels), np.float32)
+    argmax = np.full(out.shape, -1)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        start_w, start_h, end_w, end_h = map(_c_round, (x1, y1, x2, y2))
+        bin_h = np.float32(max(end_h - start_h + 1, 1)) / np.float32(oh)
+        bin_w = np.float32(max(end_w - start_w + 1, 1)) / np.float32(ow)
+        for ph in range(oh):
+            for pw in range(ow):
+                hstart = min(max(int(np.floor(np.float32(ph) * bin_h)) + start_h, 0), height)
+                hend = min(max(int(np.ceil(np.float32(ph + 1) * bin_h)) + start_h, 0), height)
+                wstart = min(max(int(np.floor(np.float32(pw) * bin_w)) + start_w, 0), width)
+                wend = min(max(int(np.ceil(np.float32(pw + 1) * bin_w)) + start_w, 0), width)
+                empty = hend <= hstart or wend <= wstart
+                for c in range(channels):
+                    best, where = (0.0, -1) if empty else (-np.inf, -1)
+                    for h in range(hstart, hend):
+                        for w in range(wstart, wend):
+                            if features[h, w, c] > best:
+                                best, where = features[h, w, c], h * width + w
+                    out[k, ph, pw, c], argmax[k, ph, pw, c] = best, where
+    return out, argmax
+
+
+BOXES = np.array([[0, 0, 10, 8], [1.4, 2.5, 6.6, 4.4], [3, 3, 3, 3], [8, 6, 14, 12], [20, 20, 25, 25],
+                  [-0.5, -3, 2.5, 1.5], [5, 5, 2, 1], [0.5, 1.5, 9.5, 7.49]], np.float32)
+
+
+@pytest.mark.parametrize("output_size", [(2, 3), (3, 3), (1, 1), (4, 2), (7, 7)])
+def test_roi_max_pool_matches_torchvision_definition(output_size):
+    rng = np.random.default_rng(5)
+    features = rng.standard_normal((9, 11, 2)).astype(np.float32)
+    expected, argmax = roi_pool_loop(features, BOXES, output_size)
+    pool = jax.jit(layers.roi_max_pool, static_argnums=2)
+    np.testing.assert_array_equal(pool(jnp.asarray(features), jnp.asarray(BOXES), output_size), expected)
+    weights = rng.standard_normal(expected.shape).astype(np.float32)
+    grad = jax.grad(lambda f: (pool(f, jnp.asarray(BOXES), output_size) * weights).sum())(jnp.asarray(features))
+    expected_grad = np.zeros((features.shape[0] * features.shape[1], features.shape[2]), np.float32)
+    for (k, ph, pw, c), where in np.ndenumerate(argmax):
+        if where >= 0:
+            expected_grad[where, c] += weights[k, ph, pw, c]
+    np.testing.assert_allclose(grad, expected_grad.reshape(features.shape), atol=TOLERANCE)
+
+
+def test_batch_norm_inference_uses_running_stats_and_keeps_them():
+    x = jnp.full((3, 2), 5.0)
+    y, mean, var = layers.batch_norm(x, jnp.ones(2), jnp.zeros(2), jnp.full(2, 1.0), jnp.full(2, 4.0), train=False,
+                                     eps=0.0)
+    np.testing.assert_allclose(y, 2.0)
+    np.testing.assert_array_equal(np.stack([mean, var]), [[1, 1], [4, 4]])
