@@ -32,3 +32,49 @@ def learning_curves(history, path, title):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def confusion_figure(counts, path, title, class_names=None):
+    """The confusion matrix twice, as the reports show it: counts, and rows normalised to 0-1."""
+    from flaxlab.analysis import row_normalised
+    names = class_names or [str(i) for i in range(len(counts))]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ax, values, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], row_normalised(counts), "share", ".2f")):
+        image = ax.imshow(values, cmap="Blues", vmin=0)
+        fig.colorbar(image, ax=ax, fraction=0.046, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 12 else 0)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if len(names) <= 12:
+            top = values.max()
+            for (t, p), v in np.ndenumerate(values):
+                ax.text(p, t, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.6 * top else "black")
+    axes[0].set_title("counts")
+    axes[1].set_title("row-normalised")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def misclassified_grid(images, labels, predictions, path, title, class_names=None, count=25):
+    """The first `count` misclassified test images, each titled true -> predicted."""
+    names = class_names or [str(i) for i in range(int(max(labels.max(), predictions.max())) + 1)]
+    wrong = np.flatnonzero(labels != predictions)[:count]
+    cols = 5
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        image = images[i]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        ax.set_title(f"{names[labels[i]]} -> {names[predictions[i]]}", fontsize=9, color="tab:red")
+    fig.suptitle(f"{title}: {int((labels != predictions).sum())} misclassified (true -> predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

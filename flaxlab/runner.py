@@ -15,7 +15,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
-from flaxlab import metrics, plots
+from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.optim import make_optimizer
@@ -89,18 +89,32 @@ def fit(trainer, states, train_data, test_data, keys, epochs, progress=True, log
     return states, history
 
 
-def write_summary(workdir, config, dataset, info, history):
+def write_analysis(workdir, config, dataset, predictions):
+    """For the first seed: confusion.png (counts and row-normalised), misclassified.png; returns the
+    most confused pairs as Markdown. The matrices of every seed go to confusion.json."""
+    labels = dataset.test.labels
+    matrices = [analysis.confusion_matrix(labels, p, dataset.num_classes) for p in predictions]
+    _write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})
+    title = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
+    plots.confusion_figure(matrices[0], workdir / "confusion.png", title)
+    plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title)
+    return analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]))
+
+
+def write_summary(workdir, config, dataset, info, history, confused_pairs=""):
     """results.md (the trial table with the run's facts) and curves.png; returns stats and table."""
     stats = metrics.final_stats(history)
     table = metrics.markdown_table(stats)
     counts = f"{len(dataset.train):,} train / {len(dataset.test):,} test"
+    if confused_pairs:
+        confused_pairs = f"\nMost confused classes (seed {config['seed']}, test split):\n\n{confused_pairs}\n"
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {counts} examples\n"
         f"- model: {info['learnable_weights']:,} learnable weights; {info['seeds']} seed(s) from seed "
         f"{config['seed']}; {config['epochs']} epochs\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
-        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n")
+        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{confused_pairs}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
     return stats, table
@@ -110,7 +124,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     """Trains config['seeds'] models of one experiment as one program and writes its run folder.
 
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
-    results.md (the trial table) and curves.png (loss and accuracy, train vs test).
+    results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train vs
+    test), confusion.png/.json and misclassified.png.
     """
     config_lib.validate(config)
     if dataset is None:
@@ -141,6 +156,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
                 images_per_s=round(steps * config["batch_size"] * config["seeds"] / train_s))
     save_history(history)
-    stats, table = write_summary(workdir, config, dataset, info, history)
-    log(f"\n{table}\n\nwrote {workdir}/ (config.json, history.json, results.md, curves.png)")
+    predictions = np.asarray(trainer.predict(states, s.test_data))
+    confused_pairs = write_analysis(workdir, config, dataset, predictions)
+    stats, table = write_summary(workdir, config, dataset, info, history, confused_pairs)
+    log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     return RunResult(workdir, history, stats, states, info)

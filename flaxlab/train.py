@@ -128,6 +128,20 @@ def evaluate(state, data, *, batch_size):
     return jax.lax.scan(body, _zero_sums(), jnp.arange(num_batches))[0]
 
 
+def _indexed_predictions(_, index, *, state, data, batch_size):
+    n = data["label"].shape[0]
+    idx = jnp.minimum(index * batch_size + jnp.arange(batch_size), n - 1)  # the padded tail repeats the last
+    logits = state.apply_fn(state.variables(), preprocess(data["image"][idx]), train=False)
+    return None, logits.argmax(-1)
+
+
+def predict(state, data, *, batch_size):
+    """Predicted class of every example of a device-resident split, for one model."""
+    n = data["label"].shape[0]
+    body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size)
+    return jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1].reshape(-1)[:n]
+
+
 def epoch_orders(keys, epoch, num_examples):
     """Per model: a key for the epoch's steps and a permutation of the training set."""
     def one(key):
@@ -221,6 +235,11 @@ class Trainer:
 
     def evaluate(self, states, data):
         return self._compiled["eval"](states, data)
+
+    def predict(self, states, data):
+        """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
+        run = per_model(functools.partial(predict, batch_size=self.eval_batch_size), self.num_models, (0, None))
+        return jax.jit(run)(states, data)
 
 
 def summarize(sums):

@@ -107,7 +107,8 @@ def test_every_experiment_runs_and_learns_on_the_sample(name, mnist_sample, tmp_
         config = variant(config, name, "smoke", batch_size=256, **{"optimizer.lr": 0.5})
     result = run_experiment(config, workdir=tmp_path, dataset=mnist_sample, progress=False, log=quiet)
     assert result.history["test_accuracy"][-1][0] > 0.6, result.history
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "curves.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "curves.png",
+                                                    "confusion.json", "confusion.png", "misclassified.png"}
 
 
 def test_cnn_accuracy_on_real_mnist_after_one_epoch(mnist_full, tmp_path):

@@ -1,0 +1,51 @@
+"""Confusion matrices, confused pairs and predictions: counts checked by hand and against the model."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlab import analysis, data, models, optim, train
+
+
+def test_confusion_matrix_counts_and_rows():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 2])
+    counts = analysis.confusion_matrix(labels, predicted, 4)
+    np.testing.assert_array_equal(counts, [[1, 1, 0, 0], [0, 2, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(analysis.row_normalised(counts)[1], [0, 2 / 3, 1 / 3, 0])
+    np.testing.assert_array_equal(analysis.row_normalised(counts)[3], 0)  # class never seen: no division by zero
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+    counts = np.array([[50, 3, 0], [9, 40, 1], [0, 4, 20]])
+    pairs = analysis.most_confused_pairs(counts, top=3)
+    assert [(t, p, n) for t, p, n, _ in pairs] == [(1, 0, 9), (2, 1, 4), (0, 1, 3)]
+    assert abs(pairs[0][3] - 9 / 50) < 1e-9
+    assert "| 1 | 0 | 9 | 18.0% |" in analysis.confused_pairs_markdown(pairs)
+
+
+def test_predictions_are_the_models_argmax_for_every_example(mnist_sample):
+    model = models.make_model({"name": "mlp", "hidden": (16,)}, 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    tx=optim.make_optimizer({"name": "sgd", "lr": 0.1}))
+    split = data.to_device(mnist_sample.test)
+    predicted = jax.jit(lambda s, d: train.predict(s, d, batch_size=300))(state, split)  # 1000 = 3*300 + 100
+    expected = model.apply(variables, train.preprocess(split["image"])).argmax(-1)
+    np.testing.assert_array_equal(predicted, expected)
+
+
+def test_runs_write_the_confusion_of_every_seed(tmp_path, mnist_sample):
+    from experiments import EXPERIMENTS
+    from experiments.common import variant
+    from flaxlab.runner import run_experiment
+    config = variant(EXPERIMENTS["mnist_fnn"](), "fnn", "analysis", epochs=1, seeds=2, batch_size=128,
+                     **{"model.hidden": (32,), "optimizer.lr": 0.5})
+    result = run_experiment(config, workdir=tmp_path, dataset=mnist_sample, progress=False, log=lambda *_: None)
+    matrices = np.array(json.loads((tmp_path / "confusion.json").read_text())["rows_true_columns_predicted"])
+    assert matrices.shape == (2, 10, 10) and (matrices.sum(axis=(1, 2)) == 1000).all()
+    np.testing.assert_allclose(np.trace(matrices, axis1=1, axis2=2) / 1000, result.history["test_accuracy"][-1],
+                               atol=1e-6)
+    assert "Most confused classes" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "misclassified.png").read_bytes()[:4] == b"\x89PNG"
