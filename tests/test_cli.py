@@ -1,5 +1,6 @@
 """The command line as a user meets it: the main job, its files, and one-line errors with exit code 2."""
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from conftest import REPO, SHARED_DATA
 
 def cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.mark.parametrize("args,message", [
