@@ -112,13 +112,16 @@ def train_steps(state, totals, data, order, first_step, key, *, steps, batch_siz
     return jax.lax.scan(body, (state, totals), first_step + jnp.arange(steps))[0]
 
 
-def _indexed_eval_step(totals, index, *, state, data, batch_size):
-    n = data["label"].shape[0]
+def _padded_batch(data, index, batch_size):
+    """Batch number `index` of a split in order; past its end, example 0 stands in and `mask` is False."""
     idx = index * batch_size + jnp.arange(batch_size)
-    mask = idx < n
+    mask = idx < data["label"].shape[0]
     idx = jnp.where(mask, idx, 0)
-    batch = {"image": preprocess(data["image"][idx]), "label": data["label"][idx], "mask": mask}
-    return _add(totals, eval_step(state, batch)), None
+    return {"image": preprocess(data["image"][idx]), "label": data["label"][idx], "mask": mask}
+
+
+def _indexed_eval_step(totals, index, *, state, data, batch_size):
+    return _add(totals, eval_step(state, _padded_batch(data, index, batch_size))), None
 
 
 def evaluate(state, data, *, batch_size):
@@ -129,10 +132,8 @@ def evaluate(state, data, *, batch_size):
 
 
 def _indexed_predictions(_, index, *, state, data, batch_size):
-    n = data["label"].shape[0]
-    idx = jnp.minimum(index * batch_size + jnp.arange(batch_size), n - 1)  # the padded tail repeats the last
-    logits = state.apply_fn(state.variables(), preprocess(data["image"][idx]), train=False)
-    return None, logits.argmax(-1)
+    batch = _padded_batch(data, index, batch_size)  # `predict` cuts the padded tail off
+    return None, state.apply_fn(state.variables(), batch["image"], train=False).argmax(-1)
 
 
 def predict(state, data, *, batch_size):
