@@ -3,9 +3,11 @@
   python -m experiments list
   python -m experiments show mnist_cnn --optimizer.lr=0.05
   python -m experiments run mnist_cnn --seeds 3 --data-dir ../shared/data
+  python -m experiments sweep mnist_cnn --grid dropout=0,0.1,0.2 --seeds 3
   python -m experiments bench mnist_cnn --peer
 """
 import argparse
+import functools
 import json
 import sys
 
@@ -56,9 +58,17 @@ def _parser():
     run = sub.add_parser("run", allow_abbrev=False,
                          help="train an experiment; any config field is an option: --optimizer.lr 0.05, --seeds 3")
     run.add_argument("experiment")
-    run.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the sample")
-    run.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
-    run.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+    sweep = sub.add_parser("sweep", allow_abbrev=False,
+                           help="train variants of an experiment (its own sweep, or --grid) side by side; "
+                                "a table over seeds and one comparison figure")
+    sweep.add_argument("experiment")
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="a field (dotted, or its last part) and its values; several --grid make a product; "
+                            "a list field separates values with /: --grid model.features=8,16/16,32")
+    for command in (run, sweep):
+        command.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the sample")
+        command.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
+        command.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
     summary = sub.add_parser("summary", allow_abbrev=False,
                              help="a network's layers, output shapes and parameter counts (Keras-style)")
     summary.add_argument("model", help="a model (e.g. tdt4265_cnn, gtsrb_cnn) or an experiment (e.g. mnist_cnn)")
@@ -76,6 +86,20 @@ def _parser():
     bench.add_argument("--repeat", type=int, default=1,
                        help="alternate flaxlab and the peer this many times (a shared machine's speed drifts)")
     return parser
+
+
+def _run(args, overrides):
+    """`run` trains one experiment; an experiment that defines variants, or `sweep`, trains a sweep."""
+    from flaxlab import sweep
+    from flaxlab.runner import run_experiment
+    config = _apply_overrides(_experiment(args.experiment), overrides)
+    variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
+    kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not args.quiet,
+                  log=(lambda *a: None) if args.quiet else functools.partial(print, flush=True))
+    if args.command == "sweep" or variants:
+        sweep.run_sweep(config, variants, **kwargs)
+    else:
+        run_experiment(config, **kwargs)
 
 
 def _bench(args, overrides):
@@ -157,11 +181,8 @@ def main(argv=None):
                 print(f"{name:24s} {make()['description']}")
         elif args.command == "show":
             print(json.dumps(_apply_overrides(_experiment(args.experiment), overrides), indent=1))
-        elif args.command == "run":
-            from flaxlab.runner import run_experiment
-            config = _apply_overrides(_experiment(args.experiment), overrides)
-            run_experiment(config, workdir=args.workdir, data_dir=args.data_dir, progress=not args.quiet,
-                           log=(lambda *a: None) if args.quiet else print)
+        elif args.command in ("run", "sweep"):
+            _run(args, overrides)
         elif args.command == "bench":
             _bench(args, overrides)
         elif args.command == "summary":

@@ -16,8 +16,11 @@ def base_config(name, description, **sections):
         "epochs": 20,
         "seeds": 1,  # models trained side by side in one program
         "seed": 0,  # the first model's seed; model i uses seed + i
+        "augment": {"rotate": 0.0, "flip_lr": False, "flip_ud": False},  # on device, inside the train step
+        "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
         "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch
+        "sweep": (),  # variants, each a dict of dotted fields: `run` trains them all (see flaxlab.sweep)
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -14,13 +14,14 @@ def _choices():
     return {
         "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
-        "epoch_mode": train.EPOCH_MODES,
+        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES,
     }
 
 
-FIXED = ("name", "description")  # identify the experiment; not options
+FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
-NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps")
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
+                "model.dropout")
 
 
 def flatten(config, prefix=""):
@@ -33,7 +34,8 @@ def flatten(config, prefix=""):
     return out
 
 
-def _parse(key, text, default):
+def parse_value(key, text, default):
+    """Command-line text to a value of the default's type (a list field takes comma-separated items)."""
     def scalar(t, like):
         if isinstance(like, bool):
             if t.lower() in ("1", "true", "yes", "on"):
@@ -72,7 +74,7 @@ def override(config, key, text):
     flat = {k: v for k, v in flatten(config).items() if k not in FIXED}
     if key not in flat:
         raise UsageError(f"unknown option '--{key}'; options: {', '.join('--' + k for k in sorted(flat))}")
-    return with_field(config, key, _parse(key, text, flat[key]))
+    return with_field(config, key, parse_value(key, text, flat[key]))
 
 
 def validate(config):
@@ -87,4 +89,6 @@ def validate(config):
     for key in NON_NEGATIVE:
         if key in flat and flat[key] < 0:
             raise UsageError(f"--{key} must not be negative, got {flat[key]}")
+    if flat.get("model.dropout", 0) >= 1:
+        raise UsageError(f"--model.dropout must be below 1, got {flat['model.dropout']}")
     return config

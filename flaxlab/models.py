@@ -151,6 +151,25 @@ class AvgPool(nn.Module):
         return sum(windows) / len(windows)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose rate may be a traced value, so models trained side by side can each
+    have their own rate in one program (flax's Dropout needs a Python float)."""
+    rate: float = 0.0
+
+    def __call__(self, x, train=False, rate=None):
+        rate = self.rate if rate is None else rate
+        if not train or (isinstance(rate, (int, float)) and rate == 0):
+            return x
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        return jnp.where(mask, x / keep, 0.0)
+
+
+def batch_norm(train):
+    """torch's BatchNorm defaults (momentum 0.1 = flax 0.9, eps 1e-5); running stats go to `batch_stats`."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
 class Flatten(nn.Module):
     """Flattens all but the batch dimension, in HWC order."""
 
@@ -175,19 +194,29 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """The 1MD120 CNN: 3x3 pad-1 conv blocks, 2x2 max pool after all but the last, one linear layer.
 
-    `pool_first` swaps pooling and activation (pool before ReLU), one of the report's ablations.
+    The report's ablations are fields: `pool_first` (pool before the activation), `batch_norm` after
+    each conv, `dropout` after each pooling. `dropout` given at call time (a traced per-model rate in
+    a sweep) replaces the field.
     """
     features: Sequence[int] = (8, 16, 32)
     num_classes: int = 10
     activation: str = "relu"
     pool_first: bool = False
+    batch_norm: bool = False
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, train=False):
+    def __call__(self, x, train=False, dropout=None):
         act = lambda x: Activation(self.activation)(x)
-        pool = lambda x: MaxPool(2)(x)
+        with_dropout = self.dropout > 0 or dropout is not None  # no rows for unused layers in summaries
+
+        def pool(x):
+            x = MaxPool(2)(x)
+            return Dropout(self.dropout)(x, train, dropout) if with_dropout else x
         for i, width in enumerate(self.features):
             x = Conv(width, 3, padding=1)(x)
+            if self.batch_norm:
+                x = batch_norm(train)(x)
             last = i == len(self.features) - 1
             if last:
                 x = act(x)
@@ -205,13 +234,14 @@ class LayerStack(nn.Module):
     Specs: ("conv", features, kernel_size[, strides[, padding]]), ("dense", features), ("act",) for the
     `activation`, ("max_pool", size), ("avg_pool", size), ("flatten",), ("batch_norm",), ("dropout", rate).
     Batch norm uses torch's defaults (momentum 0.1 = flax 0.9, eps 1e-5); its running stats are `batch_stats`.
+    A `dropout` rate given at call time (per model, in a sweep) replaces every dropout layer's rate.
     """
     layers: Sequence[Sequence] = ()
     num_classes: int = 10
     activation: str = "relu"
 
     @nn.compact
-    def __call__(self, x, train=False):
+    def __call__(self, x, train=False, dropout=None):
         for kind, *args in self.layers:
             if kind == "conv":
                 x = Conv(*args)(x)
@@ -226,9 +256,9 @@ class LayerStack(nn.Module):
             elif kind == "flatten":
                 x = Flatten()(x)
             elif kind == "batch_norm":
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+                x = batch_norm(train)(x)
             elif kind == "dropout":
-                x = nn.Dropout(*args, deterministic=not train)(x)
+                x = Dropout(*args)(x, train, dropout)
             else:
                 raise UsageError(f"unknown layer '{kind}' in a layer stack")
         if x.ndim > 2:
@@ -251,6 +281,14 @@ def _bs6207_allconv(batch_norm):
     return tuple(layers)
 
 
+def _lenet5(batch_norm=True, fc=(120, 84)):
+    """LeNet-5 on 28x28 digits: conv 6 5x5 pad 2, pool, conv 16 5x5, pool (16x5x5 = 400 features), then `fc`."""
+    norm = (("batch_norm",),) if batch_norm else ()
+    layers = (("conv", 6, 5, 1, 2), *norm, ("act",), ("max_pool", 2),
+              ("conv", 16, 5), *norm, ("act",), ("max_pool", 2), ("flatten",))
+    return layers + tuple(layer for width in fc for layer in (("dense", width), ("act",)))
+
+
 # The reports' stacks; the final Dense(num_classes) is implicit. Trainable counts for 10 (GTSRB: 43) classes.
 REPORT_LAYERS = {
     # TDT4265 task 2, CIFAR-10 32x32x3: 390,410.
@@ -265,6 +303,9 @@ REPORT_LAYERS = {
     # AI604 MNIST: conv 8 6x6 stride 2 (28 -> 12), batch norm, ReLU: 11,842 trainable; with a 2x2 max pool 3,202.
     "ai604_cnn_bn": (("conv", 8, 6, 2), ("batch_norm",), ("act",)),
     "ai604_cnn_bn_pool": (("conv", 8, 6, 2), ("batch_norm",), ("act",), ("max_pool", 2)),
+    # AI604 problem 2: LeNet-5 with batch norm after each conv, 61,750 trainable (+44 running stats); without
+    # batch norm 61,706; with two fully connected layers (120, 10) 51,946 + 44.
+    "lenet5_bn": _lenet5(), "lenet5": _lenet5(batch_norm=False), "lenet5_bn_fc2": _lenet5(fc=(120,)),
     # ADL GTSRB 28x28x3: 28 -> 24 -> 20 -> pool 10 -> 8 -> pool 4, so 4*4*32 = 512 features into Dense(43).
     "gtsrb_cnn": (("conv", 64, 5), ("act",), ("conv", 32, 5), ("act",), ("max_pool", 2),
                   ("conv", 32, 3), ("act",), ("max_pool", 2)),
@@ -274,7 +315,8 @@ REPORT_LAYERS = {
 REPORT_INPUTS = {
     "mlp": ((28, 28, 1), 10), "small_cnn": ((28, 28, 1), 10), "tdt4265_cnn": ((32, 32, 3), 10),
     "bs6207_allconv": ((32, 32, 3), 10), "bs6207_allconv_bn": ((32, 32, 3), 10), "ai604_mlp_bn": ((28, 28, 1), 10),
-    "ai604_cnn_bn": ((28, 28, 1), 10), "ai604_cnn_bn_pool": ((28, 28, 1), 10), "gtsrb_cnn": ((28, 28, 3), 43),
+    "ai604_cnn_bn": ((28, 28, 1), 10), "ai604_cnn_bn_pool": ((28, 28, 1), 10), "lenet5_bn": ((28, 28, 1), 10),
+    "lenet5": ((28, 28, 1), 10), "lenet5_bn_fc2": ((28, 28, 1), 10), "gtsrb_cnn": ((28, 28, 3), 43),
 }
 
 MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack,

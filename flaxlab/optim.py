@@ -1,7 +1,7 @@
 """Optimizers of the reports (SGD with momentum/Nesterov, Adam, Rprop) plus L2 and L1 terms.
 
-The learning rate is injected as optimizer state (`optax.inject_hyperparams`), so models trained
-side by side under vmap may use different rates without a recompile.
+The learning rate and weight decay are injected as optimizer state (`optax.inject_hyperparams`), so
+models trained side by side in one program may use different values without a recompile.
 """
 from typing import NamedTuple
 
@@ -48,28 +48,37 @@ def rprop(learning_rate=0.01, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, m
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _sgd(learning_rate, momentum=0.0, nesterov=False):
-    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+# Each factory chains coupled L2 (torch's `weight_decay`: decay * param added to the gradient) before the
+# optimizer, with the decay injected like the learning rate: models stacked in one program may differ in both.
+
+def _sgd(learning_rate, weight_decay, momentum=0.0, nesterov=False):
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+
+
+def _adam(learning_rate, weight_decay, b1=0.9, b2=0.999, eps=1e-8):
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+
+
+def _rprop(learning_rate, weight_decay):
+    return optax.chain(optax.add_decayed_weights(weight_decay), rprop(learning_rate))
+
+
+INJECTED = ("lr", "weight_decay")  # config fields that are optimizer state, so a stacked run may vary them
 
 
 def make_optimizer(cfg):
-    """An optax transform from the config's optimizer section.
+    """An optax transform from the config's optimizer section, its lr and weight decay injected as state.
 
-    weight_decay is coupled L2 (added to the gradient, as torch's `weight_decay` does for SGD/Adam);
-    the L1 penalty lives in the loss (see `flaxlab.train.l1_penalty`).
+    The L1 penalty lives in the loss (see `flaxlab.train.l1_penalty`).
     """
-    name = cfg["name"]
+    name, hyper = cfg["name"], dict(learning_rate=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     if name == "sgd":
-        tx = optax.inject_hyperparams(_sgd, static_args=("momentum", "nesterov"))(
-            learning_rate=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-                                            nesterov=cfg.get("nesterov", False))
-    elif name == "adam":
-        tx = optax.inject_hyperparams(optax.adam)(learning_rate=cfg["lr"], b1=cfg.get("b1", 0.9),
-                                                  b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8))
-    elif name == "rprop":
-        tx = optax.inject_hyperparams(rprop)(learning_rate=cfg["lr"])
-    else:
-        raise UsageError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
-    if cfg.get("weight_decay", 0.0):
-        tx = optax.chain(optax.add_decayed_weights(cfg["weight_decay"]), tx)
-    return tx
+        return optax.inject_hyperparams(_sgd, static_args=("momentum", "nesterov"))(
+            **hyper, momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
+    if name == "adam":
+        return optax.inject_hyperparams(_adam)(**hyper, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                                               eps=cfg.get("eps", 1e-8))
+    if name == "rprop":
+        return optax.inject_hyperparams(_rprop)(**hyper)
+    raise UsageError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")

@@ -34,6 +34,28 @@ def learning_curves(history, path, title):
     return path
 
 
+def sweep_comparison(histories, path, title):
+    """One curve per variant (mean over seeds, min-max band): test accuracy and train loss per epoch."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20")
+    for i, (label, history) in enumerate(histories.items()):
+        final = 100 * np.mean(history["test_accuracy"][-1])
+        _curve(acc_ax, history["epoch"], history["test_accuracy"], f"{label} ({final:.2f}%)", colors(i))
+        _curve(loss_ax, history["epoch"], history["train_loss"], label, colors(i))
+    acc_ax.set_ylabel("test accuracy")
+    loss_ax.set_ylabel("train loss")
+    loss_ax.set_yscale("log")
+    for ax in (acc_ax, loss_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, title="variant (final mean)", title_fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def confusion_figure(counts, path, title, class_names=None):
     """The confusion matrix twice, as the reports show it: counts, and rows normalised to 0-1."""
     from flaxlab.analysis import row_normalised

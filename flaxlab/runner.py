@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxlab import config as config_lib
@@ -18,9 +19,9 @@ from flaxlab import data as data_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
-from flaxlab.optim import make_optimizer
+from flaxlab.augment import make_augment
 from flaxlab.progress import Progress
-from flaxlab.train import Trainer, summarize
+from flaxlab.train import STACKABLE, Trainer, summarize
 
 
 @dataclasses.dataclass
@@ -47,15 +48,31 @@ class Setup:
     test_data: dict
 
 
-def set_up(config, dataset):
-    """Model, trainer, independently initialised states for every seed, and the data on the device."""
+def stacked_hparams(config, variants):
+    """Per-model values (variant-major, seeds inner) of the STACKABLE fields that some model needs."""
+    flat = config_lib.flatten(config)
+    out = {}
+    for key in STACKABLE:
+        if any(key in v for v in variants) or (key == "l1" and flat["l1"]):
+            out[key] = [v.get(key, flat[key]) for v in variants for _ in range(config["seeds"])]
+    return out
+
+
+def set_up(config, dataset, variants=({},)):
+    """Model, trainer, independently initialised states and the data on the device.
+
+    One model per (variant, seed), variant-major; `variants` may only change STACKABLE fields, and
+    seed i of every variant starts from the same weights, as a single run with seed + i would.
+    """
     model = make_model(config["model"], dataset.num_classes)
-    trainer = Trainer(model, make_optimizer(config["optimizer"]), num_models=config["seeds"],
+    num_models = len(variants) * config["seeds"]
+    trainer = Trainer(model, config["optimizer"], num_models=num_models,
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
-                      l1=config["l1"], epoch_mode=config["epoch_mode"],
-                      scan_steps=config.get("scan_steps") or None)
+                      epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
+                      model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
-    states = trainer.init(keys[:, 0], dataset.train.images.shape[1:])
+    keys = jax.tree.map(lambda k: jnp.concatenate([k] * len(variants)), keys)
+    states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
     return Setup(model, trainer, states, keys[:, 1], data_lib.to_device(dataset.train),
                  data_lib.to_device(dataset.test))
 

@@ -5,8 +5,10 @@ batch from it inside jit, so the host never touches the data and never waits ins
 How an epoch is dispatched is chosen per backend: one call per step on XLA:CPU (measured: a
 `lax.scan` epoch is ~4x slower there), whole epochs as one `lax.scan` on GPU/TPU.
 
-N models (seeds, or later hyperparameter values) are stacked on a leading axis and trained by
-`jax.vmap` of the same step; with one model the axis is kept but no vmap is traced.
+N models (seeds, and the hyperparameter values of a sweep that keep shapes) are stacked on a
+leading axis. Per backend they are trained by `jax.vmap` of the same step (GPU/TPU) or one after
+another by the one-model program (XLA:CPU, where vmapped convolutions are slow); with one model
+the axis is kept but no vmap is traced.
 """
 import functools
 import time
@@ -20,6 +22,7 @@ import optax
 from flax.training import train_state
 
 from flaxlab.errors import UsageError
+from flaxlab.optim import make_optimizer
 
 EPOCH_MODES = ("auto", "step", "scan")
 
@@ -39,7 +42,10 @@ def compile_for_backend(lowered):
 
 
 class TrainState(train_state.TrainState):
+    """flax's TrainState plus batch-norm statistics and `hparams`: per-model values the step reads
+    (`l1` strength, `dropout` rate), so models stacked in one program can differ in them."""
     batch_stats: Any = flax.struct.field(default_factory=dict)
+    hparams: Any = flax.struct.field(default_factory=dict)
 
     def variables(self, params=None):
         params = self.params if params is None else params
@@ -63,16 +69,18 @@ def classification_sums(logits, labels, mask=None):
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
-def train_step(state, batch, rng, l1=0.0):
+def train_step(state, batch, rng):
     """One optimizer step on one batch: (state, batch, rng) -> (state, metric sums)."""
+    hparams = state.hparams
+    model_kwargs = {"dropout": hparams["dropout"]} if "dropout" in hparams else {}
 
     def loss_fn(params):
         logits, updates = state.apply_fn(state.variables(params), batch["image"], train=True,
-                                         rngs={"dropout": rng}, mutable=["batch_stats"])
+                                         rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
         sums = classification_sums(logits, batch["label"])
         loss = sums["loss"] / sums["count"]
-        if l1:
-            loss = loss + l1 * l1_penalty(params)
+        if "l1" in hparams:
+            loss = loss + hparams["l1"] * l1_penalty(params)
         return loss, (sums, updates)
 
     (_, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -95,18 +103,23 @@ def _zero_sums():
     return {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
 
 
-def _indexed_train_step(carry, step, *, data, order, key, batch_size, l1):
-    """Train step number `step` of an epoch, its batch gathered on device by the epoch's order."""
+def _indexed_train_step(carry, step, *, data, order, key, batch_size, augment):
+    """Train step number `step` of an epoch, its batch gathered (and augmented) on device."""
     state, totals = carry
     idx = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
     batch = {"image": preprocess(data["image"][idx]), "label": data["label"][idx]}
-    state, sums = train_step(state, batch, jax.random.fold_in(key, step), l1)
+    key = jax.random.fold_in(key, step)
+    if augment is not None:
+        augment_key, key = jax.random.split(key)
+        batch["image"] = augment(augment_key, batch["image"])
+    state, sums = train_step(state, batch, key)
     return (state, _add(totals, sums)), None
 
 
-def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, l1):
+def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, augment=None):
     """`steps` consecutive steps of one model: a plain call when steps == 1, else one lax.scan."""
-    body = functools.partial(_indexed_train_step, data=data, order=order, key=key, batch_size=batch_size, l1=l1)
+    body = functools.partial(_indexed_train_step, data=data, order=order, key=key, batch_size=batch_size,
+                             augment=augment)
     if steps == 1:
         return body((state, totals), first_step)[0]
     return jax.lax.scan(body, (state, totals), first_step + jnp.arange(steps))[0]
@@ -162,6 +175,32 @@ def per_model(fn, num_models, in_axes):
     return single
 
 
+MODEL_AXES = ("auto", "vmap", "sequential")
+
+
+def resolve_model_axis(mode, num_models, backend=None):
+    """How stacked models share the device: one vmapped program, or one model after another.
+
+    On XLA:CPU vmap turns each model's convolution into one grouped convolution, which is slow: 4
+    vmapped 1MD120 CNNs made 195 model-steps/s against 333-342 for the same 4 run one after another
+    with the one-model program (2-core EPYC, jax 0.10.2). Unrolling the 4 models in one program
+    gave 342 (no gain, 4x the compile time), lax.map over them 47. So CPU runs them in sequence.
+    """
+    if num_models == 1:
+        return "vmap"
+    if mode == "auto":
+        return "sequential" if (backend or jax.default_backend()) == "cpu" else "vmap"
+    return mode
+
+
+def _model_slice(tree, i):
+    return jax.tree.map(lambda a: a[i:i + 1], tree)
+
+
+def _concat_models(trees):
+    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
 def resolve_epoch_mode(mode, backend=None):
     if mode == "auto":
         return "step" if (backend or jax.default_backend()) == "cpu" else "scan"
@@ -172,29 +211,55 @@ def largest_divisor_at_most(n, limit):
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+# Config fields that may differ between models trained in one program (a sweep stacks them), and
+# where each lives: the optimizer's injected state, or the TrainState's `hparams`.
+STACKABLE = {"optimizer.lr": "optimizer", "optimizer.weight_decay": "optimizer", "l1": "l1", "model.dropout": "dropout"}
+
+
 class Trainer:
     """Compiled functions for training `num_models` stacked models of one architecture.
 
     All functions are compiled ahead of time by `compile`, which reports its own duration, so
     compile time is never mixed into step timings and a shape change fails loudly instead of
-    retracing silently.
+    retracing silently. The models are stacked on a leading axis whatever the `model_axis`
+    strategy; "sequential" only changes how the compiled one-model functions are dispatched.
     """
 
-    def __init__(self, model, tx, *, num_models=1, batch_size=32, eval_batch_size=1000, l1=0.0,
-                 epoch_mode="auto", scan_steps=None):
-        self.model, self.tx, self.num_models = model, tx, num_models
-        self.batch_size, self.eval_batch_size, self.l1 = batch_size, eval_batch_size, l1
+    def __init__(self, model, optimizer, *, num_models=1, batch_size=32, eval_batch_size=1000,
+                 epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None):
+        self.model, self.optimizer, self.num_models = model, dict(optimizer), num_models
+        self.tx = make_optimizer(self.optimizer)
+        self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
         self.epoch_mode = resolve_epoch_mode(epoch_mode)
         self.scan_steps = scan_steps
+        self.model_axis = resolve_model_axis(model_axis, num_models)
+        self.width = num_models if self.model_axis == "vmap" else 1  # models per compiled call
         self._compiled = None
 
-    def init(self, keys, input_shape):
-        """Stacked TrainStates, one per key, each initialised independently."""
-        def init_one(key):
+    def init(self, keys, input_shape, hparams=None):
+        """Stacked TrainStates, one per key, each initialised independently.
+
+        `hparams` maps STACKABLE fields to one value per model (e.g. {"optimizer.lr": [0.1, 0.01]});
+        fields left out take the trainer's optimizer config and the model's own settings.
+        """
+        hparams = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
+        for key, values in hparams.items():
+            if key not in STACKABLE:
+                raise UsageError(f"--{key} cannot differ between models of one program; "
+                                 f"these can: {', '.join(STACKABLE)}")
+            if values.shape != (self.num_models,):
+                raise UsageError(f"{key}: {values.shape[0] if values.ndim else 1} values for {self.num_models} models")
+
+        def init_one(key, hp):
             variables = self.model.init({"params": key}, jnp.zeros((1, *input_shape)), train=False)
-            return TrainState.create(apply_fn=self.model.apply, params=variables["params"], tx=self.tx,
-                                     batch_stats=variables.get("batch_stats", {}))
-        return jax.jit(jax.vmap(init_one))(keys)
+            optimizer = {**self.optimizer, **{k.split(".", 1)[1]: v for k, v in hp.items()
+                                              if STACKABLE[k] == "optimizer"}}
+            params = variables["params"]
+            return TrainState(step=0, apply_fn=self.model.apply, params=params, tx=self.tx,
+                              opt_state=make_optimizer(optimizer).init(params),
+                              batch_stats=variables.get("batch_stats", {}),
+                              hparams={STACKABLE[k]: v for k, v in hp.items() if STACKABLE[k] != "optimizer"})
+        return jax.jit(jax.vmap(init_one))(keys, hparams)
 
     def steps_per_epoch(self, num_examples):
         return num_examples // self.batch_size  # drop_last, as the reports' DataLoaders did
@@ -207,40 +272,55 @@ class Trainer:
         if steps < 1:
             raise UsageError(f"batch size {self.batch_size} is larger than the training set ({n} examples)")
         chunk = 1 if self.epoch_mode == "step" else largest_divisor_at_most(steps, self.scan_steps or steps)
-        k = self.num_models
-        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size, l1=self.l1)
+        k = self.width
+        states = states if k == self.num_models else _model_slice(states, 0)
+        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size, augment=self.augment)
         run = jax.jit(per_model(run, k, (0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
         keys = jax.random.split(jax.random.key(0), k)
         orders, step_keys = epoch_orders(keys, 0, n)
-        totals = jax.tree.map(lambda z: jnp.zeros((k,)), _zero_sums())
         ev = jax.jit(per_model(functools.partial(evaluate, batch_size=self.eval_batch_size), k, (0, None)))
         self._compiled = {
             "chunk": chunk, "steps": steps,
-            "train": compile_for_backend(run.lower(states, totals, train_data, orders, np.int32(0), step_keys)),
+            "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
+                                                   step_keys)),
             "eval": compile_for_backend(ev.lower(states, test_data)),
-            "orders": jax.jit(epoch_orders, static_argnums=2).lower(keys, np.int32(0), n).compile(),
+            "orders": jax.jit(epoch_orders, static_argnums=2).lower(
+                jax.random.split(jax.random.key(0), self.num_models), np.int32(0), n).compile(),
         }
         return time.perf_counter() - t0
+
+    def _zero_totals(self):
+        return jax.tree.map(lambda z: jnp.zeros((self.width,)), _zero_sums())
+
+    def _groups(self, *stacked):
+        """The stacked arguments as the compiled functions take them: all at once, or one model each."""
+        if self.width == self.num_models:
+            return [stacked]
+        return [[_model_slice(x, i) for x in stacked] for i in range(self.num_models)]
 
     def train_epoch(self, states, train_data, keys, epoch, on_step=None):
         """One epoch for every model. Returns new states and per-model metric sums (on device)."""
         c = self._compiled
         orders, step_keys = c["orders"](keys, np.int32(epoch))
-        totals = jax.tree.map(lambda z: jnp.zeros((self.num_models,)), _zero_sums())
-        for first in range(0, c["steps"], c["chunk"]):
-            # np.int32, not jnp.int32: the latter dispatches a conversion op (~0.5 ms on CPU, per step)
-            states, totals = c["train"](states, totals, train_data, orders, np.int32(first), step_keys)
-            if on_step is not None:
-                on_step(first + c["chunk"], c["steps"])
-        return states, totals
+        groups = self._groups(states, orders, step_keys)
+        trained = []
+        for g, (states, orders, step_keys) in enumerate(groups):
+            totals = self._zero_totals()
+            for first in range(0, c["steps"], c["chunk"]):
+                # np.int32, not jnp.int32: the latter dispatches a conversion op (~0.5 ms on CPU, per step)
+                states, totals = c["train"](states, totals, train_data, orders, np.int32(first), step_keys)
+                if on_step is not None:
+                    on_step(g * c["steps"] + first + c["chunk"], len(groups) * c["steps"])
+            trained.append((states, totals))
+        return _concat_models([t[0] for t in trained]), _concat_models([t[1] for t in trained])
 
     def evaluate(self, states, data):
-        return self._compiled["eval"](states, data)
+        return _concat_models([self._compiled["eval"](s, data) for (s,) in self._groups(states)])
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
-        run = per_model(functools.partial(predict, batch_size=self.eval_batch_size), self.num_models, (0, None))
-        return jax.jit(run)(states, data)
+        run = jax.jit(per_model(functools.partial(predict, batch_size=self.eval_batch_size), self.width, (0, None)))
+        return _concat_models([run(s, data) for (s,) in self._groups(states)])
 
 
 def summarize(sums):

@@ -1,0 +1,56 @@
+"""Data augmentation on the device, inside the jitted train step: no host work, no stored copies.
+
+`make_augment(config["augment"])` returns None (no augmentation, no ops traced) or a function
+(key, images NHWC float) -> images, drawing fresh parameters for every image of every step.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False}
+
+
+def rotate(images, radians):
+    """Rotates each image about its centre by its angle (counter-clockwise as displayed), bilinear, zero outside."""
+    n, h, w, c = images.shape
+    y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
+                        jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2, indexing="ij")
+
+    def one(image, angle):
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        # each output pixel samples the input where the inverse rotation takes it
+        source = [cos * y + sin * x + (h - 1) / 2, cos * x - sin * y + (w - 1) / 2]
+        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=1, mode="constant")
+        return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+    return jax.vmap(one)(images, radians)
+
+
+def random_rotate(key, images, max_degrees):
+    angles = jax.random.uniform(key, images.shape[:1], minval=-max_degrees, maxval=max_degrees)
+    return rotate(images, angles * (math.pi / 180))
+
+
+def random_flip(key, images, axis):
+    flip = jax.random.bernoulli(key, 0.5, images.shape[:1])[:, None, None, None]
+    return jnp.where(flip, jnp.flip(images, axis), images)
+
+
+def make_augment(cfg):
+    """The config's augment section as one function, or None when it asks for nothing."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    ops = []
+    if cfg["rotate"]:
+        ops.append(lambda key, x: random_rotate(key, x, cfg["rotate"]))
+    if cfg["flip_lr"]:
+        ops.append(lambda key, x: random_flip(key, x, 2))
+    if cfg["flip_ud"]:
+        ops.append(lambda key, x: random_flip(key, x, 1))
+    if not ops:
+        return None
+
+    def augment(key, images):
+        for op, k in zip(ops, jax.random.split(key, len(ops))):
+            images = op(k, images)
+        return images
+    return augment

@@ -1,0 +1,210 @@
+"""Sweeps: many variants of one experiment in as few compiled programs as their shapes allow.
+
+A sweep is a list of variants, each a few dotted config fields ({"model.dropout": 0.2}), taken
+from the experiment's `sweep` field or from `--grid key=v1,v2` (the cartesian product of all
+grids). Variants that differ only in STACKABLE fields (learning rate, weight decay, L1, dropout
+rate) and seeds become one program, their models stacked; every other difference (widths, depth,
+activation, optimizer) is a separate program, run one after another in the same command.
+"""
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flaxlab import config as config_lib
+from flaxlab import data as data_lib
+from flaxlab import metrics, plots
+from flaxlab.errors import UsageError
+from flaxlab.train import STACKABLE
+
+
+def resolve_key(config, key):
+    """A dotted field by its full name or by a unique last part: `dropout` -> `model.dropout`."""
+    fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
+    key = key.replace("-", "_")
+    if key in fields:
+        return key
+    matches = [k for k in fields if k.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
+    raise UsageError(f"unknown field '{key}' in --grid; fields: {', '.join(sorted(fields))}")
+
+
+def parse_grid(config, specs):
+    """`--grid` texts ("dropout=0,0.1" or, for a list field, "model.features=8,16/16,32") -> variants."""
+    flat = config_lib.flatten(config)
+    axes = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not values.strip():
+            raise UsageError(f"bad --grid '{spec}': expected field=value1,value2,...")
+        key = resolve_key(config, name.strip())
+        separator = "/" if isinstance(flat[key], (tuple, list)) else ","
+        parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise UsageError(f"--grid {key} repeats a value")
+        axes.append([(key, v) for v in parsed])
+    if len({key for axis in axes for key, _ in axis[:1]}) != len(axes):
+        raise UsageError("--grid names the same field twice")
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def _format(value):
+    if isinstance(value, (tuple, list)):
+        return "-".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def variant_label(variant):
+    if "label" in variant:
+        return variant["label"]
+    return ", ".join(f"{key.split('.')[-1]}={_format(value)}" for key, value in variant.items()) or "base"
+
+
+def variant_config(config, variant):
+    out = {**config, "sweep": ()}
+    for key, value in variant.items():
+        if key != "label":
+            out = config_lib.with_field(out, key, value)
+    return config_lib.validate(out)
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program of a sweep: a config and the variants whose models it stacks."""
+    config: dict
+    variants: list  # of (label, overrides of STACKABLE fields)
+
+
+def plan(config, variants):
+    """Groups variants by everything but their STACKABLE fields, in first-seen order."""
+    if not variants:
+        raise UsageError(f"{config['name']} defines no sweep; give one or more --grid field=v1,v2")
+    labels = [variant_label(v) for v in variants]
+    if len(set(labels)) != len(labels):
+        raise UsageError("two variants of the sweep have the same label")
+    swept = {k for v in variants for k in v if k in STACKABLE}
+    programs = {}
+    for variant, label in zip(variants, labels):
+        full = variant_config(config, variant)
+        flat = config_lib.flatten(full)
+        shape_key = json.dumps({k: v for k, v in flat.items() if k not in STACKABLE and k not in ("name", "description")},
+                               sort_keys=True, default=str)
+        program = programs.setdefault(shape_key, Program(full, []))
+        program.variants.append((label, {k: flat[k] for k in swept}))
+    return list(programs.values())
+
+
+@dataclasses.dataclass
+class SweepResult:
+    workdir: Path
+    rows: list  # one per variant: label, program, stats
+    histories: dict  # label -> history (values per seed)
+    programs: list  # per program: variants, models, compile_s, train_s
+
+
+def _split_history(history, index, seeds):
+    out = {"epoch": history["epoch"], "epoch_time_s": history["epoch_time_s"]}
+    for key in metrics.HISTORY_KEYS:
+        out[key] = [values[index * seeds:(index + 1) * seeds] for values in history[key]]
+    return out
+
+
+def _row(label, program_index, history):
+    stats = {s["metric"]: s for s in metrics.final_stats(history)}
+    acc, best = stats["final test accuracy"], stats["best test accuracy"]
+    return {"variant": label, "program": program_index, "seeds": acc["n"],
+            "test_accuracy_mean": acc["mean"], "test_accuracy_std": acc["std"], "test_accuracy_min": acc["min"],
+            "test_accuracy_max": acc["max"], "best_test_accuracy_mean": best["mean"],
+            "test_loss_mean": stats["final test loss"]["mean"],
+            "train_accuracy_mean": stats["final train accuracy"]["mean"]}
+
+
+def markdown_table(rows):
+    lines = ["| variant | program | seeds | final test accuracy (mean ± std) | min | max | best epoch (mean) "
+             "| final test loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {100 * r['test_accuracy_mean']:.2f} ± "
+                     f"{100 * r['test_accuracy_std']:.2f}% | {100 * r['test_accuracy_min']:.2f}% | "
+                     f"{100 * r['test_accuracy_max']:.2f}% | {100 * r['best_test_accuracy_mean']:.2f}% | "
+                     f"{r['test_loss_mean']:.4f} |")
+    return "\n".join(lines)
+
+
+def csv_text(rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
+    """Trains every variant x seed, program by program; writes the sweep's run folder.
+
+    Writes config.json, history.json (per variant, per epoch, one value per seed; rewritten after
+    every epoch), results.md and results.csv (mean ± std over seeds per variant) and comparison.png
+    (test accuracy and train loss per epoch, one curve per variant).
+    """
+    from flaxlab.runner import _write_json, default_workdir, fit, set_up
+    config_lib.validate(config)
+    programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
+    if dataset is None:
+        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
+    for program in programs:
+        if program.config["batch_size"] > len(dataset.train):
+            raise UsageError(f"--batch-size {program.config['batch_size']} is larger than the training set "
+                             f"({len(dataset.train)} examples)")
+    seeds = config["seeds"]
+    total = sum(len(p.variants) for p in programs)
+    log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
+        f"program(s), {config['epochs']} epochs each; data: {dataset.source} "
+        f"({len(dataset.train):,} train / {len(dataset.test):,} test)")
+
+    workdir = Path(workdir) if workdir else default_workdir(config["name"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
+    histories, rows, program_info = {}, [], []
+    start = time.perf_counter()
+
+    def save(partial=None):
+        _write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
+                                               "variants": {**histories, **(partial or {})}})
+
+    for index, program in enumerate(programs, 1):
+        labels = [label for label, _ in program.variants]
+        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} models)")
+        s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
+        compile_s = s.trainer.compile(s.states, s.train_data, s.test_data)
+        split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
+        _, history = fit(s.trainer, s.states, s.train_data, s.test_data, s.train_keys, program.config["epochs"],
+                         progress=progress, log=log, on_epoch=lambda h: save(split(h)))
+        histories.update(split(history))
+        program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
+                             "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
+                             "train_s": round(sum(history["epoch_time_s"]), 3)})
+        rows += [_row(label, index, histories[label]) for label in labels]
+        save()
+    wall_s = time.perf_counter() - start
+
+    table = markdown_table(rows)
+    (workdir / "results.csv").write_text(csv_text(rows))
+    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} models "
+                            f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s"
+                            for p in program_info)
+    (workdir / "results.md").write_text(
+        f"# {config['name']}\n\n{config.get('description', '')}\n\n"
+        f"- data: {dataset.source}, {len(dataset.train):,} train / {len(dataset.test):,} test examples\n"
+        f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {config['epochs']} epochs; "
+        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n\n{table}\n")
+    plots.sweep_comparison(histories, workdir / "comparison.png",
+                           f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
+    log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    return SweepResult(workdir, rows, histories, program_info)

@@ -1,0 +1,119 @@
+"""Sweeps: grids parsed against the config, variants grouped into as few programs as shapes allow,
+stacked variants equal to separate runs (per-model lr, weight decay, L1, dropout rate, batch norm
+statistics), and the sweep's table and figure."""
+import csv
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_dataset
+from experiments import EXPERIMENTS, cli
+from experiments.common import variant
+from flaxlab import sweep
+from flaxlab.errors import UsageError
+from flaxlab.runner import run_experiment, set_up
+
+
+def quiet(*_):
+    pass
+
+
+def cnn(**dotted):
+    return variant(EXPERIMENTS["mnist_cnn"](), "cnn", "test CNN",
+                   **{"model.features": (4, 8), "batch_size": 32, "epochs": 1, **dotted})
+
+
+def test_grid_resolves_short_names_and_makes_a_product():
+    variants = sweep.parse_grid(cnn(), ["dropout=0,0.2", "lr=0.1,0.05,0.01"])
+    assert len(variants) == 6
+    assert variants[1] == {"model.dropout": 0.0, "optimizer.lr": 0.05}
+    features = sweep.parse_grid(cnn(), ["model.features=8,16/16,32,64"])
+    assert features == [{"model.features": (8, 16)}, {"model.features": (16, 32, 64)}]
+    assert sweep.variant_label(features[1]) == "features=16-32-64"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nosuch=1,2", "unknown field"), ("dropout", "expected field=value"), ("dropout=0,x", "bad value"),
+    ("dropout=0.1,0.1", "repeats"), ("name=a,b", "ambiguous"), ("description=a", "unknown field")])
+def test_bad_grids_are_one_clear_error(spec, message):
+    with pytest.raises(UsageError, match=message):
+        sweep.parse_grid(cnn(), [spec])
+
+
+def test_variants_that_keep_shapes_share_one_program():
+    variants = sweep.parse_grid(cnn(), ["dropout=0,0.3", "lr=0.1,0.05", "weight_decay=0,1e-3", "l1=0,1e-4"])
+    assert len(sweep.plan(cnn(), variants)) == 1
+    assert len(sweep.plan(cnn(), sweep.parse_grid(cnn(), ["model.features=4/4,8/4,8,16"]))) == 3
+    programs = sweep.plan(*(lambda c: (c, list(c["sweep"])))(EXPERIMENTS["mnist_cnn_regularization"]()))
+    assert [len(p.variants) for p in programs] == [3, 1]  # SGD with and without L1/L2 stacked; Adam apart
+    assert len(sweep.plan(EXPERIMENTS["mnist_cnn_dropout"](), list(EXPERIMENTS["mnist_cnn_dropout"]()["sweep"]))) == 1
+
+
+@pytest.mark.parametrize("model_axis", ["vmap", "sequential"])
+def test_stacked_variants_equal_separate_runs(mnist_sample, tmp_path, model_axis):
+    """lr, weight decay, L1 and dropout rate differ per stacked model; batch norm keeps stats per model.
+
+    4 steps: vmap's grouped convolutions round differently from plain ones (~1e-8), and over more
+    steps a max-pool tie can flip on such a difference and the runs drift apart (1e-3 by step 8).
+    """
+    ds = small_dataset(mnist_sample, 128, 64)
+    base = cnn(**{"model.batch_norm": True, "model_axis": model_axis, "seeds": 2, "seed": 3})
+    variants = [{"optimizer.lr": 0.1, "model.dropout": 0.0},
+                {"optimizer.lr": 0.05, "model.dropout": 0.3, "optimizer.weight_decay": 1e-3, "l1": 1e-4}]
+    s = set_up(base, ds, variants)
+    assert s.trainer.model_axis == model_axis
+    s.trainer.compile(s.states, s.train_data, s.test_data)
+    states, sums = s.trainer.train_epoch(s.states, s.train_data, s.train_keys, 1)
+    for v, overrides in enumerate(variants):
+        for seed in range(2):
+            alone = run_experiment(variant(base, "alone", "", seeds=1, seed=3 + seed, **overrides),
+                                   workdir=tmp_path / f"{v}{seed}", dataset=ds, progress=False, log=quiet)
+            model = 2 * v + seed
+            pick = lambda tree: jax.tree.map(lambda a: a[model], tree)
+            first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+            chex.assert_trees_all_close(pick(states.params), first(alone.states.params), atol=2e-5, rtol=1e-4)
+            chex.assert_trees_all_close(pick(states.batch_stats), first(alone.states.batch_stats), atol=2e-5, rtol=1e-4)
+    # the two seeds of a variant start alike across variants but end differently: lr and dropout took effect
+    assert not np.allclose(states.params["Dense_0"]["kernel"][0], states.params["Dense_0"]["kernel"][2])
+
+
+def test_a_sweep_writes_table_csv_and_figure(mnist_sample, tmp_path):
+    ds = small_dataset(mnist_sample, 512, 128)
+    config = cnn(epochs=2, seeds=2)
+    result = sweep.run_sweep(config, sweep.parse_grid(config, ["model.features=4/4,8", "dropout=0,0.5"]),
+                             workdir=tmp_path, dataset=ds, progress=False, log=quiet)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "results.csv",
+                                                    "comparison.png"}
+    assert [p["models"] for p in result.programs] == [4, 4]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["variant"] for r in rows] == ["features=4, dropout=0", "features=4, dropout=0.5",
+                                            "features=4-8, dropout=0", "features=4-8, dropout=0.5"]
+    for row, label in zip(rows, result.histories):
+        accuracies = np.asarray(result.histories[label]["test_accuracy"][-1])
+        assert accuracies.shape == (2,)
+        assert float(row["test_accuracy_mean"]) == pytest.approx(accuracies.mean())
+        assert float(row["test_accuracy_std"]) == pytest.approx(accuracies.std(ddof=1))
+    assert "± " in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, make in EXPERIMENTS.items() if make()["sweep"]))
+def test_every_named_sweep_runs_on_the_sample(name, mnist_sample, tmp_path):
+    """Each ablation at smoke size: one epoch on 1,000 digits, every variant trained and tabled."""
+    config = variant(EXPERIMENTS[name](), name, "smoke", epochs=1)
+    result = sweep.run_sweep(config, workdir=tmp_path, dataset=small_dataset(mnist_sample, 1000, 200),
+                             progress=False, log=quiet)
+    assert len(result.rows) == len(config["sweep"])
+    assert all(np.isfinite(r["test_loss_mean"]) and r["test_accuracy_mean"] > 0.05 for r in result.rows)
+
+
+def test_sweep_command_errors(capsys, tmp_path):
+    for argv, message in ([["sweep", "mnist_cnn"], "defines no sweep"],
+                          [["sweep", "mnist_cnn", "--grid", "bogus=1"], "unknown field 'bogus'"],
+                          [["sweep", "mnist_cnn", "--grid", "dropout=0,1.5"], "must be below 1"],
+                          [["sweep", "mnist_cnn", "--grid", "activation=relu,swish"], "unknown value 'swish'"]):
+        assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
