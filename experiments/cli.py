@@ -85,6 +85,9 @@ def _parser():
     bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
     bench.add_argument("--repeat", type=int, default=1,
                        help="alternate flaxlab and the peer this many times (a shared machine's speed drifts)")
+    bench.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="bench a sweep: stacked programs against every model trained alone, one after another "
+                            "(an experiment that defines a sweep is benched this way without --grid)")
     return parser
 
 
@@ -103,7 +106,7 @@ def _run(args, overrides):
 
 
 def _bench(args, overrides):
-    from flaxlab import bench
+    from flaxlab import bench, sweep
     if args.epochs < 1 or args.repeat < 1:
         raise UsageError("--epochs and --repeat must be at least 1")
     config = _apply_overrides(_experiment(args.experiment), overrides)
@@ -111,6 +114,13 @@ def _bench(args, overrides):
     data_dir = args.data_dir or (shared / "data" if shared else None)
     if args.peer and not shared:
         raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
+    variants = sweep.parse_grid(config, args.grid) if args.grid else list(config["sweep"])
+    if variants:
+        if args.peer:
+            raise UsageError("--peer compares one experiment; a sweep is benched against itself, model by model")
+        for _ in range(args.repeat):
+            print(json.dumps(bench.bench_sweep(config, variants, data_dir, epochs=args.epochs)), flush=True)
+        return
     ratios = []
     for _ in range(args.repeat):
         ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)

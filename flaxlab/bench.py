@@ -92,3 +92,42 @@ def median_ratio(comparisons):
     values = sorted(c["ratio_images_per_s"] for c in comparisons)
     return dict(compare=comparisons[0]["compare"], repeats=len(values), ratios=values,
                 median_ratio_images_per_s=float(np.median(values)))
+
+
+def _train_programs(programs, dataset, epochs, model_axis=None):
+    """Wall seconds (set-up, compile, train, per-epoch evaluation) of training the programs in turn."""
+    from flaxlab.runner import fit, set_up
+    t0 = time.perf_counter()
+    accuracies, compile_s = [], 0.0
+    for config, variants in programs:
+        if model_axis:
+            config = {**config, "model_axis": model_axis}
+        s = set_up(config, dataset, variants)
+        compile_s += s.trainer.compile(s.states, s.train_data, s.test_data)
+        _, history = fit(s.trainer, s.states, s.train_data, s.test_data, s.train_keys, epochs,
+                         progress=False, log=lambda *a: None)
+        accuracies += history["test_accuracy"][-1]
+    return dict(wall_s=round(time.perf_counter() - t0, 2), compile_s=round(compile_s, 2),
+                models=len(accuracies), mean_test_accuracy=round(float(np.mean(accuracies)), 4))
+
+
+def bench_sweep(config, variants, data_dir, epochs=1):
+    """A sweep trained as planned (stacked per program, the engine's model axis, and vmap forced)
+    against every one of its models trained alone, one after another, by the same engine."""
+    from flaxlab import sweep
+    dataset = data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+    programs = sweep.plan(config, variants)
+    stacked = [(p.config, [overrides for _, overrides in p.variants]) for p in programs]
+    alone = [({**p.config, "seeds": 1, "seed": p.config["seed"] + i}, [overrides])
+             for p in programs for _, overrides in p.variants for i in range(config["seeds"])]
+    rows = []
+    for mode, plan, axis in (("stacked", stacked, None), ("stacked_vmap", stacked, "vmap"), ("one_by_one", alone, None)):
+        row = dict(sweep=config["name"], mode=mode, programs=len(plan), epochs=epochs, data=dataset.source,
+                   device=str(jax.devices()[0]), **_train_programs(plan, dataset, epochs, axis))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    one_by_one = rows[-1]["wall_s"]
+    return dict(sweep=config["name"], models=rows[0]["models"], machine=platform.node() or platform.machine(),
+                model_axis=programs[0].config.get("model_axis", "auto"),
+                speedup_stacked=round(one_by_one / rows[0]["wall_s"], 2),
+                speedup_stacked_vmap=round(one_by_one / rows[1]["wall_s"], 2))

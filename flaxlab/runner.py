@@ -71,7 +71,7 @@ def set_up(config, dataset, variants=({},)):
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
-    keys = jax.tree.map(lambda k: jnp.concatenate([k] * len(variants)), keys)
+    keys = jnp.concatenate([keys] * len(variants))
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
     return Setup(model, trainer, states, keys[:, 1], data_lib.to_device(dataset.train),
                  data_lib.to_device(dataset.test))

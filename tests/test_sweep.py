@@ -117,3 +117,11 @@ def test_sweep_command_errors(capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()
+
+
+def test_sweep_command_trains_on_the_sample(capsys, tmp_path):
+    argv = ["sweep", "mnist_cnn", "--grid", "lr=0.1,0.05", "--epochs", "1", "--workdir", str(tmp_path), "--quiet"]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["variant"] for r in rows] == ["lr=0.1", "lr=0.05"]
+    assert all(float(r["test_accuracy_mean"]) > 0.8 for r in rows)  # one epoch of the 5,000-digit sample

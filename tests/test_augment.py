@@ -1,0 +1,43 @@
+"""On-device augmentation and the dropout layer whose rate may differ per stacked model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlab import augment, models
+
+
+def test_rotation_by_quarter_turns_matches_numpy():
+    images = jax.random.uniform(jax.random.key(0), (3, 9, 9, 2))
+    quarter = augment.rotate(images, jnp.full((3,), np.pi / 2))
+    np.testing.assert_allclose(quarter, np.rot90(np.asarray(images), 1, axes=(1, 2)), atol=1e-5)
+    np.testing.assert_allclose(augment.rotate(images, jnp.zeros(3)), images, atol=1e-6)
+
+
+def test_random_rotation_stays_within_its_range():
+    # a horizontal bar rotated by at most 20 degrees never reaches the image's top rows
+    image = np.zeros((1, 29, 29, 1), np.float32)
+    image[0, 14, 4:25] = 1.0
+    images = jnp.asarray(np.repeat(image, 64, axis=0))
+    out = np.asarray(jax.jit(lambda k, x: augment.random_rotate(k, x, 20.0))(jax.random.key(1), images))
+    assert out[:, :8].max() == 0 and out[:, 21:].max() == 0
+    assert len({round(float(np.abs(o - image[0]).sum()), 3) for o in out}) > 50  # a fresh angle per image
+
+
+def test_make_augment_is_none_without_options_and_flips_half():
+    assert augment.make_augment({"rotate": 0.0, "flip_lr": False, "flip_ud": False}) is None
+    images = jnp.broadcast_to(jnp.arange(4.0)[None, None, :, None], (1000, 2, 4, 1))
+    flipped = augment.make_augment({"flip_lr": True})(jax.random.key(0), images)
+    share = float((flipped[:, 0, 0, 0] == 3.0).mean())
+    assert 0.45 < share < 0.55
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.6])
+def test_dropout_takes_a_traced_rate(rate):
+    layer = models.Dropout(0.0)
+    x = jnp.ones((200, 100))
+    run = jax.jit(lambda r: layer.apply({}, x, train=True, rate=r, rngs={"dropout": jax.random.key(0)}))
+    y = np.asarray(run(jnp.float32(rate)))
+    assert abs((y == 0).mean() - rate) < 0.02
+    np.testing.assert_allclose(y[y != 0], 1 / (1 - rate), rtol=1e-6)
+    assert np.array_equal(layer.apply({}, x, train=False, rate=rate), x)
