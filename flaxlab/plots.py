@@ -4,10 +4,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _curve(ax, epochs, values, label, color):
     values = np.asarray(values)  # (epochs, models)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(epochs, values.mean(axis=1), label=label, color=color, marker="o", markersize=3)
     if values.shape[1] > 1:
         ax.fill_between(epochs, values.min(axis=1), values.max(axis=1), color=color, alpha=0.2)

@@ -93,6 +93,13 @@ def test_epochs_never_recompile(mnist_sample, monkeypatch, tmp_path):
     chex.clear_trace_counter()
 
 
+def test_model_axis_follows_backend():
+    assert train.resolve_model_axis("auto", 4, "cpu") == "sequential"  # vmapped convs are grouped convs, slow there
+    assert train.resolve_model_axis("auto", 4, "gpu") == "vmap"
+    assert train.resolve_model_axis("sequential", 1, "gpu") == "vmap"  # one model: nothing to choose
+    assert train.resolve_model_axis("vmap", 4, "cpu") == "vmap"
+
+
 def test_epoch_mode_follows_backend():
     assert train.resolve_epoch_mode("auto", "cpu") == "step"
     assert train.resolve_epoch_mode("auto", "gpu") == "scan"
