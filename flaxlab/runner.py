@@ -155,7 +155,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     info = {"experiment": config["name"], "data": dataset.describe(),
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "epoch_mode": trainer.epoch_mode, "seeds": config["seeds"]}
+            "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"]}
     log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {info['backend']} ({trainer.epoch_mode} mode)")
     log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")

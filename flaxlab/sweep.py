@@ -180,7 +180,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     for index, program in enumerate(programs, 1):
         labels = [label for label, _ in program.variants]
-        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} models)")
+        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s))")
         s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
         compile_s = s.trainer.compile(s.states, s.train_data, s.test_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
@@ -196,7 +196,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     table = markdown_table(rows)
     (workdir / "results.csv").write_text(csv_text(rows))
-    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} models "
+    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
                             f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s"
                             for p in program_info)
     (workdir / "results.md").write_text(

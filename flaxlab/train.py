@@ -187,7 +187,7 @@ def resolve_model_axis(mode, num_models, backend=None):
     gave 342 (no gain, 4x the compile time), lax.map over them 47. So CPU runs them in sequence.
     """
     if num_models == 1:
-        return "vmap"
+        return "single"
     if mode == "auto":
         return "sequential" if (backend or jax.default_backend()) == "cpu" else "vmap"
     return mode
@@ -233,7 +233,7 @@ class Trainer:
         self.epoch_mode = resolve_epoch_mode(epoch_mode)
         self.scan_steps = scan_steps
         self.model_axis = resolve_model_axis(model_axis, num_models)
-        self.width = num_models if self.model_axis == "vmap" else 1  # models per compiled call
+        self.width = 1 if self.model_axis == "sequential" else num_models  # models per compiled call
         self._compiled = None
 
     def init(self, keys, input_shape, hparams=None):

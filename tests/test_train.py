@@ -61,7 +61,7 @@ def test_eval_sums_are_exact_with_a_padded_last_batch(mnist_sample):
     assert float(sums["correct"]) == float((logits.argmax(-1) == split["label"]).sum())
 
 
-def test_vmapped_seeds_equal_separate_runs(mnist_sample, tmp_path):
+def test_stacked_seeds_equal_separate_runs(mnist_sample, tmp_path):
     ds = small_dataset(mnist_sample, 1024, 256)
     together = run_experiment(tiny_mlp_config(seeds=3, seed=5), workdir=tmp_path / "together", dataset=ds,
                               progress=False, log=quiet)
@@ -96,7 +96,7 @@ def test_epochs_never_recompile(mnist_sample, monkeypatch, tmp_path):
 def test_model_axis_follows_backend():
     assert train.resolve_model_axis("auto", 4, "cpu") == "sequential"  # vmapped convs are grouped convs, slow there
     assert train.resolve_model_axis("auto", 4, "gpu") == "vmap"
-    assert train.resolve_model_axis("sequential", 1, "gpu") == "vmap"  # one model: nothing to choose
+    assert train.resolve_model_axis("sequential", 1, "gpu") == "single"  # one model: nothing to choose
     assert train.resolve_model_axis("vmap", 4, "cpu") == "vmap"
 
 
