@@ -31,11 +31,16 @@ def shared_dir():
     return next((Path(c) for c in candidates if c and (Path(c) / "data").is_dir()), None)
 
 
+def _load(config, data_dir):
+    """Benchmarks read files when given a folder, else the shipped sample: never a TFDS download."""
+    return data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+
+
 def bench_flaxlab(config, data_dir, epochs=1):
     """Trains config['seeds'] models for `epochs` epochs; returns one JSON-able dict."""
     from flaxlab.runner import set_up
     t0 = time.perf_counter()
-    dataset = data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+    dataset = _load(config, data_dir)
     load_s = time.perf_counter() - t0
     s = set_up(config, dataset)
     trainer, states = s.trainer, s.states
@@ -115,7 +120,7 @@ def bench_sweep(config, variants, data_dir, epochs=1):
     """A sweep trained as planned (stacked per program, the engine's model axis, and vmap forced)
     against every one of its models trained alone, one after another, by the same engine."""
     from flaxlab import sweep
-    dataset = data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+    dataset = _load(config, data_dir)
     programs = sweep.plan(config, variants)
     stacked = [(p.config, [overrides for _, overrides in p.variants]) for p in programs]
     alone = [({**p.config, "seeds": 1, "seed": p.config["seed"] + i}, [overrides])

@@ -77,10 +77,21 @@ def set_up(config, dataset, variants=({},)):
                  data_lib.to_device(dataset.test))
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """Writes JSON atomically: a run folder never holds a half-written file."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
+    """The config's dataset (unless given), checked to hold a batch of every size the run will train with."""
+    if dataset is None:
+        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
+    for batch_size in batch_sizes or [config["batch_size"]]:
+        if batch_size > len(dataset.train):
+            raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")
+    return dataset
 
 
 def default_workdir(name):
@@ -111,7 +122,7 @@ def write_analysis(workdir, config, dataset, predictions):
     most confused pairs as Markdown. The matrices of every seed go to confusion.json."""
     labels = dataset.test.labels
     matrices = [analysis.confusion_matrix(labels, p, dataset.num_classes) for p in predictions]
-    _write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})
+    write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})
     title = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
     plots.confusion_figure(matrices[0], workdir / "confusion.png", title)
     plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title)
@@ -145,11 +156,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     test), confusion.png/.json and misclassified.png.
     """
     config_lib.validate(config)
-    if dataset is None:
-        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
-    if config["batch_size"] > len(dataset.train):
-        raise UsageError(f"--batch-size {config['batch_size']} is larger than the training set "
-                         f"({len(dataset.train)} examples)")
+    dataset = load_dataset(config, data_dir, dataset)
     s = set_up(config, dataset)
     trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),
@@ -163,8 +170,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
-    _write_json(workdir / "config.json", config)
-    save_history = lambda history: _write_json(workdir / "history.json", {"info": info, "history": history})
+    write_json(workdir / "config.json", config)
+    save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
     states, history = fit(trainer, s.states, s.train_data, s.test_data, s.train_keys, config["epochs"],
                           progress=progress, log=log, on_epoch=save_history)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from flaxlab import config as config_lib
-from flaxlab import data as data_lib
 from flaxlab import metrics, plots
 from flaxlab.errors import UsageError
+from flaxlab.runner import default_workdir, fit, load_dataset, set_up, write_json
 from flaxlab.train import STACKABLE
 
 
@@ -153,15 +153,9 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     every epoch), results.md and results.csv (mean ± std over seeds per variant) and comparison.png
     (test accuracy and train loss per epoch, one curve per variant).
     """
-    from flaxlab.runner import _write_json, default_workdir, fit, set_up
     config_lib.validate(config)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
-    if dataset is None:
-        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
-    for program in programs:
-        if program.config["batch_size"] > len(dataset.train):
-            raise UsageError(f"--batch-size {program.config['batch_size']} is larger than the training set "
-                             f"({len(dataset.train)} examples)")
+    dataset = load_dataset(config, data_dir, dataset, [p.config["batch_size"] for p in programs])
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
@@ -170,12 +164,12 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
+    write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
     histories, rows, program_info = {}, [], []
     start = time.perf_counter()
 
     def save(partial=None):
-        _write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
+        write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
                                                "variants": {**histories, **(partial or {})}})
 
     for index, program in enumerate(programs, 1):
