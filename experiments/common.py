@@ -7,7 +7,9 @@ def base_config(name, description, **sections):
     config = {
         "name": name,
         "description": " ".join(description.split()),
-        "data": {"name": "mnist", "source": "auto"},
+        # size: (height, width) to resize to, () = as stored; val_fraction: held out of train for early
+        # stopping / the best checkpoint (0 = none); test_fraction: held out as test when a set has no test split
+        "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.1},
         "model": {},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
         "l1": 0.0,  # L1 penalty on all weights, added to the loss

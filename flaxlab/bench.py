@@ -33,7 +33,7 @@ def shared_dir():
 
 def _load(config, data_dir):
     """Benchmarks read files when given a folder, else the shipped sample: never a TFDS download."""
-    return data_lib.load(config["data"]["name"], source="files" if data_dir else "sample", data_dir=data_dir)
+    return data_lib.load(**{**config["data"], "source": "files" if data_dir else "sample"}, data_dir=data_dir)
 
 
 def bench_flaxlab(config, data_dir, epochs=1):

@@ -89,6 +89,12 @@ def validate(config):
     for key in NON_NEGATIVE:
         if key in flat and flat[key] < 0:
             raise UsageError(f"--{key} must not be negative, got {flat[key]}")
+    size = flat.get("data.size", ())
+    if size and (len(size) != 2 or min(size) < 1):
+        raise UsageError(f"--data.size must be HEIGHT,WIDTH with positive sizes, got {','.join(map(str, size))}")
+    for key in ("data.val_fraction", "data.test_fraction"):
+        if not 0 <= flat.get(key, 0) < 1:
+            raise UsageError(f"--{key} must be in [0, 1), got {flat[key]}")
     if flat.get("model.dropout", 0) >= 1:
         raise UsageError(f"--model.dropout must be below 1, got {flat['model.dropout']}")
     return config

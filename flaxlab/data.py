@@ -1,4 +1,4 @@
-"""Input pipeline: MNIST from TFDS, from IDX files, or from the sample the package ships.
+"""Input pipeline: each dataset from TFDS, from its files, or from the sample the package ships.
 
 Datasets are small enough to live whole on the accelerator, so loading returns numpy arrays
 once and `to_device` puts each split there; shuffling and batching then happen on device
@@ -37,9 +37,11 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    val: Split = None  # held out of train for early stopping and best-model selection, when asked for
 
     def describe(self):
         return {"name": self.name, "source": self.source, "train_examples": len(self.train),
+                "val_examples": len(self.val) if self.val else 0,
                 "test_examples": len(self.test), "image_shape": list(self.train.images.shape[1:]),
                 "num_classes": self.num_classes}
 
@@ -121,37 +123,46 @@ def tfds_prepared(name, data_dir=None):
                for pattern in ("*/dataset_info.json", "*/*/dataset_info.json") for info in root.glob(pattern))
 
 
-def load_tfds(name, data_dir=None, download=True):
+def load_tfds(name, data_dir=None, download=True, how_to=HOW_TO_GET_MNIST):
     """A dataset through `tfds.data_source` (array_record; unlike `tfds.load`, no TensorFlow needed)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         raise DataError("tensorflow-datasets is not installed; `pip install tensorflow-datasets`, "
-                        f"or {HOW_TO_GET_MNIST}") from None
+                        f"or {how_to}") from None
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=str(_tfds_data_dir(data_dir)),
                                    download=download)
     except Exception as e:  # tfds raises many kinds when offline; all mean the same to a user
         first_line = (str(e).strip().splitlines() or ["no message"])[0][:160]
         raise DataError(f"TFDS could not provide '{name}' ({type(e).__name__}: {first_line}); "
-                        f"without internet, {HOW_TO_GET_MNIST}") from None
+                        f"without internet, {how_to}") from None
     splits = []
     for source in sources:
         records = [source[i] for i in range(len(source))]
-        images = np.stack([r["image"] for r in records]).astype(np.uint8)
-        splits.append(Split(images.reshape(len(records), 28, 28, 1), np.array([r["label"] for r in records], np.int32)))
+        images = np.stack([r["image"] for r in records]).astype(np.uint8)  # NHWC, C = 1 for MNIST
+        splits.append(Split(images, np.array([r["label"] for r in records], np.int32)))
     return tuple(splits)
 
 
-# --- entry point -----------------------------------------------------------------------------
+# --- entry points ----------------------------------------------------------------------------
 
-def load_mnist(source="auto", data_dir=None, tfds_dir=None):
-    """Loads MNIST; 'auto' prefers --data-dir, then a TFDS copy on disk, then the shipped sample."""
+def resolve_source(name, source, data_dir, tfds_dir=None, tfds_name=None):
+    """'auto' prefers --data-dir, then a TFDS copy on disk, then the shipped sample."""
     if source not in SOURCES:
         raise DataError(f"unknown data source '{source}'; choose one of {', '.join(SOURCES)}")
-    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
     if source == "auto":
-        source = "files" if data_dir else "tfds" if tfds_prepared("mnist", tfds_dir) else "sample"
+        return "files" if data_dir else "tfds" if tfds_name and tfds_prepared(tfds_name, tfds_dir) else "sample"
+    if source == "tfds" and not tfds_name:
+        raise DataError(f"TFDS has no {name}; use --data.source=files with --data-dir, or the sample")
+    return source
+
+
+def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
+    """MNIST (its official test split; `test_fraction` is unused), resized and with a val split on request."""
+    from flaxlab.image_data import make_splits, resize_all
+    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    source = resolve_source("mnist", source, data_dir, tfds_dir, "mnist")
     if source == "files":
         if not data_dir:
             raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_MNIST}")
@@ -163,10 +174,20 @@ def load_mnist(source="auto", data_dir=None, tfds_dir=None):
     else:
         train, test = load_mnist_files(SAMPLE_DIR)
         where = "sample:flaxlab/assets/mnist-sample"
-    return Dataset("mnist", where, train, test, num_classes=10)
+    if size:
+        train, test = (Split(resize_all(s.images, tuple(size)), s.labels) for s in (train, test))
+    train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed=0)
+    return Dataset("mnist", where + note, train, test, num_classes=10, val=val)
 
 
-DATASETS = {"mnist": load_mnist}
+def _image_dataset(name):
+    def load(**kwargs):
+        from flaxlab import image_data
+        return getattr(image_data, name)(**kwargs)
+    return load
+
+
+DATASETS = {"mnist": load_mnist, "cifar10": _image_dataset("cifar10"), "gtsrb": _image_dataset("gtsrb")}
 
 
 def load(name, **kwargs):

@@ -10,6 +10,7 @@ set; `Dataset.source` says so. GTSRB's validation split is made by track: the ~3
 physical sign are near-duplicates, and splitting them across train/val would inflate accuracy.
 """
 import csv
+import dataclasses
 import hashlib
 import io
 import lzma
@@ -23,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from flaxlab.data import Dataset, Split
+from flaxlab.data import Dataset, Split, load_tfds, resolve_source
 from flaxlab.errors import DataError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
@@ -155,7 +156,7 @@ def _check_size(size):
     return int(size[0]), int(size[1])
 
 
-def _resize_all(images, size):
+def resize_all(images, size):
     if size is None or images.shape[1:3] == size:
         return images
     Image = _pil()
@@ -529,20 +530,41 @@ def _with_how_to(how_to, fn, *args, **kwargs):
         raise DataError(f"{e}; {how_to}") from None
 
 
-def _held_out(train_images, train_labels, val_fraction, seed, groups=None):
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"val_fraction must be in (0, 1) when there is no official test split, got {val_fraction}")
-    train_idx, val_idx = (split_random(train_labels, val_fraction, seed) if groups is None
-                          else split_by_group(train_labels, groups, val_fraction, seed))
-    return (Split(train_images[train_idx], train_labels[train_idx]),
-            Split(train_images[val_idx], train_labels[val_idx]))
+def _hold_out(split, fraction, seed, groups=None, what="test"):
+    """(rest, held-out) parts of `split` (and the rest's groups); `fraction` of each class, by group if given."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"{what}_fraction must be in (0, 1), got {fraction}")
+    rest, held = (split_random(split.labels, fraction, seed) if groups is None
+                  else split_by_group(split.labels, groups, fraction, seed))
+    if len(held) == 0 or len(rest) == 0:
+        whole = " (whole tracks are held out)" if groups is not None else ""
+        raise UsageError(f"--data.{what}_fraction {fraction} of {len(split)} examples leaves "
+                         f"{'nothing to hold out' if len(held) == 0 else 'nothing to train on'}{whole}")
+    return (Split(split.images[rest], split.labels[rest]), Split(split.images[held], split.labels[held]),
+            None if groups is None else groups[rest])
+
+
+def make_splits(train, test, val_fraction, test_fraction, seed, groups=None, how="stratified by class"):
+    """train/val/test: without an official test split, test is held out of train first; then val.
+
+    Returns the splits and a note on where test and val came from, for `Dataset.source`.
+    """
+    note = ""
+    if test is None:
+        train, test, groups = _hold_out(train, test_fraction, seed, groups)
+        note += f" (test = {test_fraction:.0%} of train, {how}, seed {seed})"
+    val = None
+    if val_fraction:
+        train, val, _ = _hold_out(train, val_fraction, seed + 1, groups, "val")
+        note += f" (val = {val_fraction:.0%} of the rest of train, {how})"
+    return train, val, test, note
 
 
 def _cifar10_arrays(source, size, pickled):
     if pickled:
         train, test = read_cifar_pickle(source)
-        return {"train_images": _resize_all(train.images, size), "train_labels": train.labels,
-                "test_images": _resize_all(test.images, size), "test_labels": test.labels}
+        return {"train_images": resize_all(train.images, size), "train_labels": train.labels,
+                "test_images": resize_all(test.images, size), "test_labels": test.labels}
     splits = _read_image_tree(source, size or (32, 32))
     classes = sorted({c for _, names in splits.values() for c in names})
     if tuple(classes) != CIFAR10_CLASSES:
@@ -562,10 +584,11 @@ def _cifar10_arrays(source, size, pickled):
     return arrays
 
 
-def load_cifar10(data_dir, size=None, val_fraction=0.1, seed=0, cache=True):
+def load_cifar10(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=0, cache=True):
     """CIFAR-10 from the official pickles, or from an image folder/tar such as cifar10-train-jpg.tar.
 
-    With no test split on disk, `test` is `val_fraction` of train, stratified by class.
+    With no test split on disk, `test` is `test_fraction` of train, stratified by class; `val` is
+    `val_fraction` of what remains (none when 0).
     """
     size = _check_size(size)
     source = _find(data_dir, CIFAR10_CANDIDATES, _cifar_looks_right, HOW_TO_GET_CIFAR10)
@@ -580,12 +603,45 @@ def load_cifar10(data_dir, size=None, val_fraction=0.1, seed=0, cache=True):
     arrays = _cached("cifar10", size, [source], compute, cache)
     where = f"files:{source.resolve()}"
     train = Split(arrays["train_images"], arrays["train_labels"])
-    if "test_images" in arrays:
-        test = Split(arrays["test_images"], arrays["test_labels"])
-    else:
-        train, test = _held_out(train.images, train.labels, val_fraction, seed)
-        where += f" (val = {val_fraction:.0%} of train, stratified by class, seed {seed})"
-    return Dataset("cifar10", where, train, test, num_classes=10)
+    test = Split(arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
+    train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed)
+    return Dataset("cifar10", where + note, train, test, num_classes=10, val=val)
+
+
+CIFAR10_SAMPLE = Path(__file__).parent / "assets" / "cifar10-sample" / "cifar10-sample.tar"
+GTSRB_SAMPLE = Path(__file__).parent / "assets" / "gtsrb-sample" / "gtsrb-sample.tar.xz"
+
+
+def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
+    """CIFAR-10 for an experiment: from --data-dir, TFDS or the shipped sample (600 train / 200 test)."""
+    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    source = resolve_source("cifar10", source, data_dir, tfds_dir, "cifar10")
+    splits = dict(val_fraction=val_fraction, test_fraction=test_fraction)
+    if source == "files":
+        if not data_dir:
+            raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_CIFAR10}")
+        return load_cifar10(data_dir, size or None, **splits)
+    if source == "sample":
+        ds = load_cifar10(CIFAR10_SAMPLE, size or None, cache=False, **splits)
+        return dataclasses.replace(ds, source="sample:flaxlab/assets/cifar10-sample" + ds.source.partition(".tar")[2])
+    train, test = load_tfds("cifar10", tfds_dir, how_to=HOW_TO_GET_CIFAR10)
+    size = _check_size(size or None)
+    train, test = (Split(resize_all(s.images, size), s.labels) for s in (train, test))
+    train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed=0)
+    return Dataset("cifar10", "tfds:cifar10" + note, train, test, num_classes=10, val=val)
+
+
+def gtsrb(source="auto", data_dir=None, tfds_dir=None, size=(28, 28), val_fraction=0.0, test_fraction=0.2):
+    """GTSRB for an experiment: from --data-dir or the shipped sample (43 classes x 5 tracks x 4 images)."""
+    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    source = resolve_source("gtsrb", source, data_dir, tfds_dir)
+    splits = dict(val_fraction=val_fraction, test_fraction=test_fraction)
+    if source == "files":
+        if not data_dir:
+            raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_GTSRB}")
+        return load_gtsrb(data_dir, size or (28, 28), **splits)
+    ds = load_gtsrb(GTSRB_SAMPLE, size or (28, 28), cache=False, **splits)
+    return dataclasses.replace(ds, source="sample:flaxlab/assets/gtsrb-sample" + ds.source.partition(".tar.xz")[2])
 
 
 def _gtsrb_looks_right(folder):
@@ -605,12 +661,13 @@ def _gtsrb_arrays(source, size, test_images=None, gt_csv=None):
     return arrays
 
 
-def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.2, seed=0, cache=True):
+def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.0, test_fraction=0.2, seed=0, cache=True):
     """GTSRB (43 classes) from the official layout, as a folder or archive (e.g. gtsrb-train-32px.tar.xz).
 
     Uses the official test split when Final_Test/ and its labels are there (in the same folder, or as
     GTSRB_Final_Test_Images.zip + GTSRB_Final_Test_GT.zip in data_dir); otherwise `test` is
-    `val_fraction` of train, made of whole tracks, stratified by class.
+    `test_fraction` of train, made of whole tracks, stratified by class. `val` (when `val_fraction`)
+    is made of whole tracks too.
     """
     size = _check_size(size)
     if size is None:
@@ -629,14 +686,12 @@ def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.2, seed=0, cache=True):
 
     arrays = _cached("gtsrb", size, [p for p in (source, test_images, gt_csv) if p], compute, cache)
     where = f"files:{source.resolve()}"
+    train, tracks, test = Split(arrays["train_images"], arrays["train_labels"]), arrays["train_tracks"], None
     if "test_images" in arrays:
-        order = np.random.default_rng(seed).permutation(len(arrays["train_labels"]))  # files come by class
-        train = Split(arrays["train_images"][order], arrays["train_labels"][order])
+        order = np.random.default_rng(seed).permutation(len(train))  # files come by class
+        train, tracks = Split(train.images[order], train.labels[order]), tracks[order]
         test = Split(arrays["test_images"], arrays["test_labels"])
         if test_images is not None:
             where += f" + {test_images.resolve()} (official test)"
-    else:
-        train, test = _held_out(arrays["train_images"], arrays["train_labels"], val_fraction, seed,
-                                groups=arrays["train_tracks"])
-        where += f" (val = {val_fraction:.0%} of train, by track, seed {seed})"
-    return Dataset("gtsrb", where, train, test, num_classes=GTSRB_NUM_CLASSES)
+    train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed, tracks, "by track")
+    return Dataset("gtsrb", where + note, train, test, num_classes=GTSRB_NUM_CLASSES, val=val)

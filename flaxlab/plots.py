@@ -102,3 +102,76 @@ def misclassified_grid(images, labels, predictions, path, title, class_names=Non
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _square_grid(count):
+    """(rows, cols) for `count` panels, as near square as possible: 64 -> 8x8, 6 -> 2x3."""
+    cols = int(np.ceil(np.sqrt(count)))
+    return int(np.ceil(count / cols)), cols
+
+
+def _min_max(values):
+    """Scaled to [0, 1] on its own, so weak filters are as visible as strong ones; constant -> 0.5."""
+    low, high = values.min(), values.max()
+    return np.full_like(values, 0.5) if high == low else (values - low) / (high - low)
+
+
+def filter_grid(kernel_hwio, path, title):
+    """One tile per output filter of a conv kernel (HWIO): RGB for 3 input channels, grayscale for 1,
+    grayscale of the mean over input channels otherwise; each tile min-max normalised on its own."""
+    kernel = np.asarray(kernel_hwio, np.float32)
+    if kernel.ndim != 4:
+        from flaxlab.errors import UsageError
+        raise UsageError(f"filter_grid takes an HWIO conv kernel, got shape {kernel.shape}")
+    kh, kw, cin, cout = kernel.shape
+    shown = {3: "RGB", 1: "grayscale"}.get(cin, f"mean of {cin} input channels")
+    rows, cols = _square_grid(cout)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(0.9 * cols + 0.4, 4.5), 0.9 * rows + 0.8), squeeze=False)
+    for ax in axes.ravel()[cout:]:
+        ax.axis("off")
+    for i, ax in enumerate(axes.ravel()[:cout]):
+        ax.set_xticks([])  # the frame stays, so white pixels at a tile's edge are not lost in the page
+        ax.set_yticks([])
+        tile = kernel[..., i]
+        if cin == 3:
+            ax.imshow(_min_max(tile), interpolation="nearest")
+        else:
+            ax.imshow(_min_max(tile.mean(axis=-1)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    fig.suptitle(f"{title}\n{cout} filters {kh}x{kw}, {shown}, each scaled to its own min-max", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
+    """The input image, then one viridis panel per channel of a layer's output (the first `max_maps`),
+    each on its own colour scale and labelled with its channel number."""
+    image, maps = np.asarray(image), np.asarray(maps_hwc, np.float32)
+    if maps.ndim != 3:
+        from flaxlab.errors import UsageError
+        raise UsageError(f"feature_maps_figure takes (H, W, C) maps, got shape {maps.shape}")
+    count = min(maps.shape[-1], max_maps)
+    rows, cols = _square_grid(count + 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(1.3 * cols + 0.4, 4.5), 1.4 * rows + 0.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    panels = axes.ravel()
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 1)
+    gray = image.shape[-1] == 1
+    if gray:
+        panels[0].imshow(image[..., 0], cmap="gray", vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
+    else:
+        panels[0].imshow(image)
+    panels[0].set_title("input", fontsize=8)
+    for channel, ax in enumerate(panels[1:count + 1]):
+        ax.imshow(maps[..., channel], cmap="viridis", interpolation="nearest")
+        ax.set_title(str(channel), fontsize=7)
+    h, w, c = maps.shape
+    shown = f"{c} maps {h}x{w}" if count == c else f"first {count} of {c} maps {h}x{w}"
+    fig.suptitle(f"{title}\n{shown}, each on its own colour scale", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

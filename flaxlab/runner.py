@@ -87,7 +87,7 @@ def write_json(path, obj):
 def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
     """The config's dataset (unless given), checked to hold a batch of every size the run will train with."""
     if dataset is None:
-        dataset = data_lib.load(config["data"]["name"], source=config["data"]["source"], data_dir=data_dir)
+        dataset = data_lib.load(data_dir=data_dir, **config["data"])
     for batch_size in batch_sizes or [config["batch_size"]]:
         if batch_size > len(dataset.train):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")

@@ -10,7 +10,7 @@ import pytest
 
 Image = pytest.importorskip("PIL.Image")
 
-from flaxlab import image_data  # noqa: E402
+from flaxlab import data, image_data  # noqa: E402
 from flaxlab.errors import DataError, UsageError  # noqa: E402
 
 
@@ -173,8 +173,8 @@ def test_cifar_pickle_errors(tmp_path):
 def test_cifar_image_tar_holds_out_stratified_val_and_caches(tmp_path, private_cache, monkeypatch):
     files = folder_files(image_data.CIFAR10_CLASSES, per_class=10, fmt="JPEG", size=(32, 32))
     write_tree(tmp_path / "cifar10-train-jpg.tar", files)
-    ds = image_data.load_cifar10(tmp_path, val_fraction=0.2, seed=1)
-    assert "val = 20% of train, stratified by class, seed 1" in ds.source
+    ds = image_data.load_cifar10(tmp_path, test_fraction=0.2, seed=1)
+    assert "test = 20% of train, stratified by class, seed 1" in ds.source and ds.val is None
     assert ds.train.images.shape == (80, 32, 32, 3) and ds.test.images.shape == (20, 32, 32, 3)
     assert np.bincount(ds.test.labels).tolist() == [2] * 10
     assert len(set(ds.train.labels[:10].tolist())) > 3  # shuffled: a prefix is not one class
@@ -183,11 +183,11 @@ def test_cifar_image_tar_holds_out_stratified_val_and_caches(tmp_path, private_c
 
     assert (private_cache / "cifar10-native.npz").is_file()
     monkeypatch.setattr(image_data, "_decode", lambda *a: pytest.fail("decoded despite the cache"))
-    again = image_data.load_cifar10(tmp_path, val_fraction=0.2, seed=1)
+    again = image_data.load_cifar10(tmp_path, test_fraction=0.2, seed=1)
     assert np.array_equal(again.train.images, ds.train.images) and np.array_equal(again.test.labels, ds.test.labels)
     os.utime(tmp_path / "cifar10-train-jpg.tar", ns=(1, 1))  # a changed archive is decoded again
     with pytest.raises(pytest.fail.Exception):
-        image_data.load_cifar10(tmp_path, val_fraction=0.2, seed=1)
+        image_data.load_cifar10(tmp_path, test_fraction=0.2, seed=1)
 
 
 def test_cifar_image_folder_with_wrong_classes(tmp_path):
@@ -285,12 +285,16 @@ def test_read_gtsrb_test_split(tmp_path):
 
 def test_load_gtsrb_val_by_track_or_official_test(tmp_path):
     write_tree(tmp_path / "gtsrb-train-32px.tar.xz", gtsrb_files(classes=range(4), tracks=5, csv_for=()))
-    ds = image_data.load_gtsrb(tmp_path, size=(8, 8), val_fraction=0.2, seed=0)
+    ds = image_data.load_gtsrb(tmp_path, size=(8, 8), test_fraction=0.2, seed=0)
     assert ds.num_classes == 43 and ds.train.images.shape[1:] == (8, 8, 3)
-    assert ds.source.endswith("gtsrb-train-32px.tar.xz (val = 20% of train, by track, seed 0)")
+    assert ds.source.endswith("gtsrb-train-32px.tar.xz (test = 20% of train, by track, seed 0)")
     assert len(ds.test) == 16 and np.bincount(ds.test.labels).tolist() == [4] * 4  # one track per class
     track = lambda split: {tuple(im[0, 0, :2]) for im in split.images}  # noqa: E731  (class, track) pixels
     assert not track(ds.train) & track(ds.test)
+    with_val = image_data.load_gtsrb(tmp_path, size=(8, 8), val_fraction=0.25, test_fraction=0.2, seed=0)
+    assert np.array_equal(with_val.test.labels, ds.test.labels)  # val comes out of what test leaves
+    assert len(with_val.val) == 16 and len(with_val.train) == 48 and with_val.source.endswith("by track)")
+    assert not track(with_val.train) & track(with_val.val) and not track(with_val.val) & track(with_val.test)
 
     write_tree(tmp_path / "with-test", gtsrb_files(test=6))
     ds = image_data.load_gtsrb(tmp_path / "with-test", size=(8, 8))
@@ -306,7 +310,7 @@ def test_load_gtsrb_official_test_from_the_download_zips(tmp_path):
     write_tree(tmp_path / "GTSRB_Final_Training_Images.zip", {k: v for k, v in files.items() if "Test" not in k})
     write_tree(tmp_path / "GTSRB_Final_Test_Images.zip", {k: v for k, v in files.items() if "Test" in k})
     ds = image_data.load_gtsrb(tmp_path, size=(8, 8))
-    assert "val" in ds.source and len(ds.test) == 12  # test images without labels: held-out tracks instead
+    assert "test = 20% of train" in ds.source and len(ds.test) == 12  # test images without labels: held-out tracks instead
     write_tree(tmp_path / "GTSRB_Final_Test_GT.zip", {image_data.GTSRB_TEST_CSV: gt})
     ds = image_data.load_gtsrb(tmp_path, size=(8, 8))
     assert ds.source.endswith("GTSRB_Final_Test_Images.zip (official test)")
@@ -325,7 +329,7 @@ def test_real_gtsrb_splits_by_track(shared_data):
     archive = shared_data / "gtsrb-train-32px.tar.xz"
     if not archive.is_file():
         pytest.skip(f"{archive} not found")
-    ds = image_data.load_gtsrb(shared_data, size=(28, 28), val_fraction=0.2, seed=0)
+    ds = image_data.load_gtsrb(shared_data, size=(28, 28), test_fraction=0.2, seed=0)
     assert ds.num_classes == 43 and ds.train.images.shape[1:] == (28, 28, 3)
     assert len(ds.train) + len(ds.test) == 19605 and abs(len(ds.test) / 19605 - 0.2) < 0.02
     assert set(np.unique(ds.train.labels).tolist()) == set(range(43)) == set(np.unique(ds.test.labels).tolist())
@@ -337,3 +341,26 @@ def test_real_gtsrb_splits_by_track(shared_data):
     assert not set(tracks[train_idx].tolist()) & set(tracks[val_idx].tolist())
     assert len(set(tracks.tolist())) == 1307
     assert np.array_equal(ds.test.labels, arrays["train_labels"][val_idx])
+
+
+# --- the datasets as experiments load them ---------------------------------------------------
+
+def test_shipped_samples_load_with_train_val_test():
+    cifar = data.load("cifar10", source="sample", val_fraction=0.1)
+    assert cifar.source.startswith("sample:flaxlab/assets/cifar10-sample")
+    assert (len(cifar.train), len(cifar.val), len(cifar.test)) == (540, 60, 200)
+    assert cifar.train.images.shape[1:] == (32, 32, 3) and np.bincount(cifar.val.labels).tolist() == [6] * 10
+    gtsrb = data.load("gtsrb", source="sample", size=(28, 28), val_fraction=0.2, test_fraction=0.2)
+    assert (len(gtsrb.train), len(gtsrb.val), len(gtsrb.test)) == (516, 172, 172)
+    assert gtsrb.num_classes == 43 and gtsrb.train.images.shape[1:] == (28, 28, 3)
+    resized = data.load("cifar10", source="sample", size=(16, 16))
+    assert resized.train.images.shape[1:] == (16, 16, 3) and resized.val is None
+
+
+def test_dataset_errors_are_one_line():
+    with pytest.raises(UsageError, match="val_fraction 0.1 of 688 examples leaves nothing to hold out"):
+        data.load("gtsrb", source="sample", val_fraction=0.1)  # 4-image tracks are held out whole
+    with pytest.raises(DataError, match="TFDS has no gtsrb"):
+        data.load("gtsrb", source="tfds")
+    with pytest.raises(DataError, match="needs --data-dir"):
+        data.load("cifar10", source="files")
