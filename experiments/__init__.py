@@ -1,4 +1,4 @@
 """Runnable course experiments: each is a small config over flaxlab's shared building blocks."""
-from experiments import mnist
+from experiments import cifar10, gtsrb, mnist
 
-EXPERIMENTS = {**mnist.EXPERIMENTS}
+EXPERIMENTS = {**mnist.EXPERIMENTS, **gtsrb.EXPERIMENTS, **cifar10.EXPERIMENTS}

@@ -66,7 +66,10 @@ def _parser():
                        help="a field (dotted, or its last part) and its values; several --grid make a product; "
                             "a list field separates values with /: --grid model.features=8,16/16,32")
     for command in (run, sweep):
-        command.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files); default: the sample")
+        command.add_argument("--resume", action="store_true",
+                             help="continue the run in --workdir from its last checkpoint (--checkpoint_every N)")
+        command.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files; CIFAR-10, "
+                                                "GTSRB: their archives or folders); default: the shipped sample")
         command.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
         command.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
     summary = sub.add_parser("summary", allow_abbrev=False,
@@ -100,9 +103,11 @@ def _run(args, overrides):
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not args.quiet,
                   log=(lambda *a: None) if args.quiet else functools.partial(print, flush=True))
     if args.command == "sweep" or variants:
+        if getattr(args, "resume", False):
+            raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
         sweep.run_sweep(config, variants, **kwargs)
     else:
-        run_experiment(config, **kwargs)
+        run_experiment(config, resume=args.resume, **kwargs)
 
 
 def _bench(args, overrides):

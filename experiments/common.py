@@ -18,10 +18,17 @@ def base_config(name, description, **sections):
         "epochs": 20,
         "seeds": 1,  # models trained side by side in one program
         "seed": 0,  # the first model's seed; model i uses seed + i
-        "augment": {"rotate": 0.0, "flip_lr": False, "flip_ud": False},  # on device, inside the train step
+        # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back
+        "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0},
         "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
         "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch
+        "best_metric": "",  # val_accuracy or val_loss: keep each model's best state (needs data.val_fraction)
+        "patience": 0,  # early stopping: stop once no model's best_metric improved for this many epochs; 0 = off
+        "checkpoint_every": 0,  # orbax checkpoint every N epochs (and the last), for --resume; 0 = none
+        # feature maps drawn after a run: of this layer ("" = the first conv; e.g. Conv_1, Activation_2) for
+        # this test image (its index)
+        "features": {"layer": "", "image": 0},
         "sweep": (),  # variants, each a dict of dotted fields: `run` trains them all (see flaxlab.sweep)
     }
     for key, value in sections.items():

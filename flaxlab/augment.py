@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False}
+DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False, "crop": 0}
 
 
 def rotate(images, radians):
@@ -36,10 +36,22 @@ def random_flip(key, images, axis):
     return jnp.where(flip, jnp.flip(images, axis), images)
 
 
+def random_crop(key, images, padding):
+    """Zero-pads by `padding` pixels and crops back to size at a random offset per image
+    (torchvision's RandomCrop(size, padding)); shifts of up to `padding` pixels each way."""
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
 def make_augment(cfg):
     """The config's augment section as one function, or None when it asks for nothing."""
     cfg = {**DEFAULTS, **(cfg or {})}
     ops = []
+    if cfg["crop"]:
+        ops.append(lambda key, x: random_crop(key, x, cfg["crop"]))
     if cfg["rotate"]:
         ops.append(lambda key, x: random_rotate(key, x, cfg["rotate"]))
     if cfg["flip_lr"]:

@@ -108,9 +108,9 @@ def _train_programs(programs, dataset, epochs, model_axis=None):
         if model_axis:
             config = {**config, "model_axis": model_axis}
         s = set_up(config, dataset, variants)
-        compile_s += s.trainer.compile(s.states, s.train_data, s.test_data)
-        _, history = fit(s.trainer, s.states, s.train_data, s.test_data, s.train_keys, epochs,
-                         progress=False, log=lambda *a: None)
+        compile_s += s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
+        _, _, history, _ = fit(s.trainer, s.states, s.data, s.train_keys, epochs, progress=False,
+                               log=lambda *a: None)
         accuracies += history["test_accuracy"][-1]
     return dict(wall_s=round(time.perf_counter() - t0, 2), compile_s=round(compile_s, 2),
                 models=len(accuracies), mean_test_accuracy=round(float(np.mean(accuracies)), 4))

@@ -10,17 +10,18 @@ from flaxlab.errors import UsageError
 
 
 def _choices():
-    from flaxlab import data, models, optim, train
+    from flaxlab import data, metrics, models, optim, train
     return {
         "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
-        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES,
+        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES, "best_metric": ("", *metrics.SELECTION_METRICS),
     }
 
 
 FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
-NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate", "augment.crop",
+                "patience", "checkpoint_every", "features.image",
                 "model.dropout")
 
 
@@ -95,6 +96,10 @@ def validate(config):
     for key in ("data.val_fraction", "data.test_fraction"):
         if not 0 <= flat.get(key, 0) < 1:
             raise UsageError(f"--{key} must be in [0, 1), got {flat[key]}")
+    if flat.get("patience") and not flat.get("best_metric"):
+        raise UsageError("--patience (early stopping) needs --best_metric val_loss or val_accuracy")
+    if flat.get("best_metric") and not flat.get("data.val_fraction"):
+        raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
     if flat.get("model.dropout", 0) >= 1:
         raise UsageError(f"--model.dropout must be below 1, got {flat['model.dropout']}")
     return config

@@ -3,7 +3,7 @@
 A layer is named by its module path joined with "/" ("Conv_0", "BatchNorm_3", "Block_0/Conv_1"), the path under
 which flax's `capture_intermediates` stores its `__call__` output; `layer_output` reads exactly that, so any name
 from `layer_names` or `conv_layer_names` is accepted. Flax numbers submodules per class, so "Conv_1" is the
-second convolution of its parent, whatever other layers lie between.
+second convolution built in its parent, whatever other layers lie between.
 """
 import re
 
@@ -107,8 +107,9 @@ def first_conv_kernel(params, conv_names=None):
 
     The params tree's own order is not call order once it has been through `jax.tree_util` or a checkpoint
     (keys sorted as text: 'Conv_10' < 'Conv_2'), so without `conv_names` (from `conv_layer_names`) the lowest
-    per-class number wins, which is call order for convolutions that share a parent (all flaxlab networks).
-    Takes a params tree or the whole variables dict.
+    per-class number wins. Flax numbers layers as they are built, which is call order for convolutions that share
+    a parent and are each called where built (all flaxlab networks), but not for `Conv(...)(Conv(...)(x))`, where
+    Conv_1 runs first: pass `conv_names` for such models. Takes a params tree or the whole variables dict.
     """
     if "params" in params:
         params = params["params"]

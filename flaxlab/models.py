@@ -281,6 +281,18 @@ def _bs6207_allconv(batch_norm):
     return tuple(layers)
 
 
+def _vgg(blocks, head, batch_norm=False):
+    """VGG: blocks of 3x3 pad-1 convs, each block ending in a 2x2 max pool, then the dense `head`."""
+    norm = (("batch_norm",),) if batch_norm else ()
+    layers = []
+    for width, convs in blocks:
+        layers += _conv_blocks([(width, 3, 1, 1)] * convs, *norm, ("act",)) + (("max_pool", 2),)
+    return tuple(layers) + (("flatten",),) + tuple(layer for width in head for layer in (("dense", width), ("act",)))
+
+
+VGG19_BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))  # torchvision's configuration "E"
+
+
 def _lenet5(batch_norm=True, fc=(120, 84)):
     """LeNet-5 on 28x28 digits: conv 6 5x5 pad 2, pool, conv 16 5x5, pool (16x5x5 = 400 features), then `fc`."""
     norm = (("batch_norm",),) if batch_norm else ()
@@ -309,6 +321,16 @@ REPORT_LAYERS = {
     # ADL GTSRB 28x28x3: 28 -> 24 -> 20 -> pool 10 -> 8 -> pool 4, so 4*4*32 = 512 features into Dense(43).
     "gtsrb_cnn": (("conv", 64, 5), ("act",), ("conv", 32, 5), ("act",), ("max_pool", 2),
                   ("conv", 32, 3), ("act",), ("max_pool", 2)),
+    # ... with batch norm after each conv.
+    "gtsrb_cnn_bn": (("conv", 64, 5), ("batch_norm",), ("act",), ("conv", 32, 5), ("batch_norm",), ("act",),
+                     ("max_pool", 2), ("conv", 32, 3), ("batch_norm",), ("act",), ("max_pool", 2)),
+    # TDT4265 task 3: the task 2 net with batch norm after each conv and dropout 0.1 before each dense layer.
+    "tdt4265_cnn_bn": _conv_blocks([(32, 5, 1, 2), (64, 5, 1, 2), (128, 5, 1, 2)], ("batch_norm",), ("act",),
+                                   ("max_pool", 2)) + (("flatten",), ("dropout", 0.1), ("dense", 64), ("act",),
+                                                       ("dropout", 0.1)),
+    # AI604: VGG-19's 16 convs (pools take 32x32 down to 1x1x512), head 512-512-128-10 (LeakyReLU 0.2 in the report).
+    "ai604_vgg19": _vgg(VGG19_BLOCKS, head=(512, 128)),
+    "ai604_vgg19_bn": _vgg(VGG19_BLOCKS, head=(512, 128), batch_norm=True),
 }
 
 # What each network is fed in its report: (input shape, number of classes), for summaries by name.
@@ -317,6 +339,8 @@ REPORT_INPUTS = {
     "bs6207_allconv": ((32, 32, 3), 10), "bs6207_allconv_bn": ((32, 32, 3), 10), "ai604_mlp_bn": ((28, 28, 1), 10),
     "ai604_cnn_bn": ((28, 28, 1), 10), "ai604_cnn_bn_pool": ((28, 28, 1), 10), "lenet5_bn": ((28, 28, 1), 10),
     "lenet5": ((28, 28, 1), 10), "lenet5_bn_fc2": ((28, 28, 1), 10), "gtsrb_cnn": ((28, 28, 3), 43),
+    "gtsrb_cnn_bn": ((28, 28, 3), 43), "tdt4265_cnn_bn": ((32, 32, 3), 10), "ai604_vgg19": ((32, 32, 3), 10),
+    "ai604_vgg19_bn": ((32, 32, 3), 10),
 }
 
 MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack,

@@ -15,14 +15,18 @@ def _curve(ax, epochs, values, label, color):
         ax.fill_between(epochs, values.min(axis=1), values.max(axis=1), color=color, alpha=0.2)
 
 
+SPLIT_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:orange"}
+
+
 def learning_curves(history, path, title):
-    """Loss and accuracy, train vs test; with several seeds the mean and a min-max band."""
+    """Loss and accuracy, train vs (val and) test; with several seeds the mean and a min-max band."""
     epochs = history["epoch"]
     n = np.asarray(history["test_loss"]).shape[1]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        _curve(ax, epochs, history[f"train_{metric}"], "train", "tab:blue")
-        _curve(ax, epochs, history[f"test_{metric}"], "test", "tab:orange")
+        for split, color in SPLIT_COLORS.items():
+            if f"{split}_{metric}" in history:
+                _curve(ax, epochs, history[f"{split}_{metric}"], split, color)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -32,6 +36,30 @@ def learning_curves(history, path, title):
     fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def trial_curves(histories, path, title):
+    """Loss per epoch of every trial (model) on its own: train solid, test (or val) dashed; one panel per variant."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.8), squeeze=False)
+    for ax, (label, history) in zip(axes[0], histories.items()):
+        held = "val" if "val_loss" in history else "test"
+        train, other = np.asarray(history["train_loss"]), np.asarray(history[f"{held}_loss"])
+        for i in range(train.shape[1]):
+            color = plt.get_cmap("tab10")(i % 10)
+            ax.plot(history["epoch"], train[:, i], color=color, label=f"trial {i + 1} train")
+            ax.plot(history["epoch"], other[:, i], color=color, linestyle="--", label=f"trial {i + 1} {held}")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

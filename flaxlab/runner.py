@@ -46,6 +46,11 @@ class Setup:
     train_keys: jax.Array  # one per seed
     train_data: dict  # device-resident splits
     test_data: dict
+    val_data: dict = None  # when the dataset holds a validation split
+
+    @property
+    def data(self):
+        return {"train": self.train_data, "test": self.test_data, "val": self.val_data}
 
 
 def stacked_hparams(config, variants):
@@ -74,7 +79,7 @@ def set_up(config, dataset, variants=({},)):
     keys = jnp.concatenate([keys] * len(variants))
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
     return Setup(model, trainer, states, keys[:, 1], data_lib.to_device(dataset.train),
-                 data_lib.to_device(dataset.test))
+                 data_lib.to_device(dataset.test), data_lib.to_device(dataset.val) if dataset.val else None)
 
 
 def write_json(path, obj):
@@ -98,23 +103,67 @@ def default_workdir(name):
     return Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def fit(trainer, states, train_data, test_data, keys, epochs, progress=True, log=print, on_epoch=None):
-    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end."""
-    history = metrics.new_history()
+def select_models(improved, new, kept):
+    """Per model (leading axis): the new state where it improved, else the kept one."""
+    improved = jnp.asarray(improved)
+    return jax.tree.map(lambda n, k: jnp.where(improved.reshape((-1,) + (1,) * (n.ndim - 1)), n, k), new, kept)
+
+
+def _scores(split):
+    loss, acc = np.mean(split["loss"]), 100 * np.mean(split["accuracy"])
+    return f"loss {loss:.4f} acc {acc:.2f}%"
+
+
+def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpoints=None, resumed=None,
+        progress=True, log=print, on_epoch=None):
+    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end.
+
+    `data` holds device splits "train", "test" and optionally "val". With `select` (a validation
+    metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),
+    and with `patience` training stops once no model has improved for that many epochs.
+    `resumed` = (states, best, progress) from a checkpoint continues that run at its next epoch.
+    Returns (states, best or None, history, best epochs or None).
+    """
+    val = data.get("val")
+    history, best, first, done = metrics.new_history(with_val=val is not None), None, 1, False
+    tracker = metrics.BestEpochs(select, trainer.num_models, patience) if select else None
+    if resumed is not None:
+        states, best, progress_state = resumed
+        history, first, done = progress_state["history"], progress_state["epoch"] + 1, progress_state["stopped"]
+        if tracker:
+            tracker = metrics.BestEpochs(select, trainer.num_models, patience, progress_state["best_epochs"])
+        else:
+            best = None
+        log(f"resumed after epoch {progress_state['epoch']}")
     bar = Progress(epochs, enabled=progress, log=log)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
+        if done:
+            break
         bar.begin_epoch(epoch)
         t0 = time.perf_counter()
-        states, train_sums = trainer.train_epoch(states, train_data, keys, epoch, on_step=bar.on_step)
+        states, train_sums = trainer.train_epoch(states, data["train"], keys, epoch, on_step=bar.on_step)
         jax.block_until_ready(states)  # the epoch's only sync: it makes the timing honest
         seconds = time.perf_counter() - t0
-        train, test = summarize(train_sums), summarize(trainer.evaluate(states, test_data))
-        metrics.append_epoch(history, epoch, seconds, train, test)
+        train, test = summarize(train_sums), summarize(trainer.evaluate(states, data["test"]))
+        val_scores = summarize(trainer.evaluate(states, val)) if val is not None else None
+        metrics.append_epoch(history, epoch, seconds, train, test, val_scores)
+        line = f"train {_scores(train)}  " + (f"val {_scores(val_scores)}  " if val_scores else "") + \
+            f"test {_scores(test)}"
+        if tracker:
+            improved = tracker.update(epoch, val_scores[select.split("_", 1)[1]])
+            best = jax.tree.map(jnp.copy, states) if best is None else select_models(improved, states, best)
+            done = tracker.should_stop()
+            line += f"  ({int(improved.sum())}/{len(improved)} improved {select})"
+        if checkpoints is not None:
+            checkpoints.save(epoch, states, best, {"epoch": epoch, "history": history, "stopped": done,
+                                                   "best_epochs": tracker.state() if tracker else None},
+                             force=done or epoch == epochs)
         if on_epoch is not None:
             on_epoch(history)
-        bar.end_epoch(f"train loss {np.mean(train['loss']):.4f} acc {100 * np.mean(train['accuracy']):.2f}%  "
-                      f"test loss {np.mean(test['loss']):.4f} acc {100 * np.mean(test['accuracy']):.2f}%")
-    return states, history
+        bar.end_epoch(line)
+        if done:
+            log(f"early stopping after epoch {epoch}: no model's {select} improved for {patience} epochs")
+    return states, best, history, (tracker.epoch if tracker else None)
 
 
 def write_analysis(workdir, config, dataset, predictions):
@@ -129,18 +178,56 @@ def write_analysis(workdir, config, dataset, predictions):
     return analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]))
 
 
-def write_summary(workdir, config, dataset, info, history, confused_pairs=""):
+def check_views(config, model, dataset):
+    """The feature-map layer and test image a run will draw, refused before training when wrong."""
+    from flaxlab import inspect_model
+    convs = inspect_model.conv_layer_names(model, dataset.train.images.shape[1:])
+    layer = config["features"]["layer"] or (convs[0] if convs else "")
+    if config["features"]["image"] >= len(dataset.test):
+        raise UsageError(f"--features.image {config['features']['image']} is beyond the test split "
+                         f"({len(dataset.test)} images)")
+    if layer:
+        names = inspect_model.layer_names(model, None, dataset.train.images.shape[1:])
+        if layer not in names:
+            raise UsageError(f"--features.layer '{layer}' is not a layer of {config['model']['name']}; "
+                             f"layers: {', '.join(names)}")
+    return convs, layer
+
+
+def write_views(workdir, config, model, states, dataset, convs, layer):
+    """filters.png (the first conv's filters) and features.png (the chosen layer's maps for the chosen test
+    image), both of the first model; nothing for a net without convolutions."""
+    from flaxlab import inspect_model
+    if not convs:
+        return
+    first = jax.tree.map(lambda a: np.asarray(a[0]), states)
+    who = f"{config['name']} (seed {config['seed']})"
+    kernel = inspect_model.first_conv_kernel(first.params, convs)
+    plots.filter_grid(kernel, workdir / "filters.png", f"{who}: first-layer filters ({convs[0]})")
+    index = config["features"]["image"]
+    image = dataset.test.images[index]
+    maps = inspect_model.layer_output(model, first.variables(), image, layer)
+    if maps.ndim == 3:
+        plots.feature_maps_figure(image, maps, workdir / "features.png",
+                                  f"{who}: {layer} on test image {index} (label {dataset.test.labels[index]})")
+
+
+def write_summary(workdir, config, dataset, info, history, confused_pairs="", best_epochs=None):
     """results.md (the trial table with the run's facts) and curves.png; returns stats and table."""
-    stats = metrics.final_stats(history)
+    stats = metrics.final_stats(history, best_epochs)
     table = metrics.markdown_table(stats)
-    counts = f"{len(dataset.train):,} train / {len(dataset.test):,} test"
+    val = f"{len(dataset.val):,} val / " if dataset.val else ""
+    counts = f"{len(dataset.train):,} train / {val}{len(dataset.test):,} test"
     if confused_pairs:
         confused_pairs = f"\nMost confused classes (seed {config['seed']}, test split):\n\n{confused_pairs}\n"
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {counts} examples\n"
         f"- model: {info['learnable_weights']:,} learnable weights; {info['seeds']} seed(s) from seed "
-        f"{config['seed']}; {config['epochs']} epochs\n"
+        f"{config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
+        + (f"; each model's state at its best {config['best_metric']} kept (selected epoch)" if best_epochs else "")
+        + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
+        + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{confused_pairs}")
     plots.learning_curves(history, workdir / "curves.png",
@@ -148,16 +235,43 @@ def write_summary(workdir, config, dataset, info, history, confused_pairs=""):
     return stats, table
 
 
-def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
+def _check_resumable(config, workdir):
+    """The run folder to resume must exist and hold this experiment with the same settings
+    (only `epochs` may grow), or the resumed run would not be the interrupted one continued."""
+    if workdir is None:
+        raise UsageError("--resume needs --workdir: the run folder of the interrupted run")
+    saved_path = Path(workdir) / "config.json"
+    if not saved_path.is_file():
+        raise UsageError(f"--resume: {saved_path} not found; is {workdir} a run folder?")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
+    mine = json.loads(json.dumps(config))  # tuples as lists, as saved
+    differ = sorted(k for k in set(config_lib.flatten(saved)) | set(config_lib.flatten(mine))
+                    if k != "epochs" and config_lib.flatten(saved).get(k) != config_lib.flatten(mine).get(k))
+    if differ:
+        raise UsageError(f"--resume: {workdir} was run with other settings ({', '.join('--' + k for k in differ[:5])}); "
+                         "resume with the same options")
+
+
+def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print, resume=False):
     """Trains config['seeds'] models of one experiment as one program and writes its run folder.
 
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
-    results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train vs
-    test), confusion.png/.json and misclassified.png.
+    results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train,
+    val and test), confusion.png/.json, misclassified.png, and with `checkpoint_every` orbax
+    checkpoints that `resume` continues from. With `best_metric`, the figures and predictions are those
+    of each model's best-validation state.
     """
     config_lib.validate(config)
+    if resume:
+        _check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
+    if config["best_metric"] and dataset.val is None:
+        raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
     s = set_up(config, dataset)
+    convs, feature_layer = check_views(config, s.model, dataset)
     trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
@@ -165,23 +279,40 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"]}
     log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {info['backend']} ({trainer.epoch_mode} mode)")
-    log(f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.test):,} test examples)")
-    info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data), 3)
+    val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
+    log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
+    checkpoints, resumed = None, None
+    if config["checkpoint_every"] or resume:
+        from flaxlab.checkpoint import Checkpoints
+        checkpoints = Checkpoints(workdir, config["checkpoint_every"])
+    if resume:
+        resumed = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
+    info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
+
     workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
     write_json(workdir / "config.json", config)
     save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
-    states, history = fit(trainer, s.states, s.train_data, s.test_data, s.train_keys, config["epochs"],
-                          progress=progress, log=log, on_epoch=save_history)
+    try:
+        states, best, history, best_epochs = fit(
+            trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
+            patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
+            on_epoch=save_history)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
 
     train_s = sum(history["epoch_time_s"])
-    steps = trainer.steps_per_epoch(len(dataset.train)) * config["epochs"]
+    steps = trainer.steps_per_epoch(len(dataset.train)) * len(history["epoch"])
     info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
-                images_per_s=round(steps * config["batch_size"] * config["seeds"] / train_s))
+                images_per_s=round(steps * config["batch_size"] * config["seeds"] / train_s),
+                epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
-    predictions = np.asarray(trainer.predict(states, s.test_data))
+    chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
+    predictions = np.asarray(trainer.predict(chosen, s.test_data))
     confused_pairs = write_analysis(workdir, config, dataset, predictions)
-    stats, table = write_summary(workdir, config, dataset, info, history, confused_pairs)
+    write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
+    stats, table = write_summary(workdir, config, dataset, info, history, confused_pairs, best_epochs)
     log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
-    return RunResult(workdir, history, stats, states, info)
+    return RunResult(workdir, history, stats, chosen, info)

@@ -112,7 +112,7 @@ class SweepResult:
 
 def _split_history(history, index, seeds):
     out = {"epoch": history["epoch"], "epoch_time_s": history["epoch_time_s"]}
-    for key in metrics.HISTORY_KEYS:
+    for key in metrics.history_keys(history):
         out[key] = [values[index * seeds:(index + 1) * seeds] for values in history[key]]
     return out
 
@@ -176,10 +176,10 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         labels = [label for label, _ in program.variants]
         log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s))")
         s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
-        compile_s = s.trainer.compile(s.states, s.train_data, s.test_data)
+        compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
-        _, history = fit(s.trainer, s.states, s.train_data, s.test_data, s.train_keys, program.config["epochs"],
-                         progress=progress, log=log, on_epoch=lambda h: save(split(h)))
+        _, _, history, _ = fit(s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+                               progress=progress, log=log, on_epoch=lambda h: save(split(h)))
         histories.update(split(history))
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                              "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),

@@ -264,7 +264,7 @@ class Trainer:
     def steps_per_epoch(self, num_examples):
         return num_examples // self.batch_size  # drop_last, as the reports' DataLoaders did
 
-    def compile(self, states, train_data, test_data):
+    def compile(self, states, train_data, test_data, val_data=None):
         """Compiles the epoch's functions for these shapes; returns the seconds it took."""
         t0 = time.perf_counter()
         n = train_data["label"].shape[0]
@@ -283,7 +283,9 @@ class Trainer:
             "chunk": chunk, "steps": steps,
             "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
                                                    step_keys)),
-            "eval": compile_for_backend(ev.lower(states, test_data)),
+            # one per evaluated split size: a split of another size would otherwise retrace silently
+            "eval": {split["label"].shape[0]: compile_for_backend(ev.lower(states, split))
+                     for split in (test_data, val_data) if split is not None},
             "orders": jax.jit(epoch_orders, static_argnums=2).lower(
                 jax.random.split(jax.random.key(0), self.num_models), np.int32(0), n).compile(),
         }
@@ -315,7 +317,10 @@ class Trainer:
         return _concat_models([t[0] for t in trained]), _concat_models([t[1] for t in trained])
 
     def evaluate(self, states, data):
-        return _concat_models([self._compiled["eval"](s, data) for (s,) in self._groups(states)])
+        n = data["label"].shape[0]
+        if n not in self._compiled["eval"]:
+            raise UsageError(f"evaluate was compiled for splits of {sorted(self._compiled['eval'])} examples, not {n}")
+        return _concat_models([self._compiled["eval"][n](s, data) for (s,) in self._groups(states)])
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""

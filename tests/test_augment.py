@@ -41,3 +41,17 @@ def test_dropout_takes_a_traced_rate(rate):
     assert abs((y == 0).mean() - rate) < 0.02
     np.testing.assert_allclose(y[y != 0], 1 / (1 - rate), rtol=1e-6)
     assert np.array_equal(layer.apply({}, x, train=False, rate=rate), x)
+
+
+def test_random_crop_is_a_shift_of_at_most_the_padding():
+    images = jax.random.uniform(jax.random.key(2), (256, 8, 8, 3)) + 1.0  # no zeros of its own
+    out = np.asarray(jax.jit(lambda k, x: augment.random_crop(k, x, 2))(jax.random.key(3), images))
+    shifts = set()
+    for original, cropped in zip(np.asarray(images), out):
+        padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
+        match = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if np.array_equal(padded[dy:dy + 8, dx:dx + 8], cropped)]
+        assert len(match) == 1
+        shifts.add(match[0])
+    assert len(shifts) == 25  # every offset of the 5x5 range occurs
+    assert augment.make_augment({"crop": 0}) is None and augment.make_augment({"crop": 4}) is not None

@@ -1,0 +1,105 @@
+"""Orbax checkpoints and --resume: a run killed with SIGKILL and resumed ends exactly as an
+uninterrupted one; best-validation states and early stopping per model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from flaxlab import metrics
+from flaxlab.runner import select_models
+
+# two seeds of the GTSRB CNN on the shipped sample, a checkpoint every epoch, each model's best val state kept
+RUN = ["run", "gtsrb_cnn", "--data.source", "sample", "--seeds", "2", "--epochs", "5", "--checkpoint_every", "1",
+       "--quiet"]
+
+
+def cli(*args, cwd, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs)
+
+
+def finished(process, timeout=600):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-2000:]
+    return out, err
+
+
+def history(workdir):
+    return json.loads((workdir / "history.json").read_text())["history"]
+
+
+def test_sigkilled_run_resumes_to_the_same_end(tmp_path):
+    finished(cli(*RUN, "--workdir", "whole", cwd=tmp_path))
+    killed = cli(*RUN, "--workdir", "killed", cwd=tmp_path)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "2"
+    while not checkpoint.is_dir() and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "checkpoints" / "5").exists()
+
+    _, err = finished(cli(*RUN, "--workdir", "killed", "--resume", cwd=tmp_path))
+    whole, resumed = history(tmp_path / "whole"), history(tmp_path / "killed")
+    assert resumed["epoch"] == whole["epoch"] == [1, 2, 3, 4, 5]
+    for key in metrics.HISTORY_KEYS + metrics.VAL_KEYS:
+        assert resumed[key] == whole[key], key  # bit for bit: same keys, same states, same compiled program
+    results = lambda name: (tmp_path / name / "results.md").read_text().split("\n\n")[-2]  # noqa: E731 the table
+    assert results("killed") == results("whole")
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    def error(*args):
+        out = cli(*args, cwd=tmp_path)
+        _, err = out.communicate(timeout=300)
+        assert out.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+    assert "--resume needs --workdir" in error(*RUN, "--resume")
+    assert "not found; is" in error(*RUN, "--resume", "--workdir", "nothing-here")
+    once = [*RUN[:-5], "--epochs", "1", "--checkpoint_every", "0", "--workdir", "once"]
+    finished(cli(*once, cwd=tmp_path))  # without checkpoints
+    assert "no checkpoint in" in error(*once, "--resume")
+    assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
+    assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
+
+
+def test_best_epochs_and_early_stopping_per_model():
+    best = metrics.BestEpochs("val_loss", num_models=2, patience=2)
+    assert best.update(1, [1.0, 1.0]).tolist() == [True, True]
+    assert best.update(2, [0.5, 1.2]).tolist() == [True, False]
+    assert best.update(3, [0.6, 1.1]).tolist() == [False, False] and not best.should_stop()  # model 0 stale 1
+    assert best.update(4, [0.7, 1.3]).tolist() == [False, False] and best.should_stop()
+    assert best.epoch == [2, 1] and best.value == [0.5, 1.0]
+    again = metrics.BestEpochs("val_loss", 2, 2, state=json.loads(json.dumps(best.state())))  # as checkpointed
+    assert again.should_stop() and again.epoch == [2, 1]
+    accuracy = metrics.BestEpochs("val_accuracy", 1)
+    assert accuracy.update(1, [0.5]).tolist() == [True] and not accuracy.update(2, [0.4])[0]
+
+
+def test_select_models_takes_improved_models_state():
+    new = {"w": jnp.ones((3, 2, 2)), "step": jnp.array([5, 5, 5])}
+    kept = {"w": jnp.zeros((3, 2, 2)), "step": jnp.array([1, 2, 3])}
+    out = select_models(np.array([True, False, True]), new, kept)
+    chex.assert_trees_all_equal(out, {"w": jnp.stack([jnp.ones((2, 2)), jnp.zeros((2, 2)), jnp.ones((2, 2))]),
+                                      "step": jnp.array([5, 2, 5])})
+
+
+def test_run_keeps_each_models_best_validation_state(tmp_path):
+    from flaxlab.runner import run_experiment
+    from experiments import EXPERIMENTS
+    config = {**EXPERIMENTS["gtsrb_cnn"](), "epochs": 3, "seeds": 2, "checkpoint_every": 0}
+    result = run_experiment(config, workdir=tmp_path / "run", progress=False, log=lambda *a: None)
+    h = result.history
+    chosen = result.info["selected_epochs"]
+    val = np.asarray(h["val_accuracy"])
+    assert chosen == [int(np.argmax(val[:, i])) + 1 for i in range(2)]  # first epoch of the highest val accuracy
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "test accuracy at selected epoch" in table and "val 172" not in table
