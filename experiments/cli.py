@@ -80,6 +80,12 @@ def _parser():
     layers = sub.add_parser("layers", allow_abbrev=False,
                             help="check every from-scratch layer against the framework (max abs difference)")
     layers.add_argument("--seed", type=int, default=0)
+    figures = sub.add_parser("figures", allow_abbrev=False,
+                             help="draw a run's first-layer filters and a layer's feature maps from its checkpoint")
+    figures.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    figures.add_argument("--layer", default="", help="e.g. Conv_1 or Activation_2 (default: the first conv)")
+    figures.add_argument("--image", type=int, default=0, help="index of the test image")
+    figures.add_argument("--data-dir", help="where the run's data came from (default: the shipped sample)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment")
@@ -127,11 +133,13 @@ def _bench(args, overrides):
             print(json.dumps(bench.bench_sweep(config, variants, data_dir, epochs=args.epochs)), flush=True)
         return
     ratios = []
+    if args.peer:
+        workload, config = bench.peer_workload(config)
     for _ in range(args.repeat):
         ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)
         print(json.dumps(ours), flush=True)
         if args.peer:
-            peers = bench.run_peer(config["name"], args.epochs, config["batch_size"], config["seeds"], shared)
+            peers = bench.run_peer(workload, args.epochs, config["batch_size"], config["seeds"], shared)
             for p in peers:
                 print(json.dumps(p), flush=True)
             ratios.append(bench.compare(ours, peers))
@@ -202,6 +210,12 @@ def main(argv=None):
             _bench(args, overrides)
         elif args.command == "summary":
             _summary(args, overrides)
+        elif args.command == "figures":
+            if overrides:
+                raise UsageError(f"unexpected argument '{overrides[0]}'")
+            from flaxlab.runner import draw_from_checkpoint
+            draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image,
+                                 log=functools.partial(print, flush=True))
         elif args.command == "layers":
             if overrides:
                 raise UsageError(f"unexpected argument '{overrides[0]}'")

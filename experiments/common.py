@@ -18,8 +18,9 @@ def base_config(name, description, **sections):
         "epochs": 20,
         "seeds": 1,  # models trained side by side in one program
         "seed": 0,  # the first model's seed; model i uses seed + i
-        # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back
-        "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0},
+        # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back;
+        # jitter: brightness and contrast factors in [1 - jitter, 1 + jitter]; rotate: +- degrees
+        "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0, "jitter": 0.0},
         "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
         "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch

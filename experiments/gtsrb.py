@@ -34,6 +34,10 @@ EXPERIMENTS = {
     "gtsrb_cnn_rprop": lambda: variant(gtsrb_cnn(), "gtsrb_cnn_rprop", "ADL assignment 1: the GTSRB CNN with Rprop "
                                        "(initial step 1e-3) on mini-batches, 3 trials.",
                                        **{"optimizer.name": "rprop", "optimizer.lr": 1e-3}),
+    "gtsrb_cnn_augment": lambda: variant(
+        gtsrb_cnn(), "gtsrb_cnn_augment", "The GTSRB baseline with augmentation on device (no flips): shifts of up "
+        "to 2 pixels, rotations of up to 10 degrees, brightness and contrast x[0.7, 1.3]; 15 epochs.",
+        **{"augment.crop": 2, "augment.rotate": 10.0, "augment.jitter": 0.3, "epochs": 15}),
     "gtsrb_trials": lambda: {**variant(gtsrb_cnn(), "gtsrb_trials", "ADL assignment 1's table: baseline, batch norm, "
                                        "SGD and Rprop, 3 trials each, test accuracy per trial and mean ± std."),
                              "sweep": VARIANTS},

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False, "crop": 0}
+DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False, "crop": 0, "jitter": 0.0}
 
 
 def rotate(images, radians):
@@ -46,12 +46,26 @@ def random_crop(key, images, padding):
     return jax.vmap(crop)(padded, offsets)
 
 
+def random_jitter(key, images, strength):
+    """Brightness and contrast each scaled by a random factor in [1 - strength, 1 + strength] per image
+    (torchvision's ColorJitter(brightness, contrast)): lighting varies far more between photos than shape."""
+    n = images.shape[0]
+    bright_key, contrast_key = jax.random.split(key)
+    bright = jax.random.uniform(bright_key, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    contrast = jax.random.uniform(contrast_key, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    images = images * bright
+    mean = images.mean(axis=(1, 2, 3), keepdims=True)
+    return jnp.clip((images - mean) * contrast + mean, 0.0, 1.0)
+
+
 def make_augment(cfg):
     """The config's augment section as one function, or None when it asks for nothing."""
     cfg = {**DEFAULTS, **(cfg or {})}
     ops = []
     if cfg["crop"]:
         ops.append(lambda key, x: random_crop(key, x, cfg["crop"]))
+    if cfg["jitter"]:
+        ops.append(lambda key, x: random_jitter(key, x, cfg["jitter"]))
     if cfg["rotate"]:
         ops.append(lambda key, x: random_rotate(key, x, cfg["rotate"]))
     if cfg["flip_lr"]:

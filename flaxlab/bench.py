@@ -61,6 +61,19 @@ def bench_flaxlab(config, data_dir, epochs=1):
                 test_accuracy=round(float(np.mean(accuracy)), 4), test_size=len(dataset.test))
 
 
+# experiment -> the peer's name for the same workload (torch_reference.py's WORKLOADS)
+PEER_WORKLOADS = {"mnist_fnn": "mnist_fnn", "mnist_cnn": "mnist_cnn", "gtsrb_cnn": "gtsrb_cnn",
+                  "bs6207_allconv": "cifar_allconv"}
+
+
+def peer_workload(config):
+    """The peer's workload for an experiment, and the experiment as the peer runs it: no augmentation
+    (the peer has none), one model per seed, the same optimizer, batch size and network."""
+    if config["name"] not in PEER_WORKLOADS:
+        raise UsageError(f"the PyTorch peer has no '{config['name']}'; it runs {', '.join(sorted(PEER_WORKLOADS))}")
+    return PEER_WORKLOADS[config["name"]], {**config, "augment": {}}
+
+
 def run_peer(workload, epochs, batch_size, seeds, shared):
     """Runs torch_reference.py as a subprocess; returns its JSON lines as dicts (one per seed)."""
     script = shared / "peers" / "torch_reference.py"

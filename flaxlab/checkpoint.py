@@ -33,7 +33,8 @@ class Checkpoints:
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "best", "progress"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every or 1, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every or 1,
+                                                create=bool(every)))  # reading only: create nothing
 
     def save(self, epoch, states, best, progress, force=False):
         """Saves when `epoch` is a multiple of `every` (or `force`); returns whether it did."""
@@ -53,7 +54,7 @@ class Checkpoints:
         `best` is None unless `with_best`."""
         epoch = self.manager.latest_step()
         if epoch is None:
-            raise UsageError(f"no checkpoint in {self.directory} to resume from")
+            raise UsageError(f"no checkpoint in {self.directory}")
         args = self._ocp.args
         target = lambda tree: jax.tree.map(  # noqa: E731
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)

@@ -20,7 +20,7 @@ def _choices():
 
 FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
-NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate", "augment.crop",
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate", "augment.crop", "augment.jitter",
                 "patience", "checkpoint_every", "features.image",
                 "model.dropout")
 
@@ -100,6 +100,8 @@ def validate(config):
         raise UsageError("--patience (early stopping) needs --best_metric val_loss or val_accuracy")
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
+    if flat.get("augment.jitter", 0) >= 1:
+        raise UsageError(f"--augment.jitter must be below 1, got {flat['augment.jitter']}")
     if flat.get("model.dropout", 0) >= 1:
         raise UsageError(f"--model.dropout must be below 1, got {flat['model.dropout']}")
     return config

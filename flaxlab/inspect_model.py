@@ -87,6 +87,21 @@ def layer_output(model, variables, image, layer):
     return np.asarray(found["__call__"][0][0])  # first call of the layer, first (only) image
 
 
+def layer_output_shape(model, input_shape, layer):
+    """The named layer's output shape for one image, without the batch dimension; traced, not computed."""
+    path = tuple(layer.split("/"))
+
+    def run(x):
+        variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"],
+                               capture_intermediates=lambda m, method: method == "__call__" and m.path == path)
+        found = state.get("intermediates", {})
+        for key in path:
+            found = found.get(key, {})
+        return found["__call__"][0]
+    return tuple(jax.eval_shape(run, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)).shape[1:])
+
+
 def _natural_key(name):
     """'Conv_10' after 'Conv_2': flax's per-class numbers compared as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

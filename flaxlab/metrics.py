@@ -88,3 +88,40 @@ def markdown_table(stats):
         cells = " | ".join(fmt(s["metric"], s[k]) for k in ("mean", "std", "min", "max"))
         lines.append(f"| {s['metric']} | {cells} |")
     return "\n".join(lines)
+
+
+def trial_rows(label, history, first_seed, best_epochs=None):
+    """One row per model (trial) of a variant: its final test accuracy, and with `best_epochs` its selected
+    epoch and the test accuracy there (the reports' per-trial tables)."""
+    rows = []
+    for i, final in enumerate(history["test_accuracy"][-1]):
+        row = {"variant": label, "trial": i + 1, "seed": first_seed + i, "final_test_accuracy": final}
+        if best_epochs:
+            at = history["epoch"].index(best_epochs[i])
+            row.update(selected_epoch=best_epochs[i], val_accuracy=history["val_accuracy"][at][i],
+                       test_accuracy=history["test_accuracy"][at][i])
+        rows.append(row)
+    return rows
+
+
+def trial_table(rows):
+    """Markdown: variant, trial, test accuracy, then mean ± std per variant (the ADL report's table)."""
+    selecting = "test_accuracy" in rows[0]
+    key = "test_accuracy" if selecting else "final_test_accuracy"
+    head = "| variant | trial | seed | " + ("selected epoch | val accuracy | test accuracy | final test accuracy |"
+                                          if selecting else "final test accuracy |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == label]
+        for r in mine:
+            cells = [label, str(r["trial"]), str(r["seed"])]
+            if selecting:
+                cells += [str(r["selected_epoch"]), f"{100 * r['val_accuracy']:.2f}%", f"{100 * r['test_accuracy']:.2f}%"]
+            cells.append(f"{100 * r['final_test_accuracy']:.2f}%")
+            lines.append("| " + " | ".join(cells) + " |")
+        values = np.array([r[key] for r in mine])
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        summary = f"**{100 * values.mean():.2f} ± {100 * std:.2f}%**"
+        cells = [label, "mean ± std", ""] + (["", "", summary, ""] if selecting else [summary])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

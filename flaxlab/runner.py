@@ -191,10 +191,13 @@ def check_views(config, model, dataset):
         if layer not in names:
             raise UsageError(f"--features.layer '{layer}' is not a layer of {config['model']['name']}; "
                              f"layers: {', '.join(names)}")
+        shape = inspect_model.layer_output_shape(model, dataset.train.images.shape[1:], layer)
+        if len(shape) != 3:
+            raise UsageError(f"--features.layer {layer} puts out {shape}, not feature maps (H, W, C)")
     return convs, layer
 
 
-def write_views(workdir, config, model, states, dataset, convs, layer):
+def write_views(workdir, config, model, states, dataset, convs, layer, features_name="features.png"):
     """filters.png (the first conv's filters) and features.png (the chosen layer's maps for the chosen test
     image), both of the first model; nothing for a net without convolutions."""
     from flaxlab import inspect_model
@@ -208,7 +211,7 @@ def write_views(workdir, config, model, states, dataset, convs, layer):
     image = dataset.test.images[index]
     maps = inspect_model.layer_output(model, first.variables(), image, layer)
     if maps.ndim == 3:
-        plots.feature_maps_figure(image, maps, workdir / "features.png",
+        plots.feature_maps_figure(image, maps, workdir / features_name,
                                   f"{who}: {layer} on test image {index} (label {dataset.test.labels[index]})")
 
 
@@ -216,6 +219,11 @@ def write_summary(workdir, config, dataset, info, history, confused_pairs="", be
     """results.md (the trial table with the run's facts) and curves.png; returns stats and table."""
     stats = metrics.final_stats(history, best_epochs)
     table = metrics.markdown_table(stats)
+    trials = ""
+    if config["seeds"] > 1:
+        rows = metrics.trial_rows(config["name"], history, config["seed"], best_epochs)
+        trials = f"\nEvery trial:\n\n{metrics.trial_table(rows)}\n"
+        plots.trial_curves({config["name"]: history}, workdir / "trials.png", f"{config['name']}: loss per trial")
     val = f"{len(dataset.val):,} val / " if dataset.val else ""
     counts = f"{len(dataset.train):,} train / {val}{len(dataset.test):,} test"
     if confused_pairs:
@@ -229,7 +237,7 @@ def write_summary(workdir, config, dataset, info, history, confused_pairs="", be
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
         + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
-        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{confused_pairs}")
+        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{trials}{confused_pairs}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
     return stats, table
@@ -270,8 +278,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     dataset = load_dataset(config, data_dir, dataset)
     if config["best_metric"] and dataset.val is None:
         raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
+    convs, feature_layer = check_views(config, make_model(config["model"], dataset.num_classes), dataset)
     s = set_up(config, dataset)
-    convs, feature_layer = check_views(config, s.model, dataset)
     trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
@@ -316,3 +324,29 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     stats, table = write_summary(workdir, config, dataset, info, history, confused_pairs, best_epochs)
     log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     return RunResult(workdir, history, stats, chosen, info)
+
+
+def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
+    """Filters and one layer's feature maps of a finished (or interrupted) run, from its last checkpoint:
+    each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png."""
+    from flaxlab.checkpoint import Checkpoints
+    workdir = Path(workdir)
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{workdir / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
+    config = config_lib.validate({**config, "features": {"layer": layer, "image": image}})
+    dataset = load_dataset(config, data_dir)
+    convs, layer = check_views(config, make_model(config["model"], dataset.num_classes), dataset)
+    if not convs:
+        raise UsageError(f"{config['model']['name']} has no convolutions to draw")
+    s = set_up(config, dataset)
+    checkpoints = Checkpoints(workdir, every=0)
+    try:
+        states, best, progress = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
+    finally:
+        checkpoints.close()
+    name = f"features-{layer.replace('/', '.')}-{image}.png"
+    write_views(workdir, config, s.model, best if best is not None else states, dataset, convs, layer, name)
+    which = "best-validation state" if best is not None else "state"
+    log(f"drew {workdir}/filters.png and {workdir}/{name} from the {which} of epoch {progress['epoch']}'s checkpoint")

@@ -165,7 +165,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
-    histories, rows, program_info = {}, [], []
+    histories, rows, trials, program_info = {}, [], [], []
     start = time.perf_counter()
 
     def save(partial=None):
@@ -178,9 +178,14 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
         compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
-        _, _, history, _ = fit(s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
-                               progress=progress, log=log, on_epoch=lambda h: save(split(h)))
+        _, _, history, best_epochs = fit(
+            s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+            select=program.config["best_metric"] or None, patience=program.config["patience"], progress=progress,
+            log=log, on_epoch=lambda h: save(split(h)))
         histories.update(split(history))
+        for i, label in enumerate(labels):
+            trials += metrics.trial_rows(label, histories[label], config["seed"],
+                                         best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None)
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                              "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
                              "train_s": round(sum(history["epoch_time_s"]), 3)})
@@ -189,15 +194,21 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     wall_s = time.perf_counter() - start
 
     table = markdown_table(rows)
+    selected = (f" (test accuracy at each model's best {config['best_metric']} epoch, and at the last)"
+                if config["best_metric"] else "")
     (workdir / "results.csv").write_text(csv_text(rows))
+    (workdir / "trials.csv").write_text(csv_text(trials))
     programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
                             f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s"
                             for p in program_info)
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
-        f"- data: {dataset.source}, {len(dataset.train):,} train / {len(dataset.test):,} test examples\n"
+        f"- data: {dataset.source}, {len(dataset.train):,} train / "
+        f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
         f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {config['epochs']} epochs; "
-        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n\n{table}\n")
+        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n\n{table}\n\n"
+        f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
+    plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
     plots.sweep_comparison(histories, workdir / "comparison.png",
                            f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
     log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")

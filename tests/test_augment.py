@@ -55,3 +55,11 @@ def test_random_crop_is_a_shift_of_at_most_the_padding():
         shifts.add(match[0])
     assert len(shifts) == 25  # every offset of the 5x5 range occurs
     assert augment.make_augment({"crop": 0}) is None and augment.make_augment({"crop": 4}) is not None
+
+
+def test_jitter_scales_brightness_and_contrast_within_range():
+    images = jax.random.uniform(jax.random.key(4), (512, 6, 6, 3), minval=0.3, maxval=0.6)
+    out = np.asarray(augment.random_jitter(jax.random.key(5), images, 0.3))
+    assert out.min() >= 0 and out.max() <= 1
+    ratio = out.mean(axis=(1, 2, 3)) / np.asarray(images).mean(axis=(1, 2, 3))  # contrast keeps the mean
+    assert 0.69 < ratio.min() < 0.75 and 1.25 < ratio.max() < 1.31

@@ -1,0 +1,93 @@
+"""The CIFAR-10 and GTSRB experiments end to end on the shipped samples (and GTSRB on the real data
+when ../shared is there): run folders, splits, selected epochs, figures, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from experiments import EXPERIMENTS
+from flaxlab.errors import UsageError
+from flaxlab.models import count_params, make_model
+from flaxlab.runner import run_experiment
+from test_cli import cli
+
+
+def quiet(config, tmp_path, **fields):
+    config = {**config, "epochs": 1, "seeds": 1, "checkpoint_every": 0, **fields}
+    return run_experiment(config, workdir=tmp_path / config["name"], progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", ["tdt4265_cnn", "tdt4265_model2", "bs6207_allconv_bn", "gtsrb_cnn_augment"])
+def test_image_experiment_writes_its_run_folder(tmp_path, name):
+    result = quiet(EXPERIMENTS[name](), tmp_path, epochs=2)
+    files = {p.name for p in result.workdir.iterdir()}
+    assert {"config.json", "history.json", "results.md", "curves.png", "confusion.png", "misclassified.png",
+            "filters.png", "features.png"} <= files
+    history = json.loads((result.workdir / "history.json").read_text())
+    assert len(history["history"]["val_accuracy"]) == 2 and history["info"]["data"]["val_examples"] > 0
+    assert history["info"]["data"]["source"].startswith("sample:")
+    assert result.info["selected_epochs"][0] in (1, 2)
+    assert "at selected epoch" in (result.workdir / "results.md").read_text()
+
+
+def test_early_stopping_ends_the_run(tmp_path):
+    # SGD at lr 5 diverges within a few epochs, after which the val loss (NaN) never improves again
+    result = quiet(EXPERIMENTS["tdt4265_cnn"](), tmp_path, epochs=8, patience=1, optimizer={
+        **EXPERIMENTS["tdt4265_cnn"]()["optimizer"], "lr": 5.0})
+    epochs_run, selected = len(result.history["epoch"]), result.info["selected_epochs"][0]
+    assert epochs_run < 8 and epochs_run == selected + 1  # stopped one epoch (the patience) after its best
+    assert f"{epochs_run} of 8 epochs" in (result.workdir / "results.md").read_text()
+
+
+def test_report_networks_have_the_reports_sizes():
+    import jax
+    import jax.numpy as jnp
+    for name, shape, classes, weights in (("gtsrb_cnn", (28, 28, 3), 43, 87_403),
+                                          ("tdt4265_cnn", (32, 32, 3), 10, 390_410),
+                                          ("bs6207_allconv", (32, 32, 3), 10, 294_810),
+                                          ("ai604_vgg19", (32, 32, 3), 10, 20_353_994)):
+        model = make_model({"name": name}, classes)
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))["params"]
+        assert count_params(params) == weights, name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "gtsrb_cnn", "--data.val_fraction", "0.1"], "leaves nothing to hold out (whole tracks"),
+    (["run", "gtsrb_cnn", "--data.val_fraction", "0"], "--best_metric val_accuracy needs a validation split"),
+    (["run", "tdt4265_cnn", "--best_metric", "test_accuracy"], "unknown value 'test_accuracy' for --best_metric"),
+    (["run", "bs6207_allconv", "--data.size", "32"], "--data.size must be HEIGHT,WIDTH"),
+    (["run", "bs6207_allconv", "--features.layer", "Conv_99"], "'Conv_99' is not a layer of bs6207_allconv"),
+    (["run", "bs6207_allconv", "--features.image", "5000"], "beyond the test split"),
+    (["run", "gtsrb_cnn", "--data.source", "tfds"], "TFDS has no gtsrb"),
+    (["run", "gtsrb_cnn", "--augment.jitter", "1.5"], "--augment.jitter must be below 1"),
+    (["bench", "tdt4265_cnn", "--peer"], "the PyTorch peer has no 'tdt4265_cnn'"),
+])
+def test_bad_image_options_are_one_line_exit_2(tmp_path, args, message):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gtsrb_cnn_learns_real_signs_split_by_track(shared_data, tmp_path):
+    if not (shared_data / "gtsrb-train-32px.tar.xz").is_file():
+        pytest.skip("gtsrb-train-32px.tar.xz not in ../shared/data")
+    from flaxlab import data
+    dataset = data.load(data_dir=shared_data, **{**EXPERIMENTS["gtsrb_cnn"]()["data"], "source": "files"})
+    config = {**EXPERIMENTS["gtsrb_cnn"](), "features": {"layer": "Conv_1", "image": 3}}
+    result = run_experiment({**config, "epochs": 1, "seeds": 1, "checkpoint_every": 0}, workdir=tmp_path / "run",
+                            dataset=dataset, progress=False, log=lambda *a: None)
+    assert len(dataset.test) == 3915 and dataset.num_classes == 43
+    assert result.history["test_accuracy"][-1][0] > 0.6  # one epoch; 10 epochs reach ~89% (README)
+
+
+def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
+    from experiments.cli import main
+    result = quiet(EXPERIMENTS["gtsrb_cnn"](), tmp_path, checkpoint_every=1)
+    assert main(["figures", "--workdir", str(result.workdir), "--layer", "Activation_1", "--image", "7"]) == 0
+    assert "from the best-validation state of epoch 1's checkpoint" in capsys.readouterr().out
+    from PIL import Image
+    assert Image.open(result.workdir / "features-Activation_1-7.png").size[0] > 300
+    assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
+    assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
+    assert "is missing or not JSON" in capsys.readouterr().err
