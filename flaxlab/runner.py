@@ -90,12 +90,15 @@ def write_json(path, obj):
 
 
 def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
-    """The config's dataset (unless given), checked to hold a batch of every size the run will train with."""
+    """The config's dataset (unless given), checked to hold a batch of every size the run will train with,
+    and a validation split when the run selects models by one."""
     if dataset is None:
         dataset = data_lib.load(data_dir=data_dir, **config["data"])
     for batch_size in batch_sizes or [config["batch_size"]]:
         if batch_size > len(dataset.train):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")
+    if config["best_metric"] and dataset.val is None:
+        raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
     return dataset
 
 
@@ -276,8 +279,6 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         _check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
-    if config["best_metric"] and dataset.val is None:
-        raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
     convs, feature_layer = check_views(config, make_model(config["model"], dataset.num_classes), dataset)
     s = set_up(config, dataset)
     trainer = s.trainer

@@ -91,3 +91,15 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
     assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
     assert "is missing or not JSON" in capsys.readouterr().err
+
+
+def test_gtsrb_trials_table_on_the_sample(tmp_path):
+    from flaxlab import sweep
+    config = {**EXPERIMENTS["gtsrb_trials"](), "epochs": 1, "seeds": 2}
+    result = sweep.run_sweep(config, workdir=tmp_path, progress=False, log=lambda *a: None)
+    assert [r["variant"] for r in result.rows] == ["baseline (Adam)", "batch norm", "SGD", "Rprop"]
+    text = (tmp_path / "results.md").read_text()
+    assert text.count("| mean ± std |") == 4 and "| Rprop | 2 | 1 | 1 |" in text
+    assert {"trials.png", "trials.csv", "comparison.png"} <= {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(UsageError, match="needs a validation split"):
+        sweep.run_sweep({**config, "data": {**config["data"], "val_fraction": 0.0}}, workdir=tmp_path / "no")

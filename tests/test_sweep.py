@@ -85,7 +85,10 @@ def test_a_sweep_writes_table_csv_and_figure(mnist_sample, tmp_path):
     result = sweep.run_sweep(config, sweep.parse_grid(config, ["model.features=4/4,8", "dropout=0,0.5"]),
                              workdir=tmp_path, dataset=ds, progress=False, log=quiet)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "results.csv",
-                                                    "comparison.png"}
+                                                    "comparison.png", "trials.csv", "trials.png"}
+    trials = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(trials) == 8 and [t["seed"] for t in trials[:2]] == ["0", "1"]
+    assert "| features=4, dropout=0.5 | mean ± std |" in (tmp_path / "results.md").read_text()
     assert [p["models"] for p in result.programs] == [4, 4]
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["features=4, dropout=0", "features=4, dropout=0.5",
@@ -98,7 +101,8 @@ def test_a_sweep_writes_table_csv_and_figure(mnist_sample, tmp_path):
     assert "± " in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.parametrize("name", sorted(n for n, make in EXPERIMENTS.items() if make()["sweep"]))
+@pytest.mark.parametrize("name", sorted(n for n, make in EXPERIMENTS.items()
+                                        if make()["sweep"] and make()["data"]["name"] == "mnist"))
 def test_every_named_sweep_runs_on_the_sample(name, mnist_sample, tmp_path):
     """Each ablation at smoke size: one epoch on 1,000 digits, every variant trained and tabled."""
     config = variant(EXPERIMENTS[name](), name, "smoke", epochs=1)

@@ -144,3 +144,22 @@ def test_load_tfds_offline_raises_one_line_data_error(tmp_path, monkeypatch, err
     assert "TFDS could not provide 'mnist'" in message and type(error).__name__ in message
     assert "--data-dir" in message and "--data.source=sample" in message
     assert not data.tfds_prepared("mnist", tmp_path)
+
+
+def test_cifar10_through_tfds_data_source(monkeypatch):
+    rng = np.random.default_rng(0)
+    splits = {"train": (rng.integers(0, 256, (40, 32, 32, 3), np.uint8), np.arange(40) % 10),
+              "test": (rng.integers(0, 256, (20, 32, 32, 3), np.uint8), np.arange(20) % 10)}
+
+    def data_source(name, split, **kwargs):
+        assert name == "cifar10"
+        return [[{"image": x, "label": y} for x, y in zip(*splits[s])] for s in split]
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    ds = data.load("cifar10", source="tfds", size=(16, 16), val_fraction=0.25)
+    assert ds.source.startswith("tfds:cifar10") and ds.test.images.shape == (20, 16, 16, 3)
+    assert (len(ds.train), len(ds.val)) == (30, 10) and np.bincount(ds.val.labels).tolist() == [1] * 10
+
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: _no_network())
+    with pytest.raises(DataError, match="TFDS could not provide 'cifar10'.*cifar-10-python.tar.gz"):
+        data.load("cifar10", source="tfds")
