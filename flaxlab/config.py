@@ -14,15 +14,15 @@ def _choices():
     return {
         "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
-        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES, "best_metric": ("", *metrics.SELECTION_METRICS),
+        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES,
+        "best_metric": ("", *metrics.SELECTION_METRICS),
     }
 
 
 FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
-NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate", "augment.crop", "augment.jitter",
-                "patience", "checkpoint_every", "features.image",
-                "model.dropout")
+NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
+                "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout")
 
 
 def flatten(config, prefix=""):
