@@ -4,8 +4,8 @@ import time
 
 
 class Progress:
-    def __init__(self, epochs, enabled=True, stream=None, log=print):
-        self.epochs, self.enabled, self.log = epochs, enabled, log
+    def __init__(self, epochs, enabled=True, stream=None, log=print, first_epoch=1):
+        self.epochs, self.enabled, self.log, self.first_epoch = epochs, enabled, log, first_epoch
         self.stream = stream or sys.stderr
         self.live = enabled and self.stream.isatty()
         self.start = time.perf_counter()
@@ -32,5 +32,5 @@ class Progress:
             self.stream.write("\r" + " " * 70 + "\r")
         if self.enabled:
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / self.epoch * (self.epochs - self.epoch)
+            eta = elapsed / (self.epoch - self.first_epoch + 1) * (self.epochs - self.epoch)  # a resumed run starts late
             self.log(f"epoch {self.epoch}/{self.epochs}  {line}  [{elapsed:.0f}s, eta {eta:.0f}s]")

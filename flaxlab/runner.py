@@ -138,7 +138,7 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
         else:
             best = None
         log(f"resumed after epoch {progress_state['epoch']}")
-    bar = Progress(epochs, enabled=progress, log=log)
+    bar = Progress(epochs, enabled=progress, log=log, first_epoch=first)
     for epoch in range(first, epochs + 1):
         if done:
             break
