@@ -612,18 +612,24 @@ CIFAR10_SAMPLE = Path(__file__).parent / "assets" / "cifar10-sample" / "cifar10-
 GTSRB_SAMPLE = Path(__file__).parent / "assets" / "gtsrb-sample" / "gtsrb-sample.tar.xz"
 
 
+def _files_or_sample(source, data_dir, how_to, load, sample, **kwargs):
+    """`load` on --data-dir, or on the shipped sample (which `Dataset.source` then names as such)."""
+    if source == "files":
+        if not data_dir:
+            raise DataError(f"--data.source=files needs --data-dir; {how_to}")
+        return load(data_dir, **kwargs)
+    ds = load(sample, cache=False, **kwargs)
+    return dataclasses.replace(ds, source=f"sample:flaxlab/assets/{sample.parent.name}"
+                                          + ds.source.partition(sample.name)[2])
+
+
 def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
     """CIFAR-10 for an experiment: from --data-dir, TFDS or the shipped sample (600 train / 200 test)."""
     data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
     source = resolve_source("cifar10", source, data_dir, tfds_dir, "cifar10")
-    splits = dict(val_fraction=val_fraction, test_fraction=test_fraction)
-    if source == "files":
-        if not data_dir:
-            raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_CIFAR10}")
-        return load_cifar10(data_dir, size or None, **splits)
-    if source == "sample":
-        ds = load_cifar10(CIFAR10_SAMPLE, size or None, cache=False, **splits)
-        return dataclasses.replace(ds, source="sample:flaxlab/assets/cifar10-sample" + ds.source.partition(".tar")[2])
+    if source != "tfds":
+        return _files_or_sample(source, data_dir, HOW_TO_GET_CIFAR10, load_cifar10, CIFAR10_SAMPLE,
+                                size=size or None, val_fraction=val_fraction, test_fraction=test_fraction)
     train, test = load_tfds("cifar10", tfds_dir, how_to=HOW_TO_GET_CIFAR10)
     size = _check_size(size or None)
     train, test = (Split(resize_all(s.images, size), s.labels) for s in (train, test))
@@ -635,13 +641,8 @@ def gtsrb(source="auto", data_dir=None, tfds_dir=None, size=(28, 28), val_fracti
     """GTSRB for an experiment: from --data-dir or the shipped sample (43 classes x 5 tracks x 4 images)."""
     data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
     source = resolve_source("gtsrb", source, data_dir, tfds_dir)
-    splits = dict(val_fraction=val_fraction, test_fraction=test_fraction)
-    if source == "files":
-        if not data_dir:
-            raise DataError(f"--data.source=files needs --data-dir; {HOW_TO_GET_GTSRB}")
-        return load_gtsrb(data_dir, size or (28, 28), **splits)
-    ds = load_gtsrb(GTSRB_SAMPLE, size or (28, 28), cache=False, **splits)
-    return dataclasses.replace(ds, source="sample:flaxlab/assets/gtsrb-sample" + ds.source.partition(".tar.xz")[2])
+    return _files_or_sample(source, data_dir, HOW_TO_GET_GTSRB, load_gtsrb, GTSRB_SAMPLE,
+                            size=size or (28, 28), val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 def _gtsrb_looks_right(folder):

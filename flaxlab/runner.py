@@ -258,9 +258,8 @@ def _check_resumable(config, workdir):
         saved = json.loads(saved_path.read_text())
     except ValueError:
         raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
-    mine = json.loads(json.dumps(config))  # tuples as lists, as saved
-    differ = sorted(k for k in set(config_lib.flatten(saved)) | set(config_lib.flatten(mine))
-                    if k != "epochs" and config_lib.flatten(saved).get(k) != config_lib.flatten(mine).get(k))
+    saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
+    differ = sorted(k for k in set(saved) | set(mine) if k != "epochs" and saved.get(k) != mine.get(k))
     if differ:
         raise UsageError(f"--resume: {workdir} was run with other settings ({', '.join('--' + k for k in differ[:5])}); "
                          "resume with the same options")
