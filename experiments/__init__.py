@@ -1,4 +1,4 @@
 """Runnable course experiments: each is a small config over flaxlab's shared building blocks."""
-from experiments import cifar10, gtsrb, mnist
+from experiments import cifar10, gtsrb, mnist, segmentation
 
-EXPERIMENTS = {**mnist.EXPERIMENTS, **gtsrb.EXPERIMENTS, **cifar10.EXPERIMENTS}
+EXPERIMENTS = {**mnist.EXPERIMENTS, **gtsrb.EXPERIMENTS, **cifar10.EXPERIMENTS, **segmentation.EXPERIMENTS}

@@ -8,12 +8,15 @@ def base_config(name, description, **sections):
         "name": name,
         "description": " ".join(description.split()),
         # size: (height, width) to resize to, () = as stored; val_fraction: held out of train for early
-        # stopping / the best checkpoint (0 = none); test_fraction: held out as test when a set has no test split
-        "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.1},
+        # stopping / the best checkpoint (0 = none); test_fraction: held out as test when a set has no test split;
+        # equalize_histograms: each image's luminance histogram equalised on load
+        "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.1,
+                 "equalize_histograms": False},
         "model": {},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
         "l1": 0.0,  # L1 penalty on all weights, added to the loss
         "batch_size": 32,
+        "drop_last": True,  # an epoch's short last batch is dropped (False: trained on, e.g. batch > train set)
         "eval_batch_size": 1000,
         "epochs": 20,
         "seeds": 1,  # models trained side by side in one program

@@ -1,4 +1,5 @@
-"""What a classifier gets wrong: confusion matrix, the most confused class pairs, misclassified examples."""
+"""What a model gets wrong: a classifier's confusion matrix, most confused class pairs and misclassified
+examples; a segmenter's per-image Dice scores with the mean, std and min the reports tabulate."""
 import numpy as np
 
 
@@ -28,4 +29,26 @@ def confused_pairs_markdown(pairs, class_names=None):
     name = (lambda c: class_names[c]) if class_names else str
     lines = ["| true | predicted | count | share of true class |", "|---|---|---|---|"]
     lines += [f"| {name(t)} | {name(p)} | {n} | {100 * r:.1f}% |" for t, p, n, r in pairs]
+    return "\n".join(lines)
+
+
+def dice_per_image(predicted, masks):
+    """Dice (DSC) of the foreground of each image, 1 where both masks are empty. For binary masks it equals
+    the per-image F1 score (precision and recall of foreground pixels), the JSRT report's name for it."""
+    p = np.asarray(predicted).reshape(len(predicted), -1) > 0
+    t = np.asarray(masks).reshape(len(masks), -1) > 0
+    overlap, total = (p & t).sum(1), p.sum(1) + t.sum(1)
+    return np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
+
+
+def dice_table(scores, first_seed, label="DSC"):
+    """Markdown: per model (seed), the mean, std, min and max of its per-image scores over the test
+    split, then the mean ± std of those means over the seeds when there are several."""
+    lines = [f"| seed | test images | mean {label} | std | min | max |", "|---|---|---|---|---|---|"]
+    for i, s in enumerate(scores):
+        lines.append(f"| {first_seed + i} | {len(s)} | {s.mean():.4f} | {s.std():.4f} | {s.min():.4f} | {s.max():.4f} |")
+    if len(scores) > 1:
+        means = np.array([s.mean() for s in scores])
+        lines.append(f"| mean ± std over seeds | | **{means.mean():.4f} ± {means.std(ddof=1):.4f}** | "
+                     f"{np.mean([s.std() for s in scores]):.4f} | {min(s.min() for s in scores):.4f} | |")
     return "\n".join(lines)

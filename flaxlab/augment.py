@@ -1,7 +1,9 @@
 """Data augmentation on the device, inside the jitted train step: no host work, no stored copies.
 
 `make_augment(config["augment"])` returns None (no augmentation, no ops traced) or a function
-(key, images NHWC float) -> images, drawing fresh parameters for every image of every step.
+(key, images NHWC float, maps) -> (images, maps), drawing fresh parameters for every image of every
+step. `maps` (segmentation masks, NHW) move with their images (flips, shifts, rotations, the latter
+by nearest neighbour so labels stay labels); None for classification.
 """
 import math
 
@@ -11,8 +13,9 @@ import jax.numpy as jnp
 DEFAULTS = {"rotate": 0.0, "flip_lr": False, "flip_ud": False, "crop": 0, "jitter": 0.0}
 
 
-def rotate(images, radians):
-    """Rotates each image about its centre by its angle (counter-clockwise as displayed), bilinear, zero outside."""
+def rotate(images, radians, order=1):
+    """Rotates each image about its centre by its angle (counter-clockwise as displayed), zero outside;
+    bilinear (order 1) or nearest (order 0)."""
     n, h, w, c = images.shape
     y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
                         jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2, indexing="ij")
@@ -21,32 +24,42 @@ def rotate(images, radians):
         cos, sin = jnp.cos(angle), jnp.sin(angle)
         # each output pixel samples the input where the inverse rotation takes it
         source = [cos * y + sin * x + (h - 1) / 2, cos * x - sin * y + (w - 1) / 2]
-        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=1, mode="constant")
+        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=order, mode="constant")
         return jax.vmap(sample, in_axes=2, out_axes=2)(image)
     return jax.vmap(one)(images, radians)
 
 
-def random_rotate(key, images, max_degrees):
-    angles = jax.random.uniform(key, images.shape[:1], minval=-max_degrees, maxval=max_degrees)
-    return rotate(images, angles * (math.pi / 180))
+def _maps_op(maps, op):
+    """Applies an NHWC op to NHW label maps (None passes through)."""
+    return None if maps is None else op(maps[..., None])[..., 0]
 
 
-def random_flip(key, images, axis):
+def random_rotate(key, images, max_degrees, maps=None):
+    radians = jax.random.uniform(key, images.shape[:1], minval=-max_degrees, maxval=max_degrees) * (math.pi / 180)
+    return rotate(images, radians), _maps_op(maps, lambda m: rotate(m, radians, order=0).astype(m.dtype))
+
+
+def random_flip(key, images, axis, maps=None):
     flip = jax.random.bernoulli(key, 0.5, images.shape[:1])[:, None, None, None]
-    return jnp.where(flip, jnp.flip(images, axis), images)
+    return (jnp.where(flip, jnp.flip(images, axis), images),
+            _maps_op(maps, lambda m: jnp.where(flip, jnp.flip(m, axis), m)))
 
 
-def random_crop(key, images, padding):
-    """Zero-pads by `padding` pixels and crops back to size at a random offset per image
-    (torchvision's RandomCrop(size, padding)); shifts of up to `padding` pixels each way."""
+def _crop(images, offsets, padding):
     n, h, w, c = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
     crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))  # noqa: E731
     return jax.vmap(crop)(padded, offsets)
 
 
-def random_jitter(key, images, strength):
+def random_crop(key, images, padding, maps=None):
+    """Zero-pads by `padding` pixels and crops back to size at a random offset per image
+    (torchvision's RandomCrop(size, padding)); shifts of up to `padding` pixels each way."""
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * padding + 1)
+    return _crop(images, offsets, padding), _maps_op(maps, lambda m: _crop(m, offsets, padding))
+
+
+def random_jitter(key, images, strength, maps=None):
     """Brightness and contrast each scaled by a random factor in [1 - strength, 1 + strength] per image
     (torchvision's ColorJitter(brightness, contrast)): lighting varies far more between photos than shape."""
     n = images.shape[0]
@@ -55,7 +68,7 @@ def random_jitter(key, images, strength):
     contrast = jax.random.uniform(contrast_key, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
     images = images * bright
     mean = images.mean(axis=(1, 2, 3), keepdims=True)
-    return jnp.clip((images - mean) * contrast + mean, 0.0, 1.0)
+    return jnp.clip((images - mean) * contrast + mean, 0.0, 1.0), maps
 
 
 def make_augment(cfg):
@@ -63,20 +76,20 @@ def make_augment(cfg):
     cfg = {**DEFAULTS, **(cfg or {})}
     ops = []
     if cfg["crop"]:
-        ops.append(lambda key, x: random_crop(key, x, cfg["crop"]))
+        ops.append(lambda key, x, m: random_crop(key, x, cfg["crop"], m))
     if cfg["jitter"]:
-        ops.append(lambda key, x: random_jitter(key, x, cfg["jitter"]))
+        ops.append(lambda key, x, m: random_jitter(key, x, cfg["jitter"], m))
     if cfg["rotate"]:
-        ops.append(lambda key, x: random_rotate(key, x, cfg["rotate"]))
+        ops.append(lambda key, x, m: random_rotate(key, x, cfg["rotate"], m))
     if cfg["flip_lr"]:
-        ops.append(lambda key, x: random_flip(key, x, 2))
+        ops.append(lambda key, x, m: random_flip(key, x, 2, m))
     if cfg["flip_ud"]:
-        ops.append(lambda key, x: random_flip(key, x, 1))
+        ops.append(lambda key, x, m: random_flip(key, x, 1, m))
     if not ops:
         return None
 
-    def augment(key, images):
+    def augment(key, images, maps=None):
         for op, k in zip(ops, jax.random.split(key, len(ops))):
-            images = op(k, images)
-        return images
+            images, maps = op(k, images, maps)
+        return images, maps
     return augment

@@ -52,7 +52,7 @@ def bench_flaxlab(config, data_dir, epochs=1):
     train_s = time.perf_counter() - t
     accuracy = summarize(trainer.evaluate(states, s.test_data))["accuracy"]
     steps = trainer.steps_per_epoch(len(dataset.train)) * epochs
-    images = steps * config["batch_size"] * config["seeds"]
+    images = trainer.images_per_epoch(len(dataset.train)) * epochs * config["seeds"]
     return dict(peer="flaxlab", jax=jax.__version__, workload=config["name"], device=str(jax.devices()[0]),
                 backend=jax.default_backend(), epoch_mode=trainer.epoch_mode, seeds=config["seeds"],
                 seed=config["seed"], batch_size=config["batch_size"], steps=steps, data=dataset.source,

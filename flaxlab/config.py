@@ -97,7 +97,7 @@ def validate(config):
         if not 0 <= flat.get(key, 0) < 1:
             raise UsageError(f"--{key} must be in [0, 1), got {flat[key]}")
     if flat.get("patience") and not flat.get("best_metric"):
-        raise UsageError("--patience (early stopping) needs --best_metric val_loss or val_accuracy")
+        raise UsageError("--patience (early stopping) needs --best_metric val_loss, val_accuracy or val_dice")
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
     if flat.get("augment.jitter", 0) >= 1:

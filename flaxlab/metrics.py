@@ -7,25 +7,31 @@ import numpy as np
 
 HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 VAL_KEYS = ("val_loss", "val_accuracy")
-SELECTION_METRICS = VAL_KEYS  # what picks a model's best epoch (its kept checkpoint, early stopping)
+CLASSIFICATION = ("loss", "accuracy")
+SEGMENTATION = ("loss", "accuracy", "dice")  # accuracy: of pixels; dice: per image, = F1 for binary masks
+# what picks a model's best epoch (its kept checkpoint, early stopping)
+SELECTION_METRICS = VAL_KEYS + ("val_dice",)
 
 
 def history_keys(history):
-    return HISTORY_KEYS + (VAL_KEYS if "val_loss" in history else ())
+    """The history's per-split series, in a fixed order: train, test, then val; loss, accuracy, dice."""
+    return tuple(f"{split}_{name}" for split in ("train", "test", "val") for name in SEGMENTATION
+                 if f"{split}_{name}" in history)
 
 
-def new_history(with_val=False):
-    return {"epoch": [], "epoch_time_s": [], **{k: [] for k in HISTORY_KEYS + (VAL_KEYS if with_val else ())}}
+def new_history(with_val=False, names=CLASSIFICATION):
+    splits = ("train", "test") + (("val",) if with_val else ())
+    return {"epoch": [], "epoch_time_s": [], **{f"{split}_{name}": [] for split in splits for name in names}}
 
 
 def append_epoch(history, epoch, seconds, train, test, val=None):
-    """Adds one epoch; `train`/`test`/`val` map loss/accuracy to one value per model."""
+    """Adds one epoch; `train`/`test`/`val` map loss/accuracy(/dice) to one value per model."""
     history["epoch"].append(epoch)
     history["epoch_time_s"].append(round(seconds, 4))
     for split, values in (("train", train), ("test", test), ("val", val)):
         if values is not None:
-            for name in ("loss", "accuracy"):
-                history[f"{split}_{name}"].append([float(v) for v in values[name]])
+            for name, per_model in values.items():
+                history[f"{split}_{name}"].append([float(v) for v in per_model])
     return history
 
 
@@ -65,10 +71,14 @@ def final_stats(history, best_epochs=None):
     for key in history_keys(history):
         rows.append((f"final {key.replace('_', ' ')}", np.asarray(history[key][-1])))
     rows.append(("best test accuracy", np.asarray(history["test_accuracy"]).max(axis=0)))
+    if "test_dice" in history:
+        rows.append(("best test dice", np.asarray(history["test_dice"]).max(axis=0)))
     if best_epochs:
         at = [history["epoch"].index(e) for e in best_epochs]
         rows.append(("selected epoch", np.asarray(best_epochs, float)))
-        for key in ("val_accuracy", "test_loss", "test_accuracy"):
+        for key in ("val_accuracy", "val_dice", "test_loss", "test_accuracy", "test_dice"):
+            if key not in history:
+                continue
             rows.append((f"{key.replace('_', ' ')} at selected epoch",
                          np.array([history[key][j][i] for i, j in enumerate(at)])))
     out = []
@@ -90,38 +100,59 @@ def markdown_table(stats):
     return "\n".join(lines)
 
 
-def trial_rows(label, history, first_seed, best_epochs=None):
-    """One row per model (trial) of a variant: its final test accuracy, and with `best_epochs` its selected
-    epoch and the test accuracy there (the reports' per-trial tables)."""
+def score_name(history):
+    """The figure a run is judged by: Dice for segmentation, accuracy for classification."""
+    return "dice" if "test_dice" in history else "accuracy"
+
+
+def format_score(name, value):
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4f}"
+
+
+def trial_rows(label, history, first_seed, best_epochs=None, image_scores=None):
+    """One row per model (trial) of a variant: its final test score, with `best_epochs` its selected
+    epoch and the scores there (the reports' per-trial tables), with `image_scores` (per model, the
+    per-image scores of its selected state on the test split) their std and min over the images."""
+    score = score_name(history)
     rows = []
-    for i, final in enumerate(history["test_accuracy"][-1]):
-        row = {"variant": label, "trial": i + 1, "seed": first_seed + i, "final_test_accuracy": final}
+    for i, final in enumerate(history[f"test_{score}"][-1]):
+        row = {"variant": label, "trial": i + 1, "seed": first_seed + i, f"final_test_{score}": final}
         if best_epochs:
             at = history["epoch"].index(best_epochs[i])
-            row.update(selected_epoch=best_epochs[i], val_accuracy=history["val_accuracy"][at][i],
-                       test_accuracy=history["test_accuracy"][at][i])
+            row.update({"selected_epoch": best_epochs[i], f"val_{score}": history[f"val_{score}"][at][i],
+                        f"test_{score}": history[f"test_{score}"][at][i]})
+        if image_scores is not None:
+            row.update(test_images_std=float(np.std(image_scores[i])), test_images_min=float(np.min(image_scores[i])))
         rows.append(row)
     return rows
 
 
 def trial_table(rows):
-    """Markdown: variant, trial, test accuracy, then mean ± std per variant (the ADL report's table)."""
-    selecting = "test_accuracy" in rows[0]
-    key = "test_accuracy" if selecting else "final_test_accuracy"
-    head = "| variant | trial | seed | " + ("selected epoch | val accuracy | test accuracy | final test accuracy |"
-                                          if selecting else "final test accuracy |")
+    """Markdown: variant, trial, test score, then mean ± std per variant (the ADL reports' tables)."""
+    score = "dice" if "final_test_dice" in rows[0] else "accuracy"
+    fmt = lambda v: format_score(score, v)  # noqa: E731
+    selecting, per_image = f"test_{score}" in rows[0], "test_images_std" in rows[0]
+    key = f"test_{score}" if selecting else f"final_test_{score}"
+    head = "| variant | trial | seed | " + (f"selected epoch | val {score} | test {score} | " if selecting else "") \
+        + (f"std over test images | min over test images | " if per_image else "") + f"final test {score} |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == label]
         for r in mine:
             cells = [label, str(r["trial"]), str(r["seed"])]
             if selecting:
-                cells += [str(r["selected_epoch"]), f"{100 * r['val_accuracy']:.2f}%", f"{100 * r['test_accuracy']:.2f}%"]
-            cells.append(f"{100 * r['final_test_accuracy']:.2f}%")
+                cells += [str(r["selected_epoch"]), fmt(r[f"val_{score}"]), fmt(r[f"test_{score}"])]
+            if per_image:
+                cells += [fmt(r["test_images_std"]), fmt(r["test_images_min"])]
+            cells.append(fmt(r[f"final_test_{score}"]))
             lines.append("| " + " | ".join(cells) + " |")
         values = np.array([r[key] for r in mine])
         std = values.std(ddof=1) if len(values) > 1 else 0.0
-        summary = f"**{100 * values.mean():.2f} ± {100 * std:.2f}%**"
-        cells = [label, "mean ± std", ""] + (["", "", summary, ""] if selecting else [summary])
+        summary = f"**{fmt(values.mean()).rstrip('%')} ± {fmt(std)}**"
+        cells = [label, "mean ± std", ""] + (["", "", summary] if selecting else [])
+        if per_image:
+            cells += [fmt(np.mean([r["test_images_std"] for r in mine])), fmt(min(r["test_images_min"] for r in mine))]
+        cells += [] if selecting else [summary]
+        cells += [""] if selecting else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -266,6 +266,96 @@ class LayerStack(nn.Module):
         return Dense(self.num_classes)(x)
 
 
+class ConvTranspose(nn.Module):
+    """torch's ConvTranspose2d(k, stride=k): each input pixel becomes a k x k patch, no overlap, so it is
+    one matrix product and a reshape. torch initialises it with fan-in = out_channels * k * k."""
+    features: int
+    kernel_size: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        k, (n, h, w, c) = self.kernel_size, x.shape
+        fan_in = self.features * k * k
+        kernel = self.param("kernel", _torch_bias_init(fan_in), (k, k, c, self.features))
+        bias = self.param("bias", _torch_bias_init(fan_in), (self.features,))
+        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel).reshape(n, h * k, w * k, self.features)
+        return y + bias
+
+
+class Upsample(nn.Module):
+    """torch's Upsample(scale_factor=2) with mode bilinear (align_corners=False) or nearest."""
+    method: str = "bilinear"
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        return jax.image.resize(x, (n, 2 * h, 2 * w, c), self.method)
+
+
+class FCN(nn.Module):
+    """The 1MD120 segmentation FCN: 3x3 pad-1 convs of 8, 16, 32 maps with a 2x2 max pool after all but the
+    last (as the course's CNN), two 2x2 stride-2 transposed convs back to full size, a 1x1 classifier.
+
+    FCN2 (`refine`) adds a 3x3 conv after each transposed conv and batch norm after every conv; the
+    output is per-pixel logits over `num_classes` (softmax over channels).
+    """
+    features: Sequence[int] = (8, 16, 32)
+    num_classes: int = 2
+    activation: str = "relu"
+    batch_norm: bool = False
+    refine: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def block(x, layer):
+            x = layer(x)
+            if self.batch_norm:
+                x = batch_norm(train)(x)
+            return Activation(self.activation)(x)
+        for i, width in enumerate(self.features):
+            x = block(x, Conv(width, 3, padding=1))
+            if i < len(self.features) - 1:
+                x = MaxPool(2)(x)
+        for width in reversed(self.features[:-1]):
+            x = block(x, ConvTranspose(width, 2))
+            if self.refine:
+                x = block(x, Conv(width, 3, padding=1))
+        return Conv(self.num_classes, 1)(x)
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al.; the ADL report's): `depth` 2x2 max pools, each level two 3x3 pad-1 convs
+    with batch norm, `width` maps at the top doubling per level; the decoder upsamples (bilinear or
+    nearest, as in the report's ablation, then the bottom level's width is halved as in the common
+    PyTorch U-Net) and concatenates the encoder's maps of the same size. 1x1 classifier.
+    """
+    width: int = 64
+    depth: int = 4
+    num_classes: int = 2
+    activation: str = "relu"
+    upsample: str = "bilinear"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def double_conv(x, width):
+            for _ in range(2):
+                x = Activation(self.activation)(batch_norm(train)(Conv(width, 3, padding=1)(x)))
+            return x
+        widths = [self.width * 2 ** i for i in range(self.depth)]
+        skips = []
+        for width in widths:
+            x = double_conv(x, width)
+            skips.append(x)
+            x = MaxPool(2)(x)
+        x = double_conv(x, widths[-1])  # bottom: 2**depth * width // 2 maps
+        for skip, width in zip(reversed(skips), [w // 2 for w in reversed(widths[1:])] + [widths[0]]):
+            x = jnp.concatenate([skip, Upsample(self.upsample)(x)], axis=-1)
+            x = double_conv(x, width)
+        return Conv(self.num_classes, 1)(x)
+
+
+UPSAMPLING = ("bilinear", "nearest")
+
+
 def _conv_blocks(convs, *after):
     """("conv", ...) specs, each followed by the specs in `after` (e.g. ReLU then pooling)."""
     return tuple(layer for conv in convs for layer in (("conv", *conv), *after))
@@ -340,10 +430,12 @@ REPORT_INPUTS = {
     "ai604_cnn_bn": ((28, 28, 1), 10), "ai604_cnn_bn_pool": ((28, 28, 1), 10), "lenet5_bn": ((28, 28, 1), 10),
     "lenet5": ((28, 28, 1), 10), "lenet5_bn_fc2": ((28, 28, 1), 10), "gtsrb_cnn": ((28, 28, 3), 43),
     "gtsrb_cnn_bn": ((28, 28, 3), 43), "tdt4265_cnn_bn": ((32, 32, 3), 10), "ai604_vgg19": ((32, 32, 3), 10),
-    "ai604_vgg19_bn": ((32, 32, 3), 10),
+    "ai604_vgg19_bn": ((32, 32, 3), 10), "fcn": ((128, 128, 3), 2), "fcn2": ((128, 128, 3), 2),
+    "unet": ((256, 256, 1), 2),
 }
 
-MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack,
+MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": FCN,
+          "fcn2": functools.partial(FCN, batch_norm=True, refine=True), "unet": UNet,
           **{name: functools.partial(LayerStack, layers=layers) for name, layers in REPORT_LAYERS.items()}}
 
 
@@ -355,6 +447,8 @@ def make_model(model_config, num_classes):
         raise UsageError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
     if kwargs.get("activation", "relu") not in ACTIVATIONS:
         raise UsageError(f"unknown activation '{kwargs['activation']}'; known: {', '.join(ACTIVATIONS)}")
+    if kwargs.get("upsample", "bilinear") not in UPSAMPLING:
+        raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 

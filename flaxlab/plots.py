@@ -19,11 +19,14 @@ SPLIT_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:orange"}
 
 
 def learning_curves(history, path, title):
-    """Loss and accuracy, train vs (val and) test; with several seeds the mean and a min-max band."""
+    """Loss and accuracy (and Dice, for segmentation), train vs (val and) test; with several seeds the mean
+    and a min-max band."""
     epochs = history["epoch"]
     n = np.asarray(history["test_loss"]).shape[1]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+    panels = ("loss", "accuracy") + (("dice",) if "test_dice" in history else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    loss_ax, acc_ax = axes[:2]
+    for ax, metric in zip(axes, panels):
         for split, color in SPLIT_COLORS.items():
             if f"{split}_{metric}" in history:
                 _curve(ax, epochs, history[f"{split}_{metric}"], split, color)
@@ -33,6 +36,8 @@ def learning_curves(history, path, title):
         ax.legend()
     loss_ax.set_yscale("log")
     acc_ax.set_title(f"final test accuracy {100 * np.mean(history['test_accuracy'][-1]):.2f}%", fontsize=10)
+    if "test_dice" in history:
+        axes[2].set_title(f"final test Dice (per-image mean) {np.mean(history['test_dice'][-1]):.4f}", fontsize=10)
     fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,14 +70,17 @@ def trial_curves(histories, path, title):
 
 
 def sweep_comparison(histories, path, title):
-    """One curve per variant (mean over seeds, min-max band): test accuracy and train loss per epoch."""
+    """One curve per variant (mean over seeds, min-max band): test accuracy (Dice, for segmentation) and
+    train loss per epoch."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20")
+    score = "dice" if "test_dice" in next(iter(histories.values())) else "accuracy"
     for i, (label, history) in enumerate(histories.items()):
-        final = 100 * np.mean(history["test_accuracy"][-1])
-        _curve(acc_ax, history["epoch"], history["test_accuracy"], f"{label} ({final:.2f}%)", colors(i))
+        final = np.mean(history[f"test_{score}"][-1])
+        final = f"{100 * final:.2f}%" if score == "accuracy" else f"{final:.4f}"
+        _curve(acc_ax, history["epoch"], history[f"test_{score}"], f"{label} ({final})", colors(i))
         _curve(loss_ax, history["epoch"], history["train_loss"], label, colors(i))
-    acc_ax.set_ylabel("test accuracy")
+    acc_ax.set_ylabel(f"test {score}")
     loss_ax.set_ylabel("train loss")
     loss_ax.set_yscale("log")
     for ax in (acc_ax, loss_ax):
@@ -201,5 +209,44 @@ def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
     fig.suptitle(f"{title}\n{shown}, each on its own colour scale", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image, title=None, mask=None):
+    image = np.asarray(image)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+    if mask is not None:  # foreground in translucent red
+        ax.imshow(np.ma.masked_where(np.asarray(mask) == 0, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def segmentation_extremes(images, masks, predictions, scores, path, title, count=3, label="DSC"):
+    """The `count` best and worst test images by score: image, ground truth, prediction in each row."""
+    order = np.argsort(scores, kind="stable")
+    picks = [("best", i) for i in order[::-1][:count]] + [("worst", i) for i in order[:count]]
+    fig, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.5 * len(picks)), squeeze=False)
+    for row, (kind, i) in zip(axes, picks):
+        _show(row[0], images[i], f"{kind}: test image {i}")
+        _show(row[1], masks[i][..., None] * 255, "ground truth")
+        _show(row[2], predictions[i][..., None] * 255, f"prediction, {label} {scores[i]:.3f}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def mask_overlay(image, mask, prediction, path, title, score=None, label="DSC"):
+    """One test image with its true mask and its predicted mask drawn over it."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    _show(axes[0], image, "image")
+    _show(axes[1], image, "ground truth", mask)
+    _show(axes[2], image, "prediction" + (f" ({label} {score:.3f})" if score is not None else ""), prediction)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

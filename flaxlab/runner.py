@@ -74,7 +74,8 @@ def set_up(config, dataset, variants=({},)):
     trainer = Trainer(model, config["optimizer"], num_models=num_models,
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
-                      model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")))
+                      model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
+                      drop_last=config.get("drop_last", True))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
     keys = jnp.concatenate([keys] * len(variants))
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
@@ -95,10 +96,12 @@ def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
     if dataset is None:
         dataset = data_lib.load(data_dir=data_dir, **config["data"])
     for batch_size in batch_sizes or [config["batch_size"]]:
-        if batch_size > len(dataset.train):
+        if batch_size > len(dataset.train) and config.get("drop_last", True):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")
     if config["best_metric"] and dataset.val is None:
         raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
+    if config["best_metric"] == "val_dice" and not dataset.is_segmentation:
+        raise UsageError(f"--best_metric val_dice is for segmentation; {dataset.name} is classification")
     return dataset
 
 
@@ -114,7 +117,7 @@ def select_models(improved, new, kept):
 
 def _scores(split):
     loss, acc = np.mean(split["loss"]), 100 * np.mean(split["accuracy"])
-    return f"loss {loss:.4f} acc {acc:.2f}%"
+    return f"loss {loss:.4f} acc {acc:.2f}%" + (f" dice {np.mean(split['dice']):.4f}" if "dice" in split else "")
 
 
 def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpoints=None, resumed=None,
@@ -128,7 +131,8 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
     Returns (states, best or None, history, best epochs or None).
     """
     val = data.get("val")
-    history, best, first, done = metrics.new_history(with_val=val is not None), None, 1, False
+    names = metrics.SEGMENTATION if trainer.segmentation else metrics.CLASSIFICATION
+    history, best, first, done = metrics.new_history(val is not None, names), None, 1, False
     tracker = metrics.BestEpochs(select, trainer.num_models, patience) if select else None
     if resumed is not None:
         states, best, progress_state = resumed
@@ -178,7 +182,27 @@ def write_analysis(workdir, config, dataset, predictions):
     title = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
     plots.confusion_figure(matrices[0], workdir / "confusion.png", title)
     plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title)
-    return analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]))
+    pairs = analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]))
+    return f"\nMost confused classes (seed {config['seed']}, test split):\n\n{pairs}\n", None
+
+
+def write_segmentation_analysis(workdir, config, dataset, predictions):
+    """Per-image Dice of every model on the test split (scores.json), its mean/std/min table, and for the
+    first seed the best and worst three test predictions (predictions.png) and one test image with its
+    predicted mask (overlay.png, --features.image). Returns the table as Markdown, and the scores."""
+    label = {"jsrt": "F1"}.get(dataset.name, "DSC")  # what each report calls the per-image Dice
+    scores = [analysis.dice_per_image(p, dataset.test.labels) for p in predictions]
+    write_json(workdir / "scores.json", {"metric": f"{label} (Dice of the foreground) per test image",
+                                         "per_seed": [s.round(6).tolist() for s in scores]})
+    who = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
+    plots.segmentation_extremes(dataset.test.images, dataset.test.labels, predictions[0], scores[0],
+                                workdir / "predictions.png", f"{who}: best and worst {label}", label=label)
+    index = config["features"]["image"]
+    plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], predictions[0][index],
+                       workdir / "overlay.png", f"{who}: image {index}", scores[0][index], label)
+    table = analysis.dice_table(scores, config["seed"], label)
+    return (f"\nPer-image {label} on the test split ({len(dataset.test)} images), each seed's final or selected "
+            f"model:\n\n{table}\n", scores)
 
 
 def check_views(config, model, dataset):
@@ -218,19 +242,17 @@ def write_views(workdir, config, model, states, dataset, convs, layer, features_
                                   f"{who}: {layer} on test image {index} (label {dataset.test.labels[index]})")
 
 
-def write_summary(workdir, config, dataset, info, history, confused_pairs="", best_epochs=None):
+def write_summary(workdir, config, dataset, info, history, analysis_md="", best_epochs=None, image_scores=None):
     """results.md (the trial table with the run's facts) and curves.png; returns stats and table."""
     stats = metrics.final_stats(history, best_epochs)
     table = metrics.markdown_table(stats)
     trials = ""
     if config["seeds"] > 1:
-        rows = metrics.trial_rows(config["name"], history, config["seed"], best_epochs)
+        rows = metrics.trial_rows(config["name"], history, config["seed"], best_epochs, image_scores)
         trials = f"\nEvery trial:\n\n{metrics.trial_table(rows)}\n"
         plots.trial_curves({config["name"]: history}, workdir / "trials.png", f"{config['name']}: loss per trial")
     val = f"{len(dataset.val):,} val / " if dataset.val else ""
     counts = f"{len(dataset.train):,} train / {val}{len(dataset.test):,} test"
-    if confused_pairs:
-        confused_pairs = f"\nMost confused classes (seed {config['seed']}, test split):\n\n{confused_pairs}\n"
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {counts} examples\n"
@@ -240,7 +262,7 @@ def write_summary(workdir, config, dataset, info, history, confused_pairs="", be
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
         + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
-        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{trials}{confused_pairs}")
+        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{trials}{analysis_md}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
     return stats, table
@@ -314,14 +336,16 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     train_s = sum(history["epoch_time_s"])
     steps = trainer.steps_per_epoch(len(dataset.train)) * len(history["epoch"])
     info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
-                images_per_s=round(steps * config["batch_size"] * config["seeds"] / train_s),
+                images_per_s=round(trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"])
+                                   * config["seeds"] / train_s, 1),
                 epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
     chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
     predictions = np.asarray(trainer.predict(chosen, s.test_data))
-    confused_pairs = write_analysis(workdir, config, dataset, predictions)
+    write_analysis_of = write_segmentation_analysis if dataset.is_segmentation else write_analysis
+    analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
     write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
-    stats, table = write_summary(workdir, config, dataset, info, history, confused_pairs, best_epochs)
+    stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
     log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     return RunResult(workdir, history, stats, chosen, info)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxlab import config as config_lib
-from flaxlab import metrics, plots
+from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
 from flaxlab.runner import default_workdir, fit, load_dataset, set_up, write_json
 from flaxlab.train import STACKABLE
@@ -118,22 +118,26 @@ def _split_history(history, index, seeds):
 
 
 def _row(label, program_index, history):
+    """A variant's final test score (accuracy, or Dice for segmentation) over its seeds."""
+    score = metrics.score_name(history)
     stats = {s["metric"]: s for s in metrics.final_stats(history)}
-    acc, best = stats["final test accuracy"], stats["best test accuracy"]
-    return {"variant": label, "program": program_index, "seeds": acc["n"],
-            "test_accuracy_mean": acc["mean"], "test_accuracy_std": acc["std"], "test_accuracy_min": acc["min"],
-            "test_accuracy_max": acc["max"], "best_test_accuracy_mean": best["mean"],
+    final, best = stats[f"final test {score}"], stats[f"best test {score}"]
+    return {"variant": label, "program": program_index, "seeds": final["n"],
+            f"test_{score}_mean": final["mean"], f"test_{score}_std": final["std"], f"test_{score}_min": final["min"],
+            f"test_{score}_max": final["max"], f"best_test_{score}_mean": best["mean"],
             "test_loss_mean": stats["final test loss"]["mean"],
-            "train_accuracy_mean": stats["final train accuracy"]["mean"]}
+            f"train_{score}_mean": stats[f"final train {score}"]["mean"]}
 
 
 def markdown_table(rows):
-    lines = ["| variant | program | seeds | final test accuracy (mean ± std) | min | max | best epoch (mean) "
+    score = "dice" if "test_dice_mean" in rows[0] else "accuracy"
+    fmt = lambda v: metrics.format_score(score, v)  # noqa: E731
+    lines = [f"| variant | program | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
              "| final test loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {100 * r['test_accuracy_mean']:.2f} ± "
-                     f"{100 * r['test_accuracy_std']:.2f}% | {100 * r['test_accuracy_min']:.2f}% | "
-                     f"{100 * r['test_accuracy_max']:.2f}% | {100 * r['best_test_accuracy_mean']:.2f}% | "
+        lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {fmt(r[f'test_{score}_mean']).rstrip('%')} ± "
+                     f"{fmt(r[f'test_{score}_std'])} | {fmt(r[f'test_{score}_min'])} | "
+                     f"{fmt(r[f'test_{score}_max'])} | {fmt(r[f'best_test_{score}_mean'])} | "
                      f"{r['test_loss_mean']:.4f} |")
     return "\n".join(lines)
 
@@ -178,14 +182,19 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
         compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
-        _, _, history, best_epochs = fit(
+        states, best, history, best_epochs = fit(
             s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
             select=program.config["best_metric"] or None, patience=program.config["patience"], progress=progress,
             log=log, on_epoch=lambda h: save(split(h)))
         histories.update(split(history))
+        image_scores = None
+        if dataset.is_segmentation:  # per-image Dice of each model's final (or selected) state
+            predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
+            image_scores = [analysis.dice_per_image(p, dataset.test.labels) for p in predictions]
         for i, label in enumerate(labels):
             trials += metrics.trial_rows(label, histories[label], config["seed"],
-                                         best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None)
+                                         best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
+                                         image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                              "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
                              "train_s": round(sum(history["epoch_time_s"]), 3)})
@@ -194,7 +203,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     wall_s = time.perf_counter() - start
 
     table = markdown_table(rows)
-    selected = (f" (test accuracy at each model's best {config['best_metric']} epoch, and at the last)"
+    score = metrics.score_name(next(iter(histories.values())))
+    selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
                 if config["best_metric"] else "")
     (workdir / "results.csv").write_text(csv_text(rows))
     (workdir / "trials.csv").write_text(csv_text(trials))

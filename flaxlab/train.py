@@ -69,6 +69,30 @@ def classification_sums(logits, labels, mask=None):
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
+def dice_scores(predicted, target):
+    """Per image: Dice = F1 = 2|P & T| / (|P| + |T|) of the foreground (class > 0); 1 when both are empty."""
+    p, t = (predicted > 0).reshape(predicted.shape[0], -1), (target > 0).reshape(target.shape[0], -1)
+    overlap, total = (p & t).sum(-1), p.sum(-1) + t.sum(-1)
+    return jnp.where(total > 0, 2.0 * overlap / jnp.maximum(total, 1), 1.0)
+
+
+def segmentation_sums(logits, masks, mask=None):
+    """Per image: mean pixel cross-entropy, pixel accuracy and Dice; summed over images, like
+    `classification_sums`, so epoch figures are means over images (the reports' per-image averages)."""
+    masks = masks.astype(jnp.int32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=(1, 2))
+    predicted = logits.argmax(-1)
+    correct = (predicted == masks).mean(axis=(1, 2))
+    mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum(),
+            "dice": (dice_scores(predicted, masks) * mask).sum()}
+
+
+def metric_sums(logits, labels, mask=None):
+    """Classification (one label per example) or segmentation (one label per pixel), by the labels' rank."""
+    return (segmentation_sums if labels.ndim > 1 else classification_sums)(logits, labels, mask)
+
+
 def train_step(state, batch, rng):
     """One optimizer step on one batch: (state, batch, rng) -> (state, metric sums)."""
     hparams = state.hparams
@@ -77,7 +101,7 @@ def train_step(state, batch, rng):
     def loss_fn(params):
         logits, updates = state.apply_fn(state.variables(params), batch["image"], train=True,
                                          rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
-        sums = classification_sums(logits, batch["label"])
+        sums = metric_sums(logits, batch["label"], batch.get("mask"))
         loss = sums["loss"] / sums["count"]
         if "l1" in hparams:
             loss = loss + hparams["l1"] * l1_penalty(params)
@@ -92,34 +116,52 @@ def train_step(state, batch, rng):
 
 def eval_step(state, batch):
     logits = state.apply_fn(state.variables(), batch["image"], train=False)
-    return classification_sums(logits, batch["label"], batch.get("mask"))
+    return metric_sums(logits, batch["label"], batch.get("mask"))
 
 
 def _add(totals, sums):
     return jax.tree.map(jnp.add, totals, sums)
 
 
-def _zero_sums():
-    return {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+def _zero_sums(segmentation=False):
+    names = ("loss", "correct", "count") + (("dice",) if segmentation else ())
+    return {name: jnp.zeros(()) for name in names}
 
 
-def _indexed_train_step(carry, step, *, data, order, key, batch_size, augment):
-    """Train step number `step` of an epoch, its batch gathered (and augmented) on device."""
+def _is_segmentation(data):
+    return data["label"].ndim > 1
+
+
+def _indexed_train_step(carry, step, *, data, order, key, batch_size, augment, drop_last=True):
+    """Train step number `step` of an epoch, its batch gathered (and augmented) on device.
+
+    Without `drop_last`, the epoch's last batch is filled up with examples from its start and those
+    carry no weight (`mask`): the reports' DataLoaders that kept a short last batch, in fixed shapes.
+    """
     state, totals = carry
-    idx = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+    if drop_last:
+        idx, mask = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size), None
+    else:
+        position = step * batch_size + jnp.arange(batch_size)
+        idx, mask = order[position % order.shape[0]], position < order.shape[0]
     batch = {"image": preprocess(data["image"][idx]), "label": data["label"][idx]}
+    if mask is not None:
+        batch["mask"] = mask
     key = jax.random.fold_in(key, step)
     if augment is not None:
         augment_key, key = jax.random.split(key)
-        batch["image"] = augment(augment_key, batch["image"])
+        maps = batch["label"] if _is_segmentation(data) else None
+        batch["image"], maps = augment(augment_key, batch["image"], maps)
+        if maps is not None:
+            batch["label"] = maps
     state, sums = train_step(state, batch, key)
     return (state, _add(totals, sums)), None
 
 
-def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, augment=None):
+def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, augment=None, drop_last=True):
     """`steps` consecutive steps of one model: a plain call when steps == 1, else one lax.scan."""
     body = functools.partial(_indexed_train_step, data=data, order=order, key=key, batch_size=batch_size,
-                             augment=augment)
+                             augment=augment, drop_last=drop_last)
     if steps == 1:
         return body((state, totals), first_step)[0]
     return jax.lax.scan(body, (state, totals), first_step + jnp.arange(steps))[0]
@@ -141,7 +183,7 @@ def evaluate(state, data, *, batch_size):
     """Metric sums of one model over a whole device-resident split (padded last batch masked)."""
     num_batches = -(-data["label"].shape[0] // batch_size)
     body = functools.partial(_indexed_eval_step, state=state, data=data, batch_size=batch_size)
-    return jax.lax.scan(body, _zero_sums(), jnp.arange(num_batches))[0]
+    return jax.lax.scan(body, _zero_sums(_is_segmentation(data)), jnp.arange(num_batches))[0]
 
 
 def _indexed_predictions(_, index, *, state, data, batch_size):
@@ -150,10 +192,11 @@ def _indexed_predictions(_, index, *, state, data, batch_size):
 
 
 def predict(state, data, *, batch_size):
-    """Predicted class of every example of a device-resident split, for one model."""
+    """Predicted class of every example (every pixel, for segmentation) of a device-resident split, for one model."""
     n = data["label"].shape[0]
     body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size)
-    return jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1].reshape(-1)[:n]
+    predictions = jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1]
+    return predictions.reshape((-1,) + predictions.shape[2:])[:n]
 
 
 def epoch_orders(keys, epoch, num_examples):
@@ -226,8 +269,9 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, *, num_models=1, batch_size=32, eval_batch_size=1000,
-                 epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None):
+                 epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None, drop_last=True):
         self.model, self.optimizer, self.num_models = model, dict(optimizer), num_models
+        self.drop_last, self.segmentation = drop_last, False
         self.tx = make_optimizer(self.optimizer)
         self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
         self.epoch_mode = resolve_epoch_mode(epoch_mode)
@@ -261,20 +305,31 @@ class Trainer:
                               hparams={STACKABLE[k]: v for k, v in hp.items() if STACKABLE[k] != "optimizer"})
         return jax.jit(jax.vmap(init_one))(keys, hparams)
 
+    def images_per_epoch(self, num_examples):
+        """Examples trained on per epoch and model (a kept short last batch's filler not counted)."""
+        return self.steps_per_epoch(num_examples) * self.batch_size if self.drop_last else num_examples
+
     def steps_per_epoch(self, num_examples):
-        return num_examples // self.batch_size  # drop_last, as the reports' DataLoaders did
+        if self.drop_last:  # as most of the reports' DataLoaders did
+            return num_examples // self.batch_size
+        return -(-num_examples // self.batch_size)
 
     def compile(self, states, train_data, test_data, val_data=None):
         """Compiles the epoch's functions for these shapes; returns the seconds it took."""
         t0 = time.perf_counter()
         n = train_data["label"].shape[0]
+        if not self.drop_last and self.batch_size > n:  # one full batch per epoch: no filler to compute
+            self.batch_size = n
         steps = self.steps_per_epoch(n)
         if steps < 1:
-            raise UsageError(f"batch size {self.batch_size} is larger than the training set ({n} examples)")
+            raise UsageError(f"batch size {self.batch_size} is larger than the training set ({n} examples) "
+                             "and drop_last is on")
         chunk = 1 if self.epoch_mode == "step" else largest_divisor_at_most(steps, self.scan_steps or steps)
         k = self.width
+        self.segmentation = _is_segmentation(train_data)
         states = states if k == self.num_models else _model_slice(states, 0)
-        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size, augment=self.augment)
+        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size, augment=self.augment,
+                                drop_last=self.drop_last)
         run = jax.jit(per_model(run, k, (0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
         keys = jax.random.split(jax.random.key(0), k)
         orders, step_keys = epoch_orders(keys, 0, n)
@@ -292,7 +347,7 @@ class Trainer:
         return time.perf_counter() - t0
 
     def _zero_totals(self):
-        return jax.tree.map(lambda z: jnp.zeros((self.width,)), _zero_sums())
+        return jax.tree.map(lambda z: jnp.zeros((self.width,)), _zero_sums(self.segmentation))
 
     def _groups(self, *stacked):
         """The stacked arguments as the compiled functions take them: all at once, or one model each."""
@@ -329,6 +384,9 @@ class Trainer:
 
 
 def summarize(sums):
-    """Metric sums (device arrays, one entry per model) to mean loss and accuracy lists on the host."""
+    """Metric sums (device arrays, one entry per model) to mean loss, accuracy (and Dice) lists on the host."""
     sums = jax.device_get(sums)
-    return {"loss": (sums["loss"] / sums["count"]).tolist(), "accuracy": (sums["correct"] / sums["count"]).tolist()}
+    out = {"loss": (sums["loss"] / sums["count"]).tolist(), "accuracy": (sums["correct"] / sums["count"]).tolist()}
+    if "dice" in sums:
+        out["dice"] = (sums["dice"] / sums["count"]).tolist()
+    return out

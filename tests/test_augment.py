@@ -19,7 +19,7 @@ def test_random_rotation_stays_within_its_range():
     image = np.zeros((1, 29, 29, 1), np.float32)
     image[0, 14, 4:25] = 1.0
     images = jnp.asarray(np.repeat(image, 64, axis=0))
-    out = np.asarray(jax.jit(lambda k, x: augment.random_rotate(k, x, 20.0))(jax.random.key(1), images))
+    out = np.asarray(jax.jit(lambda k, x: augment.random_rotate(k, x, 20.0)[0])(jax.random.key(1), images))
     assert out[:, :8].max() == 0 and out[:, 21:].max() == 0
     assert len({round(float(np.abs(o - image[0]).sum()), 3) for o in out}) > 50  # a fresh angle per image
 
@@ -27,7 +27,8 @@ def test_random_rotation_stays_within_its_range():
 def test_make_augment_is_none_without_options_and_flips_half():
     assert augment.make_augment({"rotate": 0.0, "flip_lr": False, "flip_ud": False}) is None
     images = jnp.broadcast_to(jnp.arange(4.0)[None, None, :, None], (1000, 2, 4, 1))
-    flipped = augment.make_augment({"flip_lr": True})(jax.random.key(0), images)
+    flipped, maps = augment.make_augment({"flip_lr": True})(jax.random.key(0), images)
+    assert maps is None
     share = float((flipped[:, 0, 0, 0] == 3.0).mean())
     assert 0.45 < share < 0.55
 
@@ -45,7 +46,7 @@ def test_dropout_takes_a_traced_rate(rate):
 
 def test_random_crop_is_a_shift_of_at_most_the_padding():
     images = jax.random.uniform(jax.random.key(2), (256, 8, 8, 3)) + 1.0  # no zeros of its own
-    out = np.asarray(jax.jit(lambda k, x: augment.random_crop(k, x, 2))(jax.random.key(3), images))
+    out = np.asarray(jax.jit(lambda k, x: augment.random_crop(k, x, 2)[0])(jax.random.key(3), images))
     shifts = set()
     for original, cropped in zip(np.asarray(images), out):
         padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
@@ -59,7 +60,24 @@ def test_random_crop_is_a_shift_of_at_most_the_padding():
 
 def test_jitter_scales_brightness_and_contrast_within_range():
     images = jax.random.uniform(jax.random.key(4), (512, 6, 6, 3), minval=0.3, maxval=0.6)
-    out = np.asarray(augment.random_jitter(jax.random.key(5), images, 0.3))
+    out = np.asarray(augment.random_jitter(jax.random.key(5), images, 0.3)[0])
     assert out.min() >= 0 and out.max() <= 1
     ratio = out.mean(axis=(1, 2, 3)) / np.asarray(images).mean(axis=(1, 2, 3))  # contrast keeps the mean
     assert 0.69 < ratio.min() < 0.75 and 1.25 < ratio.max() < 1.31
+
+
+@pytest.mark.parametrize("options", [{"flip_lr": True, "flip_ud": True}, {"crop": 3}, {"rotate": 30.0}])
+def test_masks_move_with_their_images(options):
+    # the mask marks exactly the bright pixels of each image: after augmentation it still must
+    rng = np.random.default_rng(0)
+    masks = (rng.random((64, 12, 12)) > 0.7).astype(np.uint8)
+    images = jnp.asarray(masks[..., None] * np.ones((1, 1, 1, 3), np.float32))
+    out, out_masks = jax.jit(augment.make_augment(options))(jax.random.key(6), images, jnp.asarray(masks))
+    out, out_masks = np.asarray(out), np.asarray(out_masks)
+    assert out_masks.dtype == np.uint8 and out_masks.shape == masks.shape
+    changed = (out_masks != masks).any(axis=(1, 2)).mean()
+    assert changed > 0.3  # most images were moved
+    if "rotate" in options:  # bilinear image vs nearest mask: they agree away from edges
+        assert ((out[..., 0] > 0.5) == (out_masks == 1)).mean() > 0.9
+    else:
+        np.testing.assert_array_equal(out[..., 0], out_masks.astype(np.float32))

@@ -1,0 +1,236 @@
+"""Segmentation inputs: images with per-pixel masks, as uint8 NHWC images and NHW {0, 1} masks.
+
+Two layouts, read from a folder or an archive (streamed, as in `flaxlab.image_data`):
+- paired: `[SPLIT/]images/NAME.ext` with `[SPLIT/]masks/NAME.ext` (ext png, bmp, jpg; the mask's may
+  differ), as in ../shared/data's JSRT and GlaS archives;
+- the GlaS release: `SPLIT_N.bmp` with `SPLIT_N_anno.bmp` (SPLIT train, testA, testB), whose
+  annotations number the glands (instance ids): every value > 0 is gland.
+Images are resized bilinearly, masks by nearest neighbour, both to the experiment's size; greyscale
+images (JSRT's X-rays) keep one channel.
+"""
+import dataclasses
+import io
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from flaxlab.data import Dataset, Split, resolve_source
+from flaxlab.errors import DataError, UsageError
+from flaxlab.image_data import (_cached, _check_size, _find, _first_line, _iter_files, _pil, _where,
+                                _with_how_to)
+
+IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+_GLAS_NAME = re.compile(r"^(train|testA|testB|test|val)_(\d+)(_anno)?$")
+
+GLAS_URL = "https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"
+HOW_TO_GET_GLAS = (f"download the GlaS (Warwick-QU) release from {GLAS_URL} and pass its folder (or zip) with "
+                   "--data-dir; a folder or tar of SPLIT/images/NAME.png + SPLIT/masks/NAME.png also works")
+GLAS_CANDIDATES = ("glas-half-train-testA.tar.gz", "glas", "Warwick QU Dataset (Released 2016_07_08)",
+                   "warwick_qu_dataset_released_2016_07_08.zip", "Warwick_QU_Dataset", "GlaS")
+JSRT_URL = "http://db.jsrt.or.jp/eng.php"
+HOW_TO_GET_JSRT = (f"get the JSRT radiographs ({JSRT_URL}) with lung masks (e.g. SCR) as 256x256 "
+                   "SPLIT/images/ID.png + SPLIT/masks/ID.png and pass their folder or tar with --data-dir")
+JSRT_CANDIDATES = ("jsrt-lungs-256-trainval.tar.gz", "jsrt256", "jsrt", "JSRT")
+HOW_TO_GET_PAIRED = "pass a folder or archive of SPLIT/images/NAME.png with SPLIT/masks/NAME.png with --data-dir"
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLES = {"glas": ASSETS / "glas-sample" / "glas-sample.tar.gz",
+           "jsrt": ASSETS / "jsrt-sample" / "jsrt-sample.tar.gz"}
+
+
+def _role(rel):
+    """(split, name, 'image' | 'mask') of a file in either layout, or None for other files."""
+    path = PurePosixPath(rel)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES) or path.name.startswith(".") or "__MACOSX" in rel:
+        return None
+    if path.parent.name in ("images", "masks"):
+        split = path.parent.parent.name
+        return split, path.stem, "image" if path.parent.name == "images" else "mask"
+    match = _GLAS_NAME.match(path.stem)
+    if match:
+        return match.group(1), f"{match.group(1)}_{match.group(2)}", "mask" if match.group(3) else "image"
+    return None
+
+
+def _open(raw, path, rel):
+    Image = _pil()
+    try:
+        im = Image.open(io.BytesIO(raw))
+        im.load()  # decode now: a truncated file fails here
+        return im
+    except Exception as e:  # Pillow raises many kinds for a bad file
+        raise DataError(f"cannot decode {_where(path, rel)}: {_first_line(e)}") from None
+
+
+def _decode_image(raw, path, rel, size):
+    """uint8 (h, w, 1) for greyscale files, (h, w, 3) for the rest; bilinear resize."""
+    Image = _pil()
+    im = _open(raw, path, rel)
+    im = im.convert("L" if im.mode in ("L", "I", "I;16", "1", "LA") else "RGB")
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    array = np.asarray(im, np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _decode_mask(raw, path, rel, size):
+    """{0, 1} uint8 (h, w): any non-zero value is foreground (0/255 masks, GlaS's gland ids); nearest resize."""
+    Image = _pil()
+    im = _open(raw, path, rel)
+    if im.mode not in ("L", "P", "I", "I;16", "1"):  # colour masks: any non-black pixel
+        im = im.convert("L")
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.NEAREST)
+    return (np.asarray(im) > 0).astype(np.uint8)
+
+
+def _stack(arrays, what, path):
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        a, b = sorted(shapes)[:2]
+        raise DataError(f"{what} in {path} differ in size ({a[1]}x{a[0]} and {b[1]}x{b[0]}); set --data.size H,W")
+    return np.stack(arrays)
+
+
+def read_pairs(path, size=None):
+    """{split: (images NHWC, masks NHW, names)} of a folder or archive in either layout, names sorted."""
+    size = _check_size(size)
+    found = {}
+    for rel, raw in _iter_files(path, lambda rel: _role(rel) is not None):
+        split, name, kind = _role(rel)
+        decode = _decode_image if kind == "image" else _decode_mask
+        entry = found.setdefault(split, {}).setdefault(name, {})
+        if kind in entry:
+            raise DataError(f"two {kind}s named {name} in split '{split or '.'}' of {path}")
+        entry[kind] = (rel, decode(raw, path, rel, size))
+    if not found:
+        raise DataError(f"no images with masks in {path} (expected SPLIT/images/NAME + SPLIT/masks/NAME, "
+                        "or GlaS's SPLIT_N.bmp + SPLIT_N_anno.bmp)")
+    out = {}
+    for split, entries in sorted(found.items()):
+        for name, entry in entries.items():
+            if len(entry) == 1:
+                (kind, (rel, _)), = entry.items()
+                raise DataError(f"{_where(path, rel)} has no {'mask' if kind == 'image' else 'image'} "
+                                f"(split '{split or '.'}' pairs images/NAME with masks/NAME)")
+        names = sorted(entries, key=_natural)
+        images = _stack([entries[n]["image"][1] for n in names], "images", path)
+        masks = _stack([entries[n]["mask"][1] for n in names], "masks", path)
+        if images.shape[1:3] != masks.shape[1:3]:
+            raise DataError(f"images and masks of split '{split or '.'}' in {path} differ in size "
+                            f"({images.shape[2]}x{images.shape[1]} vs {masks.shape[2]}x{masks.shape[1]})")
+        channels = {entries[n]["image"][1].shape[-1] for n in names}
+        if len(channels) > 1:  # mixed greyscale and colour files: colour for all
+            images = np.stack([np.broadcast_to(entries[n]["image"][1], (*images.shape[1:3], 3)) for n in names])
+        out[split] = (images, masks, names)
+    return out
+
+
+def _natural(name):
+    """train_2 before train_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def random_hold_out(split, fraction, seed, what="val"):
+    """(rest, held-out) of a segmentation split: `fraction` of its images at random."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"--data.{what}_fraction must be in (0, 1), got {fraction}")
+    n = len(split)
+    held = int(round(fraction * n))
+    if held < 1 or held >= n:
+        raise UsageError(f"--data.{what}_fraction {fraction} of {n} images leaves "
+                         f"{'nothing to hold out' if held < 1 else 'nothing to train on'}")
+    order = np.random.default_rng(seed).permutation(n)
+    rest, out = np.sort(order[held:]), np.sort(order[:held])
+    return Split(split.images[rest], split.labels[rest]), Split(split.images[out], split.labels[out])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a segmentation data set is found and which of its splits are train and test."""
+    name: str
+    candidates: tuple
+    how_to: str
+    train: tuple = ("train", "")
+    test: tuple = ("test", "testA", "val")
+    default_size: tuple = None
+
+
+LAYOUTS = {
+    "glas": Layout("glas", GLAS_CANDIDATES, HOW_TO_GET_GLAS, test=("testA", "test"), default_size=(128, 128)),
+    # JSRT's own `val` split is what the ADL report evaluates on: it is the test split here, and
+    # --data.val_fraction holds a validation split out of train for early stopping
+    "jsrt": Layout("jsrt", JSRT_CANDIDATES, HOW_TO_GET_JSRT, test=("val", "test"), default_size=(256, 256)),
+    "paired": Layout("paired", (), HOW_TO_GET_PAIRED),
+}
+
+
+def _looks_right(folder):
+    return any(folder.glob("*/images")) or any(folder.glob("images")) or any(folder.glob("*_anno.bmp")) \
+        or any(folder.glob("*/*_anno.bmp"))
+
+
+def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fraction=0.2, seed=0, cache=True):
+    """One segmentation data set from --data-dir: its train split, its test split (held out of train
+    when there is none) and, with `val_fraction`, a validation split held out of train."""
+    layout = LAYOUTS[layout]
+    size = _check_size(size)
+    source = _find(data_dir, layout.candidates, _looks_right, layout.how_to)
+    if source is None:
+        raise DataError(f"no {layout.name} data in {data_dir} (looked for {', '.join(layout.candidates)} "
+                        f"and SPLIT/images + SPLIT/masks); {layout.how_to}")
+
+    def compute():
+        splits = _with_how_to(layout.how_to, read_pairs, source, size)
+        train = next((s for s in layout.train if s in splits), None)
+        if train is None:
+            raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in splits)}); "
+                            f"{layout.how_to}")
+        test = next((s for s in layout.test if s in splits and s != train), None)
+        arrays = {"train_images": splits[train][0], "train_masks": splits[train][1],
+                  "splits": np.array([train, test or ""])}
+        if test:
+            arrays.update(test_images=splits[test][0], test_masks=splits[test][1])
+        return arrays
+
+    arrays = _cached(f"seg-{layout.name}", size, [source], compute, cache)
+    train_split, test_split = (str(s) for s in arrays["splits"])
+    train = Split(arrays["train_images"], arrays["train_masks"])
+    where = f"files:{Path(source).resolve()}"
+    if "test_images" in arrays:
+        test = Split(arrays["test_images"], arrays["test_masks"])
+        where += f" (test = its {test_split} split)"
+    else:
+        train, test = random_hold_out(train, test_fraction, seed, "test")
+        where += f" (test = {test_fraction:.0%} of train, seed {seed})"
+    val = None
+    if val_fraction:
+        train, val = random_hold_out(train, val_fraction, seed + 1)
+        where += f" (val = {val_fraction:.0%} of the rest of train)"
+    return Dataset(layout.name, where, train, test, num_classes=2, val=val)
+
+
+def _entry_point(layout):
+    def load(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.2):
+        data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+        source = resolve_source(layout, source, data_dir, tfds_dir)
+        size = size or LAYOUTS[layout].default_size
+        if source == "files":
+            if not data_dir:
+                raise DataError(f"--data.source=files needs --data-dir; {LAYOUTS[layout].how_to}")
+            return load_segmentation(layout, data_dir, size, val_fraction, test_fraction)
+        if layout not in SAMPLES:
+            raise DataError(f"no sample of '{layout}' ships with flaxlab; {LAYOUTS[layout].how_to}")
+        sample = SAMPLES[layout]
+        ds = load_segmentation(layout, sample, size, val_fraction, test_fraction, cache=False)
+        return dataclasses.replace(ds, source=f"sample:flaxlab/assets/{sample.parent.name}"
+                                              + ds.source.partition(sample.name)[2])
+    load.__name__ = layout
+    load.__doc__ = f"The {layout} segmentation set for an experiment: from --data-dir" + \
+        (" or the shipped sample." if layout in SAMPLES else ".")
+    return load
+
+
+glas, jsrt, paired = (_entry_point(name) for name in ("glas", "jsrt", "paired"))

@@ -1,0 +1,218 @@
+"""Segmentation: paired and GlaS-release data, the FCNs and U-Net (against PyTorch's layers), per-image
+Dice, masks that move with their images, short last batches, and the experiments end to end on the
+shipped samples (and on the real GlaS when ../shared is there)."""
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from experiments import EXPERIMENTS
+from flaxlab import analysis, data, models, seg_data, train
+from flaxlab.errors import DataError
+from flaxlab.runner import run_experiment
+from test_cli import cli
+
+
+def _png(array, path, fmt="PNG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, fmt)
+
+
+def _pairs(root, split, count, size=(20, 30), grey=False, rng=np.random.default_rng(0)):
+    for i in range(count):
+        shape = size if grey else (*size, 3)
+        _png(rng.integers(0, 256, shape, dtype=np.uint8), root / split / "images" / f"case{i}.png")
+        mask = np.zeros(size, np.uint8)
+        mask[: size[0] // 2, : i + 1] = 255
+        _png(mask, root / split / "masks" / f"case{i}.png")
+
+
+def test_paired_layout_resizes_images_bilinear_and_masks_nearest(tmp_path):
+    _pairs(tmp_path, "train", 5, grey=True)
+    _pairs(tmp_path, "test", 2, grey=True)
+    ds = seg_data.load_segmentation("paired", tmp_path, size=(10, 15), val_fraction=0.2, cache=False)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 1, 2) and ds.is_segmentation
+    assert ds.train.images.shape[1:] == (10, 15, 1) and ds.train.labels.shape[1:] == (10, 15)
+    assert set(np.unique(ds.train.labels)) <= {0, 1} and ds.num_classes == 2
+    native = seg_data.read_pairs(tmp_path)["test"]
+    assert native[0].shape == (2, 20, 30, 1) and native[2] == ["case0", "case1"]
+    np.testing.assert_array_equal(native[1][1], (np.asarray(Image.open(tmp_path / "test/masks/case1.png")) > 0))
+
+
+def test_glas_release_layout_marks_every_gland_id_as_foreground(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 3), ("testA", 2), ("testB", 1)):
+        for i in range(1, n + 1):
+            _png(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8), tmp_path / f"{split}_{i}.bmp", "BMP")
+            anno = np.zeros((16, 24), np.uint8)
+            anno[2:6, 2:6], anno[8:12, 10:20] = 1, 7  # two glands, instance ids 1 and 7
+            _png(anno, tmp_path / f"{split}_{i}_anno.bmp", "BMP")
+    splits = seg_data.read_pairs(tmp_path)
+    assert sorted(splits) == ["testA", "testB", "train"] and splits["train"][2] == ["train_1", "train_2", "train_3"]
+    assert splits["train"][1].sum(axis=(1, 2)).tolist() == [16 + 40] * 3
+    ds = seg_data.load_segmentation("glas", tmp_path, size=(8, 12), cache=False)
+    assert (len(ds.train), len(ds.test)) == (3, 2) and "test = its testA split" in ds.source
+
+
+def test_bad_segmentation_data_is_one_clear_error(tmp_path):
+    _pairs(tmp_path, "train", 2)
+    (tmp_path / "train" / "masks" / "case1.png").unlink()
+    with pytest.raises(DataError, match="case1.png has no mask"):
+        seg_data.read_pairs(tmp_path)
+    (tmp_path / "train" / "images" / "case1.png").write_bytes(b"not a png")
+    _png(np.zeros((20, 30), np.uint8), tmp_path / "train" / "masks" / "case1.png")
+    with pytest.raises(DataError, match="cannot decode .*case1.png"):
+        seg_data.read_pairs(tmp_path)
+    _png(np.zeros((5, 5, 3), np.uint8), tmp_path / "train" / "images" / "case1.png")
+    with pytest.raises(DataError, match="differ in size"):
+        seg_data.read_pairs(tmp_path)
+    with pytest.raises(DataError, match="no images with masks"):
+        seg_data.read_pairs(tmp_path / "train" / "images")
+
+
+def test_shipped_samples_load_as_the_experiments_want_them():
+    glas = data.load("glas", source="sample", size=(128, 128), val_fraction=0.15)
+    assert glas.train.images.shape[1:] == (128, 128, 3) and len(glas.test) == 6 and len(glas.val) == 2
+    jsrt = data.load("jsrt", source="sample", val_fraction=0.15)
+    assert jsrt.train.images.shape[1:] == (256, 256, 1) and len(jsrt.test) == 6
+    assert 0.2 < jsrt.train.labels.mean() < 0.5  # lungs are about a third of a chest X-ray
+
+
+def test_real_glas_and_jsrt_have_their_documented_sizes(shared_data):
+    glas = data.load("glas", source="files", data_dir=shared_data)
+    jsrt = data.load("jsrt", source="files", data_dir=shared_data)
+    assert (len(glas.train), len(glas.test)) == (85, 60) and (len(jsrt.train), len(jsrt.test)) == (174, 22)
+
+
+def test_dice_is_the_per_image_f1_of_the_foreground():
+    rng = np.random.default_rng(2)
+    predicted, target = rng.random((6, 9, 9)) > 0.5, rng.random((6, 9, 9)) > 0.6
+    predicted[5], target[5] = False, False  # both empty: a perfect score
+    tp = (predicted & target).sum((1, 2))
+    precision, recall = tp / np.maximum(predicted.sum((1, 2)), 1), tp / np.maximum(target.sum((1, 2)), 1)
+    f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    f1[5] = 1.0
+    np.testing.assert_allclose(analysis.dice_per_image(predicted, target), f1, rtol=1e-12)
+    np.testing.assert_allclose(train.dice_scores(jnp.asarray(predicted, jnp.int32), jnp.asarray(target, jnp.int32)),
+                               f1, rtol=1e-6)
+
+
+def test_segmentation_sums_average_pixels_per_image_and_skip_masked_images():
+    logits = jax.random.normal(jax.random.key(0), (3, 4, 5, 2))
+    masks = jax.random.bernoulli(jax.random.key(1), 0.4, (3, 4, 5)).astype(jnp.uint8)
+    sums = train.segmentation_sums(logits, masks, jnp.array([True, True, False]))
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, masks.astype(jnp.int32))
+    np.testing.assert_allclose(sums["loss"], per_pixel[:2].mean(axis=(1, 2)).sum(), rtol=1e-6)
+    assert float(sums["count"]) == 2
+    np.testing.assert_allclose(sums["dice"], analysis.dice_per_image(np.asarray(logits.argmax(-1))[:2],
+                                                                     np.asarray(masks)[:2]).sum(), rtol=1e-6)
+
+
+def test_transposed_conv_and_upsampling_match_pytorch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal((2, 5, 6, 4)).astype(np.float32)
+    layer = models.ConvTranspose(3, 2)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    ours = np.asarray(layer.apply(variables, jnp.asarray(x)))
+    reference = torch.nn.ConvTranspose2d(4, 3, 2, stride=2)
+    with torch.no_grad():  # torch's weight is (in, out, kh, kw)
+        reference.weight.copy_(torch.from_numpy(np.array(variables["params"]["kernel"]).transpose(2, 3, 0, 1).copy()))
+        reference.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+        theirs = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    bound = 1 / np.sqrt(3 * 2 * 2)  # torch's init: fan-in = out_channels * k * k
+    assert np.abs(variables["params"]["kernel"]).max() <= bound
+    for method in ("bilinear", "nearest"):
+        up = torch.nn.Upsample(scale_factor=2, mode=method, **({"align_corners": False} if method == "bilinear" else {}))
+        theirs = up(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(models.Upsample(method).apply({}, jnp.asarray(x)), theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape,weights", [("fcn", (128, 128, 3), 8_634), ("fcn2", (128, 128, 3), 11_746),
+                                                ("unet", (256, 256, 1), 13_394_242)])
+def test_segmentation_networks_keep_the_input_size(name, shape, weights):
+    model = models.make_model({"name": name}, 2)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    assert models.count_params(variables["params"]) == weights
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *shape))), variables)
+    assert out.shape == (2, *shape[:2], 2)
+
+
+def test_a_kept_short_last_batch_trains_on_every_image_once():
+    dataset = data.load("glas", source="sample", size=(32, 32))
+    model = models.make_model({"name": "fcn"}, 2)
+    trainer = train.Trainer(model, {"name": "adam", "lr": 1e-3}, batch_size=4, drop_last=False)
+    states = trainer.init(jax.random.key(0)[None], dataset.train.images.shape[1:])
+    device = {name: data.to_device(getattr(dataset, name)) for name in ("train", "test")}
+    trainer.compile(states, device["train"], device["test"])
+    assert trainer.steps_per_epoch(len(dataset.train)) == 3  # 12 images: 4 + 4 + 4; 10 would be 4 + 4 + 2
+    states, sums = trainer.train_epoch(states, device["train"], jax.random.key(1)[None], 1)
+    assert float(sums["count"][0]) == len(dataset.train) and int(states.step[0]) == 3
+    small = data.Split(dataset.train.images[:10], dataset.train.labels[:10])
+    trainer = train.Trainer(model, {"name": "adam", "lr": 1e-3}, batch_size=4, drop_last=False)
+    trainer.compile(states, data.to_device(small), device["test"])
+    states, sums = trainer.train_epoch(states, data.to_device(small), jax.random.key(1)[None], 1)
+    assert float(sums["count"][0]) == 10 and trainer.images_per_epoch(10) == 10
+
+
+def _quiet(config, tmp_path, **fields):
+    config = {**config, "epochs": 2, "checkpoint_every": 0, **fields}
+    return run_experiment(config, workdir=tmp_path / config["name"], progress=False, log=lambda *a: None)
+
+
+def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path):
+    result = _quiet(EXPERIMENTS["glas_fcn2_flips"](), tmp_path, features={"layer": "", "image": 4})
+    files = {p.name for p in result.workdir.iterdir()}
+    assert {"predictions.png", "overlay.png", "scores.json", "curves.png", "filters.png", "features.png"} <= files
+    assert "confusion.png" not in files
+    scores = json.loads((result.workdir / "scores.json").read_text())["per_seed"]
+    assert len(scores) == 1 and len(scores[0]) == 6
+    text = (result.workdir / "results.md").read_text()
+    assert "Per-image DSC on the test split (6 images)" in text and "val dice at selected epoch" in text
+    history = result.history
+    assert len(history["val_dice"]) == 2 and np.mean(scores[0]) == pytest.approx(
+        history["test_dice"][history["epoch"].index(result.info["selected_epochs"][0])][0], abs=1e-5)
+    assert Image.open(result.workdir / "predictions.png").size[1] > 1000  # six rows
+
+
+def test_unet_trials_table_reports_per_image_f1_std_and_min(tmp_path):
+    from flaxlab import sweep
+    config = {**EXPERIMENTS["jsrt_unet_trials"](), "epochs": 1}
+    config["model"] = {**config["model"], "width": 4, "depth": 2}
+    result = sweep.run_sweep(config, workdir=tmp_path, progress=False, log=lambda *a: None)
+    assert [r["variant"] for r in result.rows] == ["bilinear, ReLU", "nearest, ReLU", "bilinear, ELU"]
+    assert len(result.programs) == 3 and all(r["seeds"] == 2 for r in result.rows)
+    text = (tmp_path / "results.md").read_text()
+    assert "final test dice (mean ± std)" in text and "| std over test images | min over test images |" in text
+    assert text.count("| mean ± std |") == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "mnist_cnn", "--best_metric", "val_dice", "--data.val_fraction", "0.1"], "val_dice is for segmentation"),
+    (["run", "jsrt_unet", "--model.upsample", "cubic"], "unknown upsampling 'cubic'"),
+    (["run", "glas_fcn", "--data.source", "tfds"], "TFDS has no glas"),
+    (["run", "glas_fcn", "--data.val_fraction", "0.01"], "leaves nothing to hold out"),
+    (["run", "glas_fcn", "--features.image", "60"], "beyond the test split"),
+])
+def test_bad_segmentation_options_are_one_line_exit_2(tmp_path, args, message):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paired_data_needs_a_folder(tmp_path):
+    out = cli("run", "glas_fcn", "--data.name", "paired", cwd=tmp_path)
+    assert out.returncode == 2 and "no sample of 'paired'" in out.stderr and "--data-dir" in out.stderr
+
+
+def test_fcn2_segments_real_glands(shared_data, tmp_path):
+    config = {**EXPERIMENTS["glas_fcn2_flips"](), "patience": 0}
+    dataset = data.load(data_dir=shared_data, **{**config["data"], "source": "files"})
+    result = run_experiment({**config, "epochs": 15}, workdir=tmp_path / "run", dataset=dataset, progress=False,
+                            log=lambda *a: None)
+    assert max(result.history["test_dice"][e][0] for e in range(15)) > 0.7  # 100 epochs: see the README
