@@ -13,7 +13,9 @@ def base_config(name, description, **sections):
         "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.1,
                  "equalize_histograms": False},
         "model": {},
-        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+        # schedule: constant, or cosine (the learning rate decays to 0 over the run's epochs)
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
+                      "schedule": "constant"},
         "l1": 0.0,  # L1 penalty on all weights, added to the loss
         "batch_size": 32,
         "drop_last": True,  # an epoch's short last batch is dropped (False: trained on, e.g. batch > train set)

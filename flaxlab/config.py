@@ -14,6 +14,7 @@ def _choices():
     return {
         "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
+        "optimizer.schedule": optim.SCHEDULES,
         "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES,
         "best_metric": ("", *metrics.SELECTION_METRICS),
     }

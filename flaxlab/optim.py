@@ -64,14 +64,23 @@ def _rprop(learning_rate, weight_decay):
     return optax.chain(optax.add_decayed_weights(weight_decay), rprop(learning_rate))
 
 
+SCHEDULES = ("constant", "cosine")
 INJECTED = ("lr", "weight_decay")  # config fields that are optimizer state, so a stacked run may vary them
 
 
 def make_optimizer(cfg):
     """An optax transform from the config's optimizer section, its lr and weight decay injected as state.
 
+    `schedule` cosine scales every update by a cosine decay from 1 to 0 over `decay_steps` (the run's
+    steps; set by the runner), on top of each model's own injected learning rate.
     The L1 penalty lives in the loss (see `flaxlab.train.l1_penalty`).
     """
+    schedule = cfg.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+    if schedule == "cosine":
+        decay = optax.cosine_decay_schedule(1.0, max(int(cfg["decay_steps"]), 1))
+        return optax.chain(make_optimizer({**cfg, "schedule": "constant"}), optax.scale_by_schedule(decay))
     name, hyper = cfg["name"], dict(learning_rate=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     if name == "sgd":
         return optax.inject_hyperparams(_sgd, static_args=("momentum", "nesterov"))(

@@ -21,7 +21,7 @@ from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
 from flaxlab.progress import Progress
-from flaxlab.train import STACKABLE, Trainer, summarize
+from flaxlab.train import STACKABLE, Trainer, steps_per_epoch, summarize
 
 
 @dataclasses.dataclass
@@ -71,7 +71,9 @@ def set_up(config, dataset, variants=({},)):
     """
     model = make_model(config["model"], dataset.num_classes)
     num_models = len(variants) * config["seeds"]
-    trainer = Trainer(model, config["optimizer"], num_models=num_models,
+    steps = steps_per_epoch(len(dataset.train), config["batch_size"], config.get("drop_last", True))
+    optimizer = {**config["optimizer"], "decay_steps": config["epochs"] * steps}  # for a schedule
+    trainer = Trainer(model, optimizer, num_models=num_models,
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
@@ -270,7 +272,8 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
 
 def _check_resumable(config, workdir):
     """The run folder to resume must exist and hold this experiment with the same settings
-    (only `epochs` may grow), or the resumed run would not be the interrupted one continued."""
+    (only `epochs` may grow, and not under a learning-rate schedule, which spans them), or the resumed run
+    would not be the interrupted one continued."""
     if workdir is None:
         raise UsageError("--resume needs --workdir: the run folder of the interrupted run")
     saved_path = Path(workdir) / "config.json"
@@ -281,7 +284,8 @@ def _check_resumable(config, workdir):
     except ValueError:
         raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
     saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
-    differ = sorted(k for k in set(saved) | set(mine) if k != "epochs" and saved.get(k) != mine.get(k))
+    growable = () if mine.get("optimizer.schedule", "constant") != "constant" else ("epochs",)  # a schedule spans them
+    differ = sorted(k for k in set(saved) | set(mine) if k not in growable and saved.get(k) != mine.get(k))
     if differ:
         raise UsageError(f"--resume: {workdir} was run with other settings ({', '.join('--' + k for k in differ[:5])}); "
                          "resume with the same options")

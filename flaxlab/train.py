@@ -254,6 +254,12 @@ def largest_divisor_at_most(n, limit):
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def steps_per_epoch(num_examples, batch_size, drop_last=True):
+    if drop_last:  # as most of the reports' DataLoaders did
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)
+
+
 # Config fields that may differ between models trained in one program (a sweep stacks them), and
 # where each lives: the optimizer's injected state, or the TrainState's `hparams`.
 STACKABLE = {"optimizer.lr": "optimizer", "optimizer.weight_decay": "optimizer", "l1": "l1", "model.dropout": "dropout"}
@@ -310,9 +316,7 @@ class Trainer:
         return self.steps_per_epoch(num_examples) * self.batch_size if self.drop_last else num_examples
 
     def steps_per_epoch(self, num_examples):
-        if self.drop_last:  # as most of the reports' DataLoaders did
-            return num_examples // self.batch_size
-        return -(-num_examples // self.batch_size)
+        return steps_per_epoch(num_examples, self.batch_size, self.drop_last)
 
     def compile(self, states, train_data, test_data, val_data=None):
         """Compiles the epoch's functions for these shapes; returns the seconds it took."""

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from flaxlab import metrics
+from flaxlab.errors import UsageError
 from flaxlab.runner import select_models
 
 # two seeds of the GTSRB CNN on the shipped sample, a checkpoint every epoch, each model's best val state kept
@@ -69,6 +70,17 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert "no checkpoint in" in error(*once, "--resume")
     assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
     assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
+
+
+def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
+    from flaxlab.runner import _check_resumable
+    from experiments import EXPERIMENTS
+    config = EXPERIMENTS["glas_fcn"]()
+    config["optimizer"] = {**config["optimizer"], "schedule": "cosine"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _check_resumable(config, tmp_path)
+    with pytest.raises(UsageError, match="other settings \\(--epochs\\)"):
+        _check_resumable({**config, "epochs": config["epochs"] + 10}, tmp_path)
 
 
 def test_best_epochs_and_early_stopping_per_model():

@@ -364,3 +364,20 @@ def test_dataset_errors_are_one_line():
         data.load("gtsrb", source="tfds")
     with pytest.raises(DataError, match="needs --data-dir"):
         data.load("cifar10", source="files")
+
+
+def test_histogram_equalisation_spreads_a_dark_image_and_keeps_its_hues():
+    from flaxlab import data
+    rng = np.random.default_rng(0)
+    dark = (rng.random((2, 16, 16, 1)) * 60 * np.array([1.0, 0.5, 0.25])).astype(np.uint8)  # dim, orange-ish
+    out = data.equalize(dark)
+    assert out.dtype == np.uint8 and out.shape == dark.shape
+    assert out[..., 0].max() >= 250 and out[..., 0].min() <= 5  # the full range is used
+    brighter = out.astype(float).sum(-1) >= dark.astype(float).sum(-1)
+    assert brighter.mean() > 0.9
+    lit = (dark[..., 0] > 20) & (out[..., 0] < 250)  # not clipped at white
+    ratio = out[..., 1][lit] / out[..., 0][lit]
+    assert lit.sum() > 100 and np.abs(ratio - 0.5).max() < 0.05  # hue kept: the channels scale together
+    sample = data.load("gtsrb", source="sample", equalize_histograms=True)
+    plain = data.load("gtsrb", source="sample")
+    assert sample.train.images.mean() > plain.train.images.mean()

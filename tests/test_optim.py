@@ -65,3 +65,18 @@ def test_rprop_jits_and_vmaps():
     state = jax.vmap(tx.init)(params)
     updates, _ = jax.jit(jax.vmap(tx.update))({"w": -jnp.ones((4, 2, 3))}, state, params)
     chex.assert_trees_all_close(updates, {"w": jnp.full((4, 2, 3), 0.05)})
+
+
+def test_cosine_schedule_scales_each_models_learning_rate_down_to_zero():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.ones(3)}
+    tx = optim.make_optimizer({"name": "sgd", "lr": 0.5, "schedule": "cosine", "decay_steps": 4})
+    state = tx.init(params)
+    steps = []
+    for _ in range(6):
+        updates, state = tx.update(grads, state, params)
+        steps.append(float(-updates["w"][0]))
+    np.testing.assert_allclose(steps, [0.5, 0.5 * (1 + np.cos(np.pi / 4)) / 2, 0.25,
+                                       0.5 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.0, 0.0], atol=1e-6)
+    with pytest.raises(optim.UsageError, match="unknown schedule 'step'"):
+        optim.make_optimizer({"name": "sgd", "lr": 0.1, "schedule": "step"})
