@@ -80,7 +80,10 @@ def segmentation_sums(logits, masks, mask=None):
     """Per image: mean pixel cross-entropy, pixel accuracy and Dice; summed over images, like
     `classification_sums`, so epoch figures are means over images (the reports' per-image averages)."""
     masks = masks.astype(jnp.int32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=(1, 2))
+    # as one-hot products: optax's integer-label form ends in a take whose gradient XLA constant-folds
+    # for seconds at 128x128 and more (a scatter-add into a constant-index buffer)
+    log_p = jax.nn.log_softmax(logits)
+    losses = -(jax.nn.one_hot(masks, logits.shape[-1], dtype=log_p.dtype) * log_p).sum(-1).mean(axis=(1, 2))
     predicted = logits.argmax(-1)
     correct = (predicted == masks).mean(axis=(1, 2))
     mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
