@@ -12,12 +12,12 @@ FLIPS = {"augment.flip_lr": True, "augment.flip_ud": True}
 
 
 def glas_fcn():
-    """1MD120: the FCN (conv 8/16/32 3x3, pools, two 2x2 stride-2 transposed convs, 1x1 classifier) on GlaS at 128x128; Adam 1e-3, batch 8, the best-val-Dice state kept, early stopping after 15 epochs (report: DSC 0.70)."""
+    """1MD120: the FCN (conv 8/16/32 3x3, pools, two 2x2 stride-2 transposed convs, 1x1 classifier) on GlaS at 128x128; Adam 1e-3 with cosine decay over 100 epochs, batch 8, the best-val-Dice state kept, early stopping after 30 epochs without a better one (report: DSC 0.70)."""
     return base_config(
         "glas_fcn", glas_fcn.__doc__,
         data=dict(name="glas", size=(128, 128), val_fraction=0.15),
-        model=dict(name="fcn", activation="relu"), optimizer=dict(name="adam", lr=1e-3),
-        batch_size=8, drop_last=False, eval_batch_size=32, epochs=100, best_metric="val_dice", patience=15)
+        model=dict(name="fcn", activation="relu"), optimizer=dict(name="adam", lr=1e-3, schedule="cosine"),
+        batch_size=8, drop_last=False, eval_batch_size=32, epochs=100, best_metric="val_dice", patience=30)
 
 
 def jsrt_unet():

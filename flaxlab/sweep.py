@@ -195,9 +195,12 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             trials += metrics.trial_rows(label, histories[label], config["seed"],
                                          best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
                                          image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
+        train_s = sum(history["epoch_time_s"])
+        images = s.trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"]) * len(labels) * seeds
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                              "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
-                             "train_s": round(sum(history["epoch_time_s"]), 3)})
+                             "train_s": round(train_s, 3), "epochs_run": len(history["epoch"]),
+                             "images_per_s": round(images / train_s, 1)})
         rows += [_row(label, index, histories[label]) for label in labels]
         save()
     wall_s = time.perf_counter() - start
@@ -209,7 +212,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     (workdir / "results.csv").write_text(csv_text(rows))
     (workdir / "trials.csv").write_text(csv_text(trials))
     programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
-                            f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s"
+                            f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
+                            f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
                             for p in program_info)
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
