@@ -134,7 +134,7 @@ def trial_table(rows):
     selecting, per_image = f"test_{score}" in rows[0], "test_images_std" in rows[0]
     key = f"test_{score}" if selecting else f"final_test_{score}"
     head = "| variant | trial | seed | " + (f"selected epoch | val {score} | test {score} | " if selecting else "") \
-        + (f"std over test images | min over test images | " if per_image else "") + f"final test {score} |"
+        + ("std over test images | min over test images | " if per_image else "") + f"final test {score} |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == label]

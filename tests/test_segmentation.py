@@ -1,7 +1,6 @@
 """Segmentation: paired and GlaS-release data, the FCNs and U-Net (against PyTorch's layers), per-image
 Dice, masks that move with their images, short last batches, and the experiments end to end on the
 shipped samples (and on the real GlaS when ../shared is there)."""
-import io
 import json
 
 import jax
