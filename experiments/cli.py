@@ -9,8 +9,11 @@
 import argparse
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 
+from flaxlab import parallel
 from flaxlab.errors import UsageError
 
 
@@ -88,7 +91,9 @@ def _parser():
     figures.add_argument("--data-dir", help="where the run's data came from (default: the shipped sample)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
-    bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment")
+    bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment; `all`: every "
+                                          "workload the peer runs (with --peer)")
+    bench.add_argument("--markdown", help="with --peer: also write the results as a Markdown table to this file")
     bench.add_argument("--epochs", type=int, default=1)
     bench.add_argument("--data-dir", help="default: ../shared/data when present, else the shipped sample")
     bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
@@ -105,9 +110,11 @@ def _run(args, overrides):
     from flaxlab import sweep
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
+    parallel.set_up_process(config["distributed"], config["deterministic"])
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
-    kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not args.quiet,
-                  log=(lambda *a: None) if args.quiet else functools.partial(print, flush=True))
+    quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
+    kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
+                  log=(lambda *a: None) if quiet else functools.partial(print, flush=True))
     if args.command == "sweep" or variants:
         if getattr(args, "resume", False):
             raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
@@ -120,32 +127,37 @@ def _bench(args, overrides):
     from flaxlab import bench, sweep
     if args.epochs < 1 or args.repeat < 1:
         raise UsageError("--epochs and --repeat must be at least 1")
-    config = _apply_overrides(_experiment(args.experiment), overrides)
+    names = list(bench.PEER_WORKLOADS) if args.experiment == "all" else [args.experiment]
+    configs = {name: _apply_overrides(_experiment(name), overrides) for name in names}
+    first = configs[names[0]]
+    parallel.set_up_process(first["distributed"], first["deterministic"])
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)
-    if args.peer and not shared:
+    if (args.peer or args.markdown) and not shared:
         raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
-    variants = sweep.parse_grid(config, args.grid) if args.grid else list(config["sweep"])
-    if variants:
+    if (args.experiment == "all" or args.markdown) and not args.peer:
+        raise UsageError("bench all and --markdown compare with the peer: add --peer")
+    emit = lambda row: print(json.dumps(row), flush=True)
+    variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
+    if variants and args.experiment != "all":
         if args.peer:
             raise UsageError("--peer compares one experiment; a sweep is benched against itself, model by model")
         for _ in range(args.repeat):
-            print(json.dumps(bench.bench_sweep(config, variants, data_dir, epochs=args.epochs)), flush=True)
+            emit(bench.bench_sweep(first, variants, data_dir, epochs=args.epochs))
         return
-    ratios = []
-    if args.peer:
-        workload, config = bench.peer_workload(config)
-    for _ in range(args.repeat):
-        ours = bench.bench_flaxlab(config, data_dir, epochs=args.epochs)
-        print(json.dumps(ours), flush=True)
-        if args.peer:
-            peers = bench.run_peer(workload, args.epochs, config["batch_size"], config["seeds"], shared)
-            for p in peers:
-                print(json.dumps(p), flush=True)
-            ratios.append(bench.compare(ours, peers))
-            print(json.dumps(ratios[-1]), flush=True)
-    if len(ratios) > 1:
-        print(json.dumps(bench.median_ratio(ratios)), flush=True)
+    if not args.peer:
+        for _ in range(args.repeat):
+            emit(bench.bench_flaxlab(first, data_dir, epochs=args.epochs))
+        return
+    results = {name: bench.bench_against_peer(config, data_dir, shared, args.epochs, args.repeat, emit)
+               for name, config in configs.items()}
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(bench.markdown_table(results, args.epochs))
+        os.replace(tmp, path)
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _summary(args, overrides):

@@ -26,6 +26,11 @@ def base_config(name, description, **sections):
         # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back;
         # jitter: brightness and contrast factors in [1 - jitter, 1 + jitter]; rotate: +- degrees
         "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0, "jitter": 0.0},
+        # data parallelism: each batch split over this many devices (0 = all of them, of every host; 1 = one)
+        "devices": 0,
+        "distributed": False,  # join a multi-host run (jax.distributed.initialize; also when JAX_COORDINATOR_ADDRESS is set)
+        "compute_dtype": "float32",  # bfloat16: bf16 compute, fp32 parameters and batch-norm statistics
+        "deterministic": False,  # GPU: run-to-run identical results (XLA's deterministic ops; slower)
         "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
         "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch

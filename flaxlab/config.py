@@ -10,12 +10,12 @@ from flaxlab.errors import UsageError
 
 
 def _choices():
-    from flaxlab import data, metrics, models, optim, train
+    from flaxlab import data, metrics, models, optim, parallel, train
     return {
         "data.name": tuple(data.DATASETS), "data.source": data.SOURCES, "model.name": tuple(models.MODELS),
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
         "optimizer.schedule": optim.SCHEDULES,
-        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES,
+        "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES, "compute_dtype": parallel.COMPUTE_DTYPES,
         "best_metric": ("", *metrics.SELECTION_METRICS),
     }
 
@@ -23,7 +23,8 @@ def _choices():
 FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
 POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
 NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
-                "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout")
+                "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout",
+                "devices")
 
 
 def flatten(config, prefix=""):

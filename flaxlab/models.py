@@ -100,22 +100,24 @@ def max_pool(x, size=2):
 
 
 def _max_pool_fwd(x, size):
-    y = max_pool(x, size)
-    return y, (x, y)
+    """The maxima and, as the residual, which member of each window is the first maximum (as in torch).
+
+    The index is kept rather than found again in the backward pass by comparing members with the
+    maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
+    batch split over devices), and then no member would equal its maximum and the gradient be lost.
+    """
+    members = [m for row in _windows(x, size) for m in row]
+    best, first = members[0], jnp.zeros(members[0].shape, jnp.int8)
+    for i, member in enumerate(members[1:], 1):
+        better = member > best
+        best, first = jnp.where(better, member, best), jnp.where(better, jnp.int8(i), first)
+    return best, (first, x.shape)
 
 
 def _max_pool_bwd(size, residuals, grad):
-    x, y = residuals
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for row in _windows(x, size):
-        cols = []
-        for member in row:
-            hit = (member == y) & ~taken  # the first maximum of a window gets the gradient, as in torch
-            taken = taken | hit
-            cols.append(jnp.where(hit, grad, 0.0))
-        rows.append(jnp.stack(cols, axis=3))
-    n, h, w, c = x.shape
+    first, (n, h, w, c) = residuals
+    rows = [jnp.stack([jnp.where(first == i * size + j, grad, 0.0) for j in range(size)], axis=3)
+            for i in range(size)]
     dx = jnp.stack(rows, axis=2).reshape(n, h - h % size, w - w % size, c)
     return (jnp.pad(dx, ((0, 0), (0, h % size), (0, w % size), (0, 0))),)
 

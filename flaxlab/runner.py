@@ -7,6 +7,8 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
-from flaxlab import analysis, metrics, plots
+from flaxlab import analysis, metrics, parallel, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
@@ -71,18 +73,27 @@ def set_up(config, dataset, variants=({},)):
     """
     model = make_model(config["model"], dataset.num_classes)
     num_models = len(variants) * config["seeds"]
-    steps = steps_per_epoch(len(dataset.train), config["batch_size"], config.get("drop_last", True))
+    mesh = parallel.make_mesh(config.get("devices", 0))
+    shards = parallel.num_shards(mesh)
+    steps = steps_per_epoch(len(dataset.train) // shards, max(config["batch_size"] // shards, 1),
+                            config.get("drop_last", True))
     optimizer = {**config["optimizer"], "decay_steps": config["epochs"] * steps}  # for a schedule
     trainer = Trainer(model, optimizer, num_models=num_models,
                       batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
-                      drop_last=config.get("drop_last", True))
+                      drop_last=config.get("drop_last", True), mesh=mesh,
+                      compute_dtype=config.get("compute_dtype", "float32"))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
-    keys = jnp.concatenate([keys] * len(variants))
+    keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
-    return Setup(model, trainer, states, keys[:, 1], data_lib.to_device(dataset.train),
-                 data_lib.to_device(dataset.test), data_lib.to_device(dataset.val) if dataset.val else None)
+    if mesh is None:
+        train_data = data_lib.to_device(dataset.train)
+    else:
+        train_data = parallel.shard_training_set(dataset.train, mesh, config["seed"])
+    place = lambda split: parallel.replicate({"image": split.images, "label": split.labels}, mesh)
+    return Setup(model, trainer, states, keys[:, 1], train_data, place(dataset.test),
+                 place(dataset.val) if dataset.val else None)
 
 
 def write_json(path, obj):
@@ -310,13 +321,19 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     info = {"experiment": config["name"], "data": dataset.describe(),
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"]}
+            "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
+            "devices": trainer.shards, "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype")}
+    where = f"{info['backend']}" + (f" x {trainer.shards} devices" if trainer.shards > 1 else "")
     log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
-        f"{config['seeds']} seed(s), {config['epochs']} epochs on {info['backend']} ({trainer.epoch_mode} mode)")
+        f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
+    if not parallel.is_primary():  # multi-host: process 0 writes the run folder
+        if config["checkpoint_every"] or resume:
+            raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0")
+        workdir = Path(tempfile.mkdtemp(prefix=f"{config['name']}-process{jax.process_index()}-"))
     checkpoints, resumed = None, None
     if config["checkpoint_every"] or resume:
         from flaxlab.checkpoint import Checkpoints
@@ -324,6 +341,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         resumed = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
     info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
+    log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 
     workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
     write_json(workdir / "config.json", config)
@@ -345,12 +363,15 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                 epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
     chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
-    predictions = np.asarray(trainer.predict(chosen, s.test_data))
+    predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
+    chosen = parallel.to_host(chosen)  # figures draw from one local copy
     write_analysis_of = write_segmentation_analysis if dataset.is_segmentation else write_analysis
     analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
     write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
     stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
     log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    if not parallel.is_primary():
+        shutil.rmtree(workdir, ignore_errors=True)
     return RunResult(workdir, history, stats, chosen, info)
 
 

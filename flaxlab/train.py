@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from flaxlab import parallel
 from flaxlab.errors import UsageError
 from flaxlab.optim import make_optimizer
 
@@ -96,14 +97,26 @@ def metric_sums(logits, labels, mask=None):
     return (segmentation_sums if labels.ndim > 1 else classification_sums)(logits, labels, mask)
 
 
-def train_step(state, batch, rng):
+def _forward(state, params, images, compute_dtype, **kwargs):
+    """The model on a batch; with a compute dtype (bf16), parameters and images are cast to it for the
+    forward and backward pass while the stored parameters, batch-norm statistics and loss stay fp32."""
+    if compute_dtype is not None:
+        params, images = parallel.cast_floats(params, compute_dtype), images.astype(compute_dtype)
+    out = state.apply_fn(state.variables(params), images, **kwargs)
+    if compute_dtype is None:
+        return out
+    logits, *rest = out if isinstance(out, tuple) else (out,)
+    return (logits.astype(jnp.float32), *rest) if rest else logits.astype(jnp.float32)
+
+
+def train_step(state, batch, rng, compute_dtype=None):
     """One optimizer step on one batch: (state, batch, rng) -> (state, metric sums)."""
     hparams = state.hparams
     model_kwargs = {"dropout": hparams["dropout"]} if "dropout" in hparams else {}
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(state.variables(params), batch["image"], train=True,
-                                         rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
+        logits, updates = _forward(state, params, batch["image"], compute_dtype, train=True,
+                                   rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
         sums = metric_sums(logits, batch["label"], batch.get("mask"))
         loss = sums["loss"] / sums["count"]
         if "l1" in hparams:
@@ -117,8 +130,8 @@ def train_step(state, batch, rng):
     return state, sums
 
 
-def eval_step(state, batch):
-    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+def eval_step(state, batch, compute_dtype=None):
+    logits = _forward(state, state.params, batch["image"], compute_dtype, train=False)
     return metric_sums(logits, batch["label"], batch.get("mask"))
 
 
@@ -135,77 +148,106 @@ def _is_segmentation(data):
     return data["label"].ndim > 1
 
 
-def _indexed_train_step(carry, step, *, data, order, key, batch_size, augment, drop_last=True):
-    """Train step number `step` of an epoch, its batch gathered (and augmented) on device.
+def _batch_indices(order, step, batch_size, drop_last):
+    """Examples of step `step` in an epoch's `order`, and which of them count (None: all).
 
     Without `drop_last`, the epoch's last batch is filled up with examples from its start and those
     carry no weight (`mask`): the reports' DataLoaders that kept a short last batch, in fixed shapes.
     """
-    state, totals = carry
     if drop_last:
-        idx, mask = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size), None
+        return jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size), None
+    position = step * batch_size + jnp.arange(batch_size)
+    return order[position % order.shape[0]], position < order.shape[0]
+
+
+def _gather_batch(data, order, step, batch_size, drop_last, sharding):
+    """A batch gathered on device; with `sharding`, each shard of the training set gives its
+    `batch_size` examples and the batch is laid out over the data axis (no example moves)."""
+    if sharding is None:
+        idx, mask = _batch_indices(order, step, batch_size, drop_last)
+        batch = {"image": data["image"][idx], "label": data["label"][idx]}
     else:
-        position = step * batch_size + jnp.arange(batch_size)
-        idx, mask = order[position % order.shape[0]], position < order.shape[0]
-    batch = {"image": preprocess(data["image"][idx]), "label": data["label"][idx]}
+        idx, mask = jax.vmap(_batch_indices, in_axes=(0, None, None, None))(order, step, batch_size, drop_last)
+        idx = jax.lax.with_sharding_constraint(idx, sharding)
+        batch = {k: jax.vmap(lambda d, i: d[i])(data[k], idx) for k in ("image", "label")}
+        batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+        mask = None if mask is None else mask.reshape(-1)
     if mask is not None:
         batch["mask"] = mask
+    batch["image"] = preprocess(batch["image"])
+    return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
+
+
+def _indexed_train_step(carry, step, *, data, order, key, batch_size, augment, drop_last=True, sharding=None,
+                        compute_dtype=None):
+    """Train step number `step` of an epoch, its batch gathered (and augmented) on device."""
+    state, totals = carry
+    batch = _gather_batch(data, order, step, batch_size, drop_last, sharding)
     key = jax.random.fold_in(key, step)
     if augment is not None:
         augment_key, key = jax.random.split(key)
-        maps = batch["label"] if _is_segmentation(data) else None
+        maps = batch["label"] if batch["label"].ndim > 1 else None
         batch["image"], maps = augment(augment_key, batch["image"], maps)
         if maps is not None:
             batch["label"] = maps
-    state, sums = train_step(state, batch, key)
+    state, sums = train_step(state, batch, key, compute_dtype)
     return (state, _add(totals, sums)), None
 
 
-def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, augment=None, drop_last=True):
+def train_steps(state, totals, data, order, first_step, key, *, steps, batch_size, augment=None, drop_last=True,
+                sharding=None, compute_dtype=None):
     """`steps` consecutive steps of one model: a plain call when steps == 1, else one lax.scan."""
     body = functools.partial(_indexed_train_step, data=data, order=order, key=key, batch_size=batch_size,
-                             augment=augment, drop_last=drop_last)
+                             augment=augment, drop_last=drop_last, sharding=sharding, compute_dtype=compute_dtype)
     if steps == 1:
         return body((state, totals), first_step)[0]
     return jax.lax.scan(body, (state, totals), first_step + jnp.arange(steps))[0]
 
 
-def _padded_batch(data, index, batch_size):
+def _padded_batch(data, index, batch_size, sharding=None):
     """Batch number `index` of a split in order; past its end, example 0 stands in and `mask` is False."""
     idx = index * batch_size + jnp.arange(batch_size)
     mask = idx < data["label"].shape[0]
     idx = jnp.where(mask, idx, 0)
-    return {"image": preprocess(data["image"][idx]), "label": data["label"][idx], "mask": mask}
+    batch = {"image": preprocess(data["image"][idx]), "label": data["label"][idx], "mask": mask}
+    return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
 
-def _indexed_eval_step(totals, index, *, state, data, batch_size):
-    return _add(totals, eval_step(state, _padded_batch(data, index, batch_size))), None
+def _indexed_eval_step(totals, index, *, state, data, batch_size, sharding=None, compute_dtype=None):
+    batch = _padded_batch(data, index, batch_size, sharding)
+    return _add(totals, eval_step(state, batch, compute_dtype)), None
 
 
-def evaluate(state, data, *, batch_size):
+def evaluate(state, data, *, batch_size, sharding=None, compute_dtype=None):
     """Metric sums of one model over a whole device-resident split (padded last batch masked)."""
     num_batches = -(-data["label"].shape[0] // batch_size)
-    body = functools.partial(_indexed_eval_step, state=state, data=data, batch_size=batch_size)
+    body = functools.partial(_indexed_eval_step, state=state, data=data, batch_size=batch_size, sharding=sharding,
+                             compute_dtype=compute_dtype)
     return jax.lax.scan(body, _zero_sums(_is_segmentation(data)), jnp.arange(num_batches))[0]
 
 
-def _indexed_predictions(_, index, *, state, data, batch_size):
-    batch = _padded_batch(data, index, batch_size)  # `predict` cuts the padded tail off
-    return None, state.apply_fn(state.variables(), batch["image"], train=False).argmax(-1)
+def _indexed_predictions(_, index, *, state, data, batch_size, sharding=None, compute_dtype=None):
+    batch = _padded_batch(data, index, batch_size, sharding)  # `predict` cuts the padded tail off
+    return None, _forward(state, state.params, batch["image"], compute_dtype, train=False).argmax(-1)
 
 
-def predict(state, data, *, batch_size):
+def predict(state, data, *, batch_size, sharding=None, compute_dtype=None):
     """Predicted class of every example (every pixel, for segmentation) of a device-resident split, for one model."""
     n = data["label"].shape[0]
-    body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size)
+    body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size,
+                             sharding=sharding, compute_dtype=compute_dtype)
     predictions = jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1]
     return predictions.reshape((-1,) + predictions.shape[2:])[:n]
 
 
-def epoch_orders(keys, epoch, num_examples):
-    """Per model: a key for the epoch's steps and a permutation of the training set."""
+def epoch_orders(keys, epoch, num_examples, shards=0):
+    """Per model: a key for the epoch's steps and a permutation of the training set (with `shards`,
+    one permutation of each shard's `num_examples`, shape (models, shards, num_examples))."""
     def one(key):
         perm_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
+        if shards:
+            perms = jax.vmap(lambda s: jax.random.permutation(jax.random.fold_in(perm_key, s), num_examples))
+            return perms(jnp.arange(shards)).astype(jnp.int32), step_key
         return jax.random.permutation(perm_key, num_examples).astype(jnp.int32), step_key
     return jax.vmap(one)(keys)
 
@@ -275,10 +317,22 @@ class Trainer:
     compile time is never mixed into step timings and a shape change fails loudly instead of
     retracing silently. The models are stacked on a leading axis whatever the `model_axis`
     strategy; "sequential" only changes how the compiled one-model functions are dispatched.
+
+    With a `mesh` (flaxlab.parallel) the training set comes sharded, (shards, examples, ...), each
+    batch of `batch_size` is split over the devices and the states are replicated. `compute_dtype`
+    "bfloat16" computes in bf16 with fp32 parameters, optimizer state and batch-norm statistics.
     """
 
     def __init__(self, model, optimizer, *, num_models=1, batch_size=32, eval_batch_size=1000,
-                 epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None, drop_last=True):
+                 epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None, drop_last=True, mesh=None,
+                 compute_dtype="float32"):
+        self.mesh, self.shards = mesh, parallel.num_shards(mesh)
+        if batch_size % self.shards:
+            raise UsageError(f"--batch-size {batch_size} does not split over {self.shards} devices: "
+                             f"use a multiple of {self.shards}")
+        if compute_dtype not in parallel.COMPUTE_DTYPES:
+            raise UsageError(f"unknown compute dtype '{compute_dtype}'; known: {', '.join(parallel.COMPUTE_DTYPES)}")
+        self.compute_dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
         self.model, self.optimizer, self.num_models = model, dict(optimizer), num_models
         self.drop_last, self.segmentation = drop_last, False
         self.tx = make_optimizer(self.optimizer)
@@ -288,6 +342,10 @@ class Trainer:
         self.model_axis = resolve_model_axis(model_axis, num_models)
         self.width = 1 if self.model_axis == "sequential" else num_models  # models per compiled call
         self._compiled = None
+        # XLA:CPU's collectives deadlocked with several steps in flight: across processes (gloo, 2 x 2
+        # devices) after ~40 steps, and between 8 simulated devices of one process on a busy 2-core machine
+        # (jax 0.10.2). So a CPU run on several devices waits for each step; GPUs and TPUs never wait in an epoch.
+        self._wait_each_step = mesh is not None and jax.default_backend() == "cpu"
 
     def init(self, keys, input_shape, hparams=None):
         """Stacked TrainStates, one per key, each initialised independently.
@@ -295,7 +353,7 @@ class Trainer:
         `hparams` maps STACKABLE fields to one value per model (e.g. {"optimizer.lr": [0.1, 0.01]});
         fields left out take the trainer's optimizer config and the model's own settings.
         """
-        hparams = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
+        hparams = {k: np.asarray(v, np.float32) for k, v in (hparams or {}).items()}
         for key, values in hparams.items():
             if key not in STACKABLE:
                 raise UsageError(f"--{key} cannot differ between models of one program; "
@@ -312,35 +370,51 @@ class Trainer:
                               opt_state=make_optimizer(optimizer).init(params),
                               batch_stats=variables.get("batch_stats", {}),
                               hparams={STACKABLE[k]: v for k, v in hp.items() if STACKABLE[k] != "optimizer"})
-        return jax.jit(jax.vmap(init_one))(keys, hparams)
+        out = None if self.mesh is None else parallel.replicated(self.mesh)
+        return jax.jit(jax.vmap(init_one), out_shardings=out)(keys, hparams)
 
     def images_per_epoch(self, num_examples):
         """Examples trained on per epoch and model (a kept short last batch's filler not counted)."""
-        return self.steps_per_epoch(num_examples) * self.batch_size if self.drop_last else num_examples
+        if self.drop_last:
+            return self.steps_per_epoch(num_examples) * self.batch_size
+        return num_examples - num_examples % self.shards
 
     def steps_per_epoch(self, num_examples):
-        return steps_per_epoch(num_examples, self.batch_size, self.drop_last)
+        """Steps of an epoch over `num_examples` (the whole training set, of all shards)."""
+        return steps_per_epoch(num_examples // self.shards, self.batch_size // self.shards, self.drop_last)
+
+    def _sharding_for(self, batch_size):
+        """The batch layout inside jit: over the mesh's data axis when the batch splits evenly."""
+        if self.mesh is None or batch_size % self.shards:
+            return None
+        return parallel.batch_sharding(self.mesh)
 
     def compile(self, states, train_data, test_data, val_data=None):
         """Compiles the epoch's functions for these shapes; returns the seconds it took."""
         t0 = time.perf_counter()
-        n = train_data["label"].shape[0]
-        if not self.drop_last and self.batch_size > n:  # one full batch per epoch: no filler to compute
-            self.batch_size = n
-        steps = self.steps_per_epoch(n)
+        sharded = self.mesh is not None
+        n = parallel.examples_per_shard(train_data, sharded)
+        if not self.drop_last and self.batch_size > n * self.shards:  # one full batch per epoch: no filler
+            self.batch_size = n * self.shards
+        steps = self.steps_per_epoch(n * self.shards)
         if steps < 1:
             raise UsageError(f"batch size {self.batch_size} is larger than the training set ({n} examples) "
                              "and drop_last is on")
         chunk = 1 if self.epoch_mode == "step" else largest_divisor_at_most(steps, self.scan_steps or steps)
         k = self.width
-        self.segmentation = _is_segmentation(train_data)
+        self.segmentation = _is_segmentation(test_data)
         states = states if k == self.num_models else _model_slice(states, 0)
-        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size, augment=self.augment,
-                                drop_last=self.drop_last)
+        run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size // self.shards,
+                                augment=self.augment, drop_last=self.drop_last, sharding=self._sharding_for(self.batch_size),
+                                compute_dtype=self.compute_dtype)
         run = jax.jit(per_model(run, k, (0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
-        keys = jax.random.split(jax.random.key(0), k)
-        orders, step_keys = epoch_orders(keys, 0, n)
-        ev = jax.jit(per_model(functools.partial(evaluate, batch_size=self.eval_batch_size), k, (0, None)))
+        # an epoch's orders as the compiled function makes them (placed like the states), to lower with
+        keys = parallel.replicate_keys(jax.random.split(jax.random.key(0), self.num_models), self.mesh)
+        out = None if self.mesh is None else parallel.replicated(self.mesh)
+        make_orders = jax.jit(epoch_orders, static_argnums=(2, 3), out_shardings=out).lower(
+            keys, np.int32(0), n, self.shards if sharded else 0).compile()
+        orders, step_keys = (x[:k] for x in make_orders(keys, np.int32(0)))
+        ev = jax.jit(per_model(functools.partial(evaluate, **self._eval_options()), k, (0, None)))
         self._compiled = {
             "chunk": chunk, "steps": steps,
             "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
@@ -348,13 +422,17 @@ class Trainer:
             # one per evaluated split size: a split of another size would otherwise retrace silently
             "eval": {split["label"].shape[0]: compile_for_backend(ev.lower(states, split))
                      for split in (test_data, val_data) if split is not None},
-            "orders": jax.jit(epoch_orders, static_argnums=2).lower(
-                jax.random.split(jax.random.key(0), self.num_models), np.int32(0), n).compile(),
+            "orders": make_orders,
         }
         return time.perf_counter() - t0
 
+    def _eval_options(self):
+        return dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
+                    compute_dtype=self.compute_dtype)
+
     def _zero_totals(self):
-        return jax.tree.map(lambda z: jnp.zeros((self.width,)), _zero_sums(self.segmentation))
+        # numpy: a host value is an input of any process's program, replicated where the states are
+        return jax.tree.map(lambda z: np.zeros((self.width,), np.float32), _zero_sums(self.segmentation))
 
     def _groups(self, *stacked):
         """The stacked arguments as the compiled functions take them: all at once, or one model each."""
@@ -373,6 +451,8 @@ class Trainer:
             for first in range(0, c["steps"], c["chunk"]):
                 # np.int32, not jnp.int32: the latter dispatches a conversion op (~0.5 ms on CPU, per step)
                 states, totals = c["train"](states, totals, train_data, orders, np.int32(first), step_keys)
+                if self._wait_each_step:
+                    jax.block_until_ready(totals)
                 if on_step is not None:
                     on_step(g * c["steps"] + first + c["chunk"], len(groups) * c["steps"])
             trained.append((states, totals))
@@ -386,13 +466,13 @@ class Trainer:
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
-        run = jax.jit(per_model(functools.partial(predict, batch_size=self.eval_batch_size), self.width, (0, None)))
+        run = jax.jit(per_model(functools.partial(predict, **self._eval_options()), self.width, (0, None)))
         return _concat_models([run(s, data) for (s,) in self._groups(states)])
 
 
 def summarize(sums):
     """Metric sums (device arrays, one entry per model) to mean loss, accuracy (and Dice) lists on the host."""
-    sums = jax.device_get(sums)
+    sums = parallel.to_host(sums)
     out = {"loss": (sums["loss"] / sums["count"]).tolist(), "accuracy": (sums["correct"] / sums["count"]).tolist()}
     if "dice" in sums:
         out["dice"] = (sums["dice"] / sums["count"]).tolist()

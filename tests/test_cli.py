@@ -76,11 +76,46 @@ def test_bench_prints_peer_fields(tmp_path):
 
 def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
     pytest.importorskip("torch", reason="the PyTorch peer needs torch")
-    out = cli("bench", "mnist_fnn", "--peer", cwd=tmp_path)
+    out = cli("bench", "mnist_fnn", "--peer", "--markdown", "docs/bench.md", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     ours, peer, ratio = (json.loads(line) for line in out.stdout.splitlines())
     assert ours["peer"] == "flaxlab" and peer["peer"] == "pytorch-eager" and ours["steps"] == peer["steps"] == 58
     assert ratio["ratio_images_per_s"] > 0 and ours["test_accuracy"] > 0.85
+    table = (tmp_path / "docs/bench.md").read_text()
+    assert "cores; cpu (" in table and f"| `mnist_fnn` vs `mnist_fnn` | 1 | {ratio['flaxlab_steps_per_s']:.1f} |" in table
+
+
+def test_unet_peer_is_flaxlabs_unet():
+    """tools/torch_unet_peer.py's network with flaxlab's U-Net weights gives flaxlab's outputs (eval mode)."""
+    torch = pytest.importorskip("torch", reason="the U-Net peer is PyTorch")
+    import jax
+    import numpy as np
+    sys.path.insert(0, str(REPO / "tools"))
+    from torch_unet_peer import UNet
+    from flaxlab.models import make_model
+    model = make_model({"name": "unet", "width": 4, "depth": 3}, 2)
+    x = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    stats = jax.tree.map(lambda a: a + np.random.default_rng(1).random(a.shape, np.float32), variables["batch_stats"])
+    peer = UNet(width=4, depth=3).eval()
+    convs = [m for m in peer.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in peer.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == sum(k.startswith("Conv_") for k in variables["params"])
+    with torch.no_grad():
+        for i, conv in enumerate(convs):
+            p = variables["params"][f"Conv_{i}"]
+            conv.weight.copy_(torch.tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.tensor(np.asarray(p["bias"])))
+        for i, norm in enumerate(norms):
+            p, st = variables["params"][f"BatchNorm_{i}"], stats[f"BatchNorm_{i}"]
+            norm.weight.copy_(torch.tensor(np.asarray(p["scale"])))
+            norm.bias.copy_(torch.tensor(np.asarray(p["bias"])))
+            norm.running_mean.copy_(torch.tensor(np.asarray(st["mean"])))
+            norm.running_var.copy_(torch.tensor(np.asarray(st["var"])))
+        expected = peer(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    ours = model.apply({"params": variables["params"], "batch_stats": stats}, x, train=False)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+    assert sum(p.numel() for p in UNet(16).parameters()) == 839_506  # jsrt_unet's learnable weights
 
 
 def test_summary_prints_the_reports_counts(tmp_path):

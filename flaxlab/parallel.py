@@ -1,0 +1,153 @@
+"""Data parallelism with `jit` and `jax.sharding`: one mesh over all devices (of all hosts), the batch
+split on its `data` axis, parameters and optimizer state replicated.
+
+No pmap (in maintenance mode) and no hand-written collectives: the train step is the one-device
+step, and XLA's partitioner inserts the all-reduces. That covers batch norm too: its batch mean and
+variance are means over the global batch axis, so they are synchronised across devices as written.
+
+The training set is placed as (shards, examples per shard, ...), shard i on device i; each epoch
+permutes every shard on its own and each device gathers its part of a batch from its own shard, so
+no example crosses devices. In a multi-host run each process puts only its own shards on its devices
+(`jax.make_array_from_process_local_data`). Test and validation splits are replicated.
+"""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from flaxlab.errors import UsageError
+
+DATA_AXIS = "data"
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# XLA's flag for run-to-run identical GPU results (slower scatter and reductions); read when the backend starts
+DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def set_up_process(distributed=False, deterministic=False):
+    """What must happen before jax starts its backend: joining a multi-host run, determinism flags.
+
+    `distributed` (or JAX_COORDINATOR_ADDRESS in the environment) calls jax.distributed.initialize();
+    the coordinator, process count and process id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID when set, else from jax's cluster detection (TPU pods, SLURM, Open MPI).
+    """
+    if deterministic and DETERMINISTIC_GPU_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_GPU_FLAG}".strip()
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (distributed or address) or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if address:
+        try:
+            kwargs = dict(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                          process_id=int(os.environ["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError):
+            raise UsageError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                             "(integers) too") from None
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"could not join the multi-host run: {str(e).splitlines()[0]}") from None
+
+
+def is_primary():
+    """The process that writes files and prints (process 0; the only one without jax.distributed)."""
+    return jax.process_index() == 0
+
+
+def make_mesh(devices=0):
+    """A 1-D mesh over the first `devices` devices (0: all, of every process), or None for one device.
+
+    Auto axes: with make_mesh's default Explicit axes, a normal Flax train step (conv, dropout) fails.
+    """
+    available = jax.device_count()
+    if devices > available:
+        raise UsageError(f"--devices {devices}: only {available} device(s) here ({jax.default_backend()})")
+    count = devices or available
+    if count == 1:
+        return None
+    if jax.process_count() > 1 and count != available:
+        raise UsageError(f"--devices {devices}: a multi-host run uses all {available} devices (--devices 0)")
+    return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:count])
+
+
+def num_shards(mesh):
+    return 1 if mesh is None else mesh.shape[DATA_AXIS]
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+    """The layout of a batch inside the step: examples split over the data axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _global_array(sharding, array, global_shape):
+    """`array` (this process's rows along axis 0, or everything when replicated) as one global array."""
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_process_local_data(sharding, array, global_shape)
+
+
+def replicate(tree, mesh):
+    """Every leaf on every device of the mesh (host values must be equal on every process)."""
+    if mesh is None:
+        return tree
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda a: _global_array(sharding, np.asarray(a), np.shape(a)), tree)
+
+
+def replicate_keys(keys, mesh):
+    """PRNG keys (equal on every process) replicated over the mesh."""
+    if mesh is None:
+        return keys
+    return jax.random.wrap_key_data(replicate(jax.random.key_data(keys), mesh), impl=jax.random.key_impl(keys))
+
+
+def _local_shards(mesh):
+    """The mesh positions of this process's devices (contiguous, as jax.make_mesh lays them out)."""
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[0] + len(mine))):
+        raise UsageError("this process's devices are not contiguous in the mesh")
+    return mine[0], mine[-1] + 1
+
+
+def shard_training_set(split, mesh, seed=0):
+    """A split as {"image", "label"} of shape (shards, n, ...), shard i on mesh device i.
+
+    The examples are shuffled once (the same way on every process: files are often sorted by class)
+    and cut into equal shards; the last len % shards examples are left out of training.
+    """
+    shards = num_shards(mesh)
+    n = len(split.labels) // shards
+    order = np.random.default_rng(seed).permutation(len(split.labels))[:n * shards]
+    first, last = _local_shards(mesh)
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+    def place(array):
+        local = array[order].reshape((shards, n) + array.shape[1:])[first:last]
+        return _global_array(sharding, local, (shards, n) + array.shape[1:])
+    return {"image": place(split.images), "label": place(split.labels)}
+
+
+def examples_per_shard(data, sharded):
+    return data["label"].shape[1 if sharded else 0]
+
+
+def to_host(tree):
+    """Device arrays as numpy, in any process: replicated global arrays are read from a local copy."""
+    def one(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(a)
+        if a.sharding.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.tree.map(one, tree)
+
+
+def cast_floats(tree, dtype):
+    """Floating leaves as `dtype`: bf16 compute from fp32 parameters (their gradients stay fp32)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) else a, tree)

@@ -1,0 +1,136 @@
+"""Data parallelism (jax.sharding mesh), multi-host runs and bf16 compute.
+
+Checks that need several devices run in fresh processes (tests/parallel_worker.py): simulated CPU
+devices must be asked for before jax starts, and this process already has its one.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from flaxlab import parallel, train
+from flaxlab.errors import UsageError
+from flaxlab.models import make_model
+
+WORKER = REPO / "tests" / "parallel_worker.py"
+
+
+def _env(devices, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(REPO), **extra}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_json(text):
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_one_device_needs_no_mesh():
+    assert parallel.make_mesh(0) is None and parallel.make_mesh(1) is None
+    with pytest.raises(UsageError, match="only 1 device"):
+        parallel.make_mesh(jax.device_count() + 1)
+
+
+def test_data_parallel_on_8_simulated_devices():
+    """The batch-norm step on 8 devices equals the one-device step; the engine shards the training set,
+    replicates the states, moves no example between devices and learns; vmapped seeds with scan epochs
+    and bf16 compute run on the mesh too (see parallel_worker.py)."""
+    out = subprocess.run([sys.executable, str(WORKER), "devices"], env=_env(8), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = _last_json(out.stdout)
+    assert result["8"]["accuracy"][0] > 0.9 and min(result["vmap_scan_bf16"]["accuracy"]) > 0.8
+
+
+def _two_processes(args, devices_each=2, timeout=600):
+    port = _free_port()
+    procs = [subprocess.Popen(args, env=_env(devices_each, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        # gloo announces its connections on stdout
+        return [(p.returncode, "".join(line for line in out.splitlines(True) if not line.startswith("[Gloo]")), err)
+                for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_two_processes_train_one_model_over_loopback():
+    """Two processes with two CPU devices each (gloo collectives over loopback): each holds only its
+    shards of the training set, and both end with the same model, as one 4-device program."""
+    results = _two_processes([sys.executable, str(WORKER), "host"])
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr[-3000:]
+    first, second = (_last_json(stdout) for _, stdout, _ in results)
+    assert {first["process"], second["process"]} == {0, 1}
+    assert first["test"] == second["test"] and first["kernel_sum"] == second["kernel_sum"]
+    assert first["test"]["accuracy"][0] > 0.9
+
+
+def test_multi_host_run_writes_one_run_folder(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments", "run", "mnist_cnn", "--data.source", "sample", "--epochs", "1",
+           "--workdir", str(workdir)]
+    results = _two_processes(cmd)
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    outputs = sorted(r[1] for r in results)
+    assert outputs[0] == "" and "cpu x 4 devices" in outputs[1]  # process 1 is silent, process 0 reports
+    history = json.loads((workdir / "history.json").read_text())
+    assert history["info"]["devices"] == 4 and history["info"]["processes"] == 2
+    assert history["history"]["test_accuracy"][-1][0] > 0.85
+
+
+def test_bfloat16_compute_keeps_fp32_parameters_and_statistics(mnist_sample):
+    model = make_model({"name": "lenet5_bn"}, 10)
+    batch = {"image": train.preprocess(mnist_sample.train.images[:64]), "label": jnp.asarray(mnist_sample.train.labels[:64])}
+    trainer = train.Trainer(model, {"name": "sgd", "lr": 0.1})
+    state = jax.tree.map(lambda a: a[0], trainer.init(jax.random.split(jax.random.key(0), 1), (28, 28, 1)))
+    full, full_sums = jax.jit(train.train_step)(state, batch, jax.random.key(1))
+    half, half_sums = jax.jit(lambda s, b, k: train.train_step(s, b, k, jnp.bfloat16))(state, batch, jax.random.key(1))
+    for leaf in jax.tree.leaves((half.params, half.batch_stats, half.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    np.testing.assert_allclose(half_sums["loss"], full_sums["loss"], rtol=0.02)
+    np.testing.assert_allclose(half.batch_stats["BatchNorm_0"]["mean"], full.batch_stats["BatchNorm_0"]["mean"],
+                               rtol=0.02, atol=1e-3)
+    step = jax.tree.map(lambda a, b: a - b, full.params, state.params)
+    half_step = jax.tree.map(lambda a, b: a - b, half.params, state.params)
+    cosine = lambda a, b: float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+    assert cosine(half_step["Dense_0"]["kernel"], step["Dense_0"]["kernel"]) > 0.99
+
+
+def test_deterministic_gpu_ops_flag_and_bad_multi_host_environment(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    parallel.set_up_process(deterministic=True)
+    assert os.environ["XLA_FLAGS"] == f"--xla_cpu_foo=1 {parallel.DETERMINISTIC_GPU_FLAG}"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    with pytest.raises(UsageError, match="JAX_NUM_PROCESSES"):
+        parallel.set_up_process()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compute_dtype", "float16"], "unknown value 'float16' for --compute_dtype"),
+    (["--devices", "3"], "--devices 3: only 1 device(s) here"),
+    (["--devices", "-1"], "--devices must not be negative"),
+])
+def test_bad_parallel_options_are_one_line(args, message, tmp_path, capsys):
+    from experiments.cli import main
+    assert main(["run", "mnist_cnn", "--data.source", "sample", "--epochs", "1", "--workdir", str(tmp_path / "r"),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
