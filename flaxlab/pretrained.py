@@ -1,0 +1,255 @@
+"""ImageNet-pretrained ResNet-18 and VGG-19 with torchvision's layer structure, and a converter from a
+torchvision state_dict to flax variables, for fine-tuning offline (TDT4265 task 4, AI604 problem 4).
+
+Module names mirror torchvision's keys (`layer1.0.conv1.weight` is `layer1_0/conv1/kernel`), so
+the converter is one rule per tensor kind: conv OIHW -> HWIO, linear transposed, batch norm
+weight -> scale and running statistics -> batch_stats (eps 1e-5; torch momentum 0.1 = flax 0.9),
+`num_batches_tracked` dropped. Padding is explicit and symmetric as in torch (SAME would pad a
+stride-2 conv asymmetrically). VGG's first classifier weight is permuted from torch's CHW flattening
+to NHWC's HWC. Inputs are resized and normalised inside the model, so inside the jitted step: a
+32x32 CIFAR-10 set stays 32x32 on the device and is never stored at 224x224.
+"""
+import os
+import pickle
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlab.errors import DataError, UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's published ImageNet weights (IMAGENET1K_V1)
+WEIGHT_URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+               "vgg19": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"}
+VGG19_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+                  512, 512, 512, 512, "M")
+
+
+def _batch_norm(train, name):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _conv(features, kernel, stride=1, padding=0, bias=False, name=None):
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(padding, padding)] * 2, use_bias=bias,
+                   name=name)
+
+
+def prepare_input(x, size, normalize):
+    """[0, 1] images -> resized (bilinear, on device) and ImageNet-normalised, as torchvision's transforms."""
+    if size and x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear", antialias=False)
+    if x.shape[-1] == 1:  # greyscale into a 3-channel net
+        x = jnp.repeat(x, 3, axis=-1)
+    if normalize:
+        x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
+    return x
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = nn.relu(_batch_norm(train, "bn1")(_conv(self.features, 3, self.stride, 1, name="conv1")(x)))
+        y = _batch_norm(train, "bn2")(_conv(self.features, 3, 1, 1, name="conv2")(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = _batch_norm(train, "downsample_1")(_conv(self.features, 1, self.stride, name="downsample_0")(x))
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18: 7x7/2 conv, 3x3/2 max pool, 4 stages of 2 basic blocks, global average, fc."""
+    num_classes: int = 1000
+    input_size: int = 224  # images are resized to this inside the model (0: as they come)
+    normalize: bool = True  # ImageNet mean/std
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = prepare_input(x, self.input_size, self.normalize)
+        x = nn.relu(_batch_norm(train, "bn1")(_conv(64, 7, 2, 3, name="conv1")(x)))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        for stage, features in enumerate((64, 128, 256, 512), 1):
+            for block in range(2):
+                stride = 2 if stage > 1 and block == 0 else 1
+                x = BasicBlock(features, stride, name=f"layer{stage}_{block}")(x, train)
+        return nn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))
+
+
+def adaptive_avg_pool(x, size):
+    """torch's AdaptiveAvgPool2d: output cell i averages rows floor(i*H/size) .. ceil((i+1)*H/size)."""
+    h, w = x.shape[1:3]
+    if (h, w) == (size, size):
+        return x
+    rows = [(i * h // size, -(-(i + 1) * h // size)) for i in range(size)]
+    cols = [(j * w // size, -(-(j + 1) * w // size)) for j in range(size)]
+    return jnp.stack([jnp.stack([x[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in cols], axis=1)
+                      for r0, r1 in rows], axis=1)
+
+
+class VGG19(nn.Module):
+    """torchvision's vgg19 (no batch norm): 16 3x3 convs in 5 blocks, 7x7 adaptive average, 3 linear layers
+    with dropout 0.5; `hidden` is 4096 there (smaller only in tests)."""
+    num_classes: int = 1000
+    input_size: int = 224
+    normalize: bool = True
+    hidden: int = 4096
+    dropout: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = prepare_input(x, self.input_size, self.normalize)
+        for index, layer in enumerate(_vgg_feature_indices()):
+            if layer == "M":
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            else:
+                x = nn.relu(_conv(layer[1], 3, 1, 1, bias=True, name=f"features_{layer[0]}")(x))
+        x = adaptive_avg_pool(x, 7).reshape(x.shape[0], -1)  # flattened H, W, C (converter permutes)
+        for i, width in ((0, self.hidden), (3, self.hidden)):
+            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width, name=f"classifier_{i}")(x)))
+        return nn.Dense(self.num_classes, name="classifier_6")(x)
+
+
+def _vgg_feature_indices():
+    """VGG19_FEATURES with torchvision's `features` indices: (index, maps) per conv (ReLU at index+1), "M" pools."""
+    out, index = [], 0
+    for layer in VGG19_FEATURES:
+        out.append("M" if layer == "M" else (index, layer))
+        index += 1 if layer == "M" else 2
+    return out
+
+
+ARCHITECTURES = {"resnet18": ResNet18, "vgg19": VGG19}
+HEADS = {"resnet18": "fc", "vgg19": "classifier_6"}  # replaced (random) when the class count differs
+
+
+def _flax_path(key):
+    """'layer1.0.downsample.1.running_mean' -> ('layer1_0', 'downsample_1'), 'running_mean'."""
+    *modules, leaf = key.split(".")
+    path = []
+    for part in modules:
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    return tuple(path), leaf
+
+
+def convert_state_dict(state_dict, arch="resnet18"):
+    """A torchvision state_dict ({name: array}) to flax {"params", "batch_stats"} of ARCHITECTURES[arch]."""
+    params, stats = {}, {}
+
+    def put(tree, path, leaf, value):
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value, jnp.float32)
+
+    for key, value in state_dict.items():
+        value = np.asarray(value, np.float32) if not hasattr(value, "numpy") else value.detach().cpu().numpy()
+        path, leaf = _flax_path(key)
+        if leaf == "num_batches_tracked":
+            continue
+        if leaf in ("running_mean", "running_var"):
+            put(stats, path, "mean" if leaf == "running_mean" else "var", value)
+        elif leaf == "weight" and value.ndim == 4:
+            put(params, path, "kernel", value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+        elif leaf == "weight" and value.ndim == 2:
+            if arch == "vgg19" and path == ("classifier_0",):  # torch flattens C, H, W; NHWC flattens H, W, C
+                out = value.shape[0]
+                value = value.reshape(out, 512, 7, 7).transpose(0, 2, 3, 1).reshape(out, -1)
+            put(params, path, "kernel", value.T)
+        elif leaf == "weight":  # batch norm
+            put(params, path, "scale", value)
+        elif leaf == "bias":
+            put(params, path, "bias", value)
+        else:
+            raise DataError(f"unexpected tensor '{key}' in the {arch} weights")
+    return {"params": params, "batch_stats": stats} if stats else {"params": params}
+
+
+def read_state_dict(path):
+    """A state_dict from a .pth (torch.save; needs torch), .npz or .safetensors file, as numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        if suffix == ".safetensors":
+            try:
+                from safetensors.numpy import load_file
+            except ImportError:
+                raise UsageError("reading .safetensors needs `pip install safetensors`") from None
+            return load_file(str(path))
+        if suffix in (".pth", ".pt", ".bin"):
+            try:
+                import torch
+            except ImportError:
+                raise UsageError(f"reading {path.name} needs torch (`pip install torch`), or convert it to .npz") from None
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
+    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as e:
+        raise DataError(f"cannot read weights from {path}: {str(e).splitlines()[0][:200]}") from None
+    raise UsageError(f"weights file {path}: expected .pth, .npz or .safetensors")
+
+
+def cache_dir():
+    return Path(os.environ.get("FLAXLAB_CACHE", Path.home() / ".cache" / "flaxlab"))
+
+
+def fetch_weights(arch, weights=""):
+    """The weights file: `weights` when given, else torchvision's published file, downloaded into the cache once."""
+    if weights:
+        return Path(weights)
+    url = WEIGHT_URLS[arch]
+    target = cache_dir() / "weights" / url.rsplit("/", 1)[1]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"no {arch} weights here and no download ({getattr(e, 'reason', e)}): fetch {url} on a "
+                        f"machine with internet and pass it with --model.weights PATH (or put it at {target})") from None
+    os.replace(tmp, target)
+    return target
+
+
+def pretrained_variables(arch, weights=""):
+    """Converted ImageNet variables of `arch`, from `weights` or torchvision's published file."""
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"no pretrained weights for '{arch}'; known: {', '.join(ARCHITECTURES)}")
+    return convert_state_dict(read_state_dict(fetch_weights(arch, weights)), arch)
+
+
+def merge_pretrained(variables, pretrained, arch):
+    """`variables` (a fresh init) with every pretrained tensor of the same shape put in; the head keeps its
+    fresh init when the class count differs. Raises when anything else does not fit."""
+    head = HEADS[arch]
+
+    def merge(fresh, loaded, path=()):
+        if not isinstance(fresh, dict):
+            if fresh.shape != loaded.shape:
+                if path[0] == head:
+                    return fresh
+                raise DataError(f"pretrained {'/'.join(path)} has shape {loaded.shape}, the model {fresh.shape}")
+            return loaded.astype(fresh.dtype)
+        missing = set(fresh) - set(loaded)
+        if missing:
+            raise DataError(f"the {arch} weights lack {', '.join('/'.join(path + (m,)) for m in sorted(missing))}")
+        return {k: merge(v, loaded[k], path + (k,)) for k, v in fresh.items()}
+    return {collection: merge(dict(tree), pretrained.get(collection, {})) for collection, tree in variables.items()}

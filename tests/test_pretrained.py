@@ -1,0 +1,87 @@
+"""ResNet-18 and VGG-19 with torchvision's structure: weights converted from a PyTorch state_dict give
+PyTorch's outputs (random weights and batch-norm statistics, offline), resizing happens in the model."""
+import urllib.error
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlab import pretrained
+from flaxlab.errors import DataError
+from flaxlab.models import count_params
+
+torch = pytest.importorskip("torch", reason="the reference networks are PyTorch")
+torch_models = pytest.importorskip("torch_models")
+
+
+def _torch_outputs(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+
+
+def _check(arch, torch_model, flax_model, path, size):
+    x = np.random.default_rng(0).random((2, size, size, 3), np.float32)
+    variables = pretrained.convert_state_dict(pretrained.read_state_dict(path), arch)
+    fresh = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), x))
+    assert jax.tree.structure(fresh) == jax.tree.structure(variables)
+    expected = _torch_outputs(torch_model, x)
+    np.testing.assert_allclose(flax_model.apply(variables, x), expected, atol=1e-4 * np.abs(expected).max(), rtol=1e-4)
+
+
+def test_resnet18_state_dict_from_pth_gives_torchs_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = torch_models.randomize_batch_norm(torch_models.ResNet18(10)).eval()
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")  # num_batches_tracked included: dropped
+    _check("resnet18", model, pretrained.ResNet18(10, input_size=0, normalize=False), tmp_path / "resnet18.pth", 64)
+
+
+def test_vgg19_state_dict_from_npz_gives_torchs_outputs(tmp_path):
+    """At 64x64 the last maps are 2x2, which the 7x7 adaptive pool spreads unevenly: the permutation of the
+    first classifier weight from torch's C,H,W order to H,W,C matters (1e-3 off without it)."""
+    torch.manual_seed(0)
+    model = torch_models.VGG19(10, hidden=64).eval()
+    np.savez(tmp_path / "vgg19.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+    _check("vgg19", model, pretrained.VGG19(10, input_size=0, normalize=False, hidden=64), tmp_path / "vgg19.npz", 64)
+
+
+def test_full_size_networks_have_torchvisions_weight_counts():
+    for model, count in ((pretrained.ResNet18(), 11_689_512), (pretrained.VGG19(), 143_667_240)):
+        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32)))
+        assert count_params(shapes["params"]) == count
+
+
+def test_images_are_resized_and_normalised_inside_the_model():
+    x = np.random.default_rng(1).random((2, 32, 32, 3), np.float32)
+    ours = np.asarray(pretrained.prepare_input(x, 224, True))
+    resized = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(224, 224),
+                                              mode="bilinear", align_corners=False)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD))
+    np.testing.assert_allclose(ours, ((resized - mean) / std).numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_pretrained_weights_fill_all_but_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    torch.save(torch_models.ResNet18(1000).state_dict(), tmp_path / "r.pth")
+    loaded = pretrained.pretrained_variables("resnet18", tmp_path / "r.pth")
+    model = pretrained.ResNet18(10, input_size=0)
+    fresh = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    merged = pretrained.merge_pretrained(fresh, loaded, "resnet18")
+    np.testing.assert_array_equal(merged["params"]["conv1"]["kernel"], loaded["params"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(merged["batch_stats"]["layer4_1"]["bn2"]["var"],
+                                  loaded["batch_stats"]["layer4_1"]["bn2"]["var"])
+    assert merged["params"]["fc"]["kernel"].shape == (512, 10)  # the new head keeps its fresh init
+
+
+def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
+    def offline(*_):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(pretrained.urllib.request, "urlretrieve", offline)
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path))
+    with pytest.raises(DataError, match="resnet18-f37072fd.pth on a machine with internet and pass it with --model.weights"):
+        pretrained.pretrained_variables("resnet18")
+    assert not list(tmp_path.rglob("*.part"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="cannot read weights"):
+        pretrained.read_state_dict(tmp_path / "bad.pth")
+    with pytest.raises(DataError, match="does not exist"):
+        pretrained.read_state_dict(tmp_path / "none.npz")
