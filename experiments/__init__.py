@@ -1,4 +1,5 @@
 """Runnable course experiments: each is a small config over flaxlab's shared building blocks."""
-from experiments import cifar10, gtsrb, mnist, segmentation
+from experiments import cifar10, gtsrb, mnist, segmentation, transfer
 
-EXPERIMENTS = {**mnist.EXPERIMENTS, **gtsrb.EXPERIMENTS, **cifar10.EXPERIMENTS, **segmentation.EXPERIMENTS}
+EXPERIMENTS = {**mnist.EXPERIMENTS, **gtsrb.EXPERIMENTS, **cifar10.EXPERIMENTS, **segmentation.EXPERIMENTS,
+               **transfer.EXPERIMENTS}

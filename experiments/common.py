@@ -39,7 +39,7 @@ def base_config(name, description, **sections):
         "checkpoint_every": 0,  # orbax checkpoint every N epochs (and the last), for --resume; 0 = none
         # feature maps drawn after a run: of this layer ("" = the first conv; e.g. Conv_1, Activation_2) for
         # this test image (its index)
-        "features": {"layer": "", "image": 0},
+        "features": {"layer": "", "image": 0, "last_conv": False},  # last_conv: the last conv's maps too
         "sweep": (),  # variants, each a dict of dotted fields: `run` trains them all (see flaxlab.sweep)
     }
     for key, value in sections.items():

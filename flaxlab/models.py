@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlab import pretrained
 from flaxlab.errors import UsageError
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh, "sigmoid": nn.sigmoid, "elu": nn.elu,
@@ -438,13 +439,17 @@ REPORT_INPUTS = {
 
 MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": FCN,
           "fcn2": functools.partial(FCN, batch_norm=True, refine=True), "unet": UNet,
-          **{name: functools.partial(LayerStack, layers=layers) for name, layers in REPORT_LAYERS.items()}}
+          **{name: functools.partial(LayerStack, layers=layers) for name, layers in REPORT_LAYERS.items()},
+          # torchvision's structure, for ImageNet weights (flaxlab.pretrained)
+          "resnet18": pretrained.ResNet18, "vgg19": pretrained.VGG19}
 
 
 def make_model(model_config, num_classes):
     """Builds a model from its config section: {'name': ..., **fields}."""
     kwargs = dict(model_config)
     name = kwargs.pop("name")
+    for loading_option in ("pretrained", "weights"):  # read by the runner (flaxlab.pretrained), not the module
+        kwargs.pop(loading_option, None)
     if name not in MODELS:
         raise UsageError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
     if kwargs.get("activation", "relu") not in ACTIVATIONS:

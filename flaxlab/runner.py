@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
-from flaxlab import analysis, metrics, parallel, plots
+from flaxlab import analysis, metrics, parallel, plots, pretrained
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
@@ -87,6 +87,8 @@ def set_up(config, dataset, variants=({},)):
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
     keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
+    if config["model"].get("pretrained"):
+        states = load_pretrained(states, config["model"])
     if mesh is None:
         train_data = data_lib.to_device(dataset.train)
     else:
@@ -94,6 +96,22 @@ def set_up(config, dataset, variants=({},)):
     place = lambda split: parallel.replicate({"image": split.images, "label": split.labels}, mesh)
     return Setup(model, trainer, states, keys[:, 1], train_data, place(dataset.test),
                  place(dataset.val) if dataset.val else None)
+
+
+def load_pretrained(states, model_config):
+    """Every model's weights and batch-norm statistics from the ImageNet file, but for a head of another
+    class count, which keeps each model's own fresh init (flaxlab.pretrained)."""
+    arch = model_config["name"]
+    loaded = pretrained.pretrained_variables(arch, model_config.get("weights", ""))
+    stacked = {"params": states.params, "batch_stats": states.batch_stats}
+    merged = pretrained.merge_pretrained(jax.tree.map(lambda a: a[0], stacked), loaded, arch)
+    # the same tensors for every model, placed where the fresh ones were (one device, or replicated on a mesh)
+    place = lambda new, old: jax.device_put(np.broadcast_to(np.asarray(new, old.dtype), old.shape), old.sharding)
+    merged = jax.tree.map(place, merged, stacked)
+    head = pretrained.HEADS[arch]
+    if merged["params"][head]["kernel"].shape != loaded["params"][head]["kernel"].shape:
+        merged["params"][head] = states.params[head]
+    return states.replace(**merged)
 
 
 def write_json(path, obj):
@@ -253,6 +271,10 @@ def write_views(workdir, config, model, states, dataset, convs, layer, features_
     if maps.ndim == 3:
         plots.feature_maps_figure(image, maps, workdir / features_name,
                                   f"{who}: {layer} on test image {index} (label {dataset.test.labels[index]})")
+    if config["features"].get("last_conv") and convs[-1] != layer:  # what the deepest layer looks at
+        maps = inspect_model.layer_output(model, first.variables(), image, convs[-1])
+        plots.feature_maps_figure(image, maps, workdir / features_name.replace(".png", "-last.png"),
+                                  f"{who}: {convs[-1]} on test image {index} (label {dataset.test.labels[index]})")
 
 
 def write_summary(workdir, config, dataset, info, history, analysis_md="", best_epochs=None, image_scores=None):

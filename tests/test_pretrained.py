@@ -85,3 +85,25 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "bad.pth")
     with pytest.raises(DataError, match="does not exist"):
         pretrained.read_state_dict(tmp_path / "none.npz")
+
+
+def test_fine_tuning_experiment_starts_from_the_weights_file(tmp_path):
+    """tdt4265_resnet18 end to end on the CIFAR-10 sample (at 32x32 instead of 224, for the CI's CPU), from a
+    weights file: the trained conv1 started from the file's, and the first and last conv maps are drawn."""
+    from experiments import EXPERIMENTS
+    from flaxlab import data
+    from flaxlab.config import with_field
+    from flaxlab.runner import run_experiment, set_up
+    torch.manual_seed(0)
+    torch.save(torch_models.randomize_batch_norm(torch_models.ResNet18(1000)).state_dict(), tmp_path / "r.pth")
+    config = EXPERIMENTS["tdt4265_resnet18"]()
+    for key, value in {"model.weights": str(tmp_path / "r.pth"), "model.input_size": 32, "epochs": 1,
+                       "batch_size": 16}.items():
+        config = with_field(config, key, value)
+    dataset = data.load(**{**config["data"], "source": "sample"})
+    start = set_up(config, dataset).states
+    expected = np.asarray(torch.load(tmp_path / "r.pth")["conv1.weight"]).transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(start.params["conv1"]["kernel"][0], expected)
+    result = run_experiment(config, workdir=tmp_path / "run", dataset=dataset, progress=False, log=lambda *a: None)
+    assert {"features.png", "features-last.png", "filters.png", "confusion.png"} <= {p.name for p in result.workdir.iterdir()}
+    assert result.history["test_accuracy"][-1][0] > 0.1
