@@ -15,7 +15,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Sequence
 
 import flax.linen as nn
 import jax
