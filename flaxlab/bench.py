@@ -158,9 +158,11 @@ def machine():
             f"x {jax.device_count()}); jax {jax.__version__}, torch {torch_version}, Python {platform.python_version()}")
 
 
-def _span(values, digits=1):
+def _span(values, digits=None):
+    """'low-high' (3 significant figures, or `digits` decimals)."""
     low, high = min(values), max(values)
-    return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f}-{high:.{digits}f}"
+    text = (lambda v: f"{v:.3g}") if digits is None else (lambda v: f"{v:.{digits}f}")
+    return text(low) if text(low) == text(high) else f"{text(low)}-{text(high)}"
 
 
 def markdown_table(results, epochs):
@@ -173,7 +175,7 @@ def markdown_table(results, epochs):
         ratios = [r["ratio_images_per_s"] for r in rows]
         lines.append(f"| `{name}` vs `{PEER_WORKLOADS[name]}` | {rows[0]['seeds']} "
                      f"| {_span([r['flaxlab_steps_per_s'] for r in rows])} | {_span([r['peer_steps_per_s'] for r in rows])} "
-                     f"| **{np.median(ratios):.2f}x** ({_span(ratios, 2)}) | {_span([r['compile_s'] for r in rows])} |")
+                     f"| **{np.median(ratios):.2f}x** ({_span(ratios, 2)}) | {_span([r['compile_s'] for r in rows], 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +183,7 @@ def median_ratio(comparisons):
     """The median over alternating repeats: one slow minute of a shared machine does not decide it."""
     values = sorted(c["ratio_images_per_s"] for c in comparisons)
     return dict(compare=comparisons[0]["compare"], repeats=len(values), ratios=values,
-                median_ratio_images_per_s=float(np.median(values)))
+                median_ratio_images_per_s=round(float(np.median(values)), 2))
 
 
 def _train_programs(programs, dataset, epochs, model_axis=None):
