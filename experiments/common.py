@@ -28,7 +28,8 @@ def base_config(name, description, **sections):
         "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0, "jitter": 0.0},
         # data parallelism: each batch split over this many devices (0 = all of them, of every host; 1 = one)
         "devices": 0,
-        "distributed": False,  # join a multi-host run (jax.distributed.initialize; also when JAX_COORDINATOR_ADDRESS is set)
+        # join a multi-host run (jax.distributed.initialize); also done when JAX_COORDINATOR_ADDRESS is set
+        "distributed": False,
         "compute_dtype": "float32",  # bfloat16: bf16 compute, fp32 parameters and batch-norm statistics
         "deterministic": False,  # GPU: run-to-run identical results (XLA's deterministic ops; slower)
         "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
