@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 
 
 def cli(*args, cwd):

@@ -2,10 +2,8 @@
 when ../shared is there): run folders, splits, selected epochs, figures, and one-line errors."""
 import json
 
-import numpy as np
 import pytest
 
-from conftest import REPO
 from experiments import EXPERIMENTS
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
