@@ -26,8 +26,11 @@ def base_config(name, description, **sections):
         # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back;
         # jitter: brightness and contrast factors in [1 - jitter, 1 + jitter]; rotate: +- degrees
         "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0, "jitter": 0.0},
-        # data parallelism: each batch split over this many devices (0 = all of them, of every host; 1 = one)
+        # devices to run on (0 = all of them, of every host; 1 = one)
         "devices": 0,
+        # data: each batch split over the devices; seeds: the stacked models (seeds, sweep values) split over
+        # them, each device training whole batches of its own models (a multiple of the device count)
+        "parallel": "data",
         # join a multi-host run (jax.distributed.initialize); also done when JAX_COORDINATOR_ADDRESS is set
         "distributed": False,
         "compute_dtype": "float32",  # bfloat16: bf16 compute, fp32 parameters and batch-norm statistics

@@ -16,6 +16,7 @@ def _choices():
         "model.activation": tuple(models.ACTIVATIONS), "optimizer.name": optim.OPTIMIZERS,
         "optimizer.schedule": optim.SCHEDULES,
         "epoch_mode": train.EPOCH_MODES, "model_axis": train.MODEL_AXES, "compute_dtype": parallel.COMPUTE_DTYPES,
+        "parallel": parallel.PARALLEL_MODES,
         "best_metric": ("", *metrics.SELECTION_METRICS),
     }
 

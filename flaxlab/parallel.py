@@ -20,6 +20,9 @@ from flaxlab.errors import UsageError
 
 DATA_AXIS = "data"
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# what a mesh splits: each batch (data parallelism), or the stacked models (seeds, sweep values), each
+# device then training its own models on whole batches, with no communication between devices
+PARALLEL_MODES = ("data", "seeds")
 # XLA's flag for run-to-run identical GPU results (slower scatter and reductions); read when the backend starts
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 
@@ -81,6 +84,11 @@ def replicated(mesh):
 
 def batch_sharding(mesh):
     """The layout of a batch inside the step: examples split over the data axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def stacked_sharding(mesh):
+    """Stacked models (leading axis) split over the mesh: `--parallel seeds`."""
     return NamedSharding(mesh, P(DATA_AXIS))
 
 

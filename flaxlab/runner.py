@@ -74,7 +74,8 @@ def set_up(config, dataset, variants=({},)):
     model = make_model(config["model"], dataset.num_classes)
     num_models = len(variants) * config["seeds"]
     mesh = parallel.make_mesh(config.get("devices", 0))
-    shards = parallel.num_shards(mesh)
+    split_models = config.get("parallel", "data") == "seeds"
+    shards = 1 if split_models else parallel.num_shards(mesh)  # parts of each batch
     steps = steps_per_epoch(len(dataset.train) // shards, max(config["batch_size"] // shards, 1),
                             config.get("drop_last", True))
     optimizer = {**config["optimizer"], "decay_steps": config["epochs"] * steps}  # for a schedule
@@ -83,17 +84,19 @@ def set_up(config, dataset, variants=({},)):
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
                       drop_last=config.get("drop_last", True), mesh=mesh,
-                      compute_dtype=config.get("compute_dtype", "float32"))
+                      compute_dtype=config.get("compute_dtype", "float32"), parallel_mode=config.get("parallel", "data"))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
     keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
     if config["model"].get("pretrained"):
         states = load_pretrained(states, config["model"])
+    place = lambda split: parallel.replicate({"image": split.images, "label": split.labels}, mesh)
     if mesh is None:
         train_data = data_lib.to_device(dataset.train)
+    elif split_models:  # every device trains its models on the whole training set
+        train_data = place(dataset.train)
     else:
         train_data = parallel.shard_training_set(dataset.train, mesh, config["seed"])
-    place = lambda split: parallel.replicate({"image": split.images, "label": split.labels}, mesh)
     return Setup(model, trainer, states, keys[:, 1], train_data, place(dataset.test),
                  place(dataset.val) if dataset.val else None)
 
@@ -344,8 +347,10 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
-            "devices": trainer.shards, "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype")}
-    where = f"{info['backend']}" + (f" x {trainer.shards} devices" if trainer.shards > 1 else "")
+            "devices": trainer.devices, "parallel": config.get("parallel", "data") if trainer.devices > 1 else None,
+            "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype")}
+    where = f"{info['backend']}" + (f" x {trainer.devices} devices ({info['parallel']} parallel)"
+                                     if trainer.devices > 1 else "")
     log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""

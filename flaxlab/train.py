@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import PartitionSpec as P
 
 from flaxlab import parallel
 from flaxlab.errors import UsageError
@@ -319,14 +320,27 @@ class Trainer:
     strategy; "sequential" only changes how the compiled one-model functions are dispatched.
 
     With a `mesh` (flaxlab.parallel) the training set comes sharded, (shards, examples, ...), each
-    batch of `batch_size` is split over the devices and the states are replicated. `compute_dtype`
-    "bfloat16" computes in bf16 with fp32 parameters, optimizer state and batch-norm statistics.
+    batch of `batch_size` is split over the devices and the states are replicated; with `parallel`
+    "seeds" the models are split over the devices instead (vmapped on each) and the training set is
+    replicated. `compute_dtype` "bfloat16" computes in bf16 with fp32 parameters, optimizer state and
+    batch-norm statistics.
     """
 
     def __init__(self, model, optimizer, *, num_models=1, batch_size=32, eval_batch_size=1000,
                  epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None, drop_last=True, mesh=None,
-                 compute_dtype="float32"):
-        self.mesh, self.shards = mesh, parallel.num_shards(mesh)
+                 compute_dtype="float32", parallel_mode="data"):
+        if parallel_mode not in parallel.PARALLEL_MODES:
+            raise UsageError(f"unknown parallel mode '{parallel_mode}'; known: {', '.join(parallel.PARALLEL_MODES)}")
+        self.mesh, self.devices = mesh, parallel.num_shards(mesh)
+        self.models_sharded = mesh is not None and parallel_mode == "seeds"
+        self.shards = 1 if self.models_sharded else self.devices  # parts of each batch
+        if self.models_sharded:
+            if num_models % self.devices:
+                raise UsageError(f"--parallel seeds: {num_models} models do not split over {self.devices} devices; "
+                                 f"train a multiple of {self.devices} (--seeds)")
+            if model_axis == "sequential":
+                raise UsageError("--parallel seeds vmaps the models on each device: use --model_axis auto or vmap")
+            model_axis = "vmap"
         if batch_size % self.shards:
             raise UsageError(f"--batch-size {batch_size} does not split over {self.shards} devices: "
                              f"use a multiple of {self.shards}")
@@ -370,8 +384,13 @@ class Trainer:
                               opt_state=make_optimizer(optimizer).init(params),
                               batch_stats=variables.get("batch_stats", {}),
                               hparams={STACKABLE[k]: v for k, v in hp.items() if STACKABLE[k] != "optimizer"})
-        out = None if self.mesh is None else parallel.replicated(self.mesh)
-        return jax.jit(jax.vmap(init_one), out_shardings=out)(keys, hparams)
+        return jax.jit(jax.vmap(init_one), out_shardings=self._stacked_sharding())(keys, hparams)
+
+    def _stacked_sharding(self):
+        """Where per-model values live: one device, every device (data parallel), or split (seeds)."""
+        if self.mesh is None:
+            return None
+        return parallel.stacked_sharding(self.mesh) if self.models_sharded else parallel.replicated(self.mesh)
 
     def images_per_epoch(self, num_examples):
         """Examples trained on per epoch and model (a kept short last batch's filler not counted)."""
@@ -385,14 +404,14 @@ class Trainer:
 
     def _sharding_for(self, batch_size):
         """The batch layout inside jit: over the mesh's data axis when the batch splits evenly."""
-        if self.mesh is None or batch_size % self.shards:
+        if self.mesh is None or self.models_sharded or batch_size % self.shards:
             return None
         return parallel.batch_sharding(self.mesh)
 
     def compile(self, states, train_data, test_data, val_data=None):
         """Compiles the epoch's functions for these shapes; returns the seconds it took."""
         t0 = time.perf_counter()
-        sharded = self.mesh is not None
+        sharded = self.mesh is not None and not self.models_sharded  # the training set in shards
         n = parallel.examples_per_shard(train_data, sharded)
         if not self.drop_last and self.batch_size > n * self.shards:  # one full batch per epoch: no filler
             self.batch_size = n * self.shards
@@ -407,14 +426,13 @@ class Trainer:
         run = functools.partial(train_steps, steps=chunk, batch_size=self.batch_size // self.shards,
                                 augment=self.augment, drop_last=self.drop_last, sharding=self._sharding_for(self.batch_size),
                                 compute_dtype=self.compute_dtype)
-        run = jax.jit(per_model(run, k, (0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
+        run = jax.jit(self._per_model(run, (0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
         # an epoch's orders as the compiled function makes them (placed like the states), to lower with
         keys = parallel.replicate_keys(jax.random.split(jax.random.key(0), self.num_models), self.mesh)
-        out = None if self.mesh is None else parallel.replicated(self.mesh)
-        make_orders = jax.jit(epoch_orders, static_argnums=(2, 3), out_shardings=out).lower(
+        make_orders = jax.jit(epoch_orders, static_argnums=(2, 3), out_shardings=self._stacked_sharding()).lower(
             keys, np.int32(0), n, self.shards if sharded else 0).compile()
         orders, step_keys = (x[:k] for x in make_orders(keys, np.int32(0)))
-        ev = jax.jit(per_model(functools.partial(evaluate, **self._eval_options()), k, (0, None)))
+        ev = jax.jit(self._per_model(functools.partial(evaluate, **self._eval_options()), (0, None)))
         self._compiled = {
             "chunk": chunk, "steps": steps,
             "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
@@ -426,13 +444,25 @@ class Trainer:
         }
         return time.perf_counter() - t0
 
+    def _per_model(self, fn, in_axes):
+        """`fn` over the models of one compiled call (see `per_model`); with --parallel seeds each device
+        runs it on its own models (shard_map): vmapped convolutions are grouped ones, which XLA's
+        partitioner would otherwise split by all-gathering activations and weights across devices."""
+        if not self.models_sharded:
+            return per_model(fn, self.width, in_axes)
+        spec = lambda axis: P(parallel.DATA_AXIS) if axis == 0 else P()  # noqa: E731
+        return jax.shard_map(per_model(fn, self.width // self.devices, in_axes), mesh=self.mesh,
+                             in_specs=tuple(spec(axis) for axis in in_axes), out_specs=P(parallel.DATA_AXIS),
+                             check_vma=False)
+
     def _eval_options(self):
         return dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
                     compute_dtype=self.compute_dtype)
 
     def _zero_totals(self):
         # numpy: a host value is an input of any process's program, replicated where the states are
-        return jax.tree.map(lambda z: np.zeros((self.width,), np.float32), _zero_sums(self.segmentation))
+        zeros = jax.tree.map(lambda z: np.zeros((self.width,), np.float32), _zero_sums(self.segmentation))
+        return jax.device_put(zeros, self._stacked_sharding()) if self.models_sharded else zeros
 
     def _groups(self, *stacked):
         """The stacked arguments as the compiled functions take them: all at once, or one model each."""
@@ -466,7 +496,7 @@ class Trainer:
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
-        run = jax.jit(per_model(functools.partial(predict, **self._eval_options()), self.width, (0, None)))
+        run = jax.jit(self._per_model(functools.partial(predict, **self._eval_options()), (0, None)))
         return _concat_models([run(s, data) for (s,) in self._groups(states)])
 
 

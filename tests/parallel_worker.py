@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from experiments import EXPERIMENTS  # noqa: E402
 from flaxlab import data as data_lib, parallel, runner, train  # noqa: E402
+from flaxlab.errors import UsageError  # noqa: E402
 from flaxlab.models import make_model  # noqa: E402
 
 
@@ -81,10 +82,36 @@ def check_seeds_vmapped_and_scanned():
     return test
 
 
+def check_seeds_split_over_devices():
+    """`--parallel seeds`: 8 stacked models, one per device, each on whole batches of the replicated
+    training set, with no communication between devices; they end as the same 8 models vmapped on one device."""
+    config, ds = sample(seeds=8, parallel="seeds")
+    ds = data_lib.Dataset(ds.name, ds.source, data_lib.Split(ds.train.images[:1024], ds.train.labels[:1024]),
+                          ds.test, ds.num_classes)
+    s, states, hlo, test = train_sample(config, ds, epochs=1)
+    kernel = states.params["Conv_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("data"), kernel.sharding
+    assert [shard.data.shape[0] for shard in kernel.addressable_shards] == [1] * 8
+    assert s.train_data["image"].sharding.is_fully_replicated and s.train_data["image"].shape[0] == 1024
+    collectives = ("all-reduce(", "all-gather(", "all-to-all(", "collective-permute(", "reduce-scatter(")
+    assert not [line for line in hlo.splitlines() if any(c in line for c in collectives)]
+    _, one_device, _, one_test = train_sample({**config, "devices": 1, "parallel": "data", "model_axis": "vmap"}, ds, 1)
+    chex.assert_trees_all_close(parallel.to_host(states.params), parallel.to_host(one_device.params),
+                                rtol=1e-3, atol=2e-3)  # 1 vs 8 groups in a conv: rounding, amplified
+    np.testing.assert_allclose(test["accuracy"], one_test["accuracy"], atol=2e-3)
+    try:
+        runner.set_up({**config, "seeds": 3}, ds)
+        raise AssertionError("3 models were split over 8 devices")
+    except UsageError as e:
+        assert "3 models do not split over 8 devices" in str(e), e
+    return test
+
+
 def check_multi_host():
-    import faulthandler; faulthandler.dump_traceback_later(120, exit=True)
     """One process of a multi-host run (JAX_COORDINATOR_ADDRESS etc. set by the test): it holds only its
     shards of the training set, and every process ends with the same replicated models."""
+    import faulthandler
+    faulthandler.dump_traceback_later(120, exit=True)  # a hung collective ends the worker with a traceback
     parallel.set_up_process()
     assert jax.process_count() == 2 and jax.device_count() == 2 * jax.local_device_count(), jax.devices()
     config, ds = sample()
@@ -103,7 +130,8 @@ def main(mode):
     assert jax.device_count() >= 2, jax.devices()
     if mode == "devices":
         check_batch_norm_step_matches_one_device()
-        out = {"8": check_trainer_on_devices(8), "vmap_scan_bf16": check_seeds_vmapped_and_scanned()}
+        out = {"8": check_trainer_on_devices(8), "vmap_scan_bf16": check_seeds_vmapped_and_scanned(),
+               "seeds_split": check_seeds_split_over_devices()}
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out))
