@@ -84,7 +84,8 @@ def set_up(config, dataset, variants=({},)):
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
                       drop_last=config.get("drop_last", True), mesh=mesh,
-                      compute_dtype=config.get("compute_dtype", "float32"), parallel_mode=config.get("parallel", "data"))
+                      compute_dtype=config.get("compute_dtype", "float32"),
+                      parallel_mode=config.get("parallel", "data"))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
     keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
