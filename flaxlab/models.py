@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlab import pretrained
+from flaxlab.pooling import max_pool, windows
 from flaxlab.errors import UsageError
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh, "sigmoid": nn.sigmoid, "elu": nn.elu,
@@ -83,49 +84,6 @@ class Conv(nn.Module):
         return y + bias
 
 
-def _windows(x, size):
-    """The size*size members of each non-overlapping window, each as an (n, h/size, w/size, c) view."""
-    n, h, w, c = x.shape
-    x = x[:, :h - h % size, :w - w % size].reshape(n, h // size, size, w // size, size, c)
-    return [[x[:, :, i, :, j] for j in range(size)] for i in range(size)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool(x, size=2):
-    """Non-overlapping max pooling, floor mode: torch's MaxPool2d(size), gradient to the first max.
-
-    Elementwise maxima of the window members instead of lax.reduce_window: on XLA:CPU the 1MD120
-    CNN's two pools took ~1.8 ms of a 4.5 ms step that way (select-and-scatter), ~0.4 ms this way.
-    """
-    return functools.reduce(jnp.maximum, [m for row in _windows(x, size) for m in row])
-
-
-def _max_pool_fwd(x, size):
-    """The maxima and, as the residual, which member of each window is the first maximum (as in torch).
-
-    The index is kept rather than found again in the backward pass by comparing members with the
-    maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
-    batch split over devices), and then no member would equal its maximum and the gradient be lost.
-    """
-    members = [m for row in _windows(x, size) for m in row]
-    best, first = members[0], jnp.zeros(members[0].shape, jnp.int8)
-    for i, member in enumerate(members[1:], 1):
-        better = member > best
-        best, first = jnp.where(better, member, best), jnp.where(better, jnp.int8(i), first)
-    return best, (first, x.shape)
-
-
-def _max_pool_bwd(size, residuals, grad):
-    first, (n, h, w, c) = residuals
-    rows = [jnp.stack([jnp.where(first == i * size + j, grad, 0.0) for j in range(size)], axis=3)
-            for i in range(size)]
-    dx = jnp.stack(rows, axis=2).reshape(n, h - h % size, w - w % size, c)
-    return (jnp.pad(dx, ((0, 0), (0, h % size), (0, w % size), (0, 0))),)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
 # Parameter-free layers as modules, so that model summaries (flaxlab.summary) list them as rows. Flax numbers
 # submodules per class (Conv_0, Dense_0, ...), so adding these leaves the parameter names of a network as they were.
 
@@ -150,8 +108,8 @@ class AvgPool(nn.Module):
     size: int = 2
 
     def __call__(self, x):
-        windows = [m for row in _windows(x, self.size) for m in row]
-        return sum(windows) / len(windows)
+        members = [m for row in windows(x, self.size) for m in row]
+        return sum(members) / len(members)
 
 
 class Dropout(nn.Module):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlab.errors import DataError, UsageError
+from flaxlab.pooling import max_pool, max_pool_strided
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +76,7 @@ class ResNet18(nn.Module):
     def __call__(self, x, train=False):
         x = prepare_input(x, self.input_size, self.normalize)
         x = nn.relu(_batch_norm(train, "bn1")(_conv(64, 7, 2, 3, name="conv1")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        x = max_pool_strided(x, 3, 2, 1)
         for stage, features in enumerate((64, 128, 256, 512), 1):
             for block in range(2):
                 stride = 2 if stage > 1 and block == 0 else 1
@@ -108,7 +109,7 @@ class VGG19(nn.Module):
         x = prepare_input(x, self.input_size, self.normalize)
         for index, layer in enumerate(_vgg_feature_indices()):
             if layer == "M":
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x, 2)
             else:
                 x = nn.relu(_conv(layer[1], 3, 1, 1, bias=True, name=f"features_{layer[0]}")(x))
         x = adaptive_avg_pool(x, 7).reshape(x.shape[0], -1)  # flattened H, W, C (converter permutes)

@@ -101,3 +101,21 @@ def test_max_pool_matches_reduce_window_and_torch_gradient(shape, size):
     tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
     torch.nn.functional.max_pool2d(tx, size).backward(torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy()))
     np.testing.assert_allclose(ours, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window,stride,padding", [((2, 12, 12, 3), 3, 2, 1), ((2, 9, 11, 2), 3, 2, 1),
+                                                         ((1, 8, 8, 2), 2, 2, 0), ((1, 10, 10, 2), 3, 1, 0)])
+def test_strided_max_pool_matches_flax_and_torch_gradient(shape, window, stride, padding):
+    """ResNet's overlapping 3x3/2/1 pool: values as flax's reduce_window, gradient as torch's (ties to the first)."""
+    import flax.linen as nn
+    from flaxlab.pooling import max_pool_strided
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))  # relu: tied zeros, some shared by two windows
+    ref = nn.max_pool(x, (window, window), (stride, stride), padding=[(padding, padding)] * 2)
+    np.testing.assert_array_equal(max_pool_strided(x, window, stride, padding), ref)
+    torch = pytest.importorskip("torch", reason="torch is the reference for max-pool gradients")
+    g = jax.random.normal(jax.random.key(1), ref.shape)
+    ours = jax.jit(jax.vjp(lambda x: max_pool_strided(x, window, stride, padding), x)[1])(g)[0]
+    tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, window, stride, padding).backward(
+        torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(ours, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
