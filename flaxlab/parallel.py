@@ -88,8 +88,8 @@ def batch_sharding(mesh):
 
 
 def stacked_sharding(mesh):
-    """Stacked models (leading axis) split over the mesh: `--parallel seeds`."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Stacked models (leading axis) split over the mesh, `--parallel seeds`: a batch's layout, on the model axis."""
+    return batch_sharding(mesh)
 
 
 def _global_array(sharding, array, global_shape):
