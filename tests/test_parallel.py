@@ -63,8 +63,9 @@ def _two_processes(args, devices_each=2, timeout=600):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]
-        # gloo announces its connections on stdout
-        return [(p.returncode, "".join(line for line in out.splitlines(True) if not line.startswith("[Gloo]")), err)
+        # gloo announces its connections on stdout, from C++: a line may be split by Python's output
+        gloo = lambda line: line.startswith("[Gloo]") or "peer ranks" in line  # noqa: E731
+        return [(p.returncode, "".join(line for line in out.splitlines(True) if not gloo(line)), err)
                 for p, (out, err) in zip(procs, outputs)]
     finally:
         for p in procs:
