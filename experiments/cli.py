@@ -89,6 +89,12 @@ def _parser():
     figures.add_argument("--layer", default="", help="e.g. Conv_1 or Activation_2 (default: the first conv)")
     figures.add_argument("--image", type=int, default=0, help="index of the test image")
     figures.add_argument("--data-dir", help="where the run's data came from (default: the shipped sample)")
+    evaluate = sub.add_parser("evaluate", allow_abbrev=False,
+                              help="score a run's kept (best-validation) state on its val and test splits again")
+    evaluate.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    evaluate.add_argument("--flip", action="store_true",
+                          help="average the logits of each image and its left-right mirror (as --eval_flip true)")
+    evaluate.add_argument("--data-dir", help="where the run's data came from (default: the shipped sample)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment; `all`: every "
@@ -228,6 +234,11 @@ def main(argv=None):
             from flaxlab.runner import draw_from_checkpoint
             draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image,
                                  log=functools.partial(print, flush=True))
+        elif args.command == "evaluate":
+            if overrides:
+                raise UsageError(f"unexpected argument '{overrides[0]}'")
+            from flaxlab.runner import evaluate_checkpoint
+            evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=functools.partial(print, flush=True))
         elif args.command == "layers":
             if overrides:
                 raise UsageError(f"unexpected argument '{overrides[0]}'")

@@ -26,6 +26,8 @@ def base_config(name, description, **sections):
         # on device, inside the train step; crop: zero-pad by this many pixels, then a random crop back;
         # jitter: brightness and contrast factors in [1 - jitter, 1 + jitter]; rotate: +- degrees
         "augment": {"crop": 0, "flip_lr": False, "flip_ud": False, "rotate": 0.0, "jitter": 0.0},
+        # validation, test and predictions average each image's logits with its left-right mirror's
+        "eval_flip": False,
         # devices to run on (0 = all of them, of every host; 1 = one)
         "devices": 0,
         # data: each batch split over the devices; seeds: the stacked models (seeds, sweep values) split over

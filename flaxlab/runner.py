@@ -85,7 +85,7 @@ def set_up(config, dataset, variants=({},)):
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
                       drop_last=config.get("drop_last", True), mesh=mesh,
                       compute_dtype=config.get("compute_dtype", "float32"),
-                      parallel_mode=config.get("parallel", "data"))
+                      parallel_mode=config.get("parallel", "data"), eval_flip=config.get("eval_flip", False))
     keys = jax.vmap(jax.random.split)(seed_keys(config["seed"], config["seeds"]))
     keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
@@ -299,6 +299,7 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         f"{config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
         + (f"; each model's state at its best {config['best_metric']} kept (selected epoch)" if best_epochs else "")
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
+        + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
         + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{trials}{analysis_md}")
@@ -322,7 +323,8 @@ def _check_resumable(config, workdir):
         raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
     saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
     growable = () if mine.get("optimizer.schedule", "constant") != "constant" else ("epochs",)  # a schedule spans them
-    differ = sorted(k for k in set(saved) | set(mine) if k not in growable and saved.get(k) != mine.get(k))
+    # a field added since the run was saved counts as unchanged
+    differ = sorted(k for k in set(saved) | set(mine) if k not in growable and saved.get(k, mine.get(k)) != mine.get(k))
     if differ:
         raise UsageError(f"--resume: {workdir} was run with other settings ({', '.join('--' + k for k in differ[:5])}); "
                          "resume with the same options")
@@ -403,27 +405,57 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     return RunResult(workdir, history, stats, chosen, info)
 
 
-def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
-    """Filters and one layer's feature maps of a finished (or interrupted) run, from its last checkpoint:
-    each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png."""
+def _restore_run(workdir, data_dir, **fields):
+    """A run folder's config (with `fields` set), data, set-up and last checkpoint: (config, dataset, setup,
+    states, progress), the states being each model's best-validation state when the run kept one."""
     from flaxlab.checkpoint import Checkpoints
     workdir = Path(workdir)
     try:
         config = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         raise UsageError(f"{workdir / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
-    config = config_lib.validate({**config, "features": {"layer": layer, "image": image}})
+    config = config_lib.validate({**config, **fields})
     dataset = load_dataset(config, data_dir)
-    convs, layer = check_views(config, make_model(config["model"], dataset.num_classes), dataset)
-    if not convs:
-        raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     s = set_up(config, dataset)
     checkpoints = Checkpoints(workdir, every=0)
     try:
         states, best, progress = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
     finally:
         checkpoints.close()
+    return config, dataset, s, (best if best is not None else states), progress
+
+
+def _kept(config, progress):
+    best = (progress.get("best_epochs") or {}).get("epoch")
+    if config["best_metric"] and best:
+        return (f"the best-validation state (epoch {', '.join(map(str, best))}) kept in epoch "
+                f"{progress['epoch']}'s checkpoint")
+    return f"the state of epoch {progress['epoch']}'s checkpoint"
+
+
+def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
+    """Filters and one layer's feature maps of a finished (or interrupted) run, from its last checkpoint:
+    each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png."""
+    workdir = Path(workdir)
+    config, dataset, s, states, progress = _restore_run(workdir, data_dir, features={"layer": layer, "image": image})
+    convs, layer = check_views(config, s.model, dataset)
+    if not convs:
+        raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     name = f"features-{layer.replace('/', '.')}-{image}.png"
-    write_views(workdir, config, s.model, best if best is not None else states, dataset, convs, layer, name)
-    which = "best-validation state" if best is not None else "state"
-    log(f"drew {workdir}/filters.png and {workdir}/{name} from the {which} of epoch {progress['epoch']}'s checkpoint")
+    write_views(workdir, config, s.model, states, dataset, convs, layer, name)
+    log(f"drew {workdir}/filters.png and {workdir}/{name} from {_kept(config, progress)}")
+
+
+def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
+    """Val and test scores of a run's kept state, optionally averaged over each image and its mirror
+    (--eval_flip): a finished run rescored without training it again. Returns {split: summarize(...)}."""
+    config, dataset, s, states, progress = _restore_run(workdir, data_dir, eval_flip=flip)
+    splits = {"val": s.val_data, "test": s.test_data}
+    scores = {name: summarize(s.trainer.evaluate(states, split)) for name, split in splits.items() if split}
+    how = "each image and its left-right mirror" if flip else "the images as they are"
+    log(f"{config['name']}: {_kept(config, progress)}, on {how}")
+    for name, score in scores.items():
+        figures = "  ".join(f"{key} {' '.join(metrics.format_score(key, v) for v in values)}"
+                            for key, values in score.items())
+        log(f"{name} ({len(dataset.val if name == 'val' else dataset.test):,} examples): {figures}")
+    return scores

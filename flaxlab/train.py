@@ -131,8 +131,18 @@ def train_step(state, batch, rng, compute_dtype=None):
     return state, sums
 
 
-def eval_step(state, batch, compute_dtype=None):
-    logits = _forward(state, state.params, batch["image"], compute_dtype, train=False)
+def eval_logits(state, images, compute_dtype=None, flip=False):
+    """The model's logits; with `flip`, averaged with those of the left-right mirrored images (mirrored
+    back for per-pixel logits): test-time augmentation, worth ~2 points on CIFAR-10's all-conv net."""
+    logits = _forward(state, state.params, images, compute_dtype, train=False)
+    if not flip:
+        return logits
+    mirrored = _forward(state, state.params, images[:, :, ::-1], compute_dtype, train=False)
+    return (logits + (mirrored[:, :, ::-1] if logits.ndim == 4 else mirrored)) / 2
+
+
+def eval_step(state, batch, compute_dtype=None, flip=False):
+    logits = eval_logits(state, batch["image"], compute_dtype, flip)
     return metric_sums(logits, batch["label"], batch.get("mask"))
 
 
@@ -214,29 +224,29 @@ def _padded_batch(data, index, batch_size, sharding=None):
     return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
 
-def _indexed_eval_step(totals, index, *, state, data, batch_size, sharding=None, compute_dtype=None):
+def _indexed_eval_step(totals, index, *, state, data, batch_size, sharding=None, compute_dtype=None, flip=False):
     batch = _padded_batch(data, index, batch_size, sharding)
-    return _add(totals, eval_step(state, batch, compute_dtype)), None
+    return _add(totals, eval_step(state, batch, compute_dtype, flip)), None
 
 
-def evaluate(state, data, *, batch_size, sharding=None, compute_dtype=None):
+def evaluate(state, data, *, batch_size, sharding=None, compute_dtype=None, flip=False):
     """Metric sums of one model over a whole device-resident split (padded last batch masked)."""
     num_batches = -(-data["label"].shape[0] // batch_size)
     body = functools.partial(_indexed_eval_step, state=state, data=data, batch_size=batch_size, sharding=sharding,
-                             compute_dtype=compute_dtype)
+                             compute_dtype=compute_dtype, flip=flip)
     return jax.lax.scan(body, _zero_sums(_is_segmentation(data)), jnp.arange(num_batches))[0]
 
 
-def _indexed_predictions(_, index, *, state, data, batch_size, sharding=None, compute_dtype=None):
+def _indexed_predictions(_, index, *, state, data, batch_size, sharding=None, compute_dtype=None, flip=False):
     batch = _padded_batch(data, index, batch_size, sharding)  # `predict` cuts the padded tail off
-    return None, _forward(state, state.params, batch["image"], compute_dtype, train=False).argmax(-1)
+    return None, eval_logits(state, batch["image"], compute_dtype, flip).argmax(-1)
 
 
-def predict(state, data, *, batch_size, sharding=None, compute_dtype=None):
+def predict(state, data, *, batch_size, sharding=None, compute_dtype=None, flip=False):
     """Predicted class of every example (every pixel, for segmentation) of a device-resident split, for one model."""
     n = data["label"].shape[0]
     body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size,
-                             sharding=sharding, compute_dtype=compute_dtype)
+                             sharding=sharding, compute_dtype=compute_dtype, flip=flip)
     predictions = jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1]
     return predictions.reshape((-1,) + predictions.shape[2:])[:n]
 
@@ -323,12 +333,12 @@ class Trainer:
     batch of `batch_size` is split over the devices and the states are replicated; with `parallel`
     "seeds" the models are split over the devices instead (vmapped on each) and the training set is
     replicated. `compute_dtype` "bfloat16" computes in bf16 with fp32 parameters, optimizer state and
-    batch-norm statistics.
+    batch-norm statistics. `eval_flip` evaluates and predicts on each image and its left-right mirror.
     """
 
     def __init__(self, model, optimizer, *, num_models=1, batch_size=32, eval_batch_size=1000,
                  epoch_mode="auto", scan_steps=None, model_axis="auto", augment=None, drop_last=True, mesh=None,
-                 compute_dtype="float32", parallel_mode="data"):
+                 compute_dtype="float32", parallel_mode="data", eval_flip=False):
         if parallel_mode not in parallel.PARALLEL_MODES:
             raise UsageError(f"unknown parallel mode '{parallel_mode}'; known: {', '.join(parallel.PARALLEL_MODES)}")
         self.mesh, self.devices = mesh, parallel.num_shards(mesh)
@@ -351,6 +361,7 @@ class Trainer:
         self.drop_last, self.segmentation = drop_last, False
         self.tx = make_optimizer(self.optimizer)
         self.batch_size, self.eval_batch_size, self.augment = batch_size, eval_batch_size, augment
+        self.eval_flip = eval_flip
         self.epoch_mode = resolve_epoch_mode(epoch_mode)
         self.scan_steps = scan_steps
         self.model_axis = resolve_model_axis(model_axis, num_models)
@@ -457,7 +468,7 @@ class Trainer:
 
     def _eval_options(self):
         return dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
-                    compute_dtype=self.compute_dtype)
+                    compute_dtype=self.compute_dtype, flip=self.eval_flip)
 
     def _zero_totals(self):
         # numpy: a host value is an input of any process's program, replicated where the states are
@@ -490,6 +501,9 @@ class Trainer:
 
     def evaluate(self, states, data):
         n = data["label"].shape[0]
+        if self._compiled is None:  # a restored state scored once: compiled on use, as `predict` is
+            run = jax.jit(self._per_model(functools.partial(evaluate, **self._eval_options()), (0, None)))
+            return _concat_models([run(s, data) for (s,) in self._groups(states)])
         if n not in self._compiled["eval"]:
             raise UsageError(f"evaluate was compiled for splits of {sorted(self._compiled['eval'])} examples, not {n}")
         return _concat_models([self._compiled["eval"][n](s, data) for (s,) in self._groups(states)])

@@ -83,12 +83,29 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     from experiments.cli import main
     result = quiet(EXPERIMENTS["gtsrb_cnn"](), tmp_path, checkpoint_every=1)
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Activation_1", "--image", "7"]) == 0
-    assert "from the best-validation state of epoch 1's checkpoint" in capsys.readouterr().out
+    assert "from the best-validation state (epoch 1) kept in epoch 1's checkpoint" in capsys.readouterr().out
     from PIL import Image
     assert Image.open(result.workdir / "features-Activation_1-7.png").size[0] > 300
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
     assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
     assert "is missing or not JSON" in capsys.readouterr().err
+
+
+def test_evaluate_rescores_the_kept_state_with_and_without_mirrors(tmp_path, capsys):
+    from experiments.cli import main
+    from flaxlab.runner import evaluate_checkpoint
+    result = quiet(EXPERIMENTS["tdt4265_cnn"](), tmp_path, epochs=2, checkpoint_every=1)
+    selected = result.info["selected_epochs"][0]
+    plain = evaluate_checkpoint(result.workdir, log=lambda *a: None)
+    for split in ("val", "test"):
+        assert plain[split]["accuracy"][0] == pytest.approx(result.history[f"{split}_accuracy"][selected - 1][0])
+        assert plain[split]["loss"][0] == pytest.approx(result.history[f"{split}_loss"][selected - 1][0], rel=1e-5)
+    mirrored = evaluate_checkpoint(result.workdir, flip=True, log=lambda *a: None)
+    assert mirrored["test"]["loss"][0] != pytest.approx(plain["test"]["loss"][0], rel=1e-6)
+    assert main(["evaluate", "--workdir", str(result.workdir), "--flip"]) == 0
+    out = capsys.readouterr().out
+    assert f"best-validation state (epoch {selected})" in out and "left-right mirror" in out and "test (" in out
+    assert main(["evaluate", "--workdir", str(tmp_path / "none")]) == 2
 
 
 def test_gtsrb_trials_table_on_the_sample(tmp_path):

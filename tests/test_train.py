@@ -61,6 +61,31 @@ def test_eval_sums_are_exact_with_a_padded_last_batch(mnist_sample):
     assert float(sums["correct"]) == float((logits.argmax(-1) == split["label"]).sum())
 
 
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(mnist_sample):
+    model = models.make_model({"name": "small_cnn"}, 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1))
+    split = data.to_device(mnist_sample.test)
+    images = train.preprocess(split["image"])
+    logits = (model.apply(variables, images) + model.apply(variables, images[:, :, ::-1])) / 2
+    sums = jax.jit(lambda s, d: train.evaluate(s, d, batch_size=300, flip=True))(state, split)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, split["label"]).sum()
+    np.testing.assert_allclose(float(sums["loss"]), float(expected), rtol=1e-5)
+    assert float(sums["correct"]) == float((logits.argmax(-1) == split["label"]).sum())
+    predicted = jax.jit(lambda s, d: train.predict(s, d, batch_size=300, flip=True))(state, split)
+    np.testing.assert_array_equal(predicted, logits.argmax(-1))
+
+
+def test_eval_flip_mirrors_per_pixel_logits_back():
+    conv = models.Conv(features=3, kernel_size=3)  # a lopsided kernel: its output is no mirror image
+    images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+    variables = conv.init(jax.random.key(0), images)
+    state = train.TrainState.create(apply_fn=lambda v, x, train: conv.apply(v, x), params=variables["params"],
+                                    tx=optax.sgd(0.1))
+    expected = (conv.apply(variables, images) + conv.apply(variables, images[:, :, ::-1])[:, :, ::-1]) / 2
+    chex.assert_trees_all_close(train.eval_logits(state, images, flip=True), expected, atol=1e-6)
+
+
 def test_stacked_seeds_equal_separate_runs(mnist_sample, tmp_path):
     ds = small_dataset(mnist_sample, 1024, 256)
     together = run_experiment(tiny_mlp_config(seeds=3, seed=5), workdir=tmp_path / "together", dataset=ds,
