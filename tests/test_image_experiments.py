@@ -18,7 +18,8 @@ def quiet(config, tmp_path, **fields):
 
 @pytest.mark.parametrize("name", ["tdt4265_cnn", "tdt4265_model2", "bs6207_allconv_bn", "gtsrb_cnn_augment"])
 def test_image_experiment_writes_its_run_folder(tmp_path, name):
-    result = quiet(EXPERIMENTS[name](), tmp_path, epochs=2)
+    eval_flip = name == "bs6207_allconv_bn"  # scored on each image and its mirror
+    result = quiet(EXPERIMENTS[name](), tmp_path, epochs=2, eval_flip=eval_flip)
     files = {p.name for p in result.workdir.iterdir()}
     assert {"config.json", "history.json", "results.md", "curves.png", "confusion.png", "misclassified.png",
             "filters.png", "features.png"} <= files
@@ -27,6 +28,7 @@ def test_image_experiment_writes_its_run_folder(tmp_path, name):
     assert history["info"]["data"]["source"].startswith("sample:")
     assert result.info["selected_epochs"][0] in (1, 2)
     assert "at selected epoch" in (result.workdir / "results.md").read_text()
+    assert ("left-right mirror (logits averaged)" in (result.workdir / "results.md").read_text()) == eval_flip
 
 
 def test_early_stopping_ends_the_run(tmp_path):
