@@ -450,12 +450,14 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
     """Val and test scores of a run's kept state, optionally averaged over each image and its mirror
     (--eval_flip): a finished run rescored without training it again. Returns {split: summarize(...)}."""
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, eval_flip=flip)
-    splits = {"val": s.val_data, "test": s.test_data}
-    scores = {name: summarize(s.trainer.evaluate(states, split)) for name, split in splits.items() if split}
     how = "each image and its left-right mirror" if flip else "the images as they are"
     log(f"{config['name']}: {_kept(config, progress)}, on {how}")
-    for name, score in scores.items():
+    scores = {}
+    for name, split in (("val", s.val_data), ("test", s.test_data)):
+        if split is None:
+            continue
+        scores[name] = summarize(s.trainer.evaluate(states, split))
         figures = "  ".join(f"{key} {' '.join(metrics.format_score(key, v) for v in values)}"
-                            for key, values in score.items())
-        log(f"{name} ({len(dataset.val if name == 'val' else dataset.test):,} examples): {figures}")
+                            for key, values in scores[name].items())
+        log(f"{name} ({split['label'].shape[0]:,} examples): {figures}")
     return scores

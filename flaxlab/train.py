@@ -443,7 +443,7 @@ class Trainer:
         make_orders = jax.jit(epoch_orders, static_argnums=(2, 3), out_shardings=self._stacked_sharding()).lower(
             keys, np.int32(0), n, self.shards if sharded else 0).compile()
         orders, step_keys = (x[:k] for x in make_orders(keys, np.int32(0)))
-        ev = jax.jit(self._per_model(functools.partial(evaluate, **self._eval_options()), (0, None)))
+        ev = self._jit_eval(evaluate)
         self._compiled = {
             "chunk": chunk, "steps": steps,
             "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
@@ -466,9 +466,11 @@ class Trainer:
                              in_specs=tuple(spec(axis) for axis in in_axes), out_specs=P(parallel.DATA_AXIS),
                              check_vma=False)
 
-    def _eval_options(self):
-        return dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
-                    compute_dtype=self.compute_dtype, flip=self.eval_flip)
+    def _jit_eval(self, fn):
+        """`evaluate` or `predict` of every model at once, with this trainer's evaluation options."""
+        options = dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
+                       compute_dtype=self.compute_dtype, flip=self.eval_flip)
+        return jax.jit(self._per_model(functools.partial(fn, **options), (0, None)))
 
     def _zero_totals(self):
         # numpy: a host value is an input of any process's program, replicated where the states are
@@ -502,7 +504,7 @@ class Trainer:
     def evaluate(self, states, data):
         n = data["label"].shape[0]
         if self._compiled is None:  # a restored state scored once: compiled on use, as `predict` is
-            run = jax.jit(self._per_model(functools.partial(evaluate, **self._eval_options()), (0, None)))
+            run = self._jit_eval(evaluate)
             return _concat_models([run(s, data) for (s,) in self._groups(states)])
         if n not in self._compiled["eval"]:
             raise UsageError(f"evaluate was compiled for splits of {sorted(self._compiled['eval'])} examples, not {n}")
@@ -510,7 +512,7 @@ class Trainer:
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
-        run = jax.jit(self._per_model(functools.partial(predict, **self._eval_options()), (0, None)))
+        run = self._jit_eval(predict)
         return _concat_models([run(s, data) for (s,) in self._groups(states)])
 
 
