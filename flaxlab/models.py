@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlab import pretrained
+from flaxlab import fft_conv, pretrained
 from flaxlab.pooling import max_pool, windows
 from flaxlab.errors import UsageError
 
@@ -79,6 +79,8 @@ class Conv(nn.Module):
         bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
         if x.shape[-1] == 1 and self.strides == 1:
             y = _conv_one_channel(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), kernel)
+        elif fft_conv.is_faster(x, kernel, self.strides, p):
+            y = fft_conv.conv(x, kernel, p)
         else:
             y = _lax_conv(x, kernel, (self.strides,) * 2, [(p, p), (p, p)])
         return y + bias

@@ -1,10 +1,11 @@
 """Models: the reports' parameter counts, shapes, and forward numerics against the PyTorch originals."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlab import models
+from flaxlab import fft_conv, models
 from experiments import EXPERIMENTS
 
 
@@ -70,11 +71,15 @@ def test_unknown_model_or_activation_is_usage_error():
         models.make_model({"name": "small_cnn", "activation": "swish"}, 10)
 
 
-@pytest.mark.parametrize("in_channels,strides,padding", [(1, 1, 1), (1, 1, 0), (1, 2, 1), (3, 1, 1)])
-def test_conv_and_its_gradients_match_lax(in_channels, strides, padding):
-    """The one-channel fast path (and the general path) against lax.conv, values and gradients."""
-    conv = models.Conv(8, 3, strides, padding)
+@pytest.mark.parametrize("in_channels,kernel,strides,padding",
+                         [(1, 3, 1, 1), (1, 3, 1, 0), (1, 3, 2, 1), (3, 3, 1, 1), (32, 5, 1, 0), (32, 5, 1, 2)])
+def test_conv_and_its_gradients_match_lax(in_channels, kernel, strides, padding):
+    """The one-channel fast path, the FFT path (32 maps, 5x5, unpadded, on CPU) and the general path
+    against lax.conv, values and gradients."""
+    conv = models.Conv(8, kernel, strides, padding)
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, in_channels))
+    assert fft_conv.is_faster(x, jnp.zeros((kernel, kernel, in_channels, 8)), strides, padding) == (
+        jax.default_backend() == "cpu" and (in_channels, kernel, padding) == (32, 5, 0))
     params = conv.init(jax.random.key(1), x)["params"]
 
     def reference(params, x):
@@ -119,3 +124,29 @@ def test_strided_max_pool_matches_flax_and_torch_gradient(shape, window, stride,
     torch.nn.functional.max_pool2d(tx, window, stride, padding).backward(
         torch.tensor(np.asarray(g).transpose(0, 3, 1, 2).copy()))
     np.testing.assert_allclose(ours, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,padding", [((3, 24, 24, 16), (5, 5, 16, 8), 0),
+                                                          ((2, 11, 13, 5), (5, 3, 5, 4), 1),
+                                                          ((2, 9, 10, 3), (2, 4, 3, 6), 2)])
+def test_fft_conv_and_its_gradients_match_lax(x_shape, kernel_shape, padding):
+    """Odd and even sizes, non-square kernels, padding; under jit and vmap (stacked models)."""
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernels = jax.random.normal(jax.random.key(1), (2, *kernel_shape))
+
+    def direct(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def through_fft(x, kernel):
+        return fft_conv.conv(x, kernel, padding)
+
+    def values_and_grads(conv):
+        def one(kernel):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return (y, *vjp(jnp.cos(y)))
+        return jax.jit(jax.vmap(one))(kernels)
+
+    reference, ours = values_and_grads(direct), values_and_grads(through_fft)
+    for a, b in zip(reference, ours):  # float32 FFTs: errors ~1e-6 of the largest value
+        chex.assert_trees_all_close(b, a, atol=2e-5 * float(jnp.abs(a).max()), rtol=0)
