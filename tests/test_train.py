@@ -186,4 +186,6 @@ def test_cpu_buffers_over_32_mb_are_reused_not_mapped_afresh():
     out = subprocess.run([sys.executable, "-c", MEDIAN_PAGE_FAULTS], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     before, applied, after = out.stdout.split()
+    if float(before) < 1000:  # e.g. transparent huge pages for every mapping: 2 MB per fault
+        pytest.skip(f"this machine faults a fresh 34 MB block in with {before} faults, not page by page")
     assert float(before) > 8000 and applied == "True" and float(after) < 100, out.stdout
