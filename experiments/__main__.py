@@ -1,5 +1,9 @@
 import sys
 
-from experiments.cli import main
+from flaxlab import parallel
+
+parallel.split_cpu_by_core()  # before anything starts jax's backends
+
+from experiments.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -351,9 +351,12 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
             "devices": trainer.devices, "parallel": config.get("parallel", "data") if trainer.devices > 1 else None,
-            "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype")}
+            "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype"),
+            "models_side_by_side": len(trainer.spread) or 1}
     where = f"{info['backend']}" + (f" x {trainer.devices} devices ({info['parallel']} parallel)"
                                      if trainer.devices > 1 else "")
+    if trainer.spread:
+        where += f" ({len(trainer.spread)} models at a time, one per CPU device)"
     log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""

@@ -318,6 +318,10 @@ def _model_slice(tree, i):
     return jax.tree.map(lambda a: a[i:i + 1], tree)
 
 
+def _place(tree, device):
+    return tree if device is None else jax.device_put(tree, device)
+
+
 def _concat_models(trees):
     return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
 
@@ -388,6 +392,12 @@ class Trainer:
         self.scan_steps = scan_steps
         self.model_axis = resolve_model_axis(model_axis, num_models)
         self.width = 1 if self.model_axis == "sequential" else num_models  # models per compiled call
+        # models run one after another on XLA:CPU are spread over its devices (parallel.split_cpu_by_core),
+        # model i on device i % devices, and models on different devices run at the same time
+        local = jax.local_devices()[:num_models]
+        self.spread = (local if self.model_axis == "sequential" and mesh is None and len(local) > 1
+                       and jax.default_backend() == "cpu" else [])
+        self._copies = {}  # (device, id(data)) -> (data, its copy on that device)
         self._compiled = None
         # XLA:CPU's collectives deadlocked with several steps in flight: across processes (gloo, 2 x 2
         # devices) after ~40 steps, and between 8 simulated devices of one process on a busy 2-core machine
@@ -466,16 +476,38 @@ class Trainer:
             keys, np.int32(0), n, self.shards if sharded else 0).compile()
         orders, step_keys = (x[:k] for x in make_orders(keys, np.int32(0)))
         ev = self._jit_eval(evaluate)
+        places = self.spread or [None]  # a compiled function runs on the device it was compiled for
         self._compiled = {
             "chunk": chunk, "steps": steps,
-            "train": compile_for_backend(run.lower(states, self._zero_totals(), train_data, orders, np.int32(0),
-                                                   step_keys)),
+            "train": {d: compile_for_backend(run.lower(_place(states, d), self._zero_totals(), self._on(train_data, d),
+                                                       *_place((orders, np.int32(0), step_keys), d)))
+                      for d in places},
             # one per evaluated split size: a split of another size would otherwise retrace silently
-            "eval": {split["label"].shape[0]: compile_for_backend(ev.lower(states, split))
+            "eval": {split["label"].shape[0]: {d: compile_for_backend(ev.lower(_place(states, d), self._on(split, d)))
+                                               for d in places}
                      for split in (test_data, val_data) if split is not None},
             "orders": make_orders,
         }
         return time.perf_counter() - t0
+
+    def _places(self):
+        """Per compiled call (see `_groups`), the device its models run on (None: where their arrays are)."""
+        calls = 1 if self.width == self.num_models else self.num_models
+        return [self.spread[i % len(self.spread)] if self.spread else None for i in range(calls)]
+
+    def _on(self, data, device):
+        """`data` on `device`, copied once per device and kept while the same data comes again."""
+        if device is None:
+            return data
+        key = (device, id(data))
+        if key not in self._copies or self._copies[key][0] is not data:
+            self._copies[key] = (data, jax.device_put(data, device))
+        return self._copies[key][1]
+
+    def _gathered(self, per_group):
+        """Per-group results (on their devices) as one stacked tree on the first device."""
+        home = self.spread[0] if self.spread else None
+        return _concat_models(_place(per_group, home))
 
     def _per_model(self, fn, in_axes):
         """`fn` over the models of one compiled call (see `per_model`); with --parallel seeds each device
@@ -509,19 +541,21 @@ class Trainer:
         """One epoch for every model. Returns new states and per-model metric sums (on device)."""
         c = self._compiled
         orders, step_keys = c["orders"](keys, np.int32(epoch))
-        groups = self._groups(states, orders, step_keys)
-        trained = []
-        for g, (states, orders, step_keys) in enumerate(groups):
-            totals = self._zero_totals()
-            for first in range(0, c["steps"], c["chunk"]):
+        places = self._places()
+        groups = [list(_place(group, d)) for group, d in zip(self._groups(states, orders, step_keys), places)]
+        data = [self._on(train_data, d) for d in places]
+        totals = [self._zero_totals() for _ in groups]
+        for first in range(0, c["steps"], c["chunk"]):
+            # every model's step in turn: calls are asynchronous, so models on different devices run at once
+            for g, (group, d) in enumerate(zip(groups, places)):
+                states, orders, step_keys = group
                 # np.int32, not jnp.int32: the latter dispatches a conversion op (~0.5 ms on CPU, per step)
-                states, totals = c["train"](states, totals, train_data, orders, np.int32(first), step_keys)
+                group[0], totals[g] = c["train"][d](states, totals[g], data[g], orders, np.int32(first), step_keys)
                 if self._wait_each_step:
-                    jax.block_until_ready(totals)
+                    jax.block_until_ready(totals[g])
                 if on_step is not None:
-                    on_step(g * c["steps"] + first + c["chunk"], len(groups) * c["steps"])
-            trained.append((states, totals))
-        return _concat_models([t[0] for t in trained]), _concat_models([t[1] for t in trained])
+                    on_step(first * len(groups) + (g + 1) * c["chunk"], len(groups) * c["steps"])
+        return self._gathered([group[0] for group in groups]), self._gathered(totals)
 
     def evaluate(self, states, data):
         n = data["label"].shape[0]
@@ -530,7 +564,9 @@ class Trainer:
             return _concat_models([run(s, data) for (s,) in self._groups(states)])
         if n not in self._compiled["eval"]:
             raise UsageError(f"evaluate was compiled for splits of {sorted(self._compiled['eval'])} examples, not {n}")
-        return _concat_models([self._compiled["eval"][n](s, data) for (s,) in self._groups(states)])
+        compiled = self._compiled["eval"][n]
+        places = self._places()
+        return self._gathered([compiled[d](_place(s, d), self._on(data, d)) for (s,), d in zip(self._groups(states), places)])
 
     def predict(self, states, data):
         """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""

@@ -46,10 +46,12 @@ def check_batch_norm_step_matches_one_device():
     assert many_state.params["Conv_0"]["kernel"].sharding.is_fully_replicated
 
 
-def train_sample(config, ds, epochs):
+def train_sample(config, ds, epochs, spread=True):
     s = runner.set_up(config, ds)
+    if not spread:
+        s.trainer.spread = []
     s.trainer.compile(s.states, s.train_data, s.test_data)
-    hlo = s.trainer._compiled["train"].as_text()
+    hlo = next(iter(s.trainer._compiled["train"].values())).as_text()
     states = s.states
     for epoch in range(1, epochs + 1):
         states, _ = s.trainer.train_epoch(states, s.train_data, s.train_keys, epoch)
@@ -107,6 +109,23 @@ def check_seeds_split_over_devices():
     return test
 
 
+def check_sequential_models_spread_over_devices():
+    """Models trained one after another (XLA:CPU's default) go to devices 0, 1, 2, 0, ..., run at the same
+    time, come back stacked on device 0, and equal the same models trained on device 0 alone."""
+    config, ds = sample(seeds=4, devices=1, model_axis="sequential")
+    ds = data_lib.Dataset(ds.name, ds.source, data_lib.Split(ds.train.images[:1024], ds.train.labels[:1024]),
+                          ds.test, ds.num_classes)
+    s, states, _, test = train_sample(config, ds, epochs=2)
+    assert s.trainer.spread == jax.local_devices()[:4] and s.trainer.devices == 1
+    assert sorted(d.id for d in s.trainer._compiled["train"]) == [0, 1, 2, 3]
+    assert {d.id for leaf in jax.tree.leaves(states) for d in leaf.devices()} == {0}
+    alone, alone_states, _, alone_test = train_sample(config, ds, epochs=2, spread=False)
+    assert alone.trainer.spread == [] and list(alone.trainer._compiled["train"]) == [None]
+    chex.assert_trees_all_close(parallel.to_host(states.params), parallel.to_host(alone_states.params), rtol=0, atol=0)
+    assert test == alone_test and min(test["accuracy"]) > 0.5, test
+    return test
+
+
 def check_multi_host():
     """One process of a multi-host run (JAX_COORDINATOR_ADDRESS etc. set by the test): it holds only its
     shards of the training set, and every process ends with the same replicated models."""
@@ -131,7 +150,7 @@ def main(mode):
     if mode == "devices":
         check_batch_norm_step_matches_one_device()
         out = {"8": check_trainer_on_devices(8), "vmap_scan_bf16": check_seeds_vmapped_and_scanned(),
-               "seeds_split": check_seeds_split_over_devices()}
+               "seeds_split": check_seeds_split_over_devices(), "spread": check_sequential_models_spread_over_devices()}
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out))

@@ -50,13 +50,42 @@ def test_data_parallel_on_8_simulated_devices():
     """The batch-norm step on 8 devices equals the one-device step; the engine shards the training set,
     replicates the states, moves no example between devices and learns; vmapped seeds with scan epochs
     and bf16 compute run on the mesh too; with --parallel seeds, 8 models split over the 8 devices train
-    without communication and equal the same models on one device (see parallel_worker.py)."""
+    without communication and equal the same models on one device; without a mesh, models trained one
+    after another are spread over the devices and equal the same run on one (see parallel_worker.py)."""
     out = subprocess.run([sys.executable, str(WORKER), "devices"], env=_env(8), capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = _last_json(out.stdout)
     assert result["8"]["accuracy"][0] > 0.9 and min(result["vmap_scan_bf16"]["accuracy"]) > 0.8
     assert len(result["seeds_split"]["accuracy"]) == 8 and np.mean(result["seeds_split"]["accuracy"]) > 0.3
+    assert len(result["spread"]["accuracy"]) == 4
+
+
+SPLIT = """
+from flaxlab import parallel
+split = parallel.split_cpu_by_core()
+import jax
+print(split, jax.local_device_count(), parallel.make_mesh(0) is None, jax.device_count() > 1 and parallel.make_mesh(2) is not None)
+"""
+
+
+def test_cpu_is_split_into_one_device_per_core_before_jax_starts():
+    """`python -m experiments` gives XLA:CPU one device per core (up to 8) for models run side by side,
+    with no data parallelism over them unless asked; never where the count was set, nor once jax has started."""
+    cores = min(len(os.sched_getaffinity(0)), parallel.MAX_CORE_DEVICES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", SPLIT], env={**env, "PYTHONPATH": str(REPO), **extra},  # noqa: E731
+                                         capture_output=True, text=True, timeout=120)
+    out = run()
+    assert out.returncode == 0, out.stderr[-2000:]
+    if cores < 2:
+        assert out.stdout.split() == ["False", "1", "True", "False"]
+    else:
+        assert out.stdout.split() == ["True", str(cores), "True", "True"]
+    assert run(JAX_NUM_CPU_DEVICES="1").stdout.split()[:2] == ["False", "1"]
+    assert run(XLA_FLAGS="--xla_force_host_platform_device_count=3").stdout.split()[:2] == ["False", "3"]
+    jax.devices()  # this process's backend has started
+    assert not parallel.split_cpu_by_core() and jax.device_count() == 1
 
 
 def _two_processes(args, devices_each=2, timeout=600):
