@@ -2,7 +2,7 @@ import sys
 
 from flaxlab import parallel
 
-parallel.split_cpu_by_core()  # before anything starts jax's backends
+parallel.split_cpu_devices()  # before anything starts jax's backends
 
 from experiments.cli import main  # noqa: E402
 

@@ -6,9 +6,10 @@ How an epoch is dispatched is chosen per backend: one call per step on XLA:CPU (
 `lax.scan` epoch is ~4x slower there), whole epochs as one `lax.scan` on GPU/TPU.
 
 N models (seeds, and the hyperparameter values of a sweep that keep shapes) are stacked on a
-leading axis. Per backend they are trained by `jax.vmap` of the same step (GPU/TPU) or one after
-another by the one-model program (XLA:CPU, where vmapped convolutions are slow); with one model
-the axis is kept but no vmap is traced.
+leading axis. Per backend they are trained by `jax.vmap` of the same step (GPU/TPU) or by the
+one-model program, model by model (XLA:CPU, where vmapped convolutions are slow), each model on its
+own CPU device where there are several (parallel.split_cpu_devices), so that they run at the same
+time; with one model the axis is kept but no vmap is traced.
 """
 import ctypes
 import functools
@@ -392,7 +393,7 @@ class Trainer:
         self.scan_steps = scan_steps
         self.model_axis = resolve_model_axis(model_axis, num_models)
         self.width = 1 if self.model_axis == "sequential" else num_models  # models per compiled call
-        # models run one after another on XLA:CPU are spread over its devices (parallel.split_cpu_by_core),
+        # models run one after another on XLA:CPU are spread over its devices (parallel.split_cpu_devices),
         # model i on device i % devices, and models on different devices run at the same time
         local = jax.local_devices()[:num_models]
         self.spread = (local if self.model_axis == "sequential" and mesh is None and len(local) > 1

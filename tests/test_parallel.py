@@ -63,16 +63,16 @@ def test_data_parallel_on_8_simulated_devices():
 
 SPLIT = """
 from flaxlab import parallel
-split = parallel.split_cpu_by_core()
+split = parallel.split_cpu_devices()
 import jax
 print(split, jax.local_device_count(), parallel.make_mesh(0) is None, jax.device_count() > 1 and parallel.make_mesh(2) is not None)
 """
 
 
-def test_cpu_is_split_into_one_device_per_core_before_jax_starts():
-    """`python -m experiments` gives XLA:CPU one device per core (up to 8) for models run side by side,
+def test_cpu_is_split_into_devices_before_jax_starts():
+    """`python -m experiments` gives XLA:CPU two devices per core (up to 8) for models run side by side,
     with no data parallelism over them unless asked; never where the count was set, nor once jax has started."""
-    cores = min(len(os.sched_getaffinity(0)), parallel.MAX_CORE_DEVICES)
+    cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
     run = lambda **extra: subprocess.run([sys.executable, "-c", SPLIT], env={**env, "PYTHONPATH": str(REPO), **extra},  # noqa: E731
                                          capture_output=True, text=True, timeout=120)
@@ -81,11 +81,11 @@ def test_cpu_is_split_into_one_device_per_core_before_jax_starts():
     if cores < 2:
         assert out.stdout.split() == ["False", "1", "True", "False"]
     else:
-        assert out.stdout.split() == ["True", str(cores), "True", "True"]
+        assert out.stdout.split() == ["True", str(min(2 * cores, 8)), "True", "True"]
     assert run(JAX_NUM_CPU_DEVICES="1").stdout.split()[:2] == ["False", "1"]
     assert run(XLA_FLAGS="--xla_force_host_platform_device_count=3").stdout.split()[:2] == ["False", "3"]
     jax.devices()  # this process's backend has started
-    assert not parallel.split_cpu_by_core() and jax.device_count() == 1
+    assert not parallel.split_cpu_devices() and jax.device_count() == 1
 
 
 def _two_processes(args, devices_each=2, timeout=600):
