@@ -103,6 +103,9 @@ def _parser():
     bench.add_argument("--epochs", type=int, default=1)
     bench.add_argument("--data-dir", help="default: ../shared/data when present, else the shipped sample")
     bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
+    bench.add_argument("--as-peer-runs", action="store_true",
+                       help="train the workload as the PyTorch peer does (no augmentation, constant learning rate, "
+                            "no validation split): flaxlab's side of --peer")
     bench.add_argument("--repeat", type=int, default=1,
                        help="alternate flaxlab and the peer this many times (a shared machine's speed drifts)")
     bench.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
@@ -116,8 +119,9 @@ def _run(args, overrides):
     from flaxlab import sweep
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
-    parallel.set_up_process(config["distributed"], config["deterministic"])
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
+    parallel.split_cpu_devices(config["seeds"] * max(1, len(variants)))
+    parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
                   log=(lambda *a: None) if quiet else functools.partial(print, flush=True))
@@ -136,6 +140,9 @@ def _bench(args, overrides):
     names = list(bench.PEER_WORKLOADS) if args.experiment == "all" else [args.experiment]
     configs = {name: _apply_overrides(_experiment(name), overrides) for name in names}
     first = configs[names[0]]
+    variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
+    if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
+        parallel.split_cpu_devices(first["seeds"] * max(1, len(variants)))
     parallel.set_up_process(first["distributed"], first["deterministic"])
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)
@@ -144,7 +151,6 @@ def _bench(args, overrides):
     if (args.experiment == "all" or args.markdown) and not args.peer:
         raise UsageError("bench all and --markdown compare with the peer: add --peer")
     emit = lambda row: print(json.dumps(row), flush=True)
-    variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
     if variants and args.experiment != "all":
         if args.peer:
             raise UsageError("--peer compares one experiment; a sweep is benched against itself, model by model")
@@ -152,10 +158,13 @@ def _bench(args, overrides):
             emit(bench.bench_sweep(first, variants, data_dir, epochs=args.epochs))
         return
     if not args.peer:
+        config = bench.peer_workload(first)[1] if args.as_peer_runs else first
         for _ in range(args.repeat):
-            emit(bench.bench_flaxlab(first, data_dir, epochs=args.epochs))
+            emit(bench.bench_flaxlab(config, data_dir, epochs=args.epochs))
         return
-    results = {name: bench.bench_against_peer(config, data_dir, shared, args.epochs, args.repeat, emit)
+    results = {name: bench.bench_against_peer(config, data_dir, shared, args.epochs, args.repeat, emit,
+                                              ours=functools.partial(bench.bench_flaxlab_apart, name, overrides,
+                                                                     data_dir, args.epochs))
                for name, config in configs.items()}
     if args.markdown:
         path = Path(args.markdown)

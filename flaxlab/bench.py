@@ -119,14 +119,30 @@ def compare(ours, peers):
                 flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
 
 
-def bench_against_peer(config, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None):
+def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
+    """`bench_flaxlab` of experiment `name` (with command-line `overrides`) in a fresh `python -m experiments
+    bench` process: XLA:CPU's device count is fixed when jax starts, and so each workload of `bench all`
+    runs on the devices it gets when run alone (parallel.split_cpu_devices)."""
+    cmd = [sys.executable, "-m", "experiments", "bench", name, "--as-peer-runs", "--epochs", str(epochs),
+           *(["--data-dir", str(data_dir)] if data_dir else []), *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not rows:
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
+        raise UsageError(f"flaxlab's bench of {name} failed: {why}")
+    return json.loads(rows[-1])
+
+
+def bench_against_peer(config, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None, ours=None):
     """flaxlab and its peer on one workload, alternating `repeat` times; every JSON row goes to `emit`.
+    `ours` runs flaxlab's side (default: `bench_flaxlab` in this process).
     Returns the comparisons, each with both sides' steps/s and flaxlab's compile time."""
+    run_ours = ours or (lambda: bench_flaxlab(config, data_dir, epochs=epochs))
     workload, config = peer_workload(config)
     extra = ("--width", str(config["model"]["width"])) if workload == "unet" else ()
     comparisons = []
     for _ in range(repeat):
-        ours = bench_flaxlab(config, data_dir, epochs=epochs)
+        ours = run_ours()
         emit(ours)
         peers = run_peer(workload, epochs, config["batch_size"], config["seeds"], shared, extra)
         for row in peers:

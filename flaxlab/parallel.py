@@ -25,30 +25,34 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 PARALLEL_MODES = ("data", "seeds")
 # XLA's flag for run-to-run identical GPU results (slower scatter and reductions); read when the backend starts
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
-# XLA:CPU devices `split_cpu_devices` makes: two per core, at most 8 (more was never measured)
+# XLA:CPU devices `split_cpu_devices` makes at most: two per core, and never more than 8 (never measured)
 CPU_DEVICES_PER_CORE, MAX_CPU_DEVICES = 2, 8
 _cpu_split = False
 
 
-def split_cpu_devices():
-    """Gives XLA:CPU two devices per core (at most MAX_CPU_DEVICES), so that the models it trains one after
-    another run at the same time, each on its own device (`train.Trainer` spreads them).
+def split_cpu_devices(models):
+    """Gives XLA:CPU one device per model of a run that trains `models` models one after another (seeds,
+    sweep values), at most two per core and 8, so that they run at the same time, each on its own device
+    (`train.Trainer` spreads them). A run of one model keeps one device.
 
     Much of a small net's step runs on one thread on XLA:CPU (its batched matrix products, FFTs and most
-    fusions), so several models at once use the cores better than one at a time. On a 2-core EPYC, three
-    GTSRB CNNs made 7.2-7.7 steps/s (of all three) on three devices, 6.1-6.8 on two and 5.2-5.9 on one.
-    Only before jax starts its backends, on a machine of 2 or more cores, and where neither
-    JAX_NUM_CPU_DEVICES nor XLA_FLAGS set the count (JAX_NUM_CPU_DEVICES=1 turns this off). Data parallelism
-    over these devices stays opt-in (`--devices N`): `make_mesh`'s default then keeps one. Returns whether it split."""
+    fusions), so several models at once use the cores better than one at a time: on a 2-core EPYC, three
+    GTSRB CNNs made 7.2-7.7 steps/s (of all three) on three devices, 6.1-6.8 on two and 5.2-5.9 on one. But
+    every extra device slows the others a little (the all-conv net's step: 22.7 ms with one device, 23-27
+    with two, 24-26 with three), so there are no more than the run uses. Only before jax starts its backends,
+    and where neither JAX_NUM_CPU_DEVICES nor XLA_FLAGS set the count (JAX_NUM_CPU_DEVICES=1 turns this off).
+    Data parallelism over these devices stays opt-in (`--devices N`): `make_mesh`'s default keeps one.
+    Returns whether it split."""
     global _cpu_split
     if ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
             or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores < 2:
+    count = min(models, CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)
+    if cores < 2 or count < 2:
         return False
     try:
-        jax.config.update("jax_num_cpu_devices", min(CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES))
+        jax.config.update("jax_num_cpu_devices", count)
     except Exception:  # jax's backends have started: the count is fixed  # noqa: BLE001
         return False
     _cpu_split = True

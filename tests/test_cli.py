@@ -71,7 +71,13 @@ def test_bench_prints_peer_fields(tmp_path):
     assert out.returncode == 0, out.stderr
     line = json.loads(out.stdout.splitlines()[0])
     assert set(PEER_FIELDS) <= set(line) and line["peer"] == "flaxlab" and line["compile_s"] > 0
-    assert line["steps"] == 5000 // 256 and line["images_per_s"] > 0
+    assert line["steps"] == 5000 // 256 and line["images_per_s"] > 0 and line["models_side_by_side"] == 1
+    # two seeds: one XLA:CPU device each (two cores or more), so that they train side by side
+    out = cli("bench", "mnist_fnn", "--batch-size", "256", "--seeds", "2", "--as-peer-runs", "--data-dir",
+              str(REPO / "flaxlab/assets/mnist-sample"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.splitlines()[0])
+    assert line["seeds"] == 2 and line["models_side_by_side"] == (2 if len(os.sched_getaffinity(0)) > 1 else 1)
 
 
 def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):

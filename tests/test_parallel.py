@@ -62,30 +62,34 @@ def test_data_parallel_on_8_simulated_devices():
 
 
 SPLIT = """
+import sys
 from flaxlab import parallel
-split = parallel.split_cpu_devices()
+split = parallel.split_cpu_devices(int(sys.argv[1]))
 import jax
 print(split, jax.local_device_count(), parallel.make_mesh(0) is None, jax.device_count() > 1 and parallel.make_mesh(2) is not None)
 """
 
 
-def test_cpu_is_split_into_devices_before_jax_starts():
-    """`python -m experiments` gives XLA:CPU two devices per core (up to 8) for models run side by side,
-    with no data parallelism over them unless asked; never where the count was set, nor once jax has started."""
+def test_cpu_is_split_into_one_device_per_model_before_jax_starts():
+    """A CPU run of several models gets one XLA:CPU device per model (at most two per core, and 8), to run
+    them side by side, with no data parallelism over them unless asked; a run of one model keeps one device,
+    and nothing changes where the count was set or once jax has started."""
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    run = lambda **extra: subprocess.run([sys.executable, "-c", SPLIT], env={**env, "PYTHONPATH": str(REPO), **extra},  # noqa: E731
-                                         capture_output=True, text=True, timeout=120)
-    out = run()
-    assert out.returncode == 0, out.stderr[-2000:]
-    if cores < 2:
-        assert out.stdout.split() == ["False", "1", "True", "False"]
-    else:
-        assert out.stdout.split() == ["True", str(min(2 * cores, 8)), "True", "True"]
-    assert run(JAX_NUM_CPU_DEVICES="1").stdout.split()[:2] == ["False", "1"]
-    assert run(XLA_FLAGS="--xla_force_host_platform_device_count=3").stdout.split()[:2] == ["False", "3"]
+
+    def run(models, **extra):
+        out = subprocess.run([sys.executable, "-c", SPLIT, str(models)], env={**env, "PYTHONPATH": str(REPO), **extra},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+    assert run(1) == ["False", "1", "True", "False"]
+    for models in (3, 20):
+        count = min(models, 2 * cores, 8)
+        assert run(models) == (["True", str(count), "True", "True"] if cores > 1 else ["False", "1", "True", "False"])
+    assert run(3, JAX_NUM_CPU_DEVICES="1")[:2] == ["False", "1"]
+    assert run(3, XLA_FLAGS="--xla_force_host_platform_device_count=5")[:2] == ["False", "5"]
     jax.devices()  # this process's backend has started
-    assert not parallel.split_cpu_devices() and jax.device_count() == 1
+    assert not parallel.split_cpu_devices(3) and jax.device_count() == 1
 
 
 def _two_processes(args, devices_each=2, timeout=600):
