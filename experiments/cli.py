@@ -114,13 +114,18 @@ def _parser():
     return parser
 
 
+def _models_one_after_another(config, variants):
+    """How many models XLA:CPU would train one after another (each gets a CPU device; see parallel.py)."""
+    return 1 if config.get("model_axis") == "vmap" else config["seeds"] * max(1, len(variants))
+
+
 def _run(args, overrides):
     """`run` trains one experiment; an experiment that defines variants, or `sweep`, trains a sweep."""
     from flaxlab import sweep
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
-    parallel.split_cpu_devices(config["seeds"] * max(1, len(variants)))
+    parallel.split_cpu_devices(_models_one_after_another(config, variants))
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
@@ -142,7 +147,7 @@ def _bench(args, overrides):
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
-        parallel.split_cpu_devices(first["seeds"] * max(1, len(variants)))
+        parallel.split_cpu_devices(_models_one_after_another(first, variants))
     parallel.set_up_process(first["distributed"], first["deterministic"])
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)

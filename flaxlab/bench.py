@@ -64,7 +64,8 @@ def bench_flaxlab(config, data_dir, epochs=1):
                 load_s=round(load_s, 2), compile_s=round(compile_s, 3), train_s=round(train_s, 3),
                 steps_per_s=_figures(steps / train_s), images_per_s=_figures(images / train_s),
                 test_accuracy=round(float(np.mean(test["accuracy"])), 4), test_size=len(dataset.test),
-                devices=trainer.devices, models_side_by_side=len(trainer.spread) or 1, compute_dtype=config.get("compute_dtype", "float32"),
+                devices=trainer.devices, models_side_by_side=len(trainer.spread) or 1,
+                compute_dtype=config.get("compute_dtype", "float32"),
                 **({"test_dice": round(float(np.mean(test["dice"])), 4)} if "dice" in test else {}))
 
 
