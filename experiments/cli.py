@@ -116,7 +116,9 @@ def _parser():
 
 def _models_one_after_another(config, variants):
     """How many models XLA:CPU would train one after another (each gets a CPU device; see parallel.py)."""
-    return 1 if config.get("model_axis") == "vmap" else config["seeds"] * max(1, len(variants))
+    from flaxlab.train import resolve_model_axis
+    models = config["seeds"] * max(1, len(variants))
+    return models if resolve_model_axis(config.get("model_axis", "auto"), models, "cpu") == "sequential" else 1
 
 
 def _run(args, overrides):
@@ -167,9 +169,7 @@ def _bench(args, overrides):
         for _ in range(args.repeat):
             emit(bench.bench_flaxlab(config, data_dir, epochs=args.epochs))
         return
-    results = {name: bench.bench_against_peer(config, data_dir, shared, args.epochs, args.repeat, emit,
-                                              ours=functools.partial(bench.bench_flaxlab_apart, name, overrides,
-                                                                     data_dir, args.epochs))
+    results = {name: bench.bench_against_peer(name, config, overrides, data_dir, shared, args.epochs, args.repeat, emit)
                for name, config in configs.items()}
     if args.markdown:
         path = Path(args.markdown)

@@ -134,16 +134,15 @@ def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
     return json.loads(rows[-1])
 
 
-def bench_against_peer(config, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None, ours=None):
-    """flaxlab and its peer on one workload, alternating `repeat` times; every JSON row goes to `emit`.
-    `ours` runs flaxlab's side (default: `bench_flaxlab` in this process).
+def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None):
+    """flaxlab (`bench_flaxlab_apart`) and its peer on experiment `name` (`config`: it with the command line's
+    `overrides`), alternating `repeat` times; every JSON row goes to `emit`.
     Returns the comparisons, each with both sides' steps/s and flaxlab's compile time."""
-    run_ours = ours or (lambda: bench_flaxlab(config, data_dir, epochs=epochs))
     workload, config = peer_workload(config)
     extra = ("--width", str(config["model"]["width"])) if workload == "unet" else ()
     comparisons = []
     for _ in range(repeat):
-        ours = run_ours()
+        ours = bench_flaxlab_apart(name, overrides, data_dir, epochs)
         emit(ours)
         peers = run_peer(workload, epochs, config["batch_size"], config["seeds"], shared, extra)
         for row in peers:
