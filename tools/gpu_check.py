@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Issue 7's GPU measurements as one prepared command, sized for a 15-minute lease of the device machine.
+
+That machine gets the repository but not ../shared, so the data the checks need travels in .gpu/ (ignored by git):
+
+  python tools/gpu_check.py --stage               # here, once: MNIST, JSRT and the PyTorch peer into .gpu/ (16 MB)
+  python3 tools/gpu_check.py --out "$OUT"         # there (device run: carry [".gpu"], timeout_s 560)
+  python tools/gpu_check.py --out /tmp/gc --quick # a dry run on a CPU: every flaxlab step, shortened
+
+Steps run most important first, each in its own process with a time limit taken from what is left of --budget.
+Every JSON line goes to OUT/results.jsonl as it comes, so a run cut short still returns what it measured, and
+OUT/summary.md sets the issue's targets beside the figures: mnist_cnn at batch 32 >= 10x the peer's steps/s,
+8 vmapped seeds in <= 2x the wall time of one, 20 epochs of the 1MD120 CNN (mnist_cnn) in <= 5 s.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / ".gpu" / "shared"
+STAGED = ("data/mnist", "data/jsrt-lungs-256-trainval.tar.gz", "peers/torch_reference.py")
+RUN_DIR = Path("/tmp/gpu_check_mnist_cnn_20")  # outside OUT: a lease returns at most 8 files from there
+
+ENV_REPORT = """
+import json, platform, jax, flax, optax
+row = dict(step_info="machine", python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
+           optax=optax.__version__, backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+           device_kind=jax.devices()[0].device_kind)
+try:
+    import torch
+    row.update(torch=torch.__version__, torch_device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+except ImportError:
+    row.update(torch="not installed")
+print(json.dumps(row))
+"""
+
+
+def steps(quick):
+    """(name, argv after `python -m experiments`, seconds it may take); a None argv is the machine report."""
+    repeat = "1" if quick else "3"
+    found = [
+        ("machine", None, 120),
+        ("mnist_cnn_vs_peer", ["bench", "mnist_cnn", "--peer", "--repeat", repeat], 150),
+        ("mnist_cnn_8_seeds_vs_8_peer_runs", ["bench", "mnist_cnn", "--peer", "--seeds", "8"], 150),
+        ("mnist_cnn_20_epochs", ["run", "mnist_cnn", "--data-dir", str(STAGE / "data"), "--workdir", str(RUN_DIR),
+                                 "--quiet", *(["--epochs", "2"] if quick else [])], 150),
+        ("mnist_cnn_bfloat16", ["bench", "mnist_cnn", "--as-peer-runs", "--compute_dtype", "bfloat16"], 60),
+        ("mnist_cnn_per_step_dispatch", ["bench", "mnist_cnn", "--as-peer-runs", "--epoch_mode", "step"], 60),
+        ("mnist_cnn_deterministic", ["bench", "mnist_cnn", "--as-peer-runs", "--deterministic", "true"], 60),
+        ("mnist_fnn_vs_peer", ["bench", "mnist_fnn", "--peer", "--repeat", repeat], 90),
+        ("jsrt_unet_vs_peer", ["bench", "jsrt_unet", "--peer"], 150),
+    ]
+    return found[:-1] if quick else found  # a U-Net epoch takes minutes on a CPU
+
+
+def stage():
+    sys.path.insert(0, str(REPO))
+    from flaxlab.bench import shared_dir
+    shared = shared_dir()
+    if shared is None:
+        sys.exit("gpu_check: no ../shared/data to stage from (or set FLAXLAB_SHARED)")
+    for part in STAGED:
+        source, target = shared / part, STAGE / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+    size = sum(f.stat().st_size for f in STAGE.rglob("*") if f.is_file())
+    print(f"staged {', '.join(STAGED)} in {STAGE} ({size / 2**20:.0f} MiB)")
+
+
+def run_step(name, argv, limit, env, log):
+    """Runs one step; returns its JSON rows, each tagged with the step's name (rows of a failure say why)."""
+    cmd = [sys.executable, "-c", ENV_REPORT] if argv is None else [sys.executable, "-m", "experiments", *argv]
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+        stdout, stderr, code = out.stdout, out.stderr, out.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, stderr, code = e.stdout or "", (e.stderr or "") + f"\ntimed out after {limit:.0f} s", "timeout"
+        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+    wall_s = round(time.perf_counter() - start, 2)
+    log.write(f"## {name}: {' '.join(cmd[2:]) if argv else 'machine'} (exit {code}, {wall_s} s)\n{stdout}{stderr[-3000:]}\n")
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows.append(dict(step_done=name, exit=code, wall_s=wall_s,
+                     **({} if code == 0 else {"why": (stderr.strip().splitlines() or ["?"])[-1]})))
+    return [dict(row, step=name) for row in rows]
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(rows):
+    """The targets against what was measured, as Markdown lines."""
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row)
+    ours = {step: [r for r in found if r.get("peer") == "flaxlab"] for step, found in by_step.items()}
+    peers = {step: [r for r in found if r.get("peer") == "pytorch-eager"] for step, found in by_step.items()}
+    lines = ["# GPU check", ""]
+    info = next((r for r in by_step.get("machine", []) if r.get("step_info")), None)
+    if info:
+        lines.append(f"Machine: {info['device_kind']} ({info['backend']}, {len(info['devices'])} device(s)); "
+                     f"jax {info['jax']}, flax {info['flax']}, optax {info['optax']}, torch {info.get('torch')} "
+                     f"on {info.get('torch_device')}, Python {info['python']}.")
+    lines += ["", "| check | measured | target |", "|---|---|---|"]
+
+    one = ours.get("mnist_cnn_vs_peer", [])
+    ratios = [r["ratio_steps_per_s"] for r in by_step.get("mnist_cnn_vs_peer", []) if r.get("ratio_steps_per_s")]
+    if ratios:
+        lines.append(f"| mnist_cnn, batch 32, flaxlab vs PyTorch steps/s | {_median([r['steps_per_s'] for r in one]):.0f} "
+                     f"vs {_median([r['steps_per_s'] for r in peers['mnist_cnn_vs_peer']]):.0f}: "
+                     f"**{_median(ratios):.1f}x** (repeats {', '.join(f'{x:.1f}' for x in ratios)}) | >= 10x |")
+    eight = ours.get("mnist_cnn_8_seeds_vs_8_peer_runs", [])
+    if one and eight:
+        t1, t8 = _median([r["train_s"] for r in one]), eight[0]["train_s"]
+        w1, w8 = _median([r["train_s"] + r["compile_s"] for r in one]), eight[0]["train_s"] + eight[0]["compile_s"]
+        peer8 = sum(r["train_s"] for r in peers["mnist_cnn_8_seeds_vs_8_peer_runs"])
+        lines.append(f"| mnist_cnn, 8 seeds in one launch vs 1 seed, one epoch | train {t8:.2f} s vs {t1:.2f} s: "
+                     f"**{t8 / t1:.2f}x**; with compiling {w8:.2f} s vs {w1:.2f} s: {w8 / w1:.2f}x; "
+                     f"8 PyTorch runs one after another {peer8:.1f} s | <= 2x |")
+    history = next((r for r in by_step.get("mnist_cnn_20_epochs", []) if r.get("history_info")), None)
+    done = next((r for r in by_step.get("mnist_cnn_20_epochs", []) if "step_done" in r), None)
+    if history:
+        lines.append(f"| mnist_cnn (1MD120 CNN), {history['epochs_run']} epochs with a test pass each | train "
+                     f"**{history['train_s']:.2f} s**, compile {history['compile_s']:.2f} s, whole command "
+                     f"{done['wall_s']:.1f} s; final test accuracy {history['final_test_accuracy']:.4f} | <= 5 s "
+                     "(H100; the report: 160 s on Colab) |")
+    for step in ("mnist_cnn_bfloat16", "mnist_cnn_per_step_dispatch", "mnist_cnn_deterministic"):
+        if ours.get(step):
+            r = ours[step][0]
+            lines.append(f"| {step.replace('_', ' ')} | {r['steps_per_s']} steps/s ({r['epoch_mode']} epochs), "
+                         f"compile {r['compile_s']} s, test accuracy {r['test_accuracy']} | - |")
+    for step in ("mnist_fnn_vs_peer", "jsrt_unet_vs_peer"):
+        found = [r["ratio_images_per_s"] for r in by_step.get(step, []) if "ratio_images_per_s" in r]
+        if found:
+            lines.append(f"| {step.replace('_', ' ')} (images/s) | **{_median(found):.1f}x** | - |")
+    failed = [r for r in rows if "step_done" in r and r["exit"] != 0]
+    lines += ["", *(f"- {r['step']} failed (exit {r['exit']}): {r.get('why', '')}" for r in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def history_row(run_dir):
+    """The 20-epoch run's own account: compile and train time, epochs, final test accuracy."""
+    try:
+        history = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return []
+    info, accuracy = history["info"], history["history"]["test_accuracy"][-1]  # a list with one value per seed
+    return [dict(history_info=True, epochs_run=info["epochs_run"], compile_s=info["compile_s"], train_s=info["train_s"],
+                 steps_per_s=info["steps_per_s"], epoch_mode=info["epoch_mode"],
+                 final_test_accuracy=float(accuracy[0] if isinstance(accuracy, list) else accuracy))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", action="store_true", help="copy what the checks need from ../shared into .gpu/")
+    parser.add_argument("--out", help="folder for results.jsonl, summary.md and log.txt")
+    parser.add_argument("--quick", action="store_true", help="a short dry run (a CPU): 1 repeat, 2 epochs, no U-Net")
+    parser.add_argument("--budget", type=float, default=520, help="seconds for all steps together")
+    args = parser.parse_args()
+    if args.stage:
+        return stage()
+    if not args.out:
+        parser.error("--out is required")
+    if not (STAGE / "data" / "mnist").is_dir():
+        sys.exit(f"gpu_check: nothing staged in {STAGE}: run `python tools/gpu_check.py --stage` here first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "FLAXLAB_SHARED": str(STAGE),
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the PyTorch peer shares the GPU with a live jax process
+    shutil.rmtree(RUN_DIR, ignore_errors=True)  # a rerun on a warm machine
+    deadline = time.perf_counter() + args.budget
+    rows = []
+    with open(out / "results.jsonl", "w") as results, open(out / "log.txt", "w") as log:
+        for name, argv, limit in steps(args.quick):
+            left = deadline - time.perf_counter()
+            if left < 20:
+                rows.append(dict(step=name, step_done=name, exit="skipped", wall_s=0, why="out of budget"))
+                continue
+            print(f"gpu_check: {name} (up to {min(limit, left):.0f} s)", flush=True)
+            found = run_step(name, argv, min(limit, left), env, log)
+            if name == "mnist_cnn_20_epochs":
+                found[:0] = [dict(row, step=name) for row in history_row(RUN_DIR)]
+            for row in found:
+                results.write(json.dumps(row) + "\n")
+            results.flush()
+            log.flush()
+            rows += found
+            try:  # a summary that breaks must not cost the steps still to come their device time
+                (out / "summary.md").write_text(summarize(rows))
+            except Exception as e:  # noqa: BLE001
+                log.write(f"summary failed: {e!r}\n")
+    if (out / "summary.md").is_file():
+        print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
