@@ -30,7 +30,7 @@ CPU_DEVICES_PER_CORE, MAX_CPU_DEVICES = 2, 8
 _cpu_split = False
 
 
-def split_cpu_devices(models):
+def split_cpu_devices(models, distributed=False):
     """Gives XLA:CPU one device per model of a run that trains `models` models one after another (seeds,
     sweep values), at most two per core and 8, so that they run at the same time, each on its own device
     (`train.Trainer` spreads them). A run of one model keeps one device.
@@ -41,11 +41,13 @@ def split_cpu_devices(models):
     every extra device slows the others a little (the all-conv net's step: 22.7 ms with one device, 23-27
     with two, 24-26 with three), so there are no more than the run uses. Only before jax starts its backends,
     and where neither JAX_NUM_CPU_DEVICES nor XLA_FLAGS set the count (JAX_NUM_CPU_DEVICES=1 turns this off).
+    Not in a multi-host (`distributed`) run, whose mesh spans every process's devices: there these devices
+    would split each batch.
     Data parallelism over these devices stays opt-in (`--devices N`): `make_mesh`'s default keeps one.
     Returns whether it split."""
     global _cpu_split
     if ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+            or os.environ.get("JAX_COORDINATOR_ADDRESS") or distributed):
         return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     count = min(models, CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)

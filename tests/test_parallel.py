@@ -64,7 +64,7 @@ def test_data_parallel_on_8_simulated_devices():
 SPLIT = """
 import sys
 from flaxlab import parallel
-split = parallel.split_cpu_devices(int(sys.argv[1]))
+split = parallel.split_cpu_devices(int(sys.argv[1]), distributed=sys.argv[2:] == ["distributed"])
 import jax
 print(split, jax.local_device_count(), parallel.make_mesh(0) is None, jax.device_count() > 1 and parallel.make_mesh(2) is not None)
 """
@@ -73,12 +73,12 @@ print(split, jax.local_device_count(), parallel.make_mesh(0) is None, jax.device
 def test_cpu_is_split_into_one_device_per_model_before_jax_starts():
     """A CPU run of several models gets one XLA:CPU device per model (at most two per core, and 8), to run
     them side by side, with no data parallelism over them unless asked; a run of one model keeps one device,
-    and nothing changes where the count was set or once jax has started."""
+    and nothing changes where the count was set, in a multi-host run, or once jax has started."""
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
 
-    def run(models, **extra):
-        out = subprocess.run([sys.executable, "-c", SPLIT, str(models)], env={**env, "PYTHONPATH": str(REPO), **extra},
+    def run(models, *args, **extra):
+        out = subprocess.run([sys.executable, "-c", SPLIT, str(models), *args], env={**env, "PYTHONPATH": str(REPO), **extra},
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout.split()
@@ -88,6 +88,7 @@ def test_cpu_is_split_into_one_device_per_model_before_jax_starts():
         assert run(models) == (["True", str(count), "True", "True"] if cores > 1 else ["False", "1", "True", "False"])
     assert run(3, JAX_NUM_CPU_DEVICES="1")[:2] == ["False", "1"]
     assert run(3, XLA_FLAGS="--xla_force_host_platform_device_count=5")[:2] == ["False", "5"]
+    assert run(3, "distributed")[:2] == ["False", "1"]  # a multi-host mesh would split batches over them
     jax.devices()  # this process's backend has started
     assert not parallel.split_cpu_devices(3) and jax.device_count() == 1
 
