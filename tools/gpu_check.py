@@ -3,7 +3,7 @@
 
 That machine gets the repository but not ../shared, so the data the checks need travels in .gpu/ (ignored by git):
 
-  python tools/gpu_check.py --stage               # here, once: MNIST, JSRT, GTSRB and the PyTorch peer into .gpu/ (52 MiB)
+  python tools/gpu_check.py --stage               # here, once: MNIST, JSRT, GTSRB and the PyTorch peer into .gpu/ (53 MiB)
   python3 tools/gpu_check.py --out "$OUT"         # there (device run: carry [".gpu"], timeout_s 560)
   python tools/gpu_check.py --out /tmp/gc --quick # a dry run on a CPU: every flaxlab step, shortened
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -82,12 +83,16 @@ def run_step(name, argv, limit, env, log):
     """Runs one step; returns its JSON rows, each tagged with the step's name (rows of a failure say why)."""
     cmd = [sys.executable, "-c", ENV_REPORT] if argv is None else [sys.executable, "-m", "experiments", *argv]
     start = time.perf_counter()
+    # a session of its own, so that a step past its limit goes down with the peer processes it started
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
-        stdout, stderr, code = out.stdout, out.stderr, out.returncode
-    except subprocess.TimeoutExpired as e:
-        stdout, stderr, code = e.stdout or "", (e.stderr or "") + f"\ntimed out after {limit:.0f} s", "timeout"
-        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+        stdout, stderr = proc.communicate(timeout=limit)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr, code = f"{stderr}\ntimed out after {limit:.0f} s", "timeout"
     wall_s = round(time.perf_counter() - start, 2)
     log.write(f"## {name}: {' '.join(cmd[2:]) if argv else 'machine'} (exit {code}, {wall_s} s)\n{stdout}{stderr[-3000:]}\n")
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
