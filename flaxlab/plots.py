@@ -4,6 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
@@ -46,22 +47,28 @@ def learning_curves(history, path, title):
 
 
 def trial_curves(histories, path, title):
-    """Loss per epoch of every trial (model) on its own: train solid, test (or val) dashed; one panel per variant."""
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.8), squeeze=False)
+    """Loss per epoch of every trial (model) on its own: train solid, test (or val) dashed; one panel per variant.
+    The legend names each trial's colour once and the two line styles, beside the panels: with 8 trials a
+    legend of every line covered the curves."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories) + 1.4, 3.8), squeeze=False)
+    trials = 0
     for ax, (label, history) in zip(axes[0], histories.items()):
         held = "val" if "val_loss" in history else "test"
         train, other = np.asarray(history["train_loss"]), np.asarray(history[f"{held}_loss"])
+        trials = max(trials, train.shape[1])
         for i in range(train.shape[1]):
             color = plt.get_cmap("tab10")(i % 10)
-            ax.plot(history["epoch"], train[:, i], color=color, label=f"trial {i + 1} train")
-            ax.plot(history["epoch"], other[:, i], color=color, linestyle="--", label=f"trial {i + 1} {held}")
+            ax.plot(history["epoch"], train[:, i], color=color)
+            ax.plot(history["epoch"], other[:, i], color=color, linestyle="--")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
-    axes[0][-1].legend(fontsize=7)
+    handles = [Line2D([], [], color=plt.get_cmap("tab10")(i % 10), label=f"trial {i + 1}") for i in range(trials)]
+    handles += [Line2D([], [], color="black", label="train"), Line2D([], [], color="black", linestyle="--", label=held)]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
