@@ -65,6 +65,32 @@ def _conv_one_channel_bwd(residuals, grad):
 _conv_one_channel.defvjp(_conv_one_channel_fwd, _conv_one_channel_bwd)
 
 
+@jax.custom_vjp
+def _add_bias(y, bias):
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, grad):
+    channels = grad.shape[-1]
+    return grad, jnp.ones(grad.size // channels, grad.dtype) @ grad.reshape(-1, channels)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def add_bias(y, bias):
+    """y + bias over the last axis. On XLA:CPU the bias gradient is a product with a vector of ones: its
+    reduction over the leading axes took 0.52 ms for a conv's 32x32x32x16 gradient, the product 0.07 ms
+    (2-core EPYC)."""
+    if jax.default_backend() == "cpu" and y.dtype == bias.dtype == jnp.float32 and y.ndim > 2 and y.shape[-1] >= 8:
+        return _add_bias(y, bias)
+    return y + bias
+
+
 class Conv(nn.Module):
     """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding."""
     features: int
@@ -83,7 +109,7 @@ class Conv(nn.Module):
             y = fft_conv.conv(x, kernel, p)
         else:
             y = _lax_conv(x, kernel, (self.strides,) * 2, [(p, p), (p, p)])
-        return y + bias
+        return add_bias(y, bias)
 
 
 # Parameter-free layers as modules, so that model summaries (flaxlab.summary) list them as rows. Flax numbers
@@ -242,7 +268,7 @@ class ConvTranspose(nn.Module):
         kernel = self.param("kernel", _torch_bias_init(fan_in), (k, k, c, self.features))
         bias = self.param("bias", _torch_bias_init(fan_in), (self.features,))
         y = jnp.einsum("nhwc,abco->nhawbo", x, kernel).reshape(n, h * k, w * k, self.features)
-        return y + bias
+        return add_bias(y, bias)
 
 
 class Upsample(nn.Module):

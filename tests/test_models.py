@@ -94,6 +94,23 @@ def test_conv_and_its_gradients_match_lax(in_channels, kernel, strides, padding)
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
 
 
+def test_bias_gradient_as_a_product_matches_the_sum():
+    """add_bias's gradient (a product with ones on CPU, for 8 or more channels) equals that of y + bias, for
+    one model and vmapped over stacked models; fewer channels and bf16 keep the plain sum."""
+    y = jax.random.normal(jax.random.key(0), (3, 4, 6, 6, 8))
+    bias = jax.random.normal(jax.random.key(1), (3, 8))
+    weights = jax.random.normal(jax.random.key(2), (4, 6, 6, 8))
+    loss = lambda add: lambda y, b: jnp.sum(jnp.tanh(add(y, b)) * weights[..., :y.shape[-1]])
+    plain = jax.grad(loss(jnp.add), (0, 1))
+    ours = jax.grad(loss(models.add_bias), (0, 1))
+    chex.assert_trees_all_close(ours(y[0], bias[0]), plain(y[0], bias[0]), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.vmap(ours)(y, bias), jax.vmap(plain)(y, bias), rtol=1e-5, atol=1e-5)
+    uses_product = lambda *args: "dot_general" in str(jax.make_jaxpr(ours)(*args))
+    assert uses_product(y[0], bias[0]) == (jax.default_backend() == "cpu")
+    assert not uses_product(y[0, ..., :6], bias[0, :6])
+    assert not uses_product(y[0].astype(jnp.bfloat16), bias[0].astype(jnp.bfloat16))
+
+
 @pytest.mark.parametrize("shape,size", [((3, 8, 8, 4), 2), ((2, 7, 9, 3), 2), ((2, 9, 9, 2), 3)])
 def test_max_pool_matches_reduce_window_and_torch_gradient(shape, size):
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))  # relu: many tied zeros in a window
