@@ -114,11 +114,12 @@ def _parser():
     return parser
 
 
-def _models_one_after_another(config, variants):
-    """How many models XLA:CPU would train one after another (each gets a CPU device; see parallel.py)."""
+def _split_cpu(config, variants):
+    """One CPU device per model that XLA:CPU would train one after another (parallel.split_cpu_devices)."""
     from flaxlab.train import resolve_model_axis
     models = config["seeds"] * max(1, len(variants))
-    return models if resolve_model_axis(config.get("model_axis", "auto"), models, "cpu") == "sequential" else 1
+    sequential = resolve_model_axis(config.get("model_axis", "auto"), models, "cpu") == "sequential"
+    parallel.split_cpu_devices(models if sequential else 1, config["distributed"])
 
 
 def _run(args, overrides):
@@ -127,7 +128,7 @@ def _run(args, overrides):
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
-    parallel.split_cpu_devices(_models_one_after_another(config, variants), config["distributed"])
+    _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
@@ -149,7 +150,7 @@ def _bench(args, overrides):
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
-        parallel.split_cpu_devices(_models_one_after_another(first, variants), first["distributed"])
+        _split_cpu(first, variants)
     parallel.set_up_process(first["distributed"], first["deterministic"])
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)
