@@ -72,14 +72,18 @@ def test_unknown_model_or_activation_is_usage_error():
 
 
 @pytest.mark.parametrize("in_channels,kernel,strides,padding",
-                         [(1, 3, 1, 1), (1, 3, 1, 0), (1, 3, 2, 1), (3, 3, 1, 1), (32, 5, 1, 0), (32, 5, 1, 2)])
+                         [(1, 3, 1, 1), (1, 3, 1, 0), (1, 3, 2, 1), (3, 3, 1, 1), (3, 5, 1, 0), (3, 5, 1, 2),
+                          (3, 3, 2, 1), (32, 5, 1, 0), (32, 5, 1, 2)])
 def test_conv_and_its_gradients_match_lax(in_channels, kernel, strides, padding):
-    """The one-channel fast path, the FFT path (32 maps, 5x5, unpadded, on CPU) and the general path
-    against lax.conv, values and gradients."""
+    """The one-channel fast path, the FFT path (32 maps, 5x5, unpadded, on CPU), im2col (RGB, stride 1, on
+    CPU) and the general path against lax.conv, values and gradients."""
     conv = models.Conv(8, kernel, strides, padding)
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, in_channels))
+    on_cpu = jax.default_backend() == "cpu"
     assert fft_conv.is_faster(x, jnp.zeros((kernel, kernel, in_channels, 8)), strides, padding) == (
-        jax.default_backend() == "cpu" and (in_channels, kernel, padding) == (32, 5, 0))
+        on_cpu and (in_channels, kernel, padding) == (32, 5, 0))
+    assert models.uses_patches(x, jnp.zeros((kernel, kernel, in_channels, 8)), strides, padding) == (
+        on_cpu and in_channels == 3 and strides == 1)
     params = conv.init(jax.random.key(1), x)["params"]
 
     def reference(params, x):
@@ -92,6 +96,26 @@ def test_conv_and_its_gradients_match_lax(in_channels, kernel, strides, padding)
     np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)):
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+
+
+def test_im2col_conv_under_vmap_and_where_it_is_not_used():
+    """Stacked models (vmap over kernels and images) get lax's values and gradients through im2col; bf16,
+    more than 3 channels and patches over PATCHES_MAX_BYTES keep lax's convolution."""
+    padded = jax.random.normal(jax.random.key(0), (2, 3, 10, 10, 3))
+    kernels = jax.random.normal(jax.random.key(1), (2, 3, 3, 3, 5))
+    lax_conv = lambda p, k: jax.lax.conv_general_dilated(p, k, (1, 1), "VALID",  # noqa: E731
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda conv: lambda p, k: (jax.vmap(conv)(p, k) ** 3).sum()  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(models._conv_patches)(padded, kernels), jax.vmap(lax_conv)(padded, kernels),
+                               rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(jax.grad(loss(models._conv_patches), (0, 1))(padded, kernels),
+                            jax.grad(loss(lax_conv), (0, 1))(padded, kernels)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
+    kernel = jnp.zeros((3, 3, 3, 16))
+    assert models.uses_patches(jnp.zeros((32, 32, 32, 3)), kernel, 1, 1) == (jax.default_backend() == "cpu")
+    assert not models.uses_patches(jnp.zeros((32, 32, 32, 3), jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, 1)
+    assert not models.uses_patches(jnp.zeros((32, 32, 32, 4)), jnp.zeros((3, 3, 4, 16)), 1, 1)
+    assert not models.uses_patches(jnp.zeros((32, 224, 224, 3)), kernel, 1, 1)  # VGG's first conv at 224: 173 MB
 
 
 def test_bias_gradient_as_a_product_matches_the_sum():
