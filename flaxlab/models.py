@@ -71,10 +71,11 @@ PATCHES_MAX_BYTES = 16 << 20
 
 def uses_patches(x, kernel, strides, padding):
     """Where im2col was measured faster in whole train steps (in-process A/B, 2-core EPYC): XLA:CPU, float32,
-    stride 1, 3 input channels, patches of at most 16 MiB. The all-conv net's step 3.3% shorter (3x3 over
-    32x32x3, batch 32: 3.5 MB of patches), the GTSRB CNN's 2.4% (5x5 over 28x28x3, batch 64: 11 MB); the FCN
-    (14 MB), TDT4265's CNN (20 MB) and VGG-19 even. Wider inputs lost: their patches cost more to build than
-    XLA's convolution spends on packing them (9x slower at 32x32x16)."""
+    stride 1, 3 input channels, patches of at most 16 MiB. The all-conv net's step 3.2% shorter (3x3 over
+    32x32x3, batch 32: 3.5 MB of patches; every round faster), the GTSRB CNN's 0.5-2.4% (5x5 over 28x28x3,
+    batch 64: 11 MB; within the noise in two of three A/Bs); the FCN (14 MB) and VGG-19 even. TDT4265's CNN
+    (20 MB) was even too and is past the cap. Wider inputs lost: their patches cost more to build than XLA's
+    convolution spends packing them (9x slower at 32x32x16)."""
     kh, kw = kernel.shape[:2]
     n, h, w, c = x.shape
     patch_bytes = n * (h + 2 * padding - kh + 1) * (w + 2 * padding - kw + 1) * kh * kw * c * 4
