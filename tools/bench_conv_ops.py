@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
-"""Each convolution of a flaxlab network timed alone, XLA against PyTorch: forward, input gradient and
-kernel gradient, on the same machine in one process, alternating rounds, medians.
+"""Each convolution layer of a flaxlab network timed alone, flaxlab on XLA against PyTorch: forward, input
+gradient and kernel gradient, on the same machine in one process, alternating rounds, medians.
 
-A whole train step is a sum of these passes plus a little glue, so this says which layers and which pass
-keep a network's step behind (or ahead of) the eager-PyTorch peer's, where a step-level bench only gives
-the total. The convolutions are read from the model's traced forward pass: every lax convolution it runs,
-with its shapes, strides, padding and dilation (flaxlab's own paths, such as the FFT convolution, are not
-lax convolutions and are left out). XLA's side is compiled as the engine compiles a step
-(`train.compile_for_backend`); PyTorch's side is `conv2d` and `torch.nn.grad.conv2d_input/_weight`.
+A train step is mostly these passes, so this says which layers and which pass keep a network's step behind
+(or ahead of) the eager-PyTorch peer's, where a step-level bench only gives the total. The layers are the
+model's `Conv` calls, found by running it once; each is timed through the path flaxlab takes for it
+(lax's convolution, the FFT, im2col or the 1-channel multiply-adds), compiled as the engine compiles a step
+(`train.compile_for_backend`). PyTorch's side is `conv2d` (with the bias, as flaxlab's forward has it) and
+`torch.nn.grad.conv2d_input` / `conv2d_weight`.
 
   python tools/bench_conv_ops.py bs6207_allconv --batch-size 32
 """
@@ -22,98 +21,89 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.extend.core as jax_core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxlab import train  # noqa: E402
+from flaxlab import models, train  # noqa: E402
 from flaxlab.errors import UsageError  # noqa: E402
-from flaxlab.models import REPORT_INPUTS, make_model  # noqa: E402
 
 PASSES = ("forward", "input_grad", "kernel_grad")
 
 
 def model_convolutions(name, batch_size):
-    """(lhs shape, rhs shape, params) of every lax convolution in the model's forward pass, in order."""
-    if name not in REPORT_INPUTS:
-        raise UsageError(f"unknown network '{name}'; known: {', '.join(REPORT_INPUTS)}")
-    shape, classes = REPORT_INPUTS[name]
-    model = make_model({"name": name}, classes)
-    x = jnp.zeros((batch_size, *shape), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
+    """(Conv layer, input shape) of every `Conv` call in the model's forward pass, in call order."""
+    if name not in models.REPORT_INPUTS:
+        raise UsageError(f"unknown network '{name}'; known: {', '.join(models.REPORT_INPUTS)}")
+    shape, classes = models.REPORT_INPUTS[name]
+    model = models.make_model({"name": name}, classes)
     found = []
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                found.append((eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, dict(eqn.params)))
-            for sub in jax_core.jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jaxpr.jaxpr)
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, models.Conv) and context.method_name == "__call__":
+            conv = context.module
+            found.append((models.Conv(conv.features, conv.kernel_size, conv.strides, conv.padding), args[0].shape))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((batch_size, *shape)))
     return found
 
 
-def torch_conv_args(lhs_shape, params):
-    """stride, padding and dilation for torch's conv2d, or None where it has no equal (asymmetric padding,
-    input dilation, groups, not 2-D, outputs laid out unlike inputs)."""
-    pads, dn = params["padding"], params["dimension_numbers"]
-    if (len(lhs_shape) != 4 or dn.out_spec != dn.lhs_spec or params["feature_group_count"] != 1
-            or params["batch_group_count"] != 1 or any(d != 1 for d in params["lhs_dilation"])
-            or any(lo != hi for lo, hi in pads)):
-        return None
-    return dict(stride=tuple(params["window_strides"]), padding=tuple(lo for lo, _ in pads),
-                dilation=tuple(params["rhs_dilation"]))
+def kernel_shape(conv, input_shape):
+    return (conv.kernel_size, conv.kernel_size, input_shape[-1], conv.features)
 
 
-def to_nchw(maps, params):
-    """Feature maps (an input, an output or their gradients) from the model's layout to PyTorch's."""
-    return np.ascontiguousarray(np.asarray(maps).transpose(params["dimension_numbers"].lhs_spec))
+def torch_conv_args(conv):
+    return dict(stride=(conv.strides,) * 2, padding=(conv.padding,) * 2)
 
 
-def to_oihw(kernel, params):
-    return np.ascontiguousarray(np.asarray(kernel).transpose(params["dimension_numbers"].rhs_spec))
+def to_nchw(maps):
+    """Feature maps (an input, an output or their gradients) from flaxlab's NHWC to PyTorch's NCHW."""
+    return np.ascontiguousarray(np.asarray(maps).transpose(0, 3, 1, 2))
 
 
-def conv_inputs(lhs_shape, rhs_shape, params, seed=0):
-    """Random input, kernel and output gradient of one convolution, as numpy arrays in the model's layout."""
+def to_oihw(kernel):
+    return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))
+
+
+def conv_inputs(conv, input_shape, seed=0):
+    """Random input, kernel, bias and output gradient of one layer, as numpy arrays in flaxlab's layout."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(lhs_shape, np.float32)
-    w = (rng.standard_normal(rhs_shape) * 0.1).astype(np.float32)
-    out = jax.eval_shape(functools.partial(_lax_conv, params=params), x, w)
-    return x, w, rng.standard_normal(out.shape, np.float32)
+    x = rng.standard_normal(input_shape, np.float32)
+    w = (rng.standard_normal(kernel_shape(conv, input_shape)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(conv.features) * 0.1).astype(np.float32)
+    out = jax.eval_shape(functools.partial(_apply, conv), x, w, b)
+    return x, w, b, rng.standard_normal(out.shape, np.float32)
 
 
-def _lax_conv(x, w, params):
-    return jax.lax.conv_general_dilated(x, w, **{k: params[k] for k in (
-        "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers", "feature_group_count",
-        "batch_group_count")})
+def _apply(conv, x, w, b):
+    return conv.apply({"params": {"kernel": w, "bias": b}}, x)
 
 
-def xla_passes(x, w, g, params):
-    """The three passes of one convolution, compiled as the engine compiles a step; each call returns its
-    result on the device (not waited for)."""
-    conv = functools.partial(_lax_conv, params=params)
-    fns = {"forward": (lambda x, w, g: conv(x, w)),
-           "input_grad": (lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
-           "kernel_grad": (lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])}
-    x, w, g = (jnp.asarray(a) for a in (x, w, g))
+def xla_passes(conv, x, w, b, g):
+    """The three passes of one layer, compiled as the engine compiles a step; each call returns its result
+    on the device (not waited for)."""
+    layer = functools.partial(_apply, conv)
+    fns = {"forward": (lambda x, w, b, g: layer(x, w, b)),
+           "input_grad": (lambda x, w, b, g: jax.vjp(lambda x: layer(x, w, b), x)[1](g)[0]),
+           "kernel_grad": (lambda x, w, b, g: jax.vjp(lambda w: layer(x, w, b), w)[1](g)[0])}
+    args = [jnp.asarray(a) for a in (x, w, b, g)]
     out = {}
     for name, fn in fns.items():
-        compiled = train.compile_for_backend(jax.jit(fn).lower(x, w, g))
-        out[name] = functools.partial(compiled, x, w, g)
+        compiled = train.compile_for_backend(jax.jit(fn).lower(*args))
+        out[name] = functools.partial(compiled, *args)
     return out
 
 
-def torch_passes(x, w, g, params):
-    """The same passes in PyTorch, from the same numpy inputs (model layout); results in NCHW / OIHW."""
+def torch_passes(conv, x, w, b, g):
+    """The same passes in PyTorch, from the same numpy inputs; results in NCHW / OIHW."""
     import torch
     F = torch.nn.functional
-    kw = torch_conv_args(x.shape, params)
-    x, g = (torch.from_numpy(to_nchw(a, params)) for a in (x, g))
-    w = torch.from_numpy(to_oihw(w, params))
-    return {"forward": lambda: F.conv2d(x, w, **kw),
+    kw = torch_conv_args(conv)
+    x, g, w, b = (torch.from_numpy(a) for a in (to_nchw(x), to_nchw(g), to_oihw(w), b))
+    return {"forward": lambda: F.conv2d(x, w, b, **kw),
             "input_grad": lambda: torch.nn.grad.conv2d_input(x.shape, w, g, **kw),
             "kernel_grad": lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, **kw)}
 
@@ -129,7 +119,7 @@ def time_ms(fn, calls):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("network", help=f"one of: {', '.join(REPORT_INPUTS)}")
+    ap.add_argument("network", help=f"one of: {', '.join(models.REPORT_INPUTS)}")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--calls", type=int, default=50, help="calls per timing")
     ap.add_argument("--rounds", type=int, default=5, help="alternating XLA/PyTorch rounds; medians are printed")
@@ -146,22 +136,19 @@ def main(argv=None):
         print("error: this comparison needs torch: `pip install torch==2.13.0`", file=sys.stderr)
         return 2
     totals = {f"{side}_{p}_ms": 0.0 for side in ("xla", "torch") for p in PASSES}
-    for i, (lhs_shape, rhs_shape, params) in enumerate(convs):
-        inputs = conv_inputs(lhs_shape, rhs_shape, params)
-        ours = xla_passes(*inputs, params)
-        peer = torch_passes(*inputs, params) if torch_conv_args(lhs_shape, params) else {}
-        times = {f"{side}_{p}_ms": [] for side in ("xla", "torch") for p in PASSES if side == "xla" or peer}
+    for i, (conv, input_shape) in enumerate(convs):
+        inputs = conv_inputs(conv, input_shape)
+        ours, peer = xla_passes(conv, *inputs), torch_passes(conv, *inputs)
+        times = {f"{side}_{p}_ms": [] for side in ("xla", "torch") for p in PASSES}
         for _ in range(a.rounds):
             for p in PASSES:
                 times[f"xla_{p}_ms"].append(time_ms(ours[p], a.calls))
-                if peer:
-                    times[f"torch_{p}_ms"].append(time_ms(peer[p], a.calls))
+                times[f"torch_{p}_ms"].append(time_ms(peer[p], a.calls))
         row = {k: round(statistics.median(v), 3) for k, v in times.items()}
         for k, v in row.items():
             totals[k] += v
-        print(json.dumps(dict(conv=i, input=list(lhs_shape), kernel=list(rhs_shape),
-                              stride=list(params["window_strides"]), padding=[list(p) for p in params["padding"]],
-                              **row, **({} if peer else {"torch": "no conv2d equal"}))), flush=True)
+        print(json.dumps(dict(conv=i, input=list(input_shape), kernel=list(kernel_shape(conv, input_shape)),
+                              stride=conv.strides, padding=conv.padding, **row)), flush=True)
     print(json.dumps(dict(network=a.network, batch_size=a.batch_size, convolutions=len(convs),
                           jax=jax.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
                           **{k: round(v, 2) for k, v in totals.items()})), flush=True)
