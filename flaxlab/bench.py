@@ -82,10 +82,11 @@ def peer_workload(config):
     learning rate, full batches, and no validation split taken out of the training set."""
     if config["name"] not in PEER_WORKLOADS:
         raise UsageError(f"the PyTorch peer has no '{config['name']}'; it runs {', '.join(sorted(PEER_WORKLOADS))}")
+    # the JSRT peer trains on JSRT's train split and tests on its val split; the others train on all but a
+    # 5,000-image test split (flaxlab's default test split of CIFAR-10, 10%, is that size too)
     config = {**config, "augment": {}, "drop_last": True, "best_metric": "", "patience": 0,
-              "optimizer": {**config["optimizer"], "schedule": "constant"}}
-    if config["name"] == "jsrt_unet":  # the peer trains on JSRT's train split and tests on its val split
-        config["data"] = {**config["data"], "val_fraction": 0.0}
+              "optimizer": {**config["optimizer"], "schedule": "constant"},
+              "data": {**config["data"], "val_fraction": 0.0}}
     return PEER_WORKLOADS[config["name"]], config
 
 

@@ -80,6 +80,18 @@ def test_bench_prints_peer_fields(tmp_path):
     assert line["seeds"] == 2 and line["models_side_by_side"] == (2 if len(os.sched_getaffinity(0)) > 1 else 1)
 
 
+@pytest.mark.parametrize("name", ["mnist_fnn", "mnist_cnn", "gtsrb_cnn", "bs6207_allconv", "jsrt_unet"])
+def test_bench_trains_each_workload_as_the_peer_does(name):
+    """No validation split, augmentation, schedule or early stopping: the peer trains on all but its test split."""
+    from experiments import EXPERIMENTS
+    from flaxlab.bench import PEER_WORKLOADS, peer_workload
+    from flaxlab.config import validate
+    peer, config = peer_workload(EXPERIMENTS[name]())
+    assert peer == PEER_WORKLOADS[name] and validate(config) is config
+    assert config["data"].get("val_fraction", 0) == 0 and config["augment"] == {} and not config["best_metric"]
+    assert config["optimizer"]["schedule"] == "constant" and config["patience"] == 0
+
+
 def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
     pytest.importorskip("torch", reason="the PyTorch peer needs torch")
     out = cli("bench", "mnist_fnn", "--peer", "--markdown", "docs/bench.md", cwd=tmp_path)
