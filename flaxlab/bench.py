@@ -82,8 +82,9 @@ def peer_workload(config):
     learning rate, full batches, and no validation split taken out of the training set."""
     if config["name"] not in PEER_WORKLOADS:
         raise UsageError(f"the PyTorch peer has no '{config['name']}'; it runs {', '.join(sorted(PEER_WORKLOADS))}")
-    # the JSRT peer trains on JSRT's train split and tests on its val split; the others train on all but a
-    # 5,000-image test split (flaxlab's default test split of CIFAR-10, 10%, is that size too)
+    # the peers hold out no validation split: JSRT's trains on JSRT's train split and tests on its val split,
+    # the others test on MNIST's test set or on 5,000 held-out images (flaxlab's CIFAR-10 test split, 10%, is
+    # that size; its GTSRB one is 20% of the tracks)
     config = {**config, "augment": {}, "drop_last": True, "best_metric": "", "patience": 0,
               "optimizer": {**config["optimizer"], "schedule": "constant"},
               "data": {**config["data"], "val_fraction": 0.0}}
