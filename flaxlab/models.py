@@ -65,6 +65,11 @@ def _conv_one_channel_bwd(residuals, grad):
 _conv_one_channel.defvjp(_conv_one_channel_fwd, _conv_one_channel_bwd)
 
 
+def _pad_spatial(x, padding):
+    """Zero padding of an NHWC batch's rows and columns, for the paths that take VALID convolutions."""
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 # Patches of a conv over RGB input, at most this large, go through im2col on XLA:CPU (`uses_patches`).
 PATCHES_MAX_BYTES = 16 << 20
 
@@ -151,11 +156,11 @@ class Conv(nn.Module):
         kernel = self.param("kernel", torch_kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
         if x.shape[-1] == 1 and self.strides == 1:
-            y = _conv_one_channel(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), kernel)
+            y = _conv_one_channel(_pad_spatial(x, p), kernel)
         elif fft_conv.is_faster(x, kernel, self.strides, p):
             y = fft_conv.conv(x, kernel, p)
         elif uses_patches(x, kernel, self.strides, p):
-            y = _conv_patches(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), kernel)
+            y = _conv_patches(_pad_spatial(x, p), kernel)
         else:
             y = _lax_conv(x, kernel, (self.strides,) * 2, [(p, p), (p, p)])
         return add_bias(y, bias)
