@@ -10,6 +10,7 @@ from test_cli import cli
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
+import gpu_conv_ab  # noqa: E402
 
 
 def _rows(step, *rows, exit=0, wall_s=1.0):
@@ -51,3 +52,15 @@ def test_history_row_reads_a_run_folder(tmp_path):
     assert row["final_test_accuracy"] == pytest.approx(history["history"]["test_accuracy"][-1][0]) 
     assert 0.3 < row["final_test_accuracy"] <= 1  # above chance after one epoch on the 5,000-digit sample
     assert gpu_check.history_row(tmp_path / "missing") == []
+
+
+def test_conv_ab_swaps_the_conv_path_for_one_variant_only():
+    """tools/gpu_conv_ab.py's variants train with the path they name and leave flaxlab's own in place."""
+    from flaxlab import models
+    original = models._conv
+    (index,) = [i for i, v in enumerate(gpu_conv_ab.VARIANTS) if v[:3] == ("mnist_cnn", 1, "matmul")]
+    row = gpu_conv_ab.run(index, None, epochs=1)  # the shipped 5,000-digit sample
+    assert "error" not in row, row
+    assert row["conv"] == "matmul" and row["steps_per_s"] > 0 and row["test_accuracy"] > 0.3
+    assert models._conv is original
+    assert {path for _, _, path, _ in gpu_conv_ab.VARIANTS} <= set(gpu_conv_ab.PATHS)

@@ -118,6 +118,38 @@ def test_im2col_conv_under_vmap_and_where_it_is_not_used():
     assert not models.uses_patches(jnp.zeros((32, 224, 224, 3)), kernel, 1, 1)  # VGG's first conv at 224: 173 MB
 
 
+@pytest.mark.parametrize("conv", ["_matmul_conv", "_patch_grad_conv"])
+@pytest.mark.parametrize("in_channels,kernel,strides,padding",
+                         [(1, 3, 1, ((1, 1), (1, 1))), (4, 3, 2, ((1, 1), (1, 1))), (3, 5, 1, "VALID"),
+                          (6, 1, 1, "VALID"), (2, 3, 2, ((0, 1), (2, 0)))])
+def test_gpu_convs_match_lax_under_vmap(conv, in_channels, kernel, strides, padding):
+    """The GPU paths (im2col products; XLA's conv with an im2col kernel gradient), vmapped over two models
+    as multi-seed runs train them: lax's values and gradients, with strides and uneven padding."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 11, 11, in_channels))
+    kernels = jax.random.normal(jax.random.key(1), (2, kernel, kernel, in_channels, 5))
+    reference = lambda x, k: jax.lax.conv_general_dilated(x, k, (strides,) * 2, padding,  # noqa: E731
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: getattr(models, conv)(x, k, (strides,) * 2, padding)  # noqa: E731
+    loss = lambda f: lambda x, k: (jnp.sin(jax.vmap(f)(x, k)) ** 2).sum()  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(ours)(x, kernels), jax.vmap(reference)(x, kernels), rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.grad(loss(ours), (0, 1))(x, kernels), jax.grad(loss(reference), (0, 1))(x, kernels)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_path_by_backend_and_patch_size(monkeypatch):
+    """XLA's convolution off GPUs; on a GPU one matrix product while one model's patches fit in
+    GPU_MATMUL_MAX_BYTES (the 1MD120 CNN's), else only the kernel gradient as one (the U-Net's)."""
+    def primitives(x_shape, kernel_shape):
+        x, kernel = jnp.zeros(x_shape), jnp.zeros(kernel_shape)
+        return str(jax.make_jaxpr(lambda x, k: models._conv(x, k, (1, 1), ((1, 1), (1, 1))))(x, kernel))
+    mnist, unet = ((32, 14, 14, 8), (3, 3, 8, 16)), ((8, 256, 256, 64), (3, 3, 64, 64))
+    if jax.default_backend() == "cpu":
+        assert "dot_general" not in primitives(*mnist) and "custom_vjp" not in primitives(*unet)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "dot_general" in primitives(*mnist) and "conv_general_dilated" not in primitives(*mnist)
+    assert "custom_vjp_call" in primitives(*unet)
+
+
 def test_bias_gradient_as_a_product_matches_the_sum():
     """add_bias's gradient (a product with ones on CPU, for 8 or more channels) equals that of y + bias, for
     one model and vmapped over stacked models; fewer channels and bf16 keep the plain sum."""

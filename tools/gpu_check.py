@@ -173,6 +173,7 @@ def main():
     parser.add_argument("--out", help="folder for results.jsonl, summary.md and log.txt")
     parser.add_argument("--quick", action="store_true", help="a short dry run (a CPU): 1 repeat, 2 epochs, no U-Net")
     parser.add_argument("--budget", type=float, default=520, help="seconds for all steps together")
+    parser.add_argument("--only", help="comma-separated step names to run (a rerun with less device time left)")
     args = parser.parse_args()
     if args.stage:
         return stage()
@@ -186,9 +187,16 @@ def main():
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the PyTorch peer shares the GPU with a live jax process
     shutil.rmtree(RUN_DIR, ignore_errors=True)  # a rerun on a warm machine
     deadline = time.perf_counter() + args.budget
+    chosen = steps(args.quick)
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {name for name, _, _ in chosen})
+        if unknown:
+            sys.exit(f"gpu_check: unknown step(s) {', '.join(unknown)}; known: {', '.join(n for n, _, _ in chosen)}")
+        chosen = [step for step in chosen if step[0] in names]
     rows = []
     with open(out / "results.jsonl", "w") as results, open(out / "log.txt", "w") as log:
-        for name, argv, limit in steps(args.quick):
+        for name, argv, limit in chosen:
             left = deadline - time.perf_counter()
             if left < 20:
                 rows.append(dict(step=name, step_done=name, exit="skipped", wall_s=0, why="out of budget"))
