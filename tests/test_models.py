@@ -1,5 +1,6 @@
 """Models: the reports' parameter counts, shapes, and forward numerics against the PyTorch originals."""
 import chex
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,6 +149,44 @@ def test_conv_path_by_backend_and_patch_size(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "dot_general" in primitives(*mnist) and "conv_general_dilated" not in primitives(*mnist)
     assert "custom_vjp_call" in primitives(*unet)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 5), (16, 7)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(shape, dtype):
+    """flaxlab's XLA:CPU batch norm against flax's: variables, outputs in training and evaluation, the running
+    statistics, and (fp32, where its gradient is written out) the gradients, vmapped over two models too."""
+    ours, theirs = (layer(use_running_average=False, momentum=0.9, epsilon=1e-5)
+                    for layer in (models.BatchNorm, flax.linen.BatchNorm))
+    x = (3 * jax.random.normal(jax.random.key(0), (2, *shape)) + 1).astype(dtype)
+    variables = theirs.init(jax.random.key(1), x[0])
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x[0])) == jax.tree.map(jnp.shape, variables)
+    params = {"scale": jnp.linspace(0.5, 2, shape[-1]), "bias": jnp.linspace(-1, 1, shape[-1])}
+    stats = {"mean": jnp.full(shape[-1:], 0.3), "var": jnp.full(shape[-1:], 2.0)}
+    cast = lambda tree: jax.tree.map(lambda v: v.astype(dtype), tree)  # noqa: E731 - bf16 compute casts params
+
+    def apply(layer, params, x, train=True):
+        out = layer.clone(use_running_average=not train).apply(
+            {"params": cast(params), "batch_stats": stats}, x, mutable=["batch_stats"] if train else False)
+        return out if train else (out, None)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    for train in (True, False):
+        (y, new), (y_ref, new_ref) = (apply(layer, params, x[0], train) for layer in (ours, theirs))
+        assert y.dtype == y_ref.dtype == dtype
+        np.testing.assert_allclose(y.astype(jnp.float32), y_ref.astype(jnp.float32), **tolerance)
+        if train:
+            chex.assert_trees_all_close(new, new_ref, rtol=1e-5, atol=1e-6)
+    if dtype == jnp.bfloat16:
+        return
+    weights = jax.random.normal(jax.random.key(2), shape)
+    loss = lambda layer: lambda params, x: (apply(layer, params, x)[0] * weights).sum() ** 2  # noqa: E731
+    for stacked in (False, True):
+        grad = (lambda f: jax.vmap(jax.grad(f, (0, 1)), (None, 0))) if stacked else (lambda f: jax.grad(f, (0, 1)))
+        inputs = x if stacked else x[0]
+        chex.assert_trees_all_close(grad(loss(ours))(params, inputs), grad(loss(theirs))(params, inputs),
+                                    rtol=2e-4, atol=2e-4)
+    assert isinstance(models.batch_norm(True), models.BatchNorm if jax.default_backend() == "cpu"
+                      else flax.linen.BatchNorm)
 
 
 def test_bias_gradient_as_a_product_matches_the_sum():
