@@ -88,10 +88,18 @@ def uses_patches(x, kernel, strides, padding):
             and x.dtype == kernel.dtype == jnp.float32 and 0 < patch_bytes <= PATCHES_MAX_BYTES)
 
 
-def _patches(padded, kh, kw):
-    """(N, H, W, kh*kw*C): each output pixel's window, tap-major, as an HWIO kernel reshapes to (kh*kw*C, O)."""
-    h, w = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
-    return jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+def _pads(padding):
+    return ((0, 0), (0, 0)) if padding == "VALID" else tuple(map(tuple, padding))
+
+
+def _patches(x, kh, kw, strides=(1, 1), padding="VALID"):
+    """(N, h, w, kh*kw*C): each output pixel's window, tap-major, as an HWIO kernel reshapes to (kh*kw*C, O)."""
+    (sh, sw), ((top, bottom), (left, right)) = strides, _pads(padding)
+    if top or bottom or left or right:
+        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return jnp.concatenate([x[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
 
 
 @jax.custom_vjp
@@ -117,23 +125,10 @@ def _conv_patches_bwd(residuals, grad):
 _conv_patches.defvjp(_conv_patches_fwd, _conv_patches_bwd)
 
 
-def _pads(padding):
-    return ((0, 0), (0, 0)) if padding == "VALID" else tuple(map(tuple, padding))
-
-
-def _strided_patches(x, kh, kw, strides, padding):
-    """(N, h, w, kh*kw*C): each output pixel's window, tap-major, as an HWIO kernel reshapes to (kh*kw*C, O)."""
-    (sh, sw), ((top, bottom), (left, right)) = strides, _pads(padding)
-    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    return jnp.concatenate([x[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)
-
-
 def _matmul_conv(x, kernel, strides=(1, 1), padding="VALID"):
     """A conv as im2col and one matrix product, differentiated by jax: vmapped over models, every part of
     it is a batched matrix product or a slice, where XLA's vmapped convolution is a grouped one."""
-    cols = _strided_patches(x, *kernel.shape[:2], strides, padding)
+    cols = _patches(x, *kernel.shape[:2], strides, padding)
     return cols @ kernel.reshape(-1, kernel.shape[-1])
 
 
@@ -151,7 +146,7 @@ def _patch_grad_conv_fwd(x, kernel, strides, padding):
 def _patch_grad_conv_bwd(strides, padding, residuals, grad):
     x, kernel = residuals
     grad_x = jax.vjp(lambda v: _xla_conv(v, kernel, strides, padding), x)[1](grad)[0]
-    cols = _strided_patches(x, *kernel.shape[:2], strides, padding)
+    cols = _patches(x, *kernel.shape[:2], strides, padding)
     grad_kernel = cols.reshape(-1, cols.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
     return grad_x, grad_kernel.reshape(kernel.shape)
 

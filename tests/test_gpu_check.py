@@ -1,6 +1,7 @@
 """tools/gpu_check.py, the prepared device-machine check: its summary must hold up the first time it runs
 on a GPU, where a crash costs a lease's minutes. The steps themselves are the bench and run commands."""
 import json
+import subprocess
 import sys
 
 import pytest
@@ -64,3 +65,10 @@ def test_conv_ab_swaps_the_conv_path_for_one_variant_only():
     assert row["conv"] == "matmul" and row["steps_per_s"] > 0 and row["test_accuracy"] > 0.3
     assert models._conv is original
     assert {path for _, _, path, _ in gpu_conv_ab.VARIANTS} <= set(gpu_conv_ab.PATHS)
+
+
+def test_only_refuses_an_unknown_step_before_anything_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", str(tmp_path / "out"),
+                          "--only", "mnist_cnn_vs_peer,no_such_step"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown step(s) no_such_step" in out.stderr
+    assert not (tmp_path / "out").exists()

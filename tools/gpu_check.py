@@ -179,6 +179,13 @@ def main():
         return stage()
     if not args.out:
         parser.error("--out is required")
+    chosen = steps(args.quick)
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {name for name, _, _ in chosen})
+        if unknown:
+            parser.error(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(n for n, _, _ in chosen)}")
+        chosen = [step for step in chosen if step[0] in names]
     if not (STAGE / "data" / "mnist").is_dir():
         sys.exit(f"gpu_check: nothing staged in {STAGE}: run `python tools/gpu_check.py --stage` here first")
     out = Path(args.out)
@@ -187,13 +194,6 @@ def main():
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the PyTorch peer shares the GPU with a live jax process
     shutil.rmtree(RUN_DIR, ignore_errors=True)  # a rerun on a warm machine
     deadline = time.perf_counter() + args.budget
-    chosen = steps(args.quick)
-    if args.only:
-        names = args.only.split(",")
-        unknown = sorted(set(names) - {name for name, _, _ in chosen})
-        if unknown:
-            sys.exit(f"gpu_check: unknown step(s) {', '.join(unknown)}; known: {', '.join(n for n, _, _ in chosen)}")
-        chosen = [step for step in chosen if step[0] in names]
     rows = []
     with open(out / "results.jsonl", "w") as results, open(out / "log.txt", "w") as log:
         for name, argv, limit in chosen:
