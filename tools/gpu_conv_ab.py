@@ -3,7 +3,8 @@
 gradient (flaxlab.models._conv picks between the last two by patch size), in whole train epochs.
 
 Each variant is one bench epoch set in this process with `models._conv` replaced by the path named;
-one JSON line per variant. The numbers in `models._conv`'s docstring came from this (H200, 2026-12-01):
+one JSON line per variant. The numbers in `models._conv`'s docstring came from a scratch script with the
+same paths and the MNIST and U-Net variants (H200, 2026-12-01); the GTSRB rows have not run on a GPU yet.
 
   python3 tools/gpu_conv_ab.py --data-dir .gpu/shared/data              # device run: carry [".gpu"], ~150 s
   python tools/gpu_conv_ab.py --variants 0 --epochs 1                  # a CPU smoke run on the shipped sample
