@@ -47,12 +47,12 @@ def _angles(size, window):
     return (2 * np.pi * (u * a / height + v * b / width)).reshape(height * (width // 2 + 1), kh * kw)
 
 
-def _kernel_product(kernel, size, conjugate):
-    """A (kh, kw, A, B) kernel's spectrum C = K, or conj(K), as an (F, 2A, 2B) block [[Re C, Im C], [-Im C, Re C]]:
+def _conjugate_kernel_product(kernel, size):
+    """A (kh, kw, A, B) kernel's conjugate spectrum C = conj(K) as an (F, 2A, 2B) block [[Re C, Im C], [-Im C, Re C]]:
     a [Re X | Im X] spectrum times it is [Re XC | Im XC]."""
     kh, kw, a, b = kernel.shape
     angles = _angles(size, (kh, kw))
-    cos, imag = np.cos(angles), (1.0 if conjugate else -1.0) * np.sin(angles)  # K = sum of taps * (cos - i sin)
+    cos, imag = np.cos(angles), np.sin(angles)  # K = sum of taps * (cos - i sin), so Im conj(K) has +sin
     terms = np.stack([np.stack([cos, -imag], 1), np.stack([imag, cos], 1)])  # (2, F, 2, taps)
     stacks = jnp.einsum("sfpt,tc->sfpc", jnp.asarray(terms, jnp.float32), kernel.reshape(kh * kw, a * b))
     to_real, to_imag = stacks.reshape(2, -1, 2 * a, b)
@@ -80,17 +80,18 @@ def _forward(x, kernel):
     size = (h, w)
     x_f = _spectrum(x.transpose(0, 3, 1, 2), size)                           # (F, N, 2I)
     # correlation: Y = X conj(K) at each frequency
-    y_f = x_f @ _kernel_product(kernel, size, conjugate=True)                 # (F, N, 2O)
-    y = _maps(y_f, size, (h - kh + 1, w - kw + 1)).transpose(0, 2, 3, 1)
-    return y, (x_f, kernel)
+    kernel_f = _conjugate_kernel_product(kernel, size)                         # (F, 2I, 2O)
+    y = _maps(x_f @ kernel_f, size, (h - kh + 1, w - kw + 1)).transpose(0, 2, 3, 1)
+    return y, (x_f, kernel_f, kernel.shape[:2])
 
 
 def _backward(residuals, grad_y):
-    x_f, kernel = residuals
-    size, window = (grad_y.shape[1] + kernel.shape[0] - 1, grad_y.shape[2] + kernel.shape[1] - 1), kernel.shape[:2]
+    x_f, kernel_f, window = residuals
+    size = (grad_y.shape[1] + window[0] - 1, grad_y.shape[2] + window[1] - 1)
     grad_f = _spectrum(grad_y.transpose(0, 3, 1, 2), size)                    # (F, N, 2O)
-    # dx is the (circular) convolution of dy with the kernel: dX = dY K^T
-    grad_x = _maps(grad_f @ _kernel_product(kernel.transpose(0, 1, 3, 2), size, conjugate=False), size, size)
+    # dx is the (circular) convolution of dy with the kernel: dX = dY K^T, and the block of K^T is the
+    # transpose of the forward pass's block of conj(K)
+    grad_x = _maps(grad_f @ kernel_f.transpose(0, 2, 1), size, size)
     # dK is the correlation of x with dy, summed over images: sum_n X conj(dY), from the four real products
     # [Re X | Im X]^T [Re dY | Im dY]
     products = jnp.einsum("fni,fno->fio", x_f, grad_f)

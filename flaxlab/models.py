@@ -81,15 +81,29 @@ def uses_patches(x, kernel, strides, padding):
     batch 64: 11 MB; within the noise in two of three A/Bs); the FCN (14 MB) and VGG-19 even. TDT4265's CNN
     (20 MB) was even too and is past the cap. Wider inputs lost: their patches cost more to build than XLA's
     convolution spends packing them (9x slower at 32x32x16)."""
-    kh, kw = kernel.shape[:2]
-    n, h, w, c = x.shape
-    patch_bytes = n * (h + 2 * padding - kh + 1) * (w + 2 * padding - kw + 1) * kh * kw * c * 4
+    kh, kw, c = *kernel.shape[:2], x.shape[-1]
+    patch_bytes = _patch_bytes(x, kernel, (strides, strides), ((padding, padding),) * 2)
     return (jax.default_backend() == "cpu" and strides == 1 and c == 3 and kh * kw > 1
             and x.dtype == kernel.dtype == jnp.float32 and 0 < patch_bytes <= PATCHES_MAX_BYTES)
 
 
 def _pads(padding):
     return ((0, 0), (0, 0)) if padding == "VALID" else tuple(map(tuple, padding))
+
+
+def _patch_bytes(x, kernel, strides, padding):
+    """The size of one model's im2col patches (`_patches`) for this conv."""
+    kh, kw, c, _ = kernel.shape
+    (top, bottom), (left, right) = _pads(padding)
+    rows = (x.shape[1] + top + bottom - kh) // strides[0] + 1
+    cols = (x.shape[2] + left + right - kw) // strides[1] + 1
+    return x.shape[0] * rows * cols * kh * kw * c * x.dtype.itemsize
+
+
+def _patch_kernel_grad(cols, grad, kernel_shape):
+    """A conv's kernel gradient from its im2col patches: patches^T @ output gradient."""
+    grad_kernel = cols.reshape(-1, cols.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+    return grad_kernel.reshape(kernel_shape)
 
 
 def _patches(x, kh, kw, strides=(1, 1), padding="VALID"):
@@ -117,9 +131,8 @@ def _conv_patches_fwd(padded, kernel):
 
 def _conv_patches_bwd(residuals, grad):
     cols, padded, kernel = residuals
-    grad_kernel = cols.reshape(-1, cols.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
     grad_input = jax.vjp(lambda p: _xla_conv(p, kernel), padded)[1](grad)[0]  # dropped by XLA for a first layer
-    return grad_input, grad_kernel.reshape(kernel.shape)
+    return grad_input, _patch_kernel_grad(cols, grad, kernel.shape)
 
 
 _conv_patches.defvjp(_conv_patches_fwd, _conv_patches_bwd)
@@ -146,9 +159,7 @@ def _patch_grad_conv_fwd(x, kernel, strides, padding):
 def _patch_grad_conv_bwd(strides, padding, residuals, grad):
     x, kernel = residuals
     grad_x = jax.vjp(lambda v: _xla_conv(v, kernel, strides, padding), x)[1](grad)[0]
-    cols = _patches(x, *kernel.shape[:2], strides, padding)
-    grad_kernel = cols.reshape(-1, cols.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
-    return grad_x, grad_kernel.reshape(kernel.shape)
+    return grad_x, _patch_kernel_grad(_patches(x, *kernel.shape[:2], strides, padding), grad, kernel.shape)
 
 
 _patch_grad_conv.defvjp(_patch_grad_conv_fwd, _patch_grad_conv_bwd)
@@ -166,12 +177,7 @@ def _conv(x, kernel, strides=(1, 1), padding="VALID"):
     80.6 with the kernel gradient as a product, 55.5 as matrix products throughout."""
     if jax.default_backend() != "gpu":
         return _xla_conv(x, kernel, strides, padding)
-    kh, kw, c, _ = kernel.shape
-    (top, bottom), (left, right) = _pads(padding)
-    rows = (x.shape[1] + top + bottom - kh) // strides[0] + 1
-    cols = (x.shape[2] + left + right - kw) // strides[1] + 1
-    patch_bytes = x.shape[0] * rows * cols * kh * kw * c * x.dtype.itemsize
-    if patch_bytes <= GPU_MATMUL_MAX_BYTES:
+    if _patch_bytes(x, kernel, strides, padding) <= GPU_MATMUL_MAX_BYTES:
         return _matmul_conv(x, kernel, strides, padding)
     return _patch_grad_conv(x, kernel, strides, padding)
 
@@ -283,10 +289,15 @@ def _batch_normalize(x, scale, bias, epsilon):
     return _batch_normalize_fwd(x, scale, bias, epsilon)[0]
 
 
-def _batch_normalize_fwd(x, scale, bias, epsilon):
+def _batch_stats(x):
+    """Per-channel mean and biased variance as flax computes them: E[x^2] - E[x]^2, clipped at 0."""
     x2 = x.reshape(-1, x.shape[-1])
     mean = x2.mean(0)
-    var = jnp.maximum((x2 * x2).mean(0) - mean * mean, 0.0)
+    return mean, jnp.maximum((x2 * x2).mean(0) - mean * mean, 0.0)
+
+
+def _batch_normalize_fwd(x, scale, bias, epsilon):
+    mean, var = _batch_stats(x)
     inv = jax.lax.rsqrt(var + epsilon)
     return ((x - mean) * (inv * scale) + bias, mean, var), (x, mean, inv, scale)
 
@@ -329,9 +340,7 @@ class BatchNorm(nn.Module):
             if x.dtype == scale.dtype == bias.dtype == jnp.float32:
                 y, mean, var = _batch_normalize(x, scale, bias, self.epsilon)
             else:  # bf16 compute: statistics in fp32, as flax computes them
-                x32 = x.astype(jnp.float32).reshape(-1, channels)
-                mean = x32.mean(0)
-                var = jnp.maximum((x32 * x32).mean(0) - mean * mean, 0.0)
+                mean, var = _batch_stats(x.astype(jnp.float32))
                 y = normalize(mean, var)
             if not self.is_initializing():
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
