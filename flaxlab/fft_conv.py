@@ -16,6 +16,9 @@ alone took 58.9 ms a step either way.
 The correlation of an H x W map with a k x k kernel is a circular one of size H x W (a zero-padded map
 is padded first): no output that is kept wraps around. Results agree with lax's convolution to ~1e-6
 (relative to the largest value), as float32 FFTs do.
+
+Where oneDNN convolutions are available (flaxlab.onednn_conv: x86, a checked jaxlib) they are faster still
+and taken first: the GTSRB step 54.8 ms with this path, 44.8 ms with oneDNN's (2-core Xeon).
 """
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,8 @@ def test_finds_every_conv_layer_of_the_all_conv_net_with_its_shapes():
 @pytest.mark.parametrize("network, layer", [("bs6207_allconv", 0), ("bs6207_allconv", 2), ("gtsrb_cnn", 1),
                                             ("small_cnn", 0)])
 def test_flaxlab_and_torch_passes_agree(network, layer):
-    """Through each of flaxlab's paths: im2col (RGB), lax, the FFT (GTSRB's 64 -> 32 5x5), the 1-channel one."""
+    """Through each of flaxlab's paths: oneDNN (on x86; else im2col for RGB, lax, the FFT for GTSRB's 64 -> 32
+    5x5), the 1-channel one."""
     torch = pytest.importorskip("torch", reason="the comparison's other side is PyTorch")
     conv, shape = bench_conv_ops.model_convolutions(network, batch_size=2)[layer]
     inputs = bench_conv_ops.conv_inputs(conv, shape)

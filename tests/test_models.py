@@ -76,8 +76,9 @@ def test_unknown_model_or_activation_is_usage_error():
                          [(1, 3, 1, 1), (1, 3, 1, 0), (1, 3, 2, 1), (3, 3, 1, 1), (3, 5, 1, 0), (3, 5, 1, 2),
                           (3, 3, 2, 1), (32, 5, 1, 0), (32, 5, 1, 2)])
 def test_conv_and_its_gradients_match_lax(in_channels, kernel, strides, padding):
-    """The one-channel fast path, the FFT path (32 maps, 5x5, unpadded, on CPU), im2col (RGB, stride 1, on
-    CPU) and the general path against lax.conv, values and gradients."""
+    """The one-channel fast path, oneDNN (stride 1 on x86 CPUs), where it does not apply the FFT path (32 maps,
+    5x5, unpadded, on CPU) and im2col (RGB, stride 1, on CPU), and the general path against lax.conv, values
+    and gradients."""
     conv = models.Conv(8, kernel, strides, padding)
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, in_channels))
     on_cpu = jax.default_backend() == "cpu"

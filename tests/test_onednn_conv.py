@@ -1,0 +1,129 @@
+"""oneDNN convolutions on XLA:CPU (flaxlab.onednn_conv): lax's values and gradients, alone, jitted and vmapped
+over stacked models; where the path is taken; XLA's convolution in programs split over devices."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from flaxlab import models, onednn_conv
+
+needs_onednn = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not onednn_conv.available(),
+    reason=f"oneDNN convolutions need XLA:CPU on x86 and jaxlib {' or '.join(onednn_conv.TESTED_JAXLIB)}")
+
+
+def _lax(x, kernel, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _close(actual, expected):
+    """float32 agreement relative to the largest value: two convolution algorithms round differently."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=2e-5 * np.abs(expected).max())
+
+
+def _check(ours, reference, args):
+    loss = lambda f: lambda *a: (jnp.sin(f(*a)) ** 2).sum()  # noqa: E731
+    _close(jax.jit(ours)(*args), reference(*args))
+    for a, b in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(*args), jax.grad(loss(reference), (0, 1))(*args)):
+        _close(a, b)
+
+
+SHAPES = [((4, 12, 12, 3), 3, 8, 1), ((4, 12, 10, 32), 5, 8, 0), ((4, 12, 12, 32), 5, 8, 2), ((2, 7, 9, 5), 3, 6, 2),
+          ((3, 6, 6, 16), 1, 4, 0)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape,size,features,padding", SHAPES)
+def test_values_and_gradients_match_lax(x_shape, size, features, padding):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = 0.1 * jax.random.normal(jax.random.key(1), (size, size, x_shape[-1], features))
+    ours = lambda x, k: onednn_conv.conv(x, k, padding)  # noqa: E731
+    reference = lambda x, k: _lax(x, k, padding)  # noqa: E731
+    _check(ours, reference, (x, kernel))
+    _close(ours(x, kernel), reference(x, kernel))  # outside jit too
+    assert "__onednn$convolution" in jax.jit(ours).lower(x, kernel).as_text()
+
+
+@needs_onednn
+@pytest.mark.parametrize("in_axes", [(0, 0), (0, None), (None, 0)])
+def test_stacked_models_match_lax(in_axes):
+    """vmap over models: stacked images and kernels, images only (folded into the batch), kernels only."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 9, 9, 4))
+    kernels = 0.1 * jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 5))
+    args = tuple(a if axis == 0 else a[0] for a, axis in zip((x, kernels), in_axes))
+    _check(jax.vmap(lambda x, k: onednn_conv.conv(x, k, 1), in_axes),
+           jax.vmap(lambda x, k: _lax(x, k, 1), in_axes), args)
+
+
+@needs_onednn
+def test_model_convs_take_the_path_where_it_applies():
+    """Every stride-1 fp32 conv of the all-conv net and the GTSRB CNN (FFT path included) is a oneDNN call:
+    8 forward and 7 input-gradient convs (the first layer's input gradient is dropped) in the all-conv step."""
+    for name, shape, classes, calls in (("bs6207_allconv", (32, 32, 3), 10, 15), ("gtsrb_cnn", (28, 28, 3), 43, 5)):
+        model = models.make_model({"name": name}, classes)
+        x = jnp.zeros((2, *shape))
+        params = model.init(jax.random.key(0), x)["params"]
+        loss = lambda p, x: model.apply({"params": p}, x).sum()  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+        assert hlo.count('custom_call_target="__onednn$convolution"') == calls, name
+    kernel = jnp.zeros((3, 3, 8, 16))
+    assert onednn_conv.applies(jnp.zeros((2, 8, 8, 8)), kernel, 1, 1)
+    assert not onednn_conv.applies(jnp.zeros((2, 8, 8, 8)), kernel, 2, 1)  # strided
+    assert not onednn_conv.applies(jnp.zeros((2, 8, 8, 8)), kernel, 1, 3)  # padding past the kernel's size less one
+    assert not onednn_conv.applies(jnp.zeros((2, 8, 8, 8), jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, 1)
+    assert not onednn_conv.applies(jnp.zeros((2, 8, 8, 8)), jnp.zeros((3, 5, 8, 16)), 1, 1)  # not square
+    assert not onednn_conv.applies(jnp.zeros((2, 2, 8, 8)), kernel, 1, 0)  # no output
+
+
+def test_only_checked_jaxlibs_on_x86_and_not_when_switched_off(monkeypatch):
+    """The custom call's configuration is read differently by other XLA versions (and a wrong one aborts)."""
+    import jaxlib
+    onednn_conv.available.cache_clear()
+    try:
+        monkeypatch.setattr(jaxlib, "__version__", "0.99.0")
+        assert not onednn_conv.available()
+        onednn_conv.available.cache_clear()
+        monkeypatch.setattr(jaxlib, "__version__", onednn_conv.TESTED_JAXLIB[0])
+        monkeypatch.setattr("platform.machine", lambda: "arm64")
+        assert not onednn_conv.available()
+        onednn_conv.available.cache_clear()
+        monkeypatch.setattr("platform.machine", lambda: "x86_64")
+        monkeypatch.setenv("FLAXLAB_ONEDNN", "0")
+        assert not onednn_conv.available()
+    finally:
+        monkeypatch.undo()
+        onednn_conv.available.cache_clear()
+
+
+SPLIT_PROGRAMS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flaxlab import onednn_conv, parallel
+mesh = parallel.make_mesh(0)
+x = jax.random.normal(jax.random.key(0), (4, 8, 8, 6))
+kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
+expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+split = jax.jit(lambda x, k: onednn_conv.conv(x, k, 1), in_shardings=(NamedSharding(mesh, P("data")), None))
+per_device = jax.jit(jax.shard_map(lambda x, k: onednn_conv.conv(x, k, 1), mesh=mesh, in_specs=(P("data"), P()),
+                                   out_specs=P("data")))
+for f in (split, per_device):
+    np.testing.assert_allclose(f(x, kernel), expected, rtol=1e-4, atol=1e-4)
+    print(f.lower(x, kernel).compile().as_text().count("__onednn$convolution"))
+"""
+
+
+@needs_onednn
+def test_programs_split_over_devices_keep_xla_convolutions():
+    """XLA's partitioner would gather a custom call's inputs onto every device: a batch split over 2 devices
+    gets XLA's convolution, a `shard_map` program (each device its own batch) keeps oneDNN."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", SPLIT_PROGRAMS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "1"]
