@@ -208,11 +208,20 @@ def add_bias(y, bias):
     return y + bias
 
 
+def _models_side_by_side():
+    """Several XLA:CPU devices: models trained side by side, one per device (parallel.split_cpu_devices). There
+    the convs the FFT path takes stay with it rather than oneDNN: three GTSRB CNNs on three devices made 7.6
+    steps/s of all three so and 7.3 with the 64->32 5x5 conv in oneDNN, though one model alone made 22.0
+    steps/s with oneDNN and 17.1 with the FFT (2-core Xeon)."""
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
 class Conv(nn.Module):
     """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding.
 
     On XLA:CPU the fastest path measured for it: 1-channel input as multiply-adds, else oneDNN where this
-    jaxlib allows it (x86, `onednn_conv.applies`), else the FFT, im2col or XLA's convolution."""
+    jaxlib allows it (x86, `onednn_conv.applies`; not for the FFT's convs with models side by side), else the
+    FFT, im2col or XLA's convolution."""
     features: int
     kernel_size: int = 3
     strides: int = 1
@@ -223,11 +232,12 @@ class Conv(nn.Module):
         k, p = self.kernel_size, self.padding
         kernel = self.param("kernel", torch_kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
+        fft = fft_conv.is_faster(x, kernel, self.strides, p)
         if x.shape[-1] == 1 and self.strides == 1:
             y = _conv_one_channel(_pad_spatial(x, p), kernel)
-        elif onednn_conv.applies(x, kernel, self.strides, p):
+        elif onednn_conv.applies(x, kernel, self.strides, p) and not (fft and _models_side_by_side()):
             y = onednn_conv.conv(x, kernel, p)
-        elif fft_conv.is_faster(x, kernel, self.strides, p):
+        elif fft:
             y = fft_conv.conv(x, kernel, p)
         elif uses_patches(x, kernel, self.strides, p):
             y = _conv_patches(_pad_spatial(x, p), kernel)
