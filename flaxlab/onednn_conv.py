@@ -6,8 +6,9 @@ it for an HLO custom call, `__onednn$convolution`, that XLA's own passes do not 
 This module emits it. Measured on the 2-core Xeon VM (jax 0.10.2, median ms of single passes, batch 32):
 the all-conv net's 3x3 convs over 16-128 maps took 0.25-0.74 ms forward against Eigen's 0.35-0.93, and the
 GTSRB CNN's 64->32 5x5 conv 3.3 against 4.2 ms forward and 3.4 against 5.7 ms for the input gradient.
-Whole train steps (in-process A/B): the all-conv net 17.9 -> 15.4 ms, the GTSRB CNN 53.7 -> 42.3 ms (its
-FFT conv included), the 1MD120 CNN 2.42 -> 2.35 ms, the JSRT U-Net 1,052 -> 987 ms.
+Whole train steps (in-process A/B): the all-conv net 18.25 -> 15.63 ms, the GTSRB CNN 54.8 -> 44.8 ms (its
+FFT conv included), the 1MD120 CNN 2.42 -> 2.35 ms, the JSRT U-Net 1,052 -> 987 ms. Models side by side on
+several CPU devices gained nothing from it where the FFT path gains (see `models._models_side_by_side`).
 
 The custom call runs forward convolutions only. The input gradient is one too (the output gradient
 convolved with the kernel flipped and its two feature axes swapped); the kernel gradient stays XLA's: as a
@@ -16,7 +17,8 @@ forward oneDNN convolution (the images' batch and feature axes swapped) it took 
 The custom call's configuration is a protobuf whose encoding has changed between XLA versions (spatial
 axes 1- or 0-based, window values offset or not) and that nothing checks: a wrong one aborts the process.
 So the path is used only with the jaxlib versions it was checked against (TESTED_JAXLIB), where tests
-compare it with lax's convolution; other versions, other machines and FLAXLAB_ONEDNN=0 keep XLA's.
+compare it with lax's convolution; other versions (or a jax whose internals used here moved), other machines
+and FLAXLAB_ONEDNN=0 keep XLA's.
 A program partitioned over several devices (data parallelism) gets XLA's convolution too, which XLA's
 partitioner splits by batch; `shard_map` programs (one model set per device) keep oneDNN.
 """
@@ -28,9 +30,14 @@ import platform
 import jax
 import jax.numpy as jnp
 import jaxlib
-from jax._src import dispatch, sharding_impls
-from jax._src.interpreters import batching, mlir
-from jax.extend.core import Primitive
+
+try:  # jax internals: the custom call's lowering, the batching rule and the partitioning context
+    from jax._src import dispatch, sharding_impls
+    from jax._src.interpreters import batching, mlir
+    from jax.extend.core import Primitive
+    _INTERNALS = True
+except ImportError:
+    _INTERNALS = False
 
 TESTED_JAXLIB = ("0.10.2",)
 _NHWC, _HWIO, _HWOI = (0, 3, 1, 2), (3, 2, 0, 1), (2, 3, 0, 1)  # (batch or out-features, features, spatial...)
@@ -39,8 +46,8 @@ _NHWC, _HWIO, _HWOI = (0, 3, 1, 2), (3, 2, 0, 1), (2, 3, 0, 1)  # (batch or out-
 @functools.cache
 def available():
     """Whether this process may emit oneDNN convolutions: an x86 machine, a checked jaxlib, not switched off."""
-    return (os.environ.get("FLAXLAB_ONEDNN", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64")
-            and jaxlib.__version__ in TESTED_JAXLIB)
+    return (_INTERNALS and os.environ.get("FLAXLAB_ONEDNN", "1") != "0"
+            and platform.machine().lower() in ("x86_64", "amd64") and jaxlib.__version__ in TESTED_JAXLIB)
 
 
 def applies(x, kernel, strides, padding):
@@ -64,10 +71,6 @@ def _xla_conv(x, kernel, *, padding, swap):
                                         dimension_numbers=("NHWC", "HWOI" if swap else "HWIO", "NHWC"))
 
 
-_conv_p = Primitive("onednn_conv")
-_conv_p.def_impl(functools.partial(dispatch.apply_primitive, _conv_p))
-_conv_p.def_abstract_eval(lambda x, kernel, *, padding, swap: jax.core.ShapedArray(
-    _output_shape(x.shape, kernel.shape, padding, swap), x.dtype))
 
 
 def _partitioned(axis_context):
@@ -104,7 +107,6 @@ def _lowering(ctx, x, kernel, *, padding, swap):
                             api_version=1, operand_layouts=[row_major, row_major], result_layouts=[row_major]).results
 
 
-mlir.register_lowering(_conv_p, _lowering, platform="cpu")
 
 
 def _batched(args, dims, *, padding, swap):
@@ -120,7 +122,13 @@ def _batched(args, dims, *, padding, swap):
                       for i in range(kernel.shape[kernel_axis])]), 0
 
 
-batching.primitive_batchers[_conv_p] = _batched
+if _INTERNALS:
+    _conv_p = Primitive("onednn_conv")
+    _conv_p.def_impl(functools.partial(dispatch.apply_primitive, _conv_p))
+    _conv_p.def_abstract_eval(lambda x, kernel, *, padding, swap: jax.core.ShapedArray(
+        _output_shape(x.shape, kernel.shape, padding, swap), x.dtype))
+    mlir.register_lowering(_conv_p, _lowering, platform="cpu")
+    batching.primitive_batchers[_conv_p] = _batched
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
