@@ -5,8 +5,8 @@ A train step is mostly these passes, so this says which layers and which pass ke
 (or ahead of) the eager-PyTorch peer's, where a step-level bench only gives the total. The layers are the
 model's `Conv` calls, found by running it once; each is timed through the path flaxlab takes for it alone
 (oneDNN on x86, lax's convolution, the FFT, im2col or the 1-channel multiply-adds), compiled as the engine
-compiles a step (`train.compile_for_backend`). PyTorch's side is `conv2d` (with the bias, as flaxlab's forward has it) and
-`torch.nn.grad.conv2d_input` / `conv2d_weight`.
+compiles a step (`train.compile_for_backend`). PyTorch's side is `conv2d` (with the bias, as flaxlab's
+forward has it) and `torch.nn.grad.conv2d_input` / `conv2d_weight`.
 
   python tools/bench_conv_ops.py bs6207_allconv --batch-size 32
 """
