@@ -63,6 +63,21 @@ def test_stacked_models_match_lax(in_axes):
 
 
 @needs_onednn
+def test_kernel_gradient_reads_its_operands_transposed_apart():
+    """The kernel gradient transposes its operands inside conditionals, apart from their producers (XLA
+    fuses a ReLU into a strided transpose): lax's values, stacked models and a second derivative."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 4, 9, 9, 6)))
+    grad = jax.random.normal(jax.random.key(1), (3, 4, 9, 9, 5))
+    ours = jax.jit(lambda x, g: onednn_conv._kernel_grad(x, g, 1))
+    reference = lambda x, g: jax.vjp(lambda k: _lax(x, k, 1), jnp.zeros((3, 3, 6, 5)))[1](g)[0]  # noqa: E731
+    _close(ours(x[0], grad[0]), reference(x[0], grad[0]))
+    assert ours.lower(x[0], grad[0]).compile().as_text().count("conditional(") == 2
+    _close(jax.jit(jax.vmap(ours))(x, grad), jax.vmap(reference)(x, grad))
+    second = lambda f: jax.grad(lambda x: (jnp.sin(f(x, grad[0])) ** 2).sum())  # noqa: E731
+    _close(jax.jit(second(ours))(x[0]), second(reference)(x[0]))
+
+
+@needs_onednn
 @pytest.mark.parametrize("devices", [1, 3])
 def test_model_convs_take_the_path_where_it_applies(devices, monkeypatch):
     """Every stride-1 fp32 conv of the all-conv net and the GTSRB CNN is a oneDNN call: 8 forward and 7 input-
@@ -117,18 +132,26 @@ kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
 expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 split = jax.jit(lambda x, k: onednn_conv.conv(x, k, 1), in_shardings=(NamedSharding(mesh, P("data")), None))
 per_device = jax.jit(jax.shard_map(lambda x, k: onednn_conv.conv(x, k, 1), mesh=mesh, in_specs=(P("data"), P()),
-                                   out_specs=P("data")))
+                                   out_specs=P("data"), check_vma=False))  # as flaxlab.train's
+loss = lambda f: lambda x, k: (jnp.sin(f(x, k)) ** 2).sum()
+expected_grads = jax.grad(loss(lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))), (0, 1))(x, kernel)
 for f in (split, per_device):
     np.testing.assert_allclose(f(x, kernel), expected, rtol=1e-4, atol=1e-4)
     print(f.lower(x, kernel).compile().as_text().count("__onednn$convolution"))
+    grads = jax.jit(jax.grad(loss(f), (0, 1)))
+    for a, b in zip(grads(x, kernel), expected_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    print(grads.lower(x, kernel).compile().as_text().count("conditional("))
 """
 
 
 @needs_onednn
 def test_programs_split_over_devices_keep_xla_convolutions():
     """XLA's partitioner would gather a custom call's inputs onto every device: a batch split over 2 devices
-    gets XLA's convolution, a `shard_map` program (each device its own batch) keeps oneDNN."""
+    gets XLA's convolution and plain transposes for the kernel gradient, a `shard_map` program (each device
+    its own batch) keeps oneDNN and the kernel gradient's conditionals."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", SPLIT_PROGRAMS], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["0", "1"]
+    assert out.stdout.split() == ["0", "0", "1", "2"]
