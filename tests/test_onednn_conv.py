@@ -65,7 +65,8 @@ def test_stacked_models_match_lax(in_axes):
 @needs_onednn
 def test_kernel_gradient_reads_its_operands_transposed_apart():
     """The kernel gradient transposes its operands inside conditionals, apart from their producers (XLA
-    fuses a ReLU into a strided transpose): lax's values, stacked models and a second derivative."""
+    fuses a ReLU into a strided transpose): lax's values, stacked models and a second derivative. Images
+    and output gradients under APART_MIN_SIZE elements keep XLA's own transposes."""
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 4, 9, 9, 6)))
     grad = jax.random.normal(jax.random.key(1), (3, 4, 9, 9, 5))
     ours = jax.jit(lambda x, g: onednn_conv._kernel_grad(x, g, 1))
@@ -75,6 +76,13 @@ def test_kernel_gradient_reads_its_operands_transposed_apart():
     _close(jax.jit(jax.vmap(ours))(x, grad), jax.vmap(reference)(x, grad))
     second = lambda f: jax.grad(lambda x: (jnp.sin(f(x, grad[0])) ** 2).sum())  # noqa: E731
     _close(jax.jit(second(ours))(x[0]), second(reference)(x[0]))
+    kernel_grad = jax.jit(jax.grad(lambda k, x: (onednn_conv.conv(x, k, 1) ** 2).sum()))
+    kernel = jnp.zeros((3, 3, 6, 5))
+    assert x[0].size < onednn_conv.APART_MIN_SIZE
+    assert "conditional(" not in kernel_grad.lower(kernel, x[0]).compile().as_text()
+    large = jnp.zeros((8, 128, 64, 6))
+    assert large.size >= onednn_conv.APART_MIN_SIZE
+    assert kernel_grad.lower(kernel, large).compile().as_text().count("conditional(") == 2
 
 
 @needs_onednn
@@ -126,6 +134,7 @@ SPLIT_PROGRAMS = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flaxlab import onednn_conv, parallel
+onednn_conv.APART_MIN_SIZE = 0
 mesh = parallel.make_mesh(0)
 x = jax.random.normal(jax.random.key(0), (4, 8, 8, 6))
 kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
