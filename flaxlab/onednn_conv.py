@@ -47,6 +47,12 @@ TESTED_JAXLIB = ("0.10.2",)
 # without, 17.2 on every conv, 16.8 from 2**18 (16.0 against 17.1 from 2**19 in a second run); the GTSRB CNN
 # 41.4 ms on every conv, 40.9 from 2**18 (its first conv's output gradient is the large operand).
 APART_MIN_SIZE = 1 << 18
+# The kernel gradient is split over the cores (`_kernel_grad_parts`) below both: its (in features x taps) x out
+# features product (Eigen's threads split that product; the GTSRB CNN's 1600 x 32 took 17.3 ms on one core and
+# 11.0 on two, the all-conv net's 144 x 16 1.44 and 1.73), and its output gradient's elements (each part reads
+# all of it: the U-Net's 33 MB ones were slower split).
+PARTS_MAX_PRODUCT = 1 << 15
+PARTS_MAX_GRAD = 1 << 19
 _NHWC, _HWIO, _HWOI = (0, 3, 1, 2), (3, 2, 0, 1), (2, 3, 0, 1)  # (batch or out-features, features, spatial...)
 
 
@@ -154,16 +160,33 @@ def _transpose_transposed(cotangent, x, *, perm):
     return [_transpose_p.bind(cotangent, perm=tuple(perm.index(axis) for axis in range(len(perm))))]
 
 
+def _kernel_grad_parts(in_features, window, out_features, grad_size):
+    """How many convolutions, each over a share of the input features, the kernel gradient is split into: one
+    per core where Eigen would run it on one thread, since XLA runs the parts at the same time. The all-conv
+    net's step 14.09 -> 13.48 ms (in-process A/B, 11 rounds, 2-core Xeon); the GTSRB CNN's 36.5 against 36.1
+    ms and the 1MD120 CNN's 2.31 ms either way."""
+    if in_features * window * out_features >= PARTS_MAX_PRODUCT or grad_size > PARTS_MAX_GRAD:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(in_features, cores))
+
+
 def _kernel_grad(x, grad, padding):
     """The kernel gradient as XLA's convolution of the images, batch and feature axes swapped, with the output
-    gradient as its kernel. Its two operands are transposed to the layouts that convolution reads beforehand,
-    each apart from its producer (`_transpose_in_branch`). Whole train steps against XLA's own transposes
+    gradient as its kernel. Large operands are transposed to the layouts that convolution reads beforehand,
+    each apart from its producer (`_transpose_in_branch`): whole train steps against XLA's own transposes
     (in-process A/B, medians, 2-core Xeon): GTSRB CNN 49.0 -> 42.2 ms, all-conv net 18.1 -> 17.3 ms, JSRT
     U-Net 1,067 -> 986 ms; the same parameters after a step."""
-    x_t = _transpose_p.bind(x, perm=(3, 1, 2, 0))  # (in features, height, width, batch)
-    grad_t = _transpose_p.bind(grad, perm=(1, 2, 0, 3))  # (height, width, batch, out features)
-    kernel_t = jax.lax.conv_general_dilated(x_t, grad_t, (1, 1), [(padding, padding)] * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    apart = max(x.size, grad.size) >= APART_MIN_SIZE
+    transpose = (lambda a, perm: _transpose_p.bind(a, perm=perm)) if apart else jnp.transpose  # noqa: E731
+    x_t = transpose(x, (3, 1, 2, 0))  # (in features, height, width, batch)
+    grad_t = transpose(grad, (1, 2, 0, 3))  # (height, width, batch, out features)
+    kh, kw = (x.shape[i] + 2 * padding - grad.shape[i] + 1 for i in (1, 2))
+    parts = _kernel_grad_parts(x.shape[3], kh * kw, grad.shape[3], grad.size)
+    bounds = [x.shape[3] * i // parts for i in range(parts + 1)]
+    kernel_t = jnp.concatenate([jax.lax.conv_general_dilated(
+        x_t[start:stop], grad_t, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        for start, stop in zip(bounds, bounds[1:])])
     return jnp.transpose(kernel_t, (1, 2, 0, 3))
 
 
@@ -198,8 +221,6 @@ def _conv_bwd(padding, residuals, grad):
     x, kernel = residuals
     kh = kernel.shape[0]
     grad_x = _conv_p.bind(grad, kernel[::-1, ::-1], padding=kh - 1 - padding, swap=True)
-    if max(x.size, grad.size) < APART_MIN_SIZE:
-        return grad_x, jax.vjp(lambda k: _xla_conv(x, k, padding=padding, swap=False), kernel)[1](grad)[0]
     return grad_x, _kernel_grad(x, grad, padding)
 
 

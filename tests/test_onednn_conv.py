@@ -63,25 +63,43 @@ def test_stacked_models_match_lax(in_axes):
 
 
 @needs_onednn
-def test_kernel_gradient_reads_its_operands_transposed_apart():
-    """The kernel gradient transposes its operands inside conditionals, apart from their producers (XLA
-    fuses a ReLU into a strided transpose): lax's values, stacked models and a second derivative. Images
-    and output gradients under APART_MIN_SIZE elements keep XLA's own transposes."""
+@pytest.mark.parametrize("apart_min_size,parts_max_product,conditionals,parts", [
+    (0, 0, 2, 1),  # transposed apart from their producers, one convolution
+    (1 << 30, 1 << 30, 0, 2),  # XLA's transposes, the convolution in two shares of the input features
+])
+def test_kernel_gradient_matches_lax(apart_min_size, parts_max_product, conditionals, parts, monkeypatch):
+    """The kernel gradient's operands transposed inside conditionals (XLA would fuse a ReLU into a strided
+    transpose) or not, the convolution whole or split over the input features (Eigen runs small ones on one
+    thread): lax's values, alone, for stacked models and differentiated again."""
+    monkeypatch.setattr(onednn_conv, "APART_MIN_SIZE", apart_min_size)
+    monkeypatch.setattr(onednn_conv, "PARTS_MAX_PRODUCT", parts_max_product)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 4, 9, 9, 6)))
     grad = jax.random.normal(jax.random.key(1), (3, 4, 9, 9, 5))
     ours = jax.jit(lambda x, g: onednn_conv._kernel_grad(x, g, 1))
     reference = lambda x, g: jax.vjp(lambda k: _lax(x, k, 1), jnp.zeros((3, 3, 6, 5)))[1](g)[0]  # noqa: E731
     _close(ours(x[0], grad[0]), reference(x[0], grad[0]))
-    assert ours.lower(x[0], grad[0]).compile().as_text().count("conditional(") == 2
+    hlo = ours.lower(x[0], grad[0]).compile().as_text()
+    assert (hlo.count("conditional("), hlo.count(" convolution(")) == (conditionals, parts)
     _close(jax.jit(jax.vmap(ours))(x, grad), jax.vmap(reference)(x, grad))
     second = lambda f: jax.grad(lambda x: (jnp.sin(f(x, grad[0])) ** 2).sum())  # noqa: E731
     _close(jax.jit(second(ours))(x[0]), second(reference)(x[0]))
+
+
+@needs_onednn
+def test_kernel_gradient_paths_by_size():
+    """Large images or output gradients get the conditionals; small kernel-gradient products with small output
+    gradients are split over the cores; the GTSRB CNN's 64 -> 32 5x5 conv is neither split nor kept whole."""
+    assert onednn_conv._kernel_grad_parts(64, 25, 32, 64 * 20 * 20 * 32) == 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert onednn_conv._kernel_grad_parts(16, 9, 16, 32 * 32 * 32 * 16) == min(16, cores)
+    assert onednn_conv._kernel_grad_parts(16, 9, 16, 8 * 256 * 256 * 16) == 1  # the U-Net's: 33 MB of gradient
     kernel_grad = jax.jit(jax.grad(lambda k, x: (onednn_conv.conv(x, k, 1) ** 2).sum()))
     kernel = jnp.zeros((3, 3, 6, 5))
-    assert x[0].size < onednn_conv.APART_MIN_SIZE
-    assert "conditional(" not in kernel_grad.lower(kernel, x[0]).compile().as_text()
-    large = jnp.zeros((8, 128, 64, 6))
-    assert large.size >= onednn_conv.APART_MIN_SIZE
+    small, large = jnp.ones((4, 9, 9, 6)), jnp.ones((8, 128, 64, 6))
+    assert small.size < onednn_conv.APART_MIN_SIZE <= large.size
+    assert "conditional(" not in kernel_grad.lower(kernel, small).compile().as_text()
     assert kernel_grad.lower(kernel, large).compile().as_text().count("conditional(") == 2
 
 
