@@ -13,7 +13,7 @@ several CPU devices gained nothing from it where the FFT path gains (see `models
 The custom call runs forward convolutions only. The input gradient is one too (the output gradient
 convolved with the kernel flipped and its two feature axes swapped); the kernel gradient stays XLA's: as a
 forward oneDNN convolution (the images' batch and feature axes swapped) it took 595 against 0.84 ms. XLA
-gets its operands already transposed (`_kernel_grad`).
+gets its operands already transposed, and small ones split over the cores (`_kernel_grad`).
 
 The custom call's configuration is a protobuf whose encoding has changed between XLA versions (spatial
 axes 1- or 0-based, window values offset or not) and that nothing checks: a wrong one aborts the process.

@@ -90,11 +90,12 @@ def test_kernel_gradient_matches_lax(apart_min_size, parts_max_product, conditio
 @needs_onednn
 def test_kernel_gradient_paths_by_size():
     """Large images or output gradients get the conditionals; small kernel-gradient products with small output
-    gradients are split over the cores; the GTSRB CNN's 64 -> 32 5x5 conv is neither split nor kept whole."""
+    gradients are split over the cores; the GTSRB CNN's 64 -> 32 5x5 one (Eigen threads it) and the U-Net's
+    (33 MB output gradients) stay whole."""
     assert onednn_conv._kernel_grad_parts(64, 25, 32, 64 * 20 * 20 * 32) == 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert onednn_conv._kernel_grad_parts(16, 9, 16, 32 * 32 * 32 * 16) == min(16, cores)
-    assert onednn_conv._kernel_grad_parts(16, 9, 16, 8 * 256 * 256 * 16) == 1  # the U-Net's: 33 MB of gradient
+    assert onednn_conv._kernel_grad_parts(16, 9, 16, 8 * 256 * 256 * 16) == 1
     kernel_grad = jax.jit(jax.grad(lambda k, x: (onednn_conv.conv(x, k, 1) ** 2).sum()))
     kernel = jnp.zeros((3, 3, 6, 5))
     small, large = jnp.ones((4, 9, 9, 6)), jnp.ones((8, 128, 64, 6))
