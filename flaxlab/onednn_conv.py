@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from flaxlab import parallel
+
 try:  # jax internals: the custom call's lowering, the batching rule and the partitioning context
     from jax._src import dispatch, sharding_impls
     from jax._src.interpreters import ad, batching, mlir
@@ -145,9 +147,13 @@ def _transpose_in_branch(x, *, perm):
     return jax.lax.cond(middle == middle, transpose, transpose, x)
 
 
+def _plain_transpose_lowering(ctx, x, *, perm):
+    return mlir.lower_fun(functools.partial(jnp.transpose, axes=perm), multiple_results=False)(ctx, x)
+
+
 def _transpose_lowering(ctx, x, *, perm):
     if _partitioned(ctx.module_context.axis_context):  # the condition would gather a split array
-        return mlir.lower_fun(functools.partial(jnp.transpose, axes=perm), multiple_results=False)(ctx, x)
+        return _plain_transpose_lowering(ctx, x, perm=perm)
     return mlir.lower_fun(functools.partial(_transpose_in_branch, perm=perm), multiple_results=False)(ctx, x)
 
 
@@ -174,8 +180,7 @@ def _kernel_grad_parts(in_features, window, out_features, grad_size):
     ms and the 1MD120 CNN's 2.31 ms either way."""
     if in_features * window * out_features >= PARTS_MAX_PRODUCT or grad_size > PARTS_MAX_GRAD:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(in_features, cores))
+    return max(1, min(in_features, parallel.cpu_cores()))
 
 
 def _kernel_grad(x, grad, padding):
@@ -191,9 +196,8 @@ def _kernel_grad(x, grad, padding):
     kh, kw = (x.shape[i] + 2 * padding - grad.shape[i] + 1 for i in (1, 2))
     parts = _kernel_grad_parts(x.shape[3], kh * kw, grad.shape[3], grad.size)
     bounds = [x.shape[3] * i // parts for i in range(parts + 1)]
-    kernel_t = jnp.concatenate([jax.lax.conv_general_dilated(
-        x_t[start:stop], grad_t, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        for start, stop in zip(bounds, bounds[1:])])
+    kernel_t = jnp.concatenate([_xla_conv(x_t[start:stop], grad_t, padding=padding, swap=False)
+                                for start, stop in zip(bounds, bounds[1:])])
     return jnp.transpose(kernel_t, (1, 2, 0, 3))
 
 
@@ -201,8 +205,7 @@ if _INTERNALS:
     _transpose_p = Primitive("transpose_apart")
     _transpose_p.def_impl(functools.partial(dispatch.apply_primitive, _transpose_p))
     _transpose_p.def_abstract_eval(lambda x, *, perm: jax.core.ShapedArray(tuple(x.shape[a] for a in perm), x.dtype))
-    mlir.register_lowering(_transpose_p, mlir.lower_fun(
-        lambda x, *, perm: jnp.transpose(x, perm), multiple_results=False))
+    mlir.register_lowering(_transpose_p, _plain_transpose_lowering)
     mlir.register_lowering(_transpose_p, _transpose_lowering, platform="cpu")
     batching.primitive_batchers[_transpose_p] = _transpose_batched
     ad.deflinear2(_transpose_p, _transpose_transposed)

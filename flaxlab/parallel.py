@@ -30,6 +30,11 @@ CPU_DEVICES_PER_CORE, MAX_CPU_DEVICES = 2, 8
 _cpu_split = False
 
 
+def cpu_cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def split_cpu_devices(models, distributed=False):
     """Gives XLA:CPU one device per model of a run that trains `models` models one after another (seeds,
     sweep values), at most two per core and 8, so that they run at the same time, each on its own device
@@ -49,7 +54,7 @@ def split_cpu_devices(models, distributed=False):
     if ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
             or os.environ.get("JAX_COORDINATOR_ADDRESS") or distributed):
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     count = min(models, CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)
     if cores < 2 or count < 2:
         return False
