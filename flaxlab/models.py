@@ -100,10 +100,18 @@ def _patch_bytes(x, kernel, strides, padding):
     return x.shape[0] * rows * cols * kh * kw * c * x.dtype.itemsize
 
 
-def _patch_kernel_grad(cols, grad, kernel_shape):
-    """A conv's kernel gradient from its im2col patches: patches^T @ output gradient."""
-    grad_kernel = cols.reshape(-1, cols.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
-    return grad_kernel.reshape(kernel_shape)
+def _patch_kernel_grad(cols, grad, kernel_shape, chunk_rows=None):
+    """A conv's kernel gradient from its im2col patches: patches^T @ output gradient. With `chunk_rows`, as a
+    sum of partial products over chunks of about that many rows (pixels): a batched product with a batch
+    entry per chunk, where one product's long contraction gives a GPU few output tiles to share out (a
+    kernel gradient is at most (kh*kw*C, O) however many pixels it sums over)."""
+    cols, grad = cols.reshape(-1, cols.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    rows = cols.shape[0]
+    chunks = next(c for c in range(max(1, rows // (chunk_rows or rows)), 0, -1) if rows % c == 0)
+    if chunks == 1:
+        return (cols.T @ grad).reshape(kernel_shape)
+    parts = jnp.einsum("cmk,cmo->cko", cols.reshape(chunks, -1, cols.shape[1]), grad.reshape(chunks, -1, grad.shape[1]))
+    return parts.sum(0).reshape(kernel_shape)
 
 
 def _patches(x, kh, kw, strides=(1, 1), padding="VALID"):
@@ -146,6 +154,27 @@ def _matmul_conv(x, kernel, strides=(1, 1), padding="VALID"):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_conv_chunked_grad(x, kernel, strides=(1, 1), padding="VALID"):
+    """`_matmul_conv` with its kernel gradient as partial products over chunks of GPU_KERNEL_GRAD_ROWS pixels."""
+    return _matmul_conv(x, kernel, strides, padding)
+
+
+def _matmul_conv_chunked_grad_fwd(x, kernel, strides, padding):
+    cols = _patches(x, *kernel.shape[:2], strides, padding)
+    return cols @ kernel.reshape(-1, kernel.shape[-1]), (x, cols, kernel)
+
+
+def _matmul_conv_chunked_grad_bwd(strides, padding, residuals, grad):
+    x, cols, kernel = residuals
+    grad_cols = grad @ kernel.reshape(-1, kernel.shape[-1]).T
+    grad_x = jax.vjp(lambda v: _patches(v, *kernel.shape[:2], strides, padding), x)[1](grad_cols)[0]
+    return grad_x, _patch_kernel_grad(cols, grad, kernel.shape, GPU_KERNEL_GRAD_ROWS)
+
+
+_matmul_conv_chunked_grad.defvjp(_matmul_conv_chunked_grad_fwd, _matmul_conv_chunked_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _patch_grad_conv(x, kernel, strides=(1, 1), padding="VALID"):
     """XLA's convolution and input gradient; the kernel gradient as im2col patches^T @ output gradient,
     which vmapped over models is a batched matrix product instead of a batch-grouped convolution."""
@@ -159,13 +188,17 @@ def _patch_grad_conv_fwd(x, kernel, strides, padding):
 def _patch_grad_conv_bwd(strides, padding, residuals, grad):
     x, kernel = residuals
     grad_x = jax.vjp(lambda v: _xla_conv(v, kernel, strides, padding), x)[1](grad)[0]
-    return grad_x, _patch_kernel_grad(_patches(x, *kernel.shape[:2], strides, padding), grad, kernel.shape)
+    cols = _patches(x, *kernel.shape[:2], strides, padding)
+    return grad_x, _patch_kernel_grad(cols, grad, kernel.shape, GPU_KERNEL_GRAD_ROWS)
 
 
 _patch_grad_conv.defvjp(_patch_grad_conv_fwd, _patch_grad_conv_bwd)
 
 # One model's im2col patches at most this large make a GPU conv one matrix product (`_conv`).
 GPU_MATMUL_MAX_BYTES = 16 << 20
+# Rows per partial product of a GPU conv's kernel gradient (`_patch_kernel_grad`); None: one product. Not
+# measured on a GPU yet: tools/gpu_conv_ab.py's "chunked" variants set it.
+GPU_KERNEL_GRAD_ROWS = None
 
 
 def _conv(x, kernel, strides=(1, 1), padding="VALID"):
@@ -178,6 +211,8 @@ def _conv(x, kernel, strides=(1, 1), padding="VALID"):
     if jax.default_backend() != "gpu":
         return _xla_conv(x, kernel, strides, padding)
     if _patch_bytes(x, kernel, strides, padding) <= GPU_MATMUL_MAX_BYTES:
+        if GPU_KERNEL_GRAD_ROWS:
+            return _matmul_conv_chunked_grad(x, kernel, strides, padding)
         return _matmul_conv(x, kernel, strides, padding)
     return _patch_grad_conv(x, kernel, strides, padding)
 

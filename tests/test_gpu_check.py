@@ -30,6 +30,17 @@ def test_summary_sets_each_target_beside_what_was_measured():
             + _rows("mnist_cnn_20_epochs", dict(history_info=True, epochs_run=20, compile_s=2.5, train_s=4.25,
                                                 steps_per_s=8800, epoch_mode="scan", final_test_accuracy=0.9891),
                     wall_s=12.0)
+            + _rows("mnist_cnn_20_epochs_8_seeds", dict(history_info=True, epochs_run=20, compile_s=4.0, train_s=7.65,
+                                                        steps_per_s=4900, epoch_mode="scan", seeds=8,
+                                                        final_test_accuracy=0.9888), wall_s=21.0)
+            + _rows("mnist_cnn_profile_1_and_8", dict(experiment="mnist_cnn", seeds=8, us_per_step=203.4,
+                                                      lines={"Stream #20(Compute)": [41.0, 150.2]},
+                                                      ops=[["Stream #20(Compute)", "loop_fusion_3", 1.0, 30.5]]))
+            + _rows("conv_ab_kernel_grad_chunks", dict(variant=11, experiment="mnist_cnn", seeds=8, conv="auto",
+                                                       kernel_grad_rows=256, steps_per_s=6100.0, compile_s=7.1,
+                                                       test_accuracy=0.98),
+                    dict(variant=12, experiment="mnist_cnn", seeds=8, conv="auto", kernel_grad_rows=1024,
+                         error="XlaRuntimeError: out of memory"))
             + _rows("mnist_cnn_bfloat16", ours)
             + _rows("jsrt_unet_vs_peer", exit="timeout"))
     summary = gpu_check.summarize(rows)
@@ -39,6 +50,14 @@ def test_summary_sets_each_target_beside_what_was_measured():
            "after another 14.4 s | <= 2x |" in summary
     assert "20 epochs with a test pass each | train **4.25 s**, compile 2.50 s, whole command 12.0 s; final " \
            "test accuracy 0.9891 | <= 5 s" in summary
+    assert "| mnist_cnn, 8 vmapped seeds vs 1, 20 epochs, a whole `run` each | train 7.65 s vs 4.25 s: **1.80x**; " \
+           "whole command 21.0 s vs 12.0 s: **1.75x**; final test accuracy 0.9888 (mean) | <= 2x |" in summary
+    assert "| profile: mnist_cnn, 8 model(s) | 203.4 µs a step; device Stream #20(Compute) 41.0 ops 150.2 µs; " \
+           "busiest (µs a step): `loop_fusion_3` 30.5 | - |" in summary
+    assert "| conv A/B 11: mnist_cnn, 8 model(s), conv auto, kernel-gradient rows 256 | 6100.0 steps/s, compile " \
+           "7.1 s, test accuracy 0.98 | - |" in summary
+    assert "| conv A/B 12: mnist_cnn, 8 model(s), conv auto, kernel-gradient rows 1024 | failed: " \
+           "XlaRuntimeError" in summary
     assert "| mnist cnn bfloat16 | 3000.0 steps/s (scan epochs)" in summary
     assert "- jsrt_unet_vs_peer failed (exit timeout)" in summary
 
@@ -64,7 +83,32 @@ def test_conv_ab_swaps_the_conv_path_for_one_variant_only():
     assert "error" not in row, row
     assert row["conv"] == "matmul" and row["steps_per_s"] > 0 and row["test_accuracy"] > 0.3
     assert models._conv is original
-    assert {path for _, _, path, _ in gpu_conv_ab.VARIANTS} <= set(gpu_conv_ab.PATHS)
+    assert {path for _, _, path, _, _ in gpu_conv_ab.VARIANTS} <= set(gpu_conv_ab.PATHS)
+    (chunked,) = [i for i, v in enumerate(gpu_conv_ab.VARIANTS) if v[:2] == ("mnist_cnn", 1) and v[3]]
+    row = gpu_conv_ab.run(chunked, None, epochs=1)
+    assert "error" not in row and row["kernel_grad_rows"] == 1024, row
+    assert models.GPU_KERNEL_GRAD_ROWS is None
+
+
+def test_profile_sums_each_device_op_of_a_traced_epoch(tmp_path):
+    """tools/gpu_profile.py on this CPU (XLA:CPU thunks) and on a GPU trace's shape (kernels on streams)."""
+    import gpu_profile
+    row, hlo = gpu_profile.profile("mnist_cnn", 1, None)  # the shipped sample: 156 steps an epoch
+    assert row["steps"] == 156 and row["us_per_step"] > 0 and "HloModule" in hlo
+    assert row["lines"] and all(line.startswith("tf_XLA") for line in row["lines"])  # XLA:CPU's threads, ids dropped
+    assert sum(us for _, us in row["lines"].values()) > 0
+    assert len(row["ops"]) > 3 and all(calls > 0 and us >= 0 for _, _, calls, us in row["ops"])
+    assert "| line | op | calls a step | µs a step |" in gpu_profile.markdown([row])
+    trace = {"traceEvents": [
+        dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+        dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
+        dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #20(Compute)")),
+        dict(ph="X", pid=1, tid=7, name="loop_fusion", ts=0, dur=3.0),
+        dict(ph="X", pid=1, tid=7, name="loop_fusion", ts=5, dur=2.0),
+        dict(ph="X", pid=1, tid=7, name="gemm", ts=9, dur=4.0),
+        dict(ph="X", pid=2, tid=3, name="PjitFunction", ts=0, dur=50.0)]}
+    assert gpu_profile.device_ops(trace) == {("Stream #20(Compute)", "loop_fusion"): [2, 5.0],
+                                             ("Stream #20(Compute)", "gemm"): [1, 4.0]}
 
 
 def test_only_refuses_an_unknown_step_before_anything_runs(tmp_path):

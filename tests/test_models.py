@@ -120,13 +120,16 @@ def test_im2col_conv_under_vmap_and_where_it_is_not_used():
     assert not models.uses_patches(jnp.zeros((32, 224, 224, 3)), kernel, 1, 1)  # VGG's first conv at 224: 173 MB
 
 
-@pytest.mark.parametrize("conv", ["_matmul_conv", "_patch_grad_conv"])
+@pytest.mark.parametrize("conv,chunk_rows", [("_matmul_conv", None), ("_patch_grad_conv", None),
+                                             ("_patch_grad_conv", 16), ("_matmul_conv_chunked_grad", 16)])
 @pytest.mark.parametrize("in_channels,kernel,strides,padding",
                          [(1, 3, 1, ((1, 1), (1, 1))), (4, 3, 2, ((1, 1), (1, 1))), (3, 5, 1, "VALID"),
                           (6, 1, 1, "VALID"), (2, 3, 2, ((0, 1), (2, 0)))])
-def test_gpu_convs_match_lax_under_vmap(conv, in_channels, kernel, strides, padding):
-    """The GPU paths (im2col products; XLA's conv with an im2col kernel gradient), vmapped over two models
-    as multi-seed runs train them: lax's values and gradients, with strides and uneven padding."""
+def test_gpu_convs_match_lax_under_vmap(monkeypatch, conv, chunk_rows, in_channels, kernel, strides, padding):
+    """The GPU paths (im2col products; XLA's conv with an im2col kernel gradient; either with the kernel
+    gradient summed from partial products over chunks of ~16 pixels), vmapped over two models as multi-seed
+    runs train them: lax's values and gradients, with strides and uneven padding."""
+    monkeypatch.setattr(models, "GPU_KERNEL_GRAD_ROWS", chunk_rows)
     x = jax.random.normal(jax.random.key(0), (2, 3, 11, 11, in_channels))
     kernels = jax.random.normal(jax.random.key(1), (2, kernel, kernel, in_channels, 5))
     reference = lambda x, k: jax.lax.conv_general_dilated(x, k, (strides,) * 2, padding,  # noqa: E731
@@ -150,6 +153,12 @@ def test_conv_path_by_backend_and_patch_size(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "dot_general" in primitives(*mnist) and "conv_general_dilated" not in primitives(*mnist)
     assert "custom_vjp_call" in primitives(*unet)
+    monkeypatch.setattr(models, "GPU_KERNEL_GRAD_ROWS", 1024)  # both paths' kernel gradients from partial products
+    assert "custom_vjp_call" in primitives(*mnist) and "conv_general_dilated" not in primitives(*mnist)
+    for (x_shape, kernel_shape), partials in ((mnist, "f32[4,72,16]"), (unet, "f32[512,576,64]")):
+        x, kernel = jnp.zeros(x_shape), jnp.zeros(kernel_shape)  # 6,272 pixels in 4 chunks; 524,288 in 512
+        grad = jax.make_jaxpr(jax.grad(lambda k: models._conv(x, k, (1, 1), ((1, 1), (1, 1))).sum()))(kernel)
+        assert partials in str(grad)
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 6, 5), (16, 7)])

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Which convolution a GPU should run: XLA's, one im2col matrix product, or XLA's with an im2col kernel
-gradient (flaxlab.models._conv picks between the last two by patch size), in whole train epochs.
+gradient (flaxlab.models._conv picks between the last two by patch size), in whole train epochs; and whether
+the im2col kernel gradient should be summed from partial products over chunks of pixels
+(models.GPU_KERNEL_GRAD_ROWS; variants 11-16, not run on a GPU yet).
 
 Each variant is one bench epoch set in this process with `models._conv` replaced by the path named;
 one JSON line per variant. The numbers in `models._conv`'s docstring came from a scratch script with the
@@ -23,20 +25,23 @@ from flaxlab import bench, models  # noqa: E402
 
 PATHS = {"xla": models._xla_conv, "matmul": models._matmul_conv, "patch_grad": models._patch_grad_conv,
          "auto": models._conv}
-VARIANTS = [  # (experiment, seeds, conv path, extra overrides)
-    ("mnist_cnn", 1, "xla", ()), ("mnist_cnn", 1, "matmul", ()),
-    ("mnist_cnn", 8, "xla", ()), ("mnist_cnn", 8, "matmul", ()), ("mnist_cnn", 8, "patch_grad", ()),
-    ("jsrt_unet", 2, "xla", ("--model_axis", "sequential")), ("jsrt_unet", 2, "patch_grad", ()),
-    ("jsrt_unet", 2, "matmul", ()),
-    ("gtsrb_cnn", 3, "xla", ()), ("gtsrb_cnn", 3, "auto", ()), ("gtsrb_cnn", 3, "patch_grad", ()),
+VARIANTS = [  # (experiment, seeds, conv path, models.GPU_KERNEL_GRAD_ROWS, extra overrides)
+    ("mnist_cnn", 1, "xla", None, ()), ("mnist_cnn", 1, "matmul", None, ()),
+    ("mnist_cnn", 8, "xla", None, ()), ("mnist_cnn", 8, "matmul", None, ()), ("mnist_cnn", 8, "patch_grad", None, ()),
+    ("jsrt_unet", 2, "xla", None, ("--model_axis", "sequential")), ("jsrt_unet", 2, "patch_grad", None, ()),
+    ("jsrt_unet", 2, "matmul", None, ()),
+    ("gtsrb_cnn", 3, "xla", None, ()), ("gtsrb_cnn", 3, "auto", None, ()), ("gtsrb_cnn", 3, "patch_grad", None, ()),
+    # the kernel gradient from partial products over chunks of pixels (11-16), against 3, 1, 6 and 9
+    ("mnist_cnn", 8, "auto", 256, ()), ("mnist_cnn", 8, "auto", 1024, ()), ("mnist_cnn", 8, "auto", 4096, ()),
+    ("mnist_cnn", 1, "auto", 1024, ()), ("jsrt_unet", 2, "auto", 16384, ()), ("gtsrb_cnn", 3, "auto", 1024, ()),
 ]
 
 
 def run(index, data_dir, epochs):
-    name, seeds, path, extra = VARIANTS[index]
-    row = dict(variant=index, experiment=name, seeds=seeds, conv=path, extra=" ".join(extra))
-    original = models._conv
-    models._conv = PATHS[path]  # looked up by name when a Conv is traced
+    name, seeds, path, rows, extra = VARIANTS[index]
+    row = dict(variant=index, experiment=name, seeds=seeds, conv=path, kernel_grad_rows=rows, extra=" ".join(extra))
+    original = models._conv, models.GPU_KERNEL_GRAD_ROWS
+    models._conv, models.GPU_KERNEL_GRAD_ROWS = PATHS[path], rows  # looked up by name when a Conv is traced
     try:
         config = _apply_overrides(_experiment(name), ["--seeds", str(seeds), *extra])
         found = bench.bench_flaxlab(bench.peer_workload(config)[1], data_dir, epochs=epochs)
@@ -45,7 +50,7 @@ def run(index, data_dir, epochs):
     except Exception as e:  # noqa: BLE001 - one variant's failure is a result, the others still run
         row.update(error=f"{type(e).__name__}: {e}"[:500], traceback=traceback.format_exc()[-800:])
     finally:
-        models._conv = original
+        models._conv, models.GPU_KERNEL_GRAD_ROWS = original
     return row
 
 
