@@ -255,9 +255,9 @@ def _models_side_by_side():
 class Conv(nn.Module):
     """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding.
 
-    On XLA:CPU the fastest path measured for it: 1-channel input as multiply-adds, else oneDNN where this
-    jaxlib allows it (x86, `onednn_conv.applies`; not for the FFT's convs with models side by side), else the
-    FFT, im2col or XLA's convolution."""
+    On XLA:CPU the fastest path measured for it: 1-channel input as multiply-adds (computed once: XLA would
+    compute them again in each consumer), else oneDNN where this jaxlib allows it (x86, `onednn_conv.applies`;
+    not for the FFT's convs with models side by side), else the FFT, im2col or XLA's convolution."""
     features: int
     kernel_size: int = 3
     strides: int = 1
@@ -270,7 +270,7 @@ class Conv(nn.Module):
         bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
         fft = fft_conv.is_faster(x, kernel, self.strides, p)
         if x.shape[-1] == 1 and self.strides == 1:
-            y = _conv_one_channel(_pad_spatial(x, p), kernel)
+            y = onednn_conv.computed_once(_conv_one_channel(_pad_spatial(x, p), kernel))
         elif onednn_conv.applies(x, kernel, self.strides, p) and not (fft and _models_side_by_side()):
             y = onednn_conv.conv(x, kernel, p)
         elif fft:

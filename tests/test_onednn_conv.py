@@ -1,6 +1,7 @@
 """oneDNN convolutions on XLA:CPU (flaxlab.onednn_conv): lax's values and gradients, alone, jitted and vmapped
 over stacked models; where the path is taken; XLA's convolution in programs split over devices."""
 import os
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,28 @@ def test_programs_split_over_devices_keep_xla_convolutions():
     out = subprocess.run([sys.executable, "-c", SPLIT_PROGRAMS], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["0", "0", "1", "2"]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn_conv._INTERNALS,
+                    reason="a fusion decision of XLA:CPU, undone through jax internals")
+@pytest.mark.parametrize("name", ["small_cnn", "lenet5_bn"])
+def test_first_conv_is_computed_once(name):
+    """A 1-channel conv's multiply-adds (`models._conv_one_channel`) land in one fusion of the train step's
+    gradient, not again in each consumer (ReLU or batch norm, pooling, their gradients); `computed_once` is the
+    identity for values and gradients, vmapped too."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    ours = lambda v: (jnp.sin(onednn_conv.computed_once(2 * v)) ** 2).sum()  # noqa: E731
+    reference = lambda v: (jnp.sin(2 * v) ** 2).sum()  # noqa: E731
+    _close(jax.jit(jax.grad(ours))(x), jax.grad(reference)(x))
+    _close(jax.jit(jax.vmap(jax.grad(ours)))(x), jax.vmap(jax.grad(reference))(x))
+    for dtype in (jnp.float32, jnp.int8):  # an integer's x == x XLA folds to true: the predicate is a float's
+        once = jax.jit(lambda v: onednn_conv.computed_once(v + 1) * 2).lower(jnp.ones((4, 5), dtype)).compile()
+        assert once.as_text().count("conditional(") == 1, dtype
+    model = models.make_model({"name": name}, 10)
+    images = jnp.ones((8, 28, 28, 1))
+    variables = model.init(jax.random.key(0), images)
+    loss = lambda p: model.apply({**variables, "params": p}, images, train=True,  # noqa: E731
+                                 mutable=["batch_stats"])[0].sum()
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    forward = [c for c in hlo.split("\n\n") if re.search(r"jvp\(\w+\)/Conv_0/mul", c)]  # not transpose(jvp(..))
+    assert len(forward) == 1, [c.splitlines()[0][:80] for c in forward]
