@@ -87,8 +87,7 @@ def profile(name, seeds, data_dir, overrides=(), top=25):
     for (line, _), (calls, total) in ops:
         lines[line][0] += calls
         lines[line][1] += total
-    train = trainer._compiled["train"]
-    hlo = next(iter(train.values())).as_text() if isinstance(train, dict) else train.as_text()
+    hlo = next(iter(trainer._compiled["train"].values())).as_text()  # {device: compiled}, one program
     row = dict(experiment=name, seeds=seeds, backend=jax.default_backend(), device=str(jax.devices()[0]),
                epoch_mode=trainer.epoch_mode, overrides=" ".join(overrides),
                kernel_grad_rows=models.GPU_KERNEL_GRAD_ROWS, steps=steps, compile_s=round(compile_s, 2),
