@@ -44,6 +44,18 @@ def test_dropout_takes_a_traced_rate(rate):
     assert np.array_equal(layer.apply({}, x, train=False, rate=rate), x)
 
 
+def test_dropout_mask_is_the_keys_own_and_gates_the_gradient():
+    layer = models.Dropout(0.5)
+    x = jnp.ones((64, 64))
+    apply = lambda key, x=x: layer.apply({}, x, train=True, rngs={"dropout": key})
+    a, b, again = (np.asarray(jax.jit(apply)(jax.random.key(seed))) for seed in (0, 1, 0))
+    assert np.array_equal(a, again) and 0.4 < (a != b).mean() < 0.6
+    stacked = np.asarray(jax.jit(jax.vmap(apply))(jax.random.split(jax.random.key(0), 3)))  # stacked models
+    assert all(0.4 < (stacked[i] != stacked[j]).mean() < 0.6 for i, j in ((0, 1), (0, 2), (1, 2)))
+    grad = jax.jit(jax.grad(lambda x: apply(jax.random.key(0), x).sum()))(x)
+    np.testing.assert_array_equal(grad, a)  # 1 / keep where kept, as the output of ones is
+
+
 def test_random_crop_is_a_shift_of_at_most_the_padding():
     images = jax.random.uniform(jax.random.key(2), (256, 8, 8, 3)) + 1.0  # no zeros of its own
     out = np.asarray(jax.jit(lambda k, x: augment.random_crop(k, x, 2)[0])(jax.random.key(3), images))
