@@ -41,6 +41,8 @@ def test_summary_sets_each_target_beside_what_was_measured():
                                                        test_accuracy=0.98),
                     dict(variant=12, experiment="mnist_cnn", seeds=8, conv="auto", kernel_grad_rows=1024,
                          error="XlaRuntimeError: out of memory"))
+            + _rows("mnist_cnn_cublas_1_seed", dict(ours, train_s=0.2, steps_per_s=9000.0))
+            + _rows("mnist_cnn_cublas_8_seeds", dict(ours, train_s=0.35, steps_per_s=5400.0))
             + _rows("mnist_cnn_bfloat16", ours)
             + _rows("jsrt_unet_vs_peer", exit="timeout"))
     summary = gpu_check.summarize(rows)
@@ -58,8 +60,20 @@ def test_summary_sets_each_target_beside_what_was_measured():
            "7.1 s, test accuracy 0.98 | - |" in summary
     assert "| conv A/B 12: mnist_cnn, 8 model(s), conv auto, kernel-gradient rows 1024 | failed: " \
            "XlaRuntimeError" in summary
+    assert "| mnist_cnn, 8 seeds vs 1 with XLA's dots on cuBLAS (Triton GEMMs off), one epoch | train 0.35 s vs " \
+           "0.20 s: **1.75x**; 9000.0 and 5400.0 steps/s | <= 2x |" in summary
     assert "| mnist cnn bfloat16 | 3000.0 steps/s (scan epochs)" in summary
     assert "- jsrt_unet_vs_peer failed (exit timeout)" in summary
+
+
+def test_cublas_steps_add_their_xla_flag_to_those_already_set():
+    env = {"PATH": "/bin", "XLA_FLAGS": "--xla_gpu_deterministic_ops=true"}
+    assert gpu_check.step_env("mnist_cnn_cublas_8_seeds", env)["XLA_FLAGS"] == \
+        "--xla_gpu_deterministic_ops=true --xla_gpu_enable_triton_gemm=false"
+    assert gpu_check.step_env("mnist_cnn_cublas_1_seed", {})["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+    assert gpu_check.step_env("mnist_cnn_vs_peer", env) is env
+    names = [name for name, _, _ in gpu_check.steps(quick=False, out="/tmp/out")]
+    assert set(gpu_check.STEP_XLA_FLAGS) <= set(names)
 
 
 def test_history_row_reads_a_run_folder(tmp_path):

@@ -32,6 +32,11 @@ STAGED = ("data/mnist", "data/jsrt-lungs-256-trainval.tar.gz", "data/gtsrb-train
 # the 20-epoch runs' folders, outside OUT: a lease returns at most 8 files from there
 RUN_DIRS = {"mnist_cnn_20_epochs": Path("/tmp/gpu_check_mnist_cnn_20"),
             "mnist_cnn_20_epochs_8_seeds": Path("/tmp/gpu_check_mnist_cnn_20_8_seeds")}
+# Steps run with XLA flags of their own: XLA's Triton GEMMs off, so that its dots go to cuBLAS. A narrow product with
+# a long contraction (the kernel gradient's) gets one Triton program per output tile, which reduces all of the
+# contraction alone (openxla/xla PR 46645 says so of narrow batched dots); cuBLAS's heuristics may split it.
+STEP_XLA_FLAGS = {"mnist_cnn_cublas_1_seed": "--xla_gpu_enable_triton_gemm=false",
+                  "mnist_cnn_cublas_8_seeds": "--xla_gpu_enable_triton_gemm=false"}
 
 ENV_REPORT = """
 import json, platform, jax, flax, optax
@@ -68,6 +73,8 @@ def steps(quick, out):
                                        "--seeds", "1,2" if quick else "1,8"], 120),
         ("conv_ab_kernel_grad_chunks", ["tools/gpu_conv_ab.py", *data, "--epochs", "1" if quick else "2",
                                         "--variants", "1,14" if quick else "3,11,12,13,1,14"], 150),
+        ("mnist_cnn_cublas_1_seed", [*alone], 60),
+        ("mnist_cnn_cublas_8_seeds", [*alone, "--seeds", "8"], 60),
         ("mnist_cnn_bfloat16", [*alone, "--compute_dtype", "bfloat16"], 60),
         ("mnist_cnn_per_step_dispatch", [*alone, "--epoch_mode", "step"], 60),
         ("mnist_cnn_deterministic", [*alone, "--deterministic", "true"], 60),
@@ -94,6 +101,13 @@ def stage():
             shutil.copy2(source, target)
     size = sum(f.stat().st_size for f in STAGE.rglob("*") if f.is_file())
     print(f"staged {', '.join(STAGED)} in {STAGE} ({size / 2**20:.0f} MiB)")
+
+
+def step_env(name, env):
+    """`env` with the step's own XLA flags (STEP_XLA_FLAGS) after any already set."""
+    if name not in STEP_XLA_FLAGS:
+        return env
+    return {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {STEP_XLA_FLAGS[name]}".strip()}
 
 
 def run_step(name, argv, limit, env, log):
@@ -179,6 +193,12 @@ def summarize(rows):
             found = (f"{r['steps_per_s']} steps/s, compile {r['compile_s']} s, test accuracy {r['test_accuracy']}"
                      if "steps_per_s" in r else f"failed: {r.get('error', '?')[:120]}")
             lines.append(f"| conv A/B {r['variant']}: {what} | {found} | - |")
+    cublas = [ours.get(f"mnist_cnn_cublas_{n}") for n in ("1_seed", "8_seeds")]
+    if all(cublas):
+        (c1,), (c8,) = cublas
+        lines.append(f"| mnist_cnn, 8 seeds vs 1 with XLA's dots on cuBLAS (Triton GEMMs off), one epoch | train "
+                     f"{c8['train_s']:.2f} s vs {c1['train_s']:.2f} s: **{c8['train_s'] / c1['train_s']:.2f}x**; "
+                     f"{c1['steps_per_s']} and {c8['steps_per_s']} steps/s | <= 2x |")
     for step in ("mnist_cnn_bfloat16", "mnist_cnn_per_step_dispatch", "mnist_cnn_deterministic"):
         if ours.get(step):
             r = ours[step][0]
@@ -242,7 +262,7 @@ def main():
                 rows.append(dict(step=name, step_done=name, exit="skipped", wall_s=0, why="out of budget"))
                 continue
             print(f"gpu_check: {name} (up to {min(limit, left):.0f} s)", flush=True)
-            found = run_step(name, argv, min(limit, left), env, log)
+            found = run_step(name, argv, min(limit, left), step_env(name, env), log)
             if name in RUN_DIRS:
                 found[:0] = [dict(row, step=name) for row in history_row(RUN_DIRS[name])]
             for row in found:
