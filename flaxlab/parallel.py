@@ -66,6 +66,11 @@ def split_cpu_devices(models, distributed=False):
     return True
 
 
+def with_xla_flag(flags, flag):
+    """An XLA_FLAGS value with `flag` after those already set (once)."""
+    return flags if flag in flags else f"{flags} {flag}".strip()
+
+
 def set_up_process(distributed=False, deterministic=False):
     """What must happen before jax starts its backend: joining a multi-host run, determinism flags.
 
@@ -73,8 +78,8 @@ def set_up_process(distributed=False, deterministic=False):
     the coordinator, process count and process id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
     and JAX_PROCESS_ID when set, else from jax's cluster detection (TPU pods, SLURM, Open MPI).
     """
-    if deterministic and DETERMINISTIC_GPU_FLAG not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_GPU_FLAG}".strip()
+    if deterministic:
+        os.environ["XLA_FLAGS"] = with_xla_flag(os.environ.get("XLA_FLAGS", ""), DETERMINISTIC_GPU_FLAG)
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (distributed or address) or jax.distributed.is_initialized():
         return

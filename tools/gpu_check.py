@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 STAGE = REPO / ".gpu" / "shared"
 STAGED = ("data/mnist", "data/jsrt-lungs-256-trainval.tar.gz", "data/gtsrb-train-32px.tar.xz", "peers/torch_reference.py")
 # CIFAR-10 (74 MB) is left behind: a call's working tree travels only up to 64 MiB
@@ -36,8 +37,8 @@ RUN_DIRS = {"mnist_cnn_20_epochs": Path("/tmp/gpu_check_mnist_cnn_20"),
 # Steps run with XLA flags of their own: XLA's Triton GEMMs off, so that its dots go to cuBLAS. A narrow product with
 # a long contraction (the kernel gradient's) gets one Triton program per output tile, which reduces all of the
 # contraction alone (openxla/xla PR 46645 says so of narrow batched dots); cuBLAS's heuristics may split it.
-STEP_XLA_FLAGS = {"mnist_cnn_cublas_1_seed": "--xla_gpu_enable_triton_gemm=false",
-                  "mnist_cnn_cublas_8_seeds": "--xla_gpu_enable_triton_gemm=false"}
+NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
+STEP_XLA_FLAGS = {"mnist_cnn_cublas_1_seed": NO_TRITON_GEMM, "mnist_cnn_cublas_8_seeds": NO_TRITON_GEMM}
 
 ENV_REPORT = """
 import json, platform, jax, flax, optax
@@ -88,7 +89,6 @@ def steps(quick, out):
 
 
 def stage():
-    sys.path.insert(0, str(REPO))
     from flaxlab.bench import shared_dir
     shared = shared_dir()
     if shared is None:
@@ -108,7 +108,8 @@ def step_env(name, env):
     """`env` with the step's own XLA flags (STEP_XLA_FLAGS) after any already set."""
     if name not in STEP_XLA_FLAGS:
         return env
-    return {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {STEP_XLA_FLAGS[name]}".strip()}
+    from flaxlab.parallel import with_xla_flag
+    return {**env, "XLA_FLAGS": with_xla_flag(env.get("XLA_FLAGS", ""), STEP_XLA_FLAGS[name])}
 
 
 def run_step(name, argv, limit, env, log):
