@@ -203,8 +203,9 @@ def _kernel_grad(x, grad, padding):
 
     Split over the cores, each part's images are sliced before they are transposed: a slice of the transposed
     images was a copy of its own (0.23-0.26 ms each for the all-conv net's 32x32 16->16 conv). Whole steps,
-    in-process A/B on the 2-core EPYC: all-conv net 19.48 -> 18.28 and 18.50 -> 17.63 ms (medians of 12 rounds; faster in 11 of 12 in the second), 1MD120 CNN
-    2.00 -> 1.93 ms, three GTSRB CNNs 158.3 against 157.5 ms; the same parameters after an epoch."""
+    in-process A/Bs on the 2-core EPYC, medians of 12 rounds: all-conv net 19.48 -> 18.28 and 18.50 -> 17.63 ms
+    (faster in 11 of 12 rounds), 1MD120 CNN 2.00 -> 1.93 ms, three GTSRB CNNs 158.3 against 157.5 ms; the same
+    parameters after an epoch."""
     apart = max(x.size, grad.size) >= APART_MIN_SIZE
     transpose = transpose_apart if apart else jnp.transpose
     grad_t = transpose(grad, (1, 2, 0, 3))  # (height, width, batch, out features)
