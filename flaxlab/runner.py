@@ -157,7 +157,8 @@ def _scores(split):
 
 def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpoints=None, resumed=None,
         progress=True, log=print, on_epoch=None):
-    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end.
+    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end (and, when
+    the output is not a terminal, once a minute inside a longer epoch for a progress line).
 
     `data` holds device splits "train", "test" and optionally "val". With `select` (a validation
     metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),

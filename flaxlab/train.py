@@ -555,7 +555,8 @@ class Trainer:
                 if self._wait_each_step:
                     jax.block_until_ready(totals[g])
                 if on_step is not None:
-                    on_step(first * len(groups) + (g + 1) * c["chunk"], len(groups) * c["steps"])
+                    on_step(first * len(groups) + (g + 1) * c["chunk"], len(groups) * c["steps"],
+                            wait=functools.partial(jax.block_until_ready, totals[g]))
         return self._gathered([group[0] for group in groups]), self._gathered(totals)
 
     def evaluate(self, states, data):
