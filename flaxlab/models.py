@@ -27,14 +27,31 @@ def _torch_bias_init(fan_in):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# A layer stack's weight initialisations: PyTorch's default, or torchvision's VGG (`VGG._initialize_weights`:
+# convs kaiming-normal over fan-out with ReLU's gain, dense weights N(0, 0.01), zero biases). From PyTorch's
+# default the AI604 VGG-19 stays at chance, in PyTorch too; from torchvision's it trains (see the README).
+WEIGHT_INITS = ("torch", "vgg")
+
+
+def _param_inits(weight_init, kind, fan_in):
+    """(kernel init, bias init) of a "conv" or "dense" layer."""
+    if weight_init == "vgg":
+        kernel = nn.initializers.variance_scaling(2.0, "fan_out", "normal") if kind == "conv" else \
+            nn.initializers.normal(0.01)
+        return kernel, nn.initializers.zeros
+    return torch_kernel_init, _torch_bias_init(fan_in)
+
+
 class Dense(nn.Module):
-    """A linear layer with PyTorch's default initialisation (the bias too)."""
+    """A linear layer with PyTorch's default initialisation (the bias too), or another of `WEIGHT_INITS`."""
     features: int
+    weight_init: str = "torch"
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", torch_kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+        kernel_init, bias_init = _param_inits(self.weight_init, "dense", x.shape[-1])
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", bias_init, (self.features,))
         return x @ kernel + bias
 
 
@@ -262,12 +279,14 @@ class Conv(nn.Module):
     kernel_size: int = 3
     strides: int = 1
     padding: int = 0
+    weight_init: str = "torch"  # or another of `WEIGHT_INITS`
 
     @nn.compact
     def __call__(self, x):
         k, p = self.kernel_size, self.padding
-        kernel = self.param("kernel", torch_kernel_init, (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", _torch_bias_init(k * k * x.shape[-1]), (self.features,))
+        kernel_init, bias_init = _param_inits(self.weight_init, "conv", k * k * x.shape[-1])
+        kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", bias_init, (self.features,))
         fft = fft_conv.is_faster(x, kernel, self.strides, p)
         if x.shape[-1] == 1 and self.strides == 1:
             y = onednn_conv.computed_once(_conv_one_channel(_pad_spatial(x, p), kernel))
@@ -472,18 +491,20 @@ class LayerStack(nn.Module):
     `activation`, ("max_pool", size), ("avg_pool", size), ("flatten",), ("batch_norm",), ("dropout", rate).
     Batch norm uses torch's defaults (momentum 0.1 = flax 0.9, eps 1e-5); its running stats are `batch_stats`.
     A `dropout` rate given at call time (per model, in a sweep) replaces every dropout layer's rate.
+    Conv and dense weights start as `weight_init` says (`WEIGHT_INITS`).
     """
     layers: Sequence[Sequence] = ()
     num_classes: int = 10
     activation: str = "relu"
+    weight_init: str = "torch"
 
     @nn.compact
     def __call__(self, x, train=False, dropout=None):
         for kind, *args in self.layers:
             if kind == "conv":
-                x = Conv(*args)(x)
+                x = Conv(*args, weight_init=self.weight_init)(x)
             elif kind == "dense":
-                x = Dense(*args)(x)
+                x = Dense(*args, weight_init=self.weight_init)(x)
             elif kind == "act":
                 x = Activation(self.activation)(x)
             elif kind == "max_pool":
@@ -500,7 +521,7 @@ class LayerStack(nn.Module):
                 raise UsageError(f"unknown layer '{kind}' in a layer stack")
         if x.ndim > 2:
             x = Flatten()(x)
-        return Dense(self.num_classes)(x)
+        return Dense(self.num_classes, weight_init=self.weight_init)(x)
 
 
 class ConvTranspose(nn.Module):
@@ -688,6 +709,8 @@ def make_model(model_config, num_classes):
         raise UsageError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
     if kwargs.get("activation", "relu") not in ACTIVATIONS:
         raise UsageError(f"unknown activation '{kwargs['activation']}'; known: {', '.join(ACTIVATIONS)}")
+    if kwargs.get("weight_init", "torch") not in WEIGHT_INITS:
+        raise UsageError(f"unknown weight_init '{kwargs['weight_init']}'; known: {', '.join(WEIGHT_INITS)}")
     if kwargs.get("upsample", "bilinear") not in UPSAMPLING:
         raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
     return MODELS[name](num_classes=num_classes, **kwargs)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flaxlab import fft_conv, models, onednn_conv
+from flaxlab.errors import UsageError
 from experiments import EXPERIMENTS
 
 
@@ -65,7 +66,6 @@ def test_cnn_forward_matches_pytorch(pool_first, activation):
 
 
 def test_unknown_model_or_activation_is_usage_error():
-    from flaxlab.errors import UsageError
     with pytest.raises(UsageError, match="unknown model"):
         models.make_model({"name": "resnet9000"}, 10)
     with pytest.raises(UsageError, match="unknown activation"):
@@ -276,3 +276,23 @@ def test_fft_conv_and_its_gradients_match_lax(x_shape, kernel_shape, padding):
         # the images and the output gradient go channels-first apart from their producers (a ReLU here)
         step = jax.jit(jax.grad(lambda x, k: (through_fft(jax.nn.relu(x), k) ** 2).sum(), (0, 1)))
         assert step.lower(x, kernels[0]).compile().as_text().count("conditional(") == 2
+
+
+def test_vgg_weight_init_is_torchvisions():
+    """`weight_init: vgg` is torchvision's VGG initialisation: conv kernels N(0, 2 / fan-out), dense kernels
+    N(0, 0.01^2), zero biases; the default stays PyTorch's (uniform biases). Unknown names are usage errors."""
+    images = jnp.zeros((1, 32, 32, 3))
+    params = models.make_model({"name": "ai604_vgg19", "weight_init": "vgg"}, 10).init(jax.random.key(0), images)
+    layers = params["params"]
+    for name, layer in layers.items():
+        kernel = np.asarray(layer["kernel"])
+        expected = np.sqrt(2 / (kernel.shape[0] * kernel.shape[1] * kernel.shape[3])) if name.startswith("Conv") \
+            else 0.01
+        assert abs(kernel.std() / expected - 1) < 0.1, name
+        assert abs(kernel.mean()) < 0.1 * expected, name
+        assert not np.asarray(layer["bias"]).any(), name
+    assert sum(name.startswith("Conv") for name in layers) == 16 and sum(name.startswith("Dense") for name in layers) == 3
+    default = models.make_model({"name": "ai604_vgg19"}, 10).init(jax.random.key(0), images)["params"]
+    assert np.asarray(default["Conv_0"]["bias"]).any()
+    with pytest.raises(UsageError, match="unknown weight_init 'he'"):
+        models.make_model({"name": "ai604_vgg19", "weight_init": "he"}, 10)
