@@ -27,10 +27,10 @@ class Progress:
         now = time.perf_counter()
         if not self.live:
             if self.enabled and step < steps and now - self._last_line >= LINE_EVERY_S:
+                self._last_line = now  # the wait below is part of the minute to the next line
                 if wait is not None:
                     wait()
-                self._last_line = time.perf_counter()
-                self.log(f"epoch {self.epoch}/{self.epochs}: {step}/{steps} steps  [{self._last_line - self.start:.0f}s]")
+                self.log(f"epoch {self.epoch}/{self.epochs}: {step}/{steps} steps  [{time.perf_counter() - self.start:.0f}s]")
             return
         if now - self._last_draw < 0.2:
             return
