@@ -1,5 +1,6 @@
 """A dependency-free progress display: a live bar on a terminal, one line per epoch otherwise, plus a line a
-minute inside long epochs (a VGG-19 epoch on a 2-core CPU takes 43 minutes; a log would otherwise stay silent)."""
+minute inside long epochs (a VGG-19 epoch on CIFAR-10 takes 11 minutes on a 2-core CPU; a log would otherwise
+stay silent that long)."""
 import sys
 import time
 
@@ -30,7 +31,8 @@ class Progress:
                 self._last_line = now  # the wait below is part of the minute to the next line
                 if wait is not None:
                     wait()
-                self.log(f"epoch {self.epoch}/{self.epochs}: {step}/{steps} steps  [{time.perf_counter() - self.start:.0f}s]")
+                elapsed = time.perf_counter() - self.start
+                self.log(f"epoch {self.epoch}/{self.epochs}: {step}/{steps} steps  [{elapsed:.0f}s]")
             return
         if now - self._last_draw < 0.2:
             return
