@@ -12,34 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxlab import fft_conv, onednn_conv, pretrained
+from flaxlab.inits import WEIGHT_INITS, param_inits, torch_bias_init
 from flaxlab.pooling import max_pool, windows
 from flaxlab.errors import UsageError
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh, "sigmoid": nn.sigmoid, "elu": nn.elu,
                "leaky_relu": lambda x: nn.leaky_relu(x, 0.2)}
-
-# torch.nn.Linear/Conv2d: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def _torch_bias_init(fan_in):
-    bound = 1 / jnp.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-# A layer stack's weight initialisations: PyTorch's default, or torchvision's VGG (`VGG._initialize_weights`:
-# convs kaiming-normal over fan-out with ReLU's gain, dense weights N(0, 0.01), zero biases). From PyTorch's
-# default the AI604 VGG-19 stays at chance, in PyTorch too; from torchvision's it trains (see the README).
-WEIGHT_INITS = ("torch", "vgg")
-
-
-def _param_inits(weight_init, kind, fan_in):
-    """(kernel init, bias init) of a "conv" or "dense" layer."""
-    if weight_init == "vgg":
-        kernel = nn.initializers.variance_scaling(2.0, "fan_out", "normal") if kind == "conv" else \
-            nn.initializers.normal(0.01)
-        return kernel, nn.initializers.zeros
-    return torch_kernel_init, _torch_bias_init(fan_in)
 
 
 class Dense(nn.Module):
@@ -49,7 +27,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel_init, bias_init = _param_inits(self.weight_init, "dense", x.shape[-1])
+        kernel_init, bias_init = param_inits(self.weight_init, "dense", x.shape[-1])
         kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", bias_init, (self.features,))
         return x @ kernel + bias
@@ -284,7 +262,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         k, p = self.kernel_size, self.padding
-        kernel_init, bias_init = _param_inits(self.weight_init, "conv", k * k * x.shape[-1])
+        kernel_init, bias_init = param_inits(self.weight_init, "conv", k * k * x.shape[-1])
         kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", bias_init, (self.features,))
         fft = fft_conv.is_faster(x, kernel, self.strides, p)
@@ -534,8 +512,8 @@ class ConvTranspose(nn.Module):
     def __call__(self, x):
         k, (n, h, w, c) = self.kernel_size, x.shape
         fan_in = self.features * k * k
-        kernel = self.param("kernel", _torch_bias_init(fan_in), (k, k, c, self.features))
-        bias = self.param("bias", _torch_bias_init(fan_in), (self.features,))
+        kernel = self.param("kernel", torch_bias_init(fan_in), (k, k, c, self.features))
+        bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         y = jnp.einsum("nhwc,abco->nhawbo", x, kernel).reshape(n, h * k, w * k, self.features)
         return add_bias(y, bias)
 

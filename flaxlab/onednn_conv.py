@@ -86,8 +86,6 @@ def _xla_conv(x, kernel, *, padding, swap):
                                         dimension_numbers=("NHWC", "HWOI" if swap else "HWIO", "NHWC"))
 
 
-
-
 def _partitioned(axis_context):
     """Whether XLA's partitioner will split this program over devices (it would gather a custom call's inputs)."""
     if isinstance(axis_context, sharding_impls.ShardingContext):

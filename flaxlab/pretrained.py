@@ -7,7 +7,8 @@ weight -> scale and running statistics -> batch_stats (eps 1e-5; torch momentum 
 `num_batches_tracked` dropped. Padding is explicit and symmetric as in torch (SAME would pad a
 stride-2 conv asymmetrically). VGG's first classifier weight is permuted from torch's CHW flattening
 to NHWC's HWC. Inputs are resized and normalised inside the model, so inside the jitted step: a
-32x32 CIFAR-10 set stays 32x32 on the device and is never stored at 224x224.
+32x32 CIFAR-10 set stays 32x32 on the device and is never stored at 224x224. A fresh init is
+torchvision's (`weights=None`), so a from-scratch run starts where the reports' did.
 """
 import os
 import pickle
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlab.errors import DataError, UsageError
+from flaxlab.inits import torch_bias_init, torch_kernel_init, torchvision_conv_init, torchvision_vgg_dense_init
 from flaxlab.pooling import max_pool, max_pool_strided
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +41,7 @@ def _batch_norm(train, name):
 
 def _conv(features, kernel, stride=1, padding=0, bias=False, name=None):
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(padding, padding)] * 2, use_bias=bias,
-                   name=name)
+                   kernel_init=torchvision_conv_init, name=name)
 
 
 def prepare_input(x, size, normalize):
@@ -81,7 +83,9 @@ class ResNet18(nn.Module):
             for block in range(2):
                 stride = 2 if stage > 1 and block == 0 else 1
                 x = BasicBlock(features, stride, name=f"layer{stage}_{block}")(x, train)
-        return nn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))
+        # torchvision leaves the fc layer at torch.nn.Linear's default
+        return nn.Dense(self.num_classes, kernel_init=torch_kernel_init, bias_init=torch_bias_init(x.shape[-1]),
+                        name="fc")(x.mean(axis=(1, 2)))
 
 
 def adaptive_avg_pool(x, size):
@@ -114,8 +118,9 @@ class VGG19(nn.Module):
                 x = nn.relu(_conv(layer[1], 3, 1, 1, bias=True, name=f"features_{layer[0]}")(x))
         x = adaptive_avg_pool(x, 7).reshape(x.shape[0], -1)  # flattened H, W, C (converter permutes)
         for i, width in ((0, self.hidden), (3, self.hidden)):
-            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width, name=f"classifier_{i}")(x)))
-        return nn.Dense(self.num_classes, name="classifier_6")(x)
+            x = nn.relu(nn.Dense(width, kernel_init=torchvision_vgg_dense_init, name=f"classifier_{i}")(x))
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, kernel_init=torchvision_vgg_dense_init, name="classifier_6")(x)
 
 
 def _vgg_feature_indices():

@@ -50,6 +50,27 @@ def test_full_size_networks_have_torchvisions_weight_counts():
         assert count_params(shapes["params"]) == count
 
 
+def test_a_fresh_init_is_torchvisions():
+    """From scratch, the networks start as torchvision's (`weights=None`) do: conv kernels N(0, 2 / fan-out),
+    VGG's linear layers N(0, 0.01^2) with zero biases, ResNet's fc at torch.nn.Linear's default."""
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    vgg = pretrained.VGG19(10, input_size=0, hidden=64).init(jax.random.key(0), images)["params"]
+    resnet = pretrained.ResNet18(10, input_size=0).init(jax.random.key(0), images)["params"]
+    convs = [layer["kernel"] for name, layer in vgg.items() if name.startswith("features")]
+    convs += [resnet["conv1"]["kernel"], resnet["layer3_0"]["conv2"]["kernel"],
+              resnet["layer4_0"]["downsample_0"]["kernel"]]
+    for kernel in map(np.asarray, convs):
+        expected = np.sqrt(2 / (kernel.shape[0] * kernel.shape[1] * kernel.shape[3]))
+        assert abs(kernel.std() / expected - 1) < 0.1 and abs(kernel.mean()) < 0.1 * expected, kernel.shape
+    assert len(convs) == 16 + 3
+    for name in ("classifier_0", "classifier_3", "classifier_6"):
+        assert abs(np.asarray(vgg[name]["kernel"]).std() / 0.01 - 1) < 0.1, name
+        assert not np.asarray(vgg[name]["bias"]).any() and not np.asarray(vgg["features_0"]["bias"]).any()
+    bound = 1 / np.sqrt(512)
+    for leaf in (np.asarray(resnet["fc"]["kernel"]), np.asarray(resnet["fc"]["bias"])):
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.8 * bound
+
+
 def test_images_are_resized_and_normalised_inside_the_model():
     x = np.random.default_rng(1).random((2, 32, 32, 3), np.float32)
     ours = np.asarray(pretrained.prepare_input(x, 224, True))
