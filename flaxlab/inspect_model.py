@@ -14,9 +14,10 @@ import numpy as np
 
 from flaxlab.errors import UsageError
 from flaxlab.models import Conv
+from flaxlab.pretrained import Conv2d
 from flaxlab.train import preprocess
 
-CONV_TYPES = (Conv, nn.Conv)
+CONV_TYPES = (Conv, Conv2d, nn.Conv)
 
 
 def _layer_calls(model, input_shape, variables=None):

@@ -247,12 +247,26 @@ def _models_side_by_side():
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
 
 
-class Conv(nn.Module):
-    """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding.
-
-    On XLA:CPU the fastest path measured for it: 1-channel input as multiply-adds (computed once: XLA would
+def conv2d(x, kernel, strides=1, padding=0):
+    """A 2D convolution of NHWC `x` with an HWIO kernel, square strides and symmetric zero padding, by the
+    fastest path measured for it. On XLA:CPU: 1-channel input as multiply-adds (computed once: XLA would
     compute them again in each consumer), else oneDNN where this jaxlib allows it (x86, `onednn_conv.applies`;
-    not for the FFT's convs with models side by side), else the FFT, im2col or XLA's convolution."""
+    not for the FFT's convs with models side by side), else the FFT, im2col or XLA's convolution; on a GPU,
+    `_conv`'s im2col products."""
+    fft = fft_conv.is_faster(x, kernel, strides, padding)
+    if x.shape[-1] == 1 and strides == 1:
+        return onednn_conv.computed_once(_conv_one_channel(_pad_spatial(x, padding), kernel))
+    if onednn_conv.applies(x, kernel, strides, padding) and not (fft and _models_side_by_side()):
+        return onednn_conv.conv(x, kernel, padding)
+    if fft:
+        return fft_conv.conv(x, kernel, padding)
+    if uses_patches(x, kernel, strides, padding):
+        return _conv_patches(_pad_spatial(x, padding), kernel)
+    return _conv(x, kernel, (strides,) * 2, ((padding, padding),) * 2)
+
+
+class Conv(nn.Module):
+    """A 2D convolution with PyTorch's default initialisation and explicit symmetric zero padding (`conv2d`)."""
     features: int
     kernel_size: int = 3
     strides: int = 1
@@ -261,22 +275,11 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        k, p = self.kernel_size, self.padding
+        k = self.kernel_size
         kernel_init, bias_init = param_inits(self.weight_init, "conv", k * k * x.shape[-1])
         kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", bias_init, (self.features,))
-        fft = fft_conv.is_faster(x, kernel, self.strides, p)
-        if x.shape[-1] == 1 and self.strides == 1:
-            y = onednn_conv.computed_once(_conv_one_channel(_pad_spatial(x, p), kernel))
-        elif onednn_conv.applies(x, kernel, self.strides, p) and not (fft and _models_side_by_side()):
-            y = onednn_conv.conv(x, kernel, p)
-        elif fft:
-            y = fft_conv.conv(x, kernel, p)
-        elif uses_patches(x, kernel, self.strides, p):
-            y = _conv_patches(_pad_spatial(x, p), kernel)
-        else:
-            y = _conv(x, kernel, (self.strides,) * 2, ((p, p), (p, p)))
-        return add_bias(y, bias)
+        return add_bias(conv2d(x, kernel, self.strides, self.padding), bias)
 
 
 # Parameter-free layers as modules, so that model summaries (flaxlab.summary) list them as rows. Flax numbers
@@ -329,11 +332,11 @@ def _mask_key(key):
     return jax.random.wrap_key_data(jax.random.key_data(key), impl="philox4x32")
 
 
-def batch_norm(train):
+def batch_norm(train, name=None):
     """torch's BatchNorm defaults (momentum 0.1 = flax 0.9, eps 1e-5); running stats go to `batch_stats`.
     flax's BatchNorm off XLA:CPU; there `BatchNorm`, whose variables and results are the same."""
     layer = BatchNorm if jax.default_backend() == "cpu" else nn.BatchNorm
-    return layer(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return layer(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

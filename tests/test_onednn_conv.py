@@ -131,6 +131,19 @@ def test_model_convs_take_the_path_where_it_applies(devices, monkeypatch):
     assert not onednn_conv.applies(jnp.zeros((2, 2, 8, 8)), kernel, 1, 0)  # no output
 
 
+@needs_onednn
+def test_torchvision_resnet_convs_take_the_path_where_it_applies():
+    """ResNet-18 (flaxlab.pretrained) in a training step: its 13 stride-1 3x3 convs are oneDNN calls, forward and
+    input gradient; the 7x7/2 stem, the three 3x3/2 convs and the three 1x1/2 shortcuts stay XLA's."""
+    from flaxlab import pretrained
+    model = pretrained.ResNet18(10, input_size=0)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    loss = lambda p, x: model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])[0].sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile().as_text()
+    assert hlo.count('custom_call_target="__onednn$convolution"') == 2 * 13
+
+
 def test_only_checked_jaxlibs_on_x86_and_not_when_switched_off(monkeypatch):
     """The custom call's configuration is read differently by other XLA versions (and a wrong one aborts)."""
     import jaxlib
