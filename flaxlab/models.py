@@ -262,6 +262,11 @@ def conv2d(x, kernel, strides=1, padding=0):
         return fft_conv.conv(x, kernel, padding)
     if uses_patches(x, kernel, strides, padding):
         return _conv_patches(_pad_spatial(x, padding), kernel)
+    if strides > 1 and jax.default_backend() == "cpu":
+        # XLA:CPU fuses the images' producer into the transpose its kernel gradient reads, and computes it
+        # again there in transposed order: 261 ms of ResNet-18's 2.5 s fine-tuning step for one block's
+        # output (batch norms, residual sum, ReLU). Computed once: 12.5 -> 13.7 images/s (2-core EPYC).
+        x = onednn_conv.computed_once(x)
     return _conv(x, kernel, (strides,) * 2, ((padding, padding),) * 2)
 
 
