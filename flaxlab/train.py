@@ -172,7 +172,8 @@ def eval_step(state, batch, compute_dtype=None, flip=False):
 def _first_value(tree):
     """A new one-element array from this process's first shard of `tree`'s first leaf: ready once the
     computation that made the leaf has run there. Local, so that processes need not probe in step."""
-    return jnp.array(jax.tree.leaves(tree)[0].addressable_shards[0].data[:1], copy=True)  # [:1] of 1: no copy
+    # copy=True: when the leaf has one element, [:1] is the leaf itself, which the next step deletes (donated)
+    return jnp.array(jax.tree.leaves(tree)[0].addressable_shards[0].data[:1], copy=True)
 
 
 def _add(totals, sums):
