@@ -37,7 +37,8 @@ class Progress:
         now = time.perf_counter()
         if probe is None:
             self._done = step
-        elif not self._steps_run() or now - self._last_probe >= (0.2 if self.live else PROBE_EVERY_S):
+        # polled only until a step has run: after that the hot path needs no is_ready() call per step
+        elif not (self._done or self._steps_run()) or now - self._last_probe >= (0.2 if self.live else PROBE_EVERY_S):
             self._last_probe = now
             self._probes.append((step, probe()))
         if self.live:
