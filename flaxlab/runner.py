@@ -65,6 +65,49 @@ def stacked_hparams(config, variants):
     return out
 
 
+# errors jax and flax raise when a network's layers do not fit the images' size (a concatenation or sum of
+# maps of different sizes, a map pooled to nothing)
+_SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
+
+
+def _output_shape(model, image_shape):
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    init = lambda x: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(1)},  # noqa: E731
+                                           x, train=False)[0]
+    return jax.eval_shape(init, x).shape
+
+
+def _sizes_that_fit(model, image_shape):
+    """The smallest power-of-two multiple whose rounded-up sides the network takes, or None."""
+    for multiple in (2 ** i for i in range(1, 9)):
+        shape = tuple(-(-side // multiple) * multiple for side in image_shape[:2]) + tuple(image_shape[2:])
+        try:
+            if _output_shape(model, shape)[1:3] == shape[:2]:
+                return multiple, shape[:2]
+        except _SHAPE_ERRORS:
+            continue
+    return None
+
+
+def check_input(config, model, dataset):
+    """Refuses, before anything is trained, images that the network cannot take, or that a segmentation
+    network maps to masks of another size (a U-Net with 4 pools needs sides that are multiples of 16): one
+    line naming the size and one that fits, not a shape error from inside the network."""
+    image_shape = dataset.train.images.shape[1:]
+    size = "x".join(map(str, image_shape[:2]))
+    try:
+        out = _output_shape(model, image_shape)
+        problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
+                   if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
+    except _SHAPE_ERRORS as e:
+        problem = f"cannot take {size} images: {(str(e).splitlines() or [type(e).__name__])[0].split(':')[0]}"
+    if problem:
+        fits = _sizes_that_fit(model, image_shape) if dataset.is_segmentation else None
+        hint = (f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}"
+                if fits else "")
+        raise UsageError(f"{config['model']['name']} {problem}{hint}")
+
+
 def set_up(config, dataset, variants=({},)):
     """Model, trainer, independently initialised states and the data on the device.
 
@@ -72,6 +115,7 @@ def set_up(config, dataset, variants=({},)):
     seed i of every variant starts from the same weights, as a single run with seed + i would.
     """
     model = make_model(config["model"], dataset.num_classes)
+    check_input(config, model, dataset)
     num_models = len(variants) * config["seeds"]
     mesh = parallel.make_mesh(config.get("devices", 0))
     split_models = config.get("parallel", "data") == "seeds"
@@ -344,7 +388,9 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         _check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
-    convs, feature_layer = check_views(config, make_model(config["model"], dataset.num_classes), dataset)
+    model = make_model(config["model"], dataset.num_classes)
+    check_input(config, model, dataset)
+    convs, feature_layer = check_views(config, model, dataset)
     s = set_up(config, dataset)
     trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),

@@ -197,6 +197,11 @@ def test_unet_trials_table_reports_per_image_f1_std_and_min(tmp_path):
     (["run", "glas_fcn", "--data.source", "tfds"], "TFDS has no glas"),
     (["run", "glas_fcn", "--data.val_fraction", "0.01"], "leaves nothing to hold out"),
     (["run", "glas_fcn", "--features.image", "60"], "beyond the test split"),
+    (["run", "jsrt_unet", "--data.size", "20,20"],  # 4 pools: 20 -> 10 -> 5 -> 2, up to 4 beside a 5x5 skip
+     "unet cannot take 20x20 images"),
+    (["run", "jsrt_unet", "--data.size", "20,20"], "; sides that are multiples of 16 fit, e.g. --data.size 32,32"),
+    (["run", "glas_fcn", "--data.size", "9,9"], "fcn maps 9x9 images to 8x8 masks; sides that are multiples of 4 "
+                                                "fit, e.g. --data.size 12,12"),
 ])
 def test_bad_segmentation_options_are_one_line_exit_2(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
