@@ -22,10 +22,11 @@ def _choices():
 
 
 FIXED = ("name", "description", "sweep")  # identify the experiment (and its variants); not options
-POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr")
+POSITIVE = ("epochs", "batch_size", "seeds", "eval_batch_size", "optimizer.lr", "model.width", "model.depth")
+POSITIVE_EACH = ("model.features", "model.hidden")  # layer widths
 NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
                 "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout",
-                "devices")
+                "devices", "model.input_size")
 
 
 def flatten(config, prefix=""):
@@ -93,6 +94,9 @@ def validate(config):
     for key in NON_NEGATIVE:
         if key in flat and flat[key] < 0:
             raise UsageError(f"--{key} must not be negative, got {flat[key]}")
+    for key in POSITIVE_EACH:
+        if key in flat and not all(value > 0 for value in flat[key]):
+            raise UsageError(f"--{key} must be positive sizes, got {','.join(map(str, flat[key]))}")
     size = flat.get("data.size", ())
     if size and (len(size) != 2 or min(size) < 1):
         raise UsageError(f"--data.size must be HEIGHT,WIDTH with positive sizes, got {','.join(map(str, size))}")

@@ -22,6 +22,8 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--batch-size", "0"], "--batch_size must be positive"),
     (["run", "mnist_cnn", "--batch-size", "100000"], "larger than the training set"),
     (["run", "mnist_cnn", "--model.activation", "swish"], "unknown value 'swish'"),
+    (["run", "mnist_cnn", "--model.features", "0,4"], "--model.features must be positive sizes, got 0,4"),
+    (["run", "jsrt_unet", "--model.depth", "0"], "--model.depth must be positive, got 0"),
     (["run", "mnist_cnn", "--data-dir", "no/such/folder"], "is not a folder"),
     (["run", "mnist_cnn", "--data.source", "files"], "needs --data-dir"),
     (["run", "mnist_cnn", "stray"], "unexpected argument 'stray'"),
