@@ -216,6 +216,8 @@ def _summary(args, overrides):
 
 def _layers(args):
     from flaxlab import layers
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative, got {args.seed}")
     cases = [case for case in layers.comparison_cases(args.seed) if case.available()]
     print(f"{'layer':28s} {'case':40s} {'max |diff|':>11s} {'grad max |diff|':>16s}")
     worst = 0.0

@@ -31,6 +31,7 @@ def cli(*args, cwd):
     (["train", "mnist_cnn"], "invalid choice: 'train'"),
     (["run"], "required: experiment"),
     (["summary", "resnet1000"], "unknown model or experiment 'resnet1000'"),
+    (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"], "cannot take input 4,4,3"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
 ])
