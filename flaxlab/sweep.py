@@ -19,7 +19,8 @@ import numpy as np
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
-from flaxlab.runner import default_workdir, fit, load_dataset, set_up, write_json
+from flaxlab.models import make_model
+from flaxlab.runner import check_input, default_workdir, fit, load_dataset, set_up, write_json
 from flaxlab.train import STACKABLE
 
 
@@ -166,6 +167,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         f"program(s), {config['epochs']} epochs each; data: {dataset.source} "
         f"({len(dataset.train):,} train / {len(dataset.test):,} test)")
 
+    for program in programs:  # every program's network takes the images, before anything is written
+        check_input(program.config, make_model(program.config["model"], dataset.num_classes), dataset)
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})

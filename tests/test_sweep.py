@@ -116,7 +116,9 @@ def test_sweep_command_errors(capsys, tmp_path):
     for argv, message in ([["sweep", "mnist_cnn"], "defines no sweep"],
                           [["sweep", "mnist_cnn", "--grid", "bogus=1"], "unknown field 'bogus'"],
                           [["sweep", "mnist_cnn", "--grid", "dropout=0,1.5"], "must be below 1"],
-                          [["sweep", "mnist_cnn", "--grid", "activation=relu,swish"], "unknown value 'swish'"]):
+                          [["sweep", "mnist_cnn", "--grid", "activation=relu,swish"], "unknown value 'swish'"],
+                          [["sweep", "glas_fcn", "--grid", "lr=0.1,0.01", "--data.size", "9,9"],
+                           "fcn maps 9x9 images to 8x8 masks"]):
         assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
