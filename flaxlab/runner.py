@@ -388,10 +388,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         _check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
-    model = make_model(config["model"], dataset.num_classes)
-    check_input(config, model, dataset)
-    convs, feature_layer = check_views(config, model, dataset)
-    s = set_up(config, dataset)
+    s = set_up(config, dataset)  # refuses images the network cannot take (`check_input`)
+    convs, feature_layer = check_views(config, s.model, dataset)
     trainer = s.trainer
     info = {"experiment": config["name"], "data": dataset.describe(),
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
