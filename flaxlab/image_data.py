@@ -161,8 +161,10 @@ def resize_all(images, size):
         return images
     Image = _pil()
     out = np.empty((len(images), *size, images.shape[3]), np.uint8)
-    for i, image in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    for i, image in enumerate(images):  # PIL takes a grey image as (H, W), not (H, W, 1)
+        resized = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).resize((size[1], size[0]),
+                                                                                            Image.BILINEAR)
+        out[i] = np.asarray(resized).reshape(out.shape[1:])
     return out
 
 

@@ -188,6 +188,28 @@ def default_workdir(name):
     return Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
+def check_workdir(workdir):
+    """Refuses a run folder that cannot be made or written, before any data are loaded or models trained."""
+    if workdir is None:
+        return
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--workdir {path} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--workdir {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--workdir {path}: cannot write in {existing}")
+
+
+def make_workdir(workdir):
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the run folder {workdir}: {e.strerror or e}") from None
+    return workdir
+
+
 def select_models(improved, new, kept):
     """Per model (leading axis): the new state where it improved, else the kept one."""
     improved = jnp.asarray(improved)
@@ -385,6 +407,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     of each model's best-validation state.
     """
     config_lib.validate(config)
+    check_workdir(workdir)
     if resume:
         _check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
@@ -421,7 +444,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 
-    workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input has been refused by this point
+    make_workdir(workdir)  # only now: bad input has been refused by this point
     write_json(workdir / "config.json", config)
     save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
     try:

@@ -20,7 +20,8 @@ from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
-from flaxlab.runner import check_input, default_workdir, fit, load_dataset, set_up, write_json
+from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir, set_up,
+                            write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -159,6 +160,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     (test accuracy and train loss per epoch, one curve per variant).
     """
     config_lib.validate(config)
+    check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     dataset = load_dataset(config, data_dir, dataset, [p.config["batch_size"] for p in programs])
     seeds = config["seeds"]
@@ -170,7 +172,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     for program in programs:  # every program's network takes the images, before anything is written
         check_input(program.config, make_model(program.config["model"], dataset.num_classes), dataset)
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_workdir(workdir)
     write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
     histories, rows, trials, program_info = {}, [], [], []
     start = time.perf_counter()

@@ -34,6 +34,7 @@ def cli(*args, cwd):
     (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"], "cannot take input 4,4,3"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
+    (["run", "mnist_cnn", "--data.size", "3,3"], "small_cnn cannot take 3x3 images"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
@@ -41,6 +42,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["run", "mnist_cnn"], ["sweep", "mnist_cnn", "--grid", "dropout=0,0.1"]])
+def test_a_workdir_that_is_a_file_is_refused_before_training(tmp_path, command):
+    (tmp_path / "taken").write_text("not a folder")
+    for workdir, message in [("taken", "--workdir taken is a file, not a folder"),
+                             ("taken/run", "--workdir taken/run: taken is a file, not a folder")]:
+        out = cli(*command, "--workdir", workdir, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr == f"error: {message}\n" and out.stdout == "", out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
 def test_main_job_on_the_shipped_sample(tmp_path):

@@ -75,3 +75,14 @@ def test_to_device_keeps_whole_split(mnist_sample):
     on_device = data.to_device(mnist_sample.test)
     assert isinstance(on_device["image"], jax.Array) and on_device["image"].shape == (1000, 28, 28, 1)
     np.testing.assert_array_equal(np.asarray(on_device["label"]), mnist_sample.test.labels)
+
+
+def test_resized_mnist_keeps_one_channel_and_the_digits(mnist_sample):
+    """--data.size on grey images (PIL takes them as (H, W), not (H, W, 1))."""
+    resized = data.load_mnist(source="sample", size=(32, 32))
+    assert resized.train.images.shape == (5000, 32, 32, 1) and resized.train.images.dtype == np.uint8
+    from PIL import Image
+    digit = mnist_sample.test.images[7, ..., 0]
+    expected = np.asarray(Image.fromarray(digit).resize((32, 32), Image.BILINEAR))
+    np.testing.assert_array_equal(resized.test.images[7, ..., 0], expected)
+    assert abs(resized.train.images.mean() - mnist_sample.train.images.mean()) < 3
