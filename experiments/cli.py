@@ -145,6 +145,11 @@ def _bench(args, overrides):
     from flaxlab import bench, sweep
     if args.epochs < 1 or args.repeat < 1:
         raise UsageError("--epochs and --repeat must be at least 1")
+    if args.markdown:
+        from flaxlab.runner import unwritable
+        why = unwritable(Path(args.markdown).parent) or (Path(args.markdown).is_dir() and "it is a folder")
+        if why:
+            raise UsageError(f"--markdown {args.markdown}: {why}")
     names = list(bench.PEER_WORKLOADS) if args.experiment == "all" else [args.experiment]
     configs = {name: _apply_overrides(_experiment(name), overrides) for name in names}
     first = configs[names[0]]

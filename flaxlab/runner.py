@@ -188,18 +188,22 @@ def default_workdir(name):
     return Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
+def unwritable(folder):
+    """Why files cannot be written in `folder` (made first where missing), or None when they can."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    return None
+
+
 def check_workdir(workdir):
     """Refuses a run folder that cannot be made or written, before any data are loaded or models trained."""
-    if workdir is None:
-        return
-    path = Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--workdir {path} is a file, not a folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--workdir {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--workdir {path}: cannot write in {existing}")
+    why = workdir is not None and unwritable(workdir)
+    if why:
+        raise UsageError(f"--workdir {workdir}: {why}")
 
 
 def make_workdir(workdir):

@@ -35,6 +35,7 @@ def cli(*args, cwd):
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"], "cannot take input 4,4,3"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
     (["run", "mnist_cnn", "--data.size", "3,3"], "small_cnn cannot take 3x3 images"),
+    (["bench", "mnist_cnn", "--peer", "--markdown", "."], "--markdown .: it is a folder"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
@@ -47,7 +48,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
 @pytest.mark.parametrize("command", [["run", "mnist_cnn"], ["sweep", "mnist_cnn", "--grid", "dropout=0,0.1"]])
 def test_a_workdir_that_is_a_file_is_refused_before_training(tmp_path, command):
     (tmp_path / "taken").write_text("not a folder")
-    for workdir, message in [("taken", "--workdir taken is a file, not a folder"),
+    for workdir, message in [("taken", "--workdir taken: taken is a file, not a folder"),
                              ("taken/run", "--workdir taken/run: taken is a file, not a folder")]:
         out = cli(*command, "--workdir", workdir, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr == f"error: {message}\n" and out.stdout == "", out.stderr
