@@ -214,8 +214,11 @@ def _summary(args, overrides):
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
         if not args.input_shape:
             raise
+        from flaxlab.runner import smallest_sides_that_fit
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f"{args.model} cannot take input {args.input_shape} ({why})") from None
+        fits = smallest_sides_that_fit(model, input_shape)
+        hint = f"; it takes e.g. --input-shape {fits[0]},{fits[1]},{input_shape[2]}" if fits else ""
+        raise UsageError(f"{args.model} cannot take input {args.input_shape} ({why}){hint}") from None
     print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
 
 

@@ -89,6 +89,25 @@ def _sizes_that_fit(model, image_shape):
     return None
 
 
+def smallest_sides_that_fit(model, image_shape):
+    """The image grown to the least side the (classification) network takes, by doubling then bisection, or None."""
+    def fits(side):
+        try:
+            _output_shape(model, (max(image_shape[0], side), max(image_shape[1], side), *image_shape[2:]))
+            return True
+        except _SHAPE_ERRORS:
+            return False
+    low, high = max(image_shape[:2]), 2 * max(image_shape[:2])
+    while not fits(high):
+        low, high = high, 2 * high
+        if high > 4096:
+            return None
+    while high - low > 1:  # low does not fit, high does
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return max(image_shape[0], high), max(image_shape[1], high)
+
+
 def check_input(config, model, dataset):
     """Refuses, before anything is trained, images that the network cannot take, or that a segmentation
     network maps to masks of another size (a U-Net with 4 pools needs sides that are multiples of 16): one
@@ -100,11 +119,14 @@ def check_input(config, model, dataset):
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
     except _SHAPE_ERRORS as e:
-        problem = f"cannot take {size} images: {(str(e).splitlines() or [type(e).__name__])[0].split(':')[0]}"
+        problem = f"cannot take {size} images: {(str(e).splitlines() or [type(e).__name__])[0].split(':')[0].rstrip('.')}"
     if problem:
-        fits = _sizes_that_fit(model, image_shape) if dataset.is_segmentation else None
-        hint = (f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}"
-                if fits else "")
+        if dataset.is_segmentation:
+            fits = _sizes_that_fit(model, image_shape)
+            hint = f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}" if fits else ""
+        else:
+            fits = smallest_sides_that_fit(model, image_shape)
+            hint = f"; it takes e.g. --data.size {fits[0]},{fits[1]}" if fits else ""
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
 
 
