@@ -204,12 +204,12 @@ def median_ratio(comparisons):
                 median_ratio_images_per_s=round(float(np.median(values)), 2))
 
 
-def _train_programs(programs, dataset, epochs, model_axis=None):
+def _train_programs(programs, epochs, model_axis=None):
     """Wall seconds (set-up, compile, train, per-epoch evaluation) of training the programs in turn."""
     from flaxlab.runner import fit, set_up
     t0 = time.perf_counter()
     accuracies, compile_s = [], 0.0
-    for config, variants in programs:
+    for config, variants, dataset in programs:
         if model_axis:
             config = {**config, "model_axis": model_axis}
         s = set_up(config, dataset, variants)
@@ -225,15 +225,15 @@ def bench_sweep(config, variants, data_dir, epochs=1):
     """A sweep trained as planned (stacked per program, the engine's model axis, and vmap forced)
     against every one of its models trained alone, one after another, by the same engine."""
     from flaxlab import sweep
-    dataset = _load(config, data_dir)
     programs = sweep.plan(config, variants)
-    stacked = [(p.config, [overrides for _, overrides in p.variants]) for p in programs]
-    alone = [({**p.config, "seeds": 1, "seed": p.config["seed"] + i}, [overrides])
-             for p in programs for _, overrides in p.variants for i in range(config["seeds"])]
+    datasets = sweep.program_datasets(programs, lambda c: _load(c, data_dir))
+    stacked = [(p.config, [overrides for _, overrides in p.variants], d) for p, d in zip(programs, datasets)]
+    alone = [({**p.config, "seeds": 1, "seed": p.config["seed"] + i}, [overrides], d)
+             for p, d in zip(programs, datasets) for _, overrides in p.variants for i in range(config["seeds"])]
     rows = []
     for mode, plan, axis in (("stacked", stacked, None), ("stacked_vmap", stacked, "vmap"), ("one_by_one", alone, None)):
-        row = dict(sweep=config["name"], mode=mode, programs=len(plan), epochs=epochs, data=dataset.source,
-                   device=str(jax.devices()[0]), **_train_programs(plan, dataset, epochs, axis))
+        row = dict(sweep=config["name"], mode=mode, programs=len(plan), epochs=epochs, data=datasets[0].source,
+                   device=str(jax.devices()[0]), **_train_programs(plan, epochs, axis))
         print(json.dumps(row), flush=True)
         rows.append(row)
     one_by_one = rows[-1]["wall_s"]

@@ -104,6 +104,20 @@ def plan(config, variants):
     return list(programs.values())
 
 
+def program_datasets(programs, load):
+    """Each program's dataset, loaded once per distinct data config: a grid over a data field (`data.size`,
+    `data.val_fraction`) trains each program on its own data; every other sweep shares one dataset."""
+    loaded = {}
+    for program in programs:
+        if _data_key(program) not in loaded:
+            loaded[_data_key(program)] = load(program.config)
+    return [loaded[_data_key(program)] for program in programs]
+
+
+def _data_key(program):
+    return json.dumps(program.config["data"], sort_keys=True, default=str)
+
+
 @dataclasses.dataclass
 class SweepResult:
     workdir: Path
@@ -162,15 +176,20 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     config_lib.validate(config)
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
-    dataset = load_dataset(config, data_dir, dataset, [p.config["batch_size"] for p in programs])
+    if dataset is not None and len({_data_key(p) for p in programs}) > 1:
+        raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
+    datasets = program_datasets(programs, lambda c: load_dataset(c, data_dir, dataset))
+    for program, data in zip(programs, datasets):  # each program's batch size and best-model split
+        load_dataset(program.config, data_dir, data)
+    dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
         f"program(s), {config['epochs']} epochs each; data: {dataset.source} "
-        f"({len(dataset.train):,} train / {len(dataset.test):,} test)")
+        f"({len(dataset.train):,} train / {len(dataset.test):,} test{', per program below' if several else ''})")
 
-    for program in programs:  # every program's network takes the images, before anything is written
-        check_input(program.config, make_model(program.config["model"], dataset.num_classes), dataset)
+    for program, data in zip(programs, datasets):  # every network takes its images, before anything is written
+        check_input(program.config, make_model(program.config["model"], data.num_classes), data)
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     make_workdir(workdir)
     write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
@@ -181,10 +200,12 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
                                                "variants": {**histories, **(partial or {})}})
 
-    for index, program in enumerate(programs, 1):
+    for index, (program, data) in enumerate(zip(programs, datasets), 1):
         labels = [label for label, _ in program.variants]
-        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s))")
-        s = set_up(program.config, dataset, [overrides for _, overrides in program.variants])
+        data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
+                     if several else "")
+        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
+        s = set_up(program.config, data, [overrides for _, overrides in program.variants])
         compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
         states, best, history, best_epochs = fit(
@@ -193,17 +214,17 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             log=log, on_epoch=lambda h: save(split(h)))
         histories.update(split(history))
         image_scores = None
-        if dataset.is_segmentation:  # per-image Dice of each model's final (or selected) state
+        if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
             predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
-            image_scores = [analysis.dice_per_image(p, dataset.test.labels) for p in predictions]
+            image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
         for i, label in enumerate(labels):
             trials += metrics.trial_rows(label, histories[label], config["seed"],
                                          best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
                                          image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
         train_s = sum(history["epoch_time_s"])
-        images = s.trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"]) * len(labels) * seeds
+        images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
-                             "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
+                             "data": data.describe(), "model_axis": s.trainer.model_axis, "compile_s": round(compile_s, 3),
                              "train_s": round(train_s, 3), "epochs_run": len(history["epoch"]),
                              "images_per_s": round(images / train_s, 1)})
         rows += [_row(label, index, histories[label]) for label in labels]
@@ -219,6 +240,9 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
                             f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
                             f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
+                            + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
+                               f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
+                               f"{p['data']['test_examples']:,} test" if several else "")
                             for p in program_info)
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"

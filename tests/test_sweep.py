@@ -112,13 +112,29 @@ def test_every_named_sweep_runs_on_the_sample(name, mnist_sample, tmp_path):
     assert all(np.isfinite(r["test_loss_mean"]) and r["test_accuracy_mean"] > 0.05 for r in result.rows)
 
 
+def test_a_sweep_over_a_data_field_trains_each_program_on_its_data(mnist_sample, tmp_path):
+    """A grid over data.size was once ignored (every program trained on the base size); now each size is loaded."""
+    config = cnn(seeds=2)
+    variants = sweep.parse_grid(config, ["data.size=14,14/28,28", "dropout=0,0.5"])
+    with pytest.raises(UsageError, match="changes data fields"):
+        sweep.run_sweep(config, variants, workdir=tmp_path / "given", dataset=mnist_sample, log=quiet)
+    result = sweep.run_sweep(config, variants, workdir=tmp_path / "run", progress=False, log=quiet)
+    assert [p["data"]["image_shape"] for p in result.programs] == [[14, 14, 1], [28, 28, 1]]
+    assert [p["models"] for p in result.programs] == [4, 4]
+    final = {label: np.mean(h["test_accuracy"][-1]) for label, h in result.histories.items()}
+    assert final["size=14-14, dropout=0"] != final["size=28-28, dropout=0"]
+    assert min(final.values()) > 0.3
+    assert "data: 14x14 images, 5,000 train" in (tmp_path / "run" / "results.md").read_text()
+
+
 def test_sweep_command_errors(capsys, tmp_path):
     for argv, message in ([["sweep", "mnist_cnn"], "defines no sweep"],
                           [["sweep", "mnist_cnn", "--grid", "bogus=1"], "unknown field 'bogus'"],
                           [["sweep", "mnist_cnn", "--grid", "dropout=0,1.5"], "must be below 1"],
                           [["sweep", "mnist_cnn", "--grid", "activation=relu,swish"], "unknown value 'swish'"],
                           [["sweep", "glas_fcn", "--grid", "lr=0.1,0.01", "--data.size", "9,9"],
-                           "fcn maps 9x9 images to 8x8 masks"]):
+                           "fcn maps 9x9 images to 8x8 masks"],
+                          [["sweep", "mnist_cnn", "--grid", "data.size=28,28/3,3"], "small_cnn cannot take 3x3 images"]):
         assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
