@@ -25,6 +25,12 @@ from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, lo
 from flaxlab.train import STACKABLE
 
 
+# fields a grid cannot vary, and why (a grid over any of them trained the same models under other names)
+NOT_SWEPT = {"seeds": "every variant trains --seeds N models", "distributed": "it is set once per process",
+             "deterministic": "it is set once per process", "checkpoint_every": "a sweep keeps no checkpoints",
+             "features": "a sweep draws no feature maps"}
+
+
 def resolve_key(config, key):
     """A dotted field by its full name or by a unique last part: `dropout` -> `model.dropout`."""
     fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
@@ -48,6 +54,9 @@ def parse_grid(config, specs):
         if not sep or not values.strip():
             raise UsageError(f"bad --grid '{spec}': expected field=value1,value2,...")
         key = resolve_key(config, name.strip())
+        why = NOT_SWEPT.get(key) or NOT_SWEPT.get(key.split(".")[0])
+        if why:
+            raise UsageError(f"--grid cannot vary {key}: {why}")
         separator = "/" if isinstance(flat[key], (tuple, list)) else ","
         parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
         if len(set(map(repr, parsed))) != len(parsed):
@@ -218,7 +227,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
             image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
         for i, label in enumerate(labels):
-            trials += metrics.trial_rows(label, histories[label], config["seed"],
+            trials += metrics.trial_rows(label, histories[label], program.config["seed"],
                                          best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
                                          image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
         train_s = sum(history["epoch_time_s"])

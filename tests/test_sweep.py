@@ -36,7 +36,10 @@ def test_grid_resolves_short_names_and_makes_a_product():
 
 @pytest.mark.parametrize("spec, message", [
     ("nosuch=1,2", "unknown field"), ("dropout", "expected field=value"), ("dropout=0,x", "bad value"),
-    ("dropout=0.1,0.1", "repeats"), ("name=a,b", "ambiguous"), ("description=a", "unknown field")])
+    ("dropout=0.1,0.1", "repeats"), ("name=a,b", "ambiguous"), ("description=a", "unknown field"),
+    ("seeds=1,2", "cannot vary seeds: every variant trains --seeds N models"),
+    ("layer=Conv_0,Conv_1", "cannot vary features.layer: a sweep draws no feature maps"),
+    ("checkpoint_every=0,1", "cannot vary checkpoint_every")])
 def test_bad_grids_are_one_clear_error(spec, message):
     with pytest.raises(UsageError, match=message):
         sweep.parse_grid(cnn(), [spec])
