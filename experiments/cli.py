@@ -152,6 +152,9 @@ def _bench(args, overrides):
             raise UsageError(f"--markdown {args.markdown}: {why}")
     names = list(bench.PEER_WORKLOADS) if args.experiment == "all" else [args.experiment]
     configs = {name: _apply_overrides(_experiment(name), overrides) for name in names}
+    if args.peer:
+        for name, config in configs.items():
+            bench.check_peer_overrides(_experiment(name), config)
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own

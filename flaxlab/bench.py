@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from flaxlab import config as config_lib
 from flaxlab import data as data_lib
 from flaxlab.errors import UsageError
 from flaxlab.train import summarize
@@ -89,6 +90,22 @@ def peer_workload(config):
               "optimizer": {**config["optimizer"], "schedule": "constant"},
               "data": {**config["data"], "val_fraction": 0.0}}
     return PEER_WORKLOADS[config["name"]], config
+
+
+# with --peer, the overrides that the peer gets too, and those that change only how flaxlab runs the same workload
+PEER_TAKES = {"batch_size", "seeds", "model.width"}
+HOW_IT_RUNS = {"devices", "parallel", "distributed", "compute_dtype", "deterministic", "model_axis", "epoch_mode",
+               "scan_steps", "eval_batch_size", "seed", "data.source"}
+
+
+def check_peer_overrides(default, config):
+    """Refuses an override that would change flaxlab's workload but not the peer's (a wider net, other images,
+    another optimizer): the ratio would compare two different workloads."""
+    before, after = config_lib.flatten(default), config_lib.flatten(config)
+    changed = sorted(k for k in after if after[k] != before.get(k) and k not in PEER_TAKES | HOW_IT_RUNS)
+    if changed:
+        raise UsageError(f"--peer runs the PyTorch workload as written; --{changed[0]} would change flaxlab's side "
+                         f"only (the peer takes --batch-size, --seeds and the U-Net's --model.width)")
 
 
 def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
