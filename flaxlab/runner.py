@@ -119,11 +119,13 @@ def check_input(config, model, dataset):
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
     except _SHAPE_ERRORS as e:
-        problem = f"cannot take {size} images: {(str(e).splitlines() or [type(e).__name__])[0].split(':')[0].rstrip('.')}"
+        why = (str(e).splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")
+        problem = f"cannot take {size} images: {why}"
     if problem:
         if dataset.is_segmentation:
             fits = _sizes_that_fit(model, image_shape)
-            hint = f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}" if fits else ""
+            hint = (f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}"
+                    if fits else "")
         else:
             fits = smallest_sides_that_fit(model, image_shape)
             hint = f"; it takes e.g. --data.size {fits[0]},{fits[1]}" if fits else ""

@@ -32,9 +32,11 @@ def cli(*args, cwd):
     (["run"], "required: experiment"),
     (["summary", "resnet1000"], "unknown model or experiment 'resnet1000'"),
     (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
-    (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"], "cannot take input 4,4,3 (division by zero); it takes e.g. --input-shape 8,8,3"),
+    (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"],
+     "cannot take input 4,4,3 (division by zero); it takes e.g. --input-shape 8,8,3"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
-    (["run", "mnist_cnn", "--data.size", "3,3"], "small_cnn cannot take 3x3 images: division by zero; it takes e.g. --data.size 4,4"),
+    (["run", "mnist_cnn", "--data.size", "3,3"],
+     "small_cnn cannot take 3x3 images: division by zero; it takes e.g. --data.size 4,4"),
     (["bench", "mnist_cnn", "--peer", "--markdown", "."], "--markdown .: it is a folder"),
     (["bench", "mnist_cnn", "--peer", "--model.features", "64,128,256"], "--model.features would change flaxlab's side"),
 ])
