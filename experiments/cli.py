@@ -244,6 +244,8 @@ def _layers(args):
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
+        if args.command in ("summary", "layers", "figures", "evaluate"):  # run, sweep, bench: set_up_process
+            parallel.check_backend()
         if args.command == "list":
             from experiments import EXPERIMENTS
             for name, make in sorted(EXPERIMENTS.items()):

@@ -81,8 +81,24 @@ def set_up_process(distributed=False, deterministic=False):
     if deterministic:
         os.environ["XLA_FLAGS"] = with_xla_flag(os.environ.get("XLA_FLAGS", ""), DETERMINISTIC_GPU_FLAG)
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not (distributed or address) or jax.distributed.is_initialized():
-        return
+    if (distributed or address) and not jax.distributed.is_initialized():
+        _join(address)
+    check_backend()
+
+
+def check_backend():
+    """jax's devices, or one line saying why it has none (JAX_PLATFORMS naming a platform this machine lacks
+    raised an AssertionError or a RuntimeError from deep inside the first network)."""
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        platforms = os.environ.get("JAX_PLATFORMS")
+        why = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise UsageError(f"jax has no usable backend{f' for JAX_PLATFORMS={platforms}' if platforms else ''}: {why}"
+                         f"{'; unset JAX_PLATFORMS to use what this machine has' if platforms else ''}") from None
+
+
+def _join(address):
     kwargs = {}
     if address:
         try:

@@ -58,6 +58,15 @@ def test_a_workdir_that_is_a_file_is_refused_before_training(tmp_path, command):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
+@pytest.mark.parametrize("command", [["run", "mnist_cnn"], ["summary", "mnist_cnn"]])
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path, command):
+    out = subprocess.run([sys.executable, "-m", "experiments", *command], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "nosuch"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: jax has no usable backend for JAX_PLATFORMS=nosuch: ")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_main_job_on_the_shipped_sample(tmp_path):
     out = cli("run", "mnist_cnn", "--epochs", "2", "--seeds", "2", "--workdir", "run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
