@@ -65,7 +65,8 @@ class Checkpoints:
             restored = self.manager.restore(epoch, args=args.Composite(**items))
         except Exception as e:  # a checkpoint of another model, or damaged files
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UsageError(f"cannot resume from {self.directory / str(epoch)}: {why}") from None
+            raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): "
+                             f"{why}") from None
         return restored.state, restored.get("best") if with_best else None, restored.progress
 
     def close(self):

@@ -70,6 +70,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert "no checkpoint in" in error(*once, "--resume")
     assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
     assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
+    damaged = [*RUN[:-5], "--epochs", "1", "--checkpoint_every", "1", "--workdir", "damaged"]
+    finished(cli(*damaged, cwd=tmp_path))
+    for part in (tmp_path / "damaged" / "checkpoints" / "1" / "state").rglob("*"):
+        if part.is_file() and part.stat().st_size > 1000:
+            part.write_bytes(part.read_bytes()[:100])  # cut short, as by a full disk
+    for args in ([*damaged, "--resume"], ["evaluate", "--workdir", "damaged"], ["figures", "--workdir", "damaged"]):
+        assert "(another model's, or damaged)" in error(*args)
 
 
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
