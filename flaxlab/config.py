@@ -27,6 +27,7 @@ POSITIVE_EACH = ("model.features", "model.hidden")  # layer widths
 NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "scan_steps", "augment.rotate",
                 "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout",
                 "devices", "model.input_size")
+BELOW_ONE = ("augment.jitter", "model.dropout", "optimizer.momentum")  # a momentum of 1 or more diverges
 
 
 def flatten(config, prefix=""):
@@ -107,8 +108,7 @@ def validate(config):
         raise UsageError("--patience (early stopping) needs --best_metric val_loss, val_accuracy or val_dice")
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
-    if flat.get("augment.jitter", 0) >= 1:
-        raise UsageError(f"--augment.jitter must be below 1, got {flat['augment.jitter']}")
-    if flat.get("model.dropout", 0) >= 1:
-        raise UsageError(f"--model.dropout must be below 1, got {flat['model.dropout']}")
+    for key in BELOW_ONE:
+        if flat.get(key, 0) >= 1:
+            raise UsageError(f"--{key} must be below 1, got {flat[key]}")
     return config

@@ -22,6 +22,7 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--batch-size", "0"], "--batch_size must be positive"),
     (["run", "mnist_cnn", "--batch-size", "100000"], "larger than the training set"),
     (["run", "mnist_cnn", "--model.activation", "swish"], "unknown value 'swish'"),
+    (["run", "mnist_cnn", "--optimizer.momentum", "1.5"], "--optimizer.momentum must be below 1, got 1.5"),
     (["run", "mnist_cnn", "--model.features", "0,4"], "--model.features must be positive sizes, got 0,4"),
     (["run", "jsrt_unet", "--model.depth", "0"], "--model.depth must be positive, got 0"),
     (["run", "mnist_cnn", "--data-dir", "no/such/folder"], "is not a folder"),
