@@ -128,6 +128,11 @@ def _run(args, overrides):
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
+    from flaxlab import config as config_lib
+    for key in config_lib.changed_fields(_experiment(args.experiment), config):
+        if variants and all(key in v for v in variants):  # the sweep's values would replace it, silently
+            raise UsageError(f"--{key} is what the sweep varies (every variant sets it): leave it out, or give "
+                             f"the values to try with --grid {key}=V1,V2")
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all

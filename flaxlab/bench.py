@@ -101,8 +101,7 @@ HOW_IT_RUNS = {"devices", "parallel", "distributed", "compute_dtype", "determini
 def check_peer_overrides(default, config):
     """Refuses an override that would change flaxlab's workload but not the peer's (a wider net, other images,
     another optimizer): the ratio would compare two different workloads."""
-    before, after = config_lib.flatten(default), config_lib.flatten(config)
-    changed = sorted(k for k in after if after[k] != before.get(k) and k not in PEER_TAKES | HOW_IT_RUNS)
+    changed = [k for k in config_lib.changed_fields(default, config) if k not in PEER_TAKES | HOW_IT_RUNS]
     if changed:
         raise UsageError(f"--peer runs the PyTorch workload as written; --{changed[0]} would change flaxlab's side "
                          f"only (the peer takes --batch-size, --seeds and the U-Net's --model.width)")

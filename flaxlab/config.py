@@ -83,6 +83,12 @@ def override(config, key, text):
     return with_field(config, key, parse_value(key, text, flat[key]))
 
 
+def changed_fields(before, after):
+    """The dotted fields whose values differ between two configs (what the command line overrode)."""
+    before, after = flatten(before), flatten(after)
+    return sorted(k for k in after if after[k] != before.get(k) and k not in FIXED)
+
+
 def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
     flat = flatten(config)

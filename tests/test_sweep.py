@@ -137,7 +137,10 @@ def test_sweep_command_errors(capsys, tmp_path):
                           [["sweep", "mnist_cnn", "--grid", "activation=relu,swish"], "unknown value 'swish'"],
                           [["sweep", "glas_fcn", "--grid", "lr=0.1,0.01", "--data.size", "9,9"],
                            "fcn maps 9x9 images to 8x8 masks"],
-                          [["sweep", "mnist_cnn", "--grid", "data.size=28,28/3,3"], "small_cnn cannot take 3x3 images"]):
+                          [["sweep", "mnist_cnn", "--grid", "data.size=28,28/3,3"], "small_cnn cannot take 3x3 images"],
+                          [["run", "mnist_cnn_dropout", "--model.dropout", "0.3"], "--model.dropout is what the sweep"],
+                          [["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--optimizer.lr", "0.3"],
+                           "--optimizer.lr is what the sweep varies"]):
         assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
