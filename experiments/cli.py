@@ -114,6 +114,15 @@ def _parser():
     return parser
 
 
+def _check_not_swept(name, config, variants):
+    """Refuses an option that every variant sets: the sweep's values would replace it, silently."""
+    from flaxlab import config as config_lib
+    for key in config_lib.changed_fields(_experiment(name), config):
+        if variants and all(key in v for v in variants):
+            raise UsageError(f"--{key} is what the sweep varies (every variant sets it): leave it out, or give "
+                             f"the values to try with --grid {key}=V1,V2")
+
+
 def _split_cpu(config, variants):
     """One CPU device per model that XLA:CPU would train one after another (parallel.split_cpu_devices)."""
     from flaxlab.train import resolve_model_axis
@@ -128,11 +137,7 @@ def _run(args, overrides):
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
-    from flaxlab import config as config_lib
-    for key in config_lib.changed_fields(_experiment(args.experiment), config):
-        if variants and all(key in v for v in variants):  # the sweep's values would replace it, silently
-            raise UsageError(f"--{key} is what the sweep varies (every variant sets it): leave it out, or give "
-                             f"the values to try with --grid {key}=V1,V2")
+    _check_not_swept(args.experiment, config, variants)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
@@ -162,6 +167,7 @@ def _bench(args, overrides):
             bench.check_peer_overrides(_experiment(name), config)
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
+    _check_not_swept(names[0], first, variants)
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
         _split_cpu(first, variants)
     parallel.set_up_process(first["distributed"], first["deterministic"])
