@@ -209,7 +209,7 @@ def read_state_dict(path):
     """A state_dict from a .pth (torch.save; needs torch), .npz or .safetensors file, as numpy arrays."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"weights file {path} does not exist")
+        raise DataError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -230,7 +230,10 @@ def read_state_dict(path):
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as e:
-        raise DataError(f"cannot read weights from {path}: {str(e).splitlines()[0][:200]}") from None
+        why = str(e).splitlines()[0][:200]
+        if "weights_only" in why:  # torch's advice (load with weights_only=False) is not one to follow for a file
+            why = "not a file of tensors that torch.save wrote (torch.load with weights_only=True refused it)"
+        raise DataError(f"cannot read weights from {path}: {why}") from None
     raise UsageError(f"weights file {path}: expected .pth, .npz or .safetensors")
 
 

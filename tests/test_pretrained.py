@@ -106,6 +106,8 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "bad.pth")
     with pytest.raises(DataError, match="does not exist"):
         pretrained.read_state_dict(tmp_path / "none.npz")
+    with pytest.raises(DataError, match="is a folder"):
+        pretrained.read_state_dict(tmp_path)
 
 
 def test_fine_tuning_experiment_starts_from_the_weights_file(tmp_path):
