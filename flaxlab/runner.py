@@ -22,6 +22,7 @@ from flaxlab import analysis, metrics, parallel, plots, pretrained
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
+from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
 from flaxlab.progress import Progress
 from flaxlab.train import STACKABLE, Trainer, steps_per_epoch, summarize
 
@@ -464,15 +465,18 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0")
         workdir = Path(tempfile.mkdtemp(prefix=f"{config['name']}-process{jax.process_index()}-"))
     checkpoints, resumed = None, None
-    if config["checkpoint_every"] or resume:
-        from flaxlab.checkpoint import Checkpoints
-        checkpoints = Checkpoints(workdir, config["checkpoint_every"])
     if resume:
+        checkpoints = Checkpoints(workdir, config["checkpoint_every"])
         resumed = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
     info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 
     make_workdir(workdir)  # only now: bad input has been refused by this point
+    if not resume and (workdir / CHECKPOINT_DIR).is_dir():  # a fresh run: `--resume` and `evaluate` must not
+        shutil.rmtree(workdir / CHECKPOINT_DIR)             # find an earlier run's states under its config
+        log(f"removed the checkpoints of the run that was in {workdir} before")
+    if config["checkpoint_every"] and not resume:
+        checkpoints = Checkpoints(workdir, config["checkpoint_every"])
     write_json(workdir / "config.json", config)
     save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
     try:
@@ -507,7 +511,6 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 def _restore_run(workdir, data_dir, **fields):
     """A run folder's config (with `fields` set), data, set-up and last checkpoint: (config, dataset, setup,
     states, progress), the states being each model's best-validation state when the run kept one."""
-    from flaxlab.checkpoint import Checkpoints
     workdir = Path(workdir)
     try:
         config = json.loads((workdir / "config.json").read_text())

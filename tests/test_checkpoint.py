@@ -79,6 +79,18 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
         assert "(another model's, or damaged)" in error(*args)
 
 
+def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_path):
+    """Else `evaluate` (or `--resume`) would score the earlier run's states under the new run's config."""
+    run = ["run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "used"]
+    finished(cli(*run, "--checkpoint_every", "1", cwd=tmp_path))
+    assert (tmp_path / "used" / "checkpoints" / "1").is_dir()
+    finished(cli(*run, "--optimizer.lr", "0.05", cwd=tmp_path))
+    assert not (tmp_path / "used" / "checkpoints").exists()
+    evaluate = cli("evaluate", "--workdir", "used", cwd=tmp_path)
+    _, err = evaluate.communicate(timeout=300)
+    assert evaluate.returncode == 2 and "no checkpoint in" in err, err
+
+
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
     from flaxlab.runner import _check_resumable
     from experiments import EXPERIMENTS
