@@ -239,6 +239,14 @@ def make_workdir(workdir):
     return workdir
 
 
+def remove_earlier_checkpoints(workdir, log):
+    """A fresh run or sweep in a used folder: `--resume` and `evaluate` must not find an earlier run's states
+    there and read them under the new config."""
+    if (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        shutil.rmtree(Path(workdir) / CHECKPOINT_DIR)
+        log(f"removed the checkpoints of the run that was in {workdir} before")
+
+
 def select_models(improved, new, kept):
     """Per model (leading axis): the new state where it improved, else the kept one."""
     improved = jnp.asarray(improved)
@@ -472,9 +480,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 
     make_workdir(workdir)  # only now: bad input has been refused by this point
-    if not resume and (workdir / CHECKPOINT_DIR).is_dir():  # a fresh run: `--resume` and `evaluate` must not
-        shutil.rmtree(workdir / CHECKPOINT_DIR)             # find an earlier run's states under its config
-        log(f"removed the checkpoints of the run that was in {workdir} before")
+    if not resume:
+        remove_earlier_checkpoints(workdir, log)
     if config["checkpoint_every"] and not resume:
         checkpoints = Checkpoints(workdir, config["checkpoint_every"])
     write_json(workdir / "config.json", config)
@@ -516,6 +523,9 @@ def _restore_run(workdir, data_dir, **fields):
         config = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         raise UsageError(f"{workdir / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
+    if config.get("sweep"):
+        raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (run one variant with "
+                         f"--checkpoint_every N)")
     config = config_lib.validate({**config, **fields})
     dataset = load_dataset(config, data_dir)
     s = set_up(config, dataset)

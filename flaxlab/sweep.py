@@ -20,8 +20,8 @@ from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir, set_up,
-                            write_json)
+from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir,
+                            remove_earlier_checkpoints, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -201,6 +201,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         check_input(program.config, make_model(program.config["model"], data.num_classes), data)
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     make_workdir(workdir)
+    remove_earlier_checkpoints(workdir, log)
     write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
     histories, rows, trials, program_info = {}, [], [], []
     start = time.perf_counter()

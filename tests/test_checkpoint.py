@@ -86,9 +86,12 @@ def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_p
     assert (tmp_path / "used" / "checkpoints" / "1").is_dir()
     finished(cli(*run, "--optimizer.lr", "0.05", cwd=tmp_path))
     assert not (tmp_path / "used" / "checkpoints").exists()
+    finished(cli(*run, "--checkpoint_every", "1", cwd=tmp_path))
+    finished(cli("sweep", "mnist_cnn", "--grid", "lr=0.1,0.05", *run[2:], cwd=tmp_path))
+    assert not (tmp_path / "used" / "checkpoints").exists()
     evaluate = cli("evaluate", "--workdir", "used", cwd=tmp_path)
     _, err = evaluate.communicate(timeout=300)
-    assert evaluate.returncode == 2 and "no checkpoint in" in err, err
+    assert evaluate.returncode == 2 and "used is a sweep's folder; a sweep keeps no checkpoints" in err, err
 
 
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
