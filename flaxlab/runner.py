@@ -482,8 +482,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     make_workdir(workdir)  # only now: bad input has been refused by this point
     if not resume:
         remove_earlier_checkpoints(workdir, log)
-    if config["checkpoint_every"] and not resume:
-        checkpoints = Checkpoints(workdir, config["checkpoint_every"])
+        if config["checkpoint_every"]:
+            checkpoints = Checkpoints(workdir, config["checkpoint_every"])
     write_json(workdir / "config.json", config)
     save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
     try:

@@ -235,8 +235,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
         program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                              "data": data.describe(), "model_axis": s.trainer.model_axis,
-                             "compile_s": round(compile_s, 3), "train_s": round(train_s, 3), "epochs_run": len(history["epoch"]),
-                             "images_per_s": round(images / train_s, 1)})
+                             "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
+                             "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
         rows += [_row(label, index, histories[label]) for label in labels]
         save()
     wall_s = time.perf_counter() - start

@@ -39,7 +39,8 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--data.size", "3,3"],
      "small_cnn cannot take 3x3 images: division by zero; it takes e.g. --data.size 4,4"),
     (["bench", "mnist_cnn", "--peer", "--markdown", "."], "--markdown .: it is a folder"),
-    (["bench", "mnist_cnn", "--peer", "--model.features", "64,128,256"], "--model.features would change flaxlab's side"),
+    (["bench", "mnist_cnn", "--peer", "--model.features", "64,128,256"],
+     "--model.features would change flaxlab's side"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
