@@ -98,7 +98,13 @@ def _iter_files(path, want):
                 for member in tf:
                     rel = member.name[2:] if member.name.startswith("./") else member.name
                     if member.isfile() and want(rel):
-                        yield rel, tf.extractfile(member).read()
+                        data = tf.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise EOFError(f"{rel} ends after {len(data)} of its {member.size} bytes")
+                        yield rel, data
+            if path.name.lower().endswith(".tar") and path.stat().st_size % tarfile.BLOCKSIZE:
+                # an uncompressed tar cut between members reads as a shorter archive, not as an error
+                raise EOFError(f"its size is not a whole number of {tarfile.BLOCKSIZE}-byte tar blocks")
     except (tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError, zlib.error, EOFError, OSError) as e:
         raise DataError(f"cannot read archive {path}: {_first_line(e)} (truncated or corrupt?)") from None
 

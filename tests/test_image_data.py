@@ -109,6 +109,11 @@ def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "cut.tar.xz").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(DataError, match="cannot read archive .*cut.tar.xz"):
         image_data.read_image_folder(tmp_path / "cut.tar.xz")
+    raw = open(write_tree(tmp_path / "ok.tar", folder_files(("a", "b"), 2)), "rb").read()
+    for cut in (1536, 1500):  # an uncompressed tar cut at a block boundary inside a member, and anywhere
+        (tmp_path / "cut.tar").write_bytes(raw[:cut])
+        with pytest.raises(DataError, match="cannot read archive .*cut.tar: .*(truncated or corrupt?)"):
+            image_data.read_image_folder(tmp_path / "cut.tar")
     files["train/a/bad.png"] = encode(solid(1), "PNG")[:30]  # truncated PNG
     with pytest.raises(DataError, match=r"cannot decode image .*bad\.png") as e:
         image_data.read_image_folder(write_tree(tmp_path / "bad.tar", files))
