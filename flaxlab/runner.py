@@ -515,10 +515,25 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     return RunResult(workdir, history, stats, chosen, info)
 
 
+def _recorded_data_dir(workdir):
+    """Where a run read its files ('files:PATH' in history.json), or None (the shipped sample, TFDS)."""
+    try:
+        source = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kind, _, rest = source.partition(":")
+    return rest.split(" (")[0] if kind == "files" else None
+
+
 def _restore_run(workdir, data_dir, **fields):
     """A run folder's config (with `fields` set), data, set-up and last checkpoint: (config, dataset, setup,
-    states, progress), the states being each model's best-validation state when the run kept one."""
+    states, progress), the states being each model's best-validation state when the run kept one. Without
+    `data_dir`, the data the run read (it scored the shipped sample instead, whatever the run trained on)."""
     workdir = Path(workdir)
+    if data_dir is None:
+        data_dir = _recorded_data_dir(workdir)
+        if data_dir and not Path(data_dir).exists():
+            raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
     try:
         config = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
@@ -563,7 +578,7 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
     (--eval_flip): a finished run rescored without training it again. Returns {split: summarize(...)}."""
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, eval_flip=flip)
     how = "each image and its left-right mirror" if flip else "the images as they are"
-    log(f"{config['name']}: {_kept(config, progress)}, on {how}")
+    log(f"{config['name']}: {_kept(config, progress)}, on {how}; data: {dataset.source}")
     scores = {}
     for name, split in (("val", s.val_data), ("test", s.test_data)):
         if split is None:

@@ -94,6 +94,21 @@ def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_p
     assert evaluate.returncode == 2 and "used is a sweep's folder; a sweep keeps no checkpoints" in err, err
 
 
+def test_evaluate_reads_the_data_the_run_read(tmp_path):
+    """Without --data-dir, evaluate scored the shipped sample whatever the run had trained on."""
+    from test_data import fake_mnist_dir
+    (tmp_path / "idx").mkdir()
+    data = fake_mnist_dir(tmp_path / "idx", n_train=64, n_test=16)
+    finished(cli("run", "mnist_cnn", "--data-dir", str(data), "--epochs", "1", "--checkpoint_every", "1", "--quiet",
+                 "--workdir", "run", cwd=tmp_path))
+    out, _ = finished(cli("evaluate", "--workdir", "run", cwd=tmp_path))
+    assert f"data: files:{data.resolve()}" in out and "test (16 examples)" in out, out
+    data.rename(tmp_path / "moved")
+    evaluate = cli("evaluate", "--workdir", "run", cwd=tmp_path)
+    _, err = evaluate.communicate(timeout=300)
+    assert evaluate.returncode == 2 and "which is not there now: pass --data-dir" in err, err
+
+
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
     from flaxlab.runner import _check_resumable
     from experiments import EXPERIMENTS
