@@ -88,13 +88,15 @@ def _parser():
     figures.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
     figures.add_argument("--layer", default="", help="e.g. Conv_1 or Activation_2 (default: the first conv)")
     figures.add_argument("--image", type=int, default=0, help="index of the test image")
-    figures.add_argument("--data-dir", help="the data to score (default: the files the run read, as its history.json says)")
+    figures.add_argument("--data-dir", help="the data to draw from (default: the files the run read, as its "
+                                            "history.json says)")
     evaluate = sub.add_parser("evaluate", allow_abbrev=False,
                               help="score a run's kept (best-validation) state on its val and test splits again")
     evaluate.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
     evaluate.add_argument("--flip", action="store_true",
                           help="average the logits of each image and its left-right mirror (as --eval_flip true)")
-    evaluate.add_argument("--data-dir", help="the data to score (default: the files the run read, as its history.json says)")
+    evaluate.add_argument("--data-dir", help="the data to score (default: the files the run read, as its "
+                                             "history.json says)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment; `all`: every "

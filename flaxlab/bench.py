@@ -242,7 +242,7 @@ def bench_sweep(config, variants, data_dir, epochs=1):
     against every one of its models trained alone, one after another, by the same engine."""
     from flaxlab import sweep
     programs = sweep.plan(config, variants)
-    datasets = sweep.program_datasets(programs, lambda c: _load(c, data_dir))
+    datasets = sweep.program_datasets(programs, lambda c, loaded: _load(c, data_dir) if loaded is None else loaded)
     stacked = [(p.config, [overrides for _, overrides in p.variants], d) for p, d in zip(programs, datasets)]
     alone = [({**p.config, "seeds": 1, "seed": p.config["seed"] + i}, [overrides], d)
              for p, d in zip(programs, datasets) for _, overrides in p.variants for i in range(config["seeds"])]

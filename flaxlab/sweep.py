@@ -115,12 +115,14 @@ def plan(config, variants):
 
 def program_datasets(programs, load):
     """Each program's dataset, loaded once per distinct data config: a grid over a data field (`data.size`,
-    `data.val_fraction`) trains each program on its own data; every other sweep shares one dataset."""
-    loaded = {}
+    `data.val_fraction`) trains each program on its own data; every other sweep shares one dataset.
+    `load(config, loaded)` gets the dataset already loaded for that data config, or None."""
+    loaded, datasets = {}, []
     for program in programs:
-        if _data_key(program) not in loaded:
-            loaded[_data_key(program)] = load(program.config)
-    return [loaded[_data_key(program)] for program in programs]
+        key = _data_key(program)
+        loaded[key] = load(program.config, loaded.get(key))
+        datasets.append(loaded[key])
+    return datasets
 
 
 def _data_key(program):
@@ -187,9 +189,9 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
-    datasets = program_datasets(programs, lambda c: load_dataset(c, data_dir, dataset))
-    for program, data in zip(programs, datasets):  # each program's batch size and best-model split
-        load_dataset(program.config, data_dir, data)
+    # each program's batch size and best-model split checked against its data, loaded once per data config
+    datasets = program_datasets(programs,
+                                lambda c, loaded: load_dataset(c, data_dir, dataset if loaded is None else loaded))
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
