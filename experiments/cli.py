@@ -116,6 +116,17 @@ def _parser():
     return parser
 
 
+def _check_sweep_options(name, config):
+    """Refuses an option that a sweep ignores (checkpoints, feature maps), which it would do silently."""
+    from flaxlab import config as config_lib
+    from flaxlab.sweep import IGNORED_BY_SWEEP
+    for key in config_lib.changed_fields(_experiment(name), config):
+        why = IGNORED_BY_SWEEP.get(key.split(".")[0])
+        if why:
+            raise UsageError(f"--{key}: {why}; set it on a single run of the variant you want (`run` of an "
+                             f"experiment without variants, with the variant's options)")
+
+
 def _check_not_swept(name, config, variants):
     """Refuses an option that every variant sets: the sweep's values would replace it, silently."""
     from flaxlab import config as config_lib
@@ -140,14 +151,17 @@ def _run(args, overrides):
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
     _check_not_swept(args.experiment, config, variants)
+    is_sweep = args.command == "sweep" or bool(variants)
+    if is_sweep:
+        if getattr(args, "resume", False):
+            raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
+        _check_sweep_options(args.experiment, config)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
                   log=(lambda *a: None) if quiet else functools.partial(print, flush=True))
-    if args.command == "sweep" or variants:
-        if getattr(args, "resume", False):
-            raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
+    if is_sweep:
         sweep.run_sweep(config, variants, **kwargs)
     else:
         run_experiment(config, resume=args.resume, **kwargs)

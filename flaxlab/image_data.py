@@ -540,6 +540,9 @@ def _with_how_to(how_to, fn, *args, **kwargs):
 
 def _hold_out(split, fraction, seed, groups=None, what="test"):
     """(rest, held-out) parts of `split` (and the rest's groups); `fraction` of each class, by group if given."""
+    if what == "test" and not fraction:
+        raise UsageError("this data set has no test split of its own: hold one out of train with "
+                         "--data.test_fraction (e.g. 0.1)")
     if not 0 < fraction < 1:
         raise UsageError(f"{what}_fraction must be in (0, 1), got {fraction}")
     rest, held = (split_random(split.labels, fraction, seed) if groups is None

@@ -204,6 +204,10 @@ def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")
     if config["best_metric"] and dataset.val is None:
         raise UsageError(f"--best_metric {config['best_metric']} needs a validation split: set --data.val_fraction")
+    crop, side = config.get("augment", {}).get("crop", 0), min(dataset.train.images.shape[1:3])
+    if crop >= side:  # shifts of a side or more give crops that hold none of the image
+        raise UsageError(f"--augment.crop {crop} shifts images by up to {crop} pixels, as much as their side "
+                         f"({side}): some crops would hold none of the image; use less (the reports: 4 at 32x32)")
     if config["best_metric"] == "val_dice" and not dataset.is_segmentation:
         raise UsageError(f"--best_metric val_dice is for segmentation; {dataset.name} is classification")
     return dataset

@@ -135,6 +135,9 @@ def _natural(name):
 
 def random_hold_out(split, fraction, seed, what="val"):
     """(rest, held-out) of a segmentation split: `fraction` of its images at random."""
+    if what == "test" and not fraction:
+        raise UsageError("this data set has no test split of its own: hold one out of train with "
+                         "--data.test_fraction (e.g. 0.1)")
     if not 0 < fraction < 1:
         raise UsageError(f"--data.{what}_fraction must be in (0, 1), got {fraction}")
     n = len(split)

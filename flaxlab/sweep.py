@@ -29,6 +29,7 @@ from flaxlab.train import STACKABLE
 NOT_SWEPT = {"seeds": "every variant trains --seeds N models", "distributed": "it is set once per process",
              "deterministic": "it is set once per process", "checkpoint_every": "a sweep keeps no checkpoints",
              "features": "a sweep draws no feature maps"}
+IGNORED_BY_SWEEP = {key: NOT_SWEPT[key] for key in ("checkpoint_every", "features")}  # as options, too
 
 
 def resolve_key(config, key):

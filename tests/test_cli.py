@@ -27,6 +27,8 @@ def cli(*args, cwd):
     (["run", "jsrt_unet", "--model.depth", "0"], "--model.depth must be positive, got 0"),
     (["run", "mnist_cnn", "--data-dir", "no/such/folder"], "is not a folder"),
     (["run", "mnist_cnn", "--data.source", "files"], "needs --data-dir"),
+    (["run", "mnist_cnn", "--data.test_fraction", "0.2"], "MNIST has its own test split"),  # was ignored
+    (["run", "mnist_cnn", "--augment.crop", "28"], "--augment.crop 28 shifts images by up to 28 pixels"),
     (["run", "mnist_cnn", "stray"], "unexpected argument 'stray'"),
     (["run", "mnist_cnn", "--epochs"], "needs a value"),
     (["train", "mnist_cnn"], "invalid choice: 'train'"),

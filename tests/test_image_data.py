@@ -300,6 +300,8 @@ def test_load_gtsrb_val_by_track_or_official_test(tmp_path):
     assert np.array_equal(with_val.test.labels, ds.test.labels)  # val comes out of what test leaves
     assert len(with_val.val) == 16 and len(with_val.train) == 48 and with_val.source.endswith("by track)")
     assert not track(with_val.train) & track(with_val.val) and not track(with_val.val) & track(with_val.test)
+    with pytest.raises(UsageError, match="no test split of its own: hold one out of train with --data.test_fraction"):
+        image_data.load_gtsrb(tmp_path, size=(8, 8), test_fraction=0.0)
 
     write_tree(tmp_path / "with-test", gtsrb_files(test=6))
     ds = image_data.load_gtsrb(tmp_path / "with-test", size=(8, 8))

@@ -140,7 +140,13 @@ def test_sweep_command_errors(capsys, tmp_path):
                           [["sweep", "mnist_cnn", "--grid", "data.size=28,28/3,3"], "small_cnn cannot take 3x3 images"],
                           [["run", "mnist_cnn_dropout", "--model.dropout", "0.3"], "--model.dropout is what the sweep"],
                           [["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--optimizer.lr", "0.3"],
-                           "--optimizer.lr is what the sweep varies"]):
+                           "--optimizer.lr is what the sweep varies"],
+                          # options a sweep would ignore (it once did, silently)
+                          [["run", "mnist_cnn_dropout", "--checkpoint_every", "2"],
+                           "--checkpoint_every: a sweep keeps no checkpoints"],
+                          [["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--features.image", "3"],
+                           "--features.image: a sweep draws no feature maps"],
+                          [["sweep", "gtsrb_cnn", "--grid", "augment.crop=2,28"], "--augment.crop 28 shifts images"]):
         assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
