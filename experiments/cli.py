@@ -127,6 +127,15 @@ def _check_sweep_options(name, config):
                              f"experiment without variants, with the variant's options)")
 
 
+def _check_used(name, config, variants):
+    """Refuses an option the run would not use (it once did nothing, silently)."""
+    from flaxlab import config as config_lib
+    given = set(config_lib.changed_fields(_experiment(name), config)).union(*(v.keys() for v in variants))
+    if "data.test_fraction" in given and config["data"]["name"] == "mnist":
+        raise UsageError("--data.test_fraction: MNIST has its own test split, so nothing is held out of train as "
+                         "test (--data.val_fraction holds out a validation split)")
+
+
 def _check_not_swept(name, config, variants):
     """Refuses an option that every variant sets: the sweep's values would replace it, silently."""
     from flaxlab import config as config_lib
@@ -151,6 +160,7 @@ def _run(args, overrides):
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
     _check_not_swept(args.experiment, config, variants)
+    _check_used(args.experiment, config, variants)
     is_sweep = args.command == "sweep" or bool(variants)
     if is_sweep:
         if getattr(args, "resume", False):
@@ -184,6 +194,7 @@ def _bench(args, overrides):
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
     _check_not_swept(names[0], first, variants)
+    _check_used(names[0], first, variants)
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
         _split_cpu(first, variants)
     parallel.set_up_process(first["distributed"], first["deterministic"])

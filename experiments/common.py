@@ -8,9 +8,9 @@ def base_config(name, description, **sections):
         "name": name,
         "description": " ".join(description.split()),
         # size: (height, width) to resize to, () = as stored; val_fraction: held out of train for early
-        # stopping / the best checkpoint (0 = none); test_fraction: held out as test when a set has no test split
-        # (0 = the set's own); equalize_histograms: each image's luminance histogram equalised on load
-        "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.0,
+        # stopping / the best checkpoint (0 = none); test_fraction: held out as test when a set has no test split;
+        # equalize_histograms: each image's luminance histogram equalised on load
+        "data": {"name": "mnist", "source": "auto", "size": (), "val_fraction": 0.0, "test_fraction": 0.1,
                  "equalize_histograms": False},
         "model": {},
         # schedule: constant, or cosine (the learning rate decays to 0 over the run's epochs)

@@ -24,7 +24,7 @@ def jsrt_unet():
     """ADL assignment 1: U-Net (4 pools, 2 convs + batch norm per level, 16 maps at the top doubling per level, bilinear upsampling, ReLU; --model.width 64 is the original's 13.4 M weights) on JSRT lungs at 256x256x1; Adam 1e-3 with cosine decay over 20 epochs, batch 8, the best-val-F1 state kept, 2 trials (report: F1 0.976 ± 0.013, min 0.924)."""
     return base_config(
         "jsrt_unet", jsrt_unet.__doc__,
-        data=dict(name="jsrt", size=(256, 256), val_fraction=0.15, test_fraction=0.1),
+        data=dict(name="jsrt", size=(256, 256), val_fraction=0.15),
         model=dict(name="unet", width=16, depth=4, upsample="bilinear", activation="relu"),
         optimizer=dict(name="adam", lr=1e-3, schedule="cosine"), batch_size=8, drop_last=False, eval_batch_size=8,
         epochs=20, seeds=2, best_metric="val_dice", patience=8)

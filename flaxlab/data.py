@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxlab.errors import DataError, UsageError
+from flaxlab.errors import DataError
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist-sample"
 SOURCES = ("auto", "files", "tfds", "sample")
@@ -162,12 +162,10 @@ def resolve_source(name, source, data_dir, tfds_dir=None, tfds_name=None):
     return source
 
 
-def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.0):
-    """MNIST (its official test split), resized and with a val split on request."""
+def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
+    """MNIST (its official test split; `test_fraction` is unused: the command line refuses it), resized and with
+    a val split on request."""
     from flaxlab.image_data import make_splits, resize_all
-    if test_fraction:
-        raise UsageError(f"--data.test_fraction {test_fraction}: MNIST has its own test split, so nothing is "
-                         f"held out of train as test (--data.val_fraction holds out a validation split)")
     data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
     source = resolve_source("mnist", source, data_dir, tfds_dir, "mnist")
     if source == "files":
