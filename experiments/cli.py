@@ -229,9 +229,19 @@ def _bench(args, overrides):
 
 def _summary(args, overrides):
     from experiments import EXPERIMENTS
+    from flaxlab import config as config_lib
     from flaxlab import models, summary
+    size = ()  # an experiment's --data.size, which its images are resized to on load
     if args.model in EXPERIMENTS:
-        model_config = _apply_overrides(_experiment(args.model), overrides)["model"]
+        config = _apply_overrides(_experiment(args.model), overrides)
+        changed = config_lib.changed_fields(_experiment(args.model), config)
+        for key in changed:
+            if not key.startswith("model.") and key != "data.size":
+                raise UsageError(f"--{key} does not change the model: summary takes --model.* options and "
+                                 f"--data.size (or --input-shape)")
+        if "data.size" in changed and args.input_shape:
+            raise UsageError("give --input-shape or --data.size, not both")
+        model_config, size = config["model"], config["data"]["size"]
     elif args.model in models.MODELS:
         if overrides:
             raise UsageError(f"unexpected argument '{overrides[0]}'")
@@ -240,12 +250,18 @@ def _summary(args, overrides):
         known = sorted(set(models.MODELS) | set(EXPERIMENTS))
         raise UsageError(f"unknown model or experiment '{args.model}'; known: {', '.join(known)}")
     input_shape, num_classes = models.REPORT_INPUTS.get(model_config["name"], (None, 10))
+    if size and input_shape:
+        input_shape = (*size, input_shape[2])
+    option = f"--data.size {','.join(map(str, size))}" if size else ""  # what to name in an error
     if args.input_shape:
+        option = f"--input-shape {args.input_shape}"
         try:
             input_shape = tuple(int(d) for d in args.input_shape.split(","))
         except ValueError:
             raise UsageError(f"bad --input-shape '{args.input_shape}': expected H,W,C such as 32,32,3") from None
-    if not input_shape or len(input_shape) != 3 or min(input_shape) < 1:
+    if not input_shape:
+        raise UsageError(f"{args.model} has no report input to show it on: give --input-shape H,W,C")
+    if len(input_shape) != 3 or min(input_shape) < 1:
         raise UsageError(f"--input-shape must be H,W,C with positive sizes, got {args.input_shape}")
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError("--num-classes must be positive")
@@ -253,13 +269,14 @@ def _summary(args, overrides):
     try:
         table = summary.summarize_model(model, input_shape)
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
-        if not args.input_shape:
+        if not option:
             raise
         from flaxlab.runner import smallest_sides_that_fit
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         fits = smallest_sides_that_fit(model, input_shape)
-        hint = f"; it takes e.g. --input-shape {fits[0]},{fits[1]},{input_shape[2]}" if fits else ""
-        raise UsageError(f"{args.model} cannot take input {args.input_shape} ({why}){hint}") from None
+        hint = (f"; it takes e.g. {option.split()[0]} {fits[0]},{fits[1]}"
+                f"{',' + str(input_shape[2]) if args.input_shape else ''}") if fits else ""
+        raise UsageError(f"{args.model} cannot take {option} ({why}){hint}") from None
     print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
 
 
@@ -285,6 +302,8 @@ def main(argv=None):
         if args.command in ("summary", "layers", "figures", "evaluate"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
         if args.command == "list":
+            if overrides:
+                raise UsageError(f"unexpected argument '{overrides[0]}'")
             from experiments import EXPERIMENTS
             for name, make in sorted(EXPERIMENTS.items()):
                 print(f"{name:24s} {make()['description']}")

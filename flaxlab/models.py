@@ -676,6 +676,7 @@ REPORT_INPUTS = {
     "gtsrb_cnn_bn": ((28, 28, 3), 43), "tdt4265_cnn_bn": ((32, 32, 3), 10), "ai604_vgg19": ((32, 32, 3), 10),
     "ai604_vgg19_bn": ((32, 32, 3), 10), "fcn": ((128, 128, 3), 2), "fcn2": ((128, 128, 3), 2),
     "unet": ((256, 256, 1), 2),
+    "resnet18": ((32, 32, 3), 10), "vgg19": ((32, 32, 3), 10),  # CIFAR-10; the model resizes it to 224
 }
 
 MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": FCN,

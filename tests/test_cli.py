@@ -36,7 +36,12 @@ def cli(*args, cwd):
     (["summary", "resnet1000"], "unknown model or experiment 'resnet1000'"),
     (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"],
-     "cannot take input 4,4,3 (division by zero); it takes e.g. --input-shape 8,8,3"),
+     "cannot take --input-shape 4,4,3 (division by zero); it takes e.g. --input-shape 8,8,3"),
+    (["summary", "mnist_cnn", "--data.size", "2,2"],
+     "mnist_cnn cannot take --data.size 2,2 (division by zero); it takes e.g. --data.size 4,4"),
+    (["summary", "mnist_cnn", "--epochs", "3"], "--epochs does not change the model"),
+    (["summary", "layer_stack"], "layer_stack has no report input to show it on: give --input-shape H,W,C"),
+    (["list", "mnist"], "unexpected argument 'mnist'"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
     (["run", "mnist_cnn", "--data.size", "3,3"],
      "small_cnn cannot take 3x3 images: division by zero; it takes e.g. --data.size 4,4"),
@@ -174,3 +179,7 @@ def test_summary_prints_the_reports_counts(tmp_path):
     assert "MaxPool_0 (MaxPool)" in out.stdout and "(16, 16, 16)" in out.stdout
     out = cli("summary", "mnist_cnn", cwd=tmp_path)
     assert "Total params: 21,578" in out.stdout and "Flatten_0 (Flatten)              (1568,)" in out.stdout
+    out = cli("summary", "mnist_cnn", "--data.size", "14,14", cwd=tmp_path)  # was shown at 28x28, silently
+    assert "input 14x14x1" in out.stdout and "Total params: 8,778" in out.stdout  # the dense layer takes 3x3x32
+    out = cli("summary", "tdt4265_resnet18", cwd=tmp_path)  # torchvision's 11,689,512 less 1000-class fc plus 10
+    assert "input 32x32x3" in out.stdout and "Trainable params: 11,181,642" in out.stdout, out.stderr
