@@ -39,7 +39,7 @@ def base_config(name, description, **sections):
         "deterministic": False,  # GPU: run-to-run identical results (XLA's deterministic ops; slower)
         "model_axis": "auto",  # several models: vmap them (GPU/TPU) or run one after another (CPU)
         "epoch_mode": "auto",  # step: one dispatch per step (fast on CPU); scan: lax.scan epochs (GPU/TPU)
-        "scan_steps": 0,  # scan mode: steps per lax.scan chunk (a divisor of the epoch's); 0 = the whole epoch
+        "scan_steps": 0,  # scan mode: steps per lax.scan chunk (rounded down to a divisor of the epoch's); 0 = all
         "best_metric": "",  # val_accuracy or val_loss: keep each model's best state (needs data.val_fraction)
         "patience": 0,  # early stopping: stop once no model's best_metric improved for this many epochs; 0 = off
         "checkpoint_every": 0,  # orbax checkpoint every N epochs (and the last), for --resume; 0 = none

@@ -7,6 +7,8 @@ inside the jitted train step (see `flaxlab.train`).
 import dataclasses
 import gzip
 import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,27 @@ def tfds_prepared(name, data_dir=None):
                for pattern in ("*/dataset_info.json", "*/*/dataset_info.json") for info in root.glob(pattern))
 
 
+def offline(host="storage.googleapis.com", timeout_s=5.0):
+    """Whether this machine certainly cannot reach the internet (the name of TFDS's mirror does not resolve).
+
+    Offline, TFDS retries each download ten times with backoff: 3.5 minutes before its error. A slow answer
+    or a proxy counts as online: only a definite failure is worth refusing early."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    failed = []
+
+    def resolve():
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            failed.append(True)
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(failed)
+
+
 def load_tfds(name, data_dir=None, download=True, how_to=HOW_TO_GET_MNIST):
     """A dataset through `tfds.data_source` (array_record; unlike `tfds.load`, no TensorFlow needed)."""
     try:
@@ -134,6 +157,9 @@ def load_tfds(name, data_dir=None, download=True, how_to=HOW_TO_GET_MNIST):
     except ImportError:
         raise DataError("tensorflow-datasets is not installed; `pip install tensorflow-datasets`, "
                         f"or {how_to}") from None
+    if download and not tfds_prepared(name, data_dir) and offline():
+        raise DataError(f"TFDS would download '{name}', but this machine is offline (storage.googleapis.com "
+                        f"does not resolve); {how_to}")
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=str(_tfds_data_dir(data_dir)),
                                    download=download)

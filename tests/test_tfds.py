@@ -126,6 +126,8 @@ def test_tfds_prepared_needs_a_complete_build(tmp_path):
 @pytest.mark.parametrize("error", [ConnectionError(), OSError("Network is unreachable\nmore detail"),
                                    ConnectionError("Failed to establish a new connection: [Errno -3]")])
 def test_load_tfds_offline_raises_one_line_data_error(tmp_path, monkeypatch, error):
+    """Errors from TFDS itself (online, or offline where the mirror's name resolves) become one line."""
+    monkeypatch.setattr(data, "offline", lambda: False)
     calls = []
 
     def offline_data_source(name, **kwargs):
@@ -146,7 +148,30 @@ def test_load_tfds_offline_raises_one_line_data_error(tmp_path, monkeypatch, err
     assert not data.tfds_prepared("mnist", tmp_path)
 
 
+def test_offline_fails_at_once_not_after_tfds_retries(tmp_path, monkeypatch):
+    """Offline, TFDS retried its download for 3.5 minutes before failing; a name that does not resolve now
+    fails at once. With the set prepared on disk, nothing is downloaded and nothing is checked."""
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+
+    def no_name(host, port):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: pytest.fail("TFDS was asked to download"))
+    assert data.offline()
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="TFDS would download 'mnist', but this machine is offline.*--data-dir"):
+        data.load_tfds("mnist", tmp_path, download=True)
+    assert time.perf_counter() - start < 2
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # names resolve behind the proxy: let TFDS try
+    assert not data.offline()
+
+
 def test_cifar10_through_tfds_data_source(monkeypatch):
+    monkeypatch.setattr(data, "offline", lambda: False)
     rng = np.random.default_rng(0)
     splits = {"train": (rng.integers(0, 256, (40, 32, 32, 3), np.uint8), np.arange(40) % 10),
               "test": (rng.integers(0, 256, (20, 32, 32, 3), np.uint8), np.arange(20) % 10)}
