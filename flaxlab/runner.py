@@ -480,6 +480,9 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         checkpoints = Checkpoints(workdir, config["checkpoint_every"])
         resumed = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
+        if resumed[2]["epoch"] > config["epochs"]:  # it would rewrite the results as an M-epoch run of N > M epochs
+            raise UsageError(f"--resume: {workdir} has run {resumed[2]['epoch']} epochs already; --epochs "
+                             f"{config['epochs']} would not continue it: give --epochs {resumed[2]['epoch']} or more")
     info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 

@@ -77,6 +77,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
             part.write_bytes(part.read_bytes()[:100])  # cut short, as by a full disk
     for args in ([*damaged, "--resume"], ["evaluate", "--workdir", "damaged"], ["figures", "--workdir", "damaged"]):
         assert "(another model's, or damaged)" in error(*args)
+    two = [*RUN[:-5], "--epochs", "2", "--checkpoint_every", "1", "--workdir", "two"]
+    finished(cli(*two, cwd=tmp_path))
+    config = (tmp_path / "two" / "config.json").read_text()
+    shorter = [*two[:-6], "--epochs", "1", *two[-4:], "--resume"]  # once rewrote it as "2 of 1 epochs"
+    assert "two has run 2 epochs already; --epochs 1 would not continue it: give --epochs 2 or more" in error(*shorter)
+    assert (tmp_path / "two" / "config.json").read_text() == config
 
 
 def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_path):
