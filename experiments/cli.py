@@ -32,8 +32,11 @@ def _experiment(name):
 
 
 def _apply_overrides(config, tokens):
-    """`--key=value` or `--key value` for any (dotted) config field."""
+    """`--key=value` or `--key value` for any (dotted) config field. A `--model.name` that swaps in another
+    network drops the experiment's own network options that it does not take (and were not given)."""
     from flaxlab import config as config_lib
+    from flaxlab.models import swap_network
+    network, given = config["model"].get("name"), set()
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -47,8 +50,10 @@ def _apply_overrides(config, tokens):
         else:
             raise UsageError(f"option {token} needs a value")
         config = config_lib.override(config, key, value)
+        given.add(key.replace("-", "_"))
         i += 1
-    return config_lib.validate(config)
+    config = config_lib.validate(config)
+    return {**config, "model": swap_network(config["model"], network, given)}
 
 
 def _parser():

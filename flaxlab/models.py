@@ -4,6 +4,7 @@ Every module takes NHWC float images and `train` (for dropout and batch norm) an
 Weights start as PyTorch's defaults do (uniform, fan-in scaled), because the reports' learning
 rates (SGD lr 1 for the FNN) were tuned for that start.
 """
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -686,6 +687,22 @@ MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": F
           "resnet18": pretrained.ResNet18, "vgg19": pretrained.VGG19}
 
 
+def model_fields(name):
+    """The options a network takes (its module's fields), plus what the runner reads to load its weights."""
+    module = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(getattr(module, "func", module))} - {"parent", "name"}
+    return fields | ({"pretrained", "weights"} if name in pretrained.ARCHITECTURES else set())
+
+
+def swap_network(model_config, network, given=()):
+    """The model section once its name has changed from `network`: the old network's options that the new
+    one does not take are dropped, except those in `given` (set by the user, so make_model refuses them)."""
+    if model_config.get("name") == network:
+        return model_config
+    takes = model_fields(model_config["name"])
+    return {k: v for k, v in model_config.items() if k == "name" or k in takes or f"model.{k}" in given}
+
+
 def make_model(model_config, num_classes):
     """Builds a model from its config section: {'name': ..., **fields}."""
     kwargs = dict(model_config)
@@ -700,7 +717,12 @@ def make_model(model_config, num_classes):
         raise UsageError(f"unknown weight_init '{kwargs['weight_init']}'; known: {', '.join(WEIGHT_INITS)}")
     if kwargs.get("upsample", "bilinear") not in UPSAMPLING:
         raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    module = MODELS[name]
+    foreign = sorted(set(kwargs) - model_fields(name))
+    if foreign:  # --model.name swapped in a network that the experiment's other model options do not fit
+        raise UsageError(f"--model.name {name}: {name} takes no {', '.join('--model.' + k for k in foreign)} "
+                         f"(options of the experiment's own network)")
+    return module(num_classes=num_classes, **kwargs)
 
 
 def count_params(params):

@@ -122,6 +122,11 @@ def check_input(config, model, dataset):
     except _SHAPE_ERRORS as e:
         why = (str(e).splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")
         problem = f"cannot take {size} images: {why}"
+    else:
+        if dataset.is_segmentation != (len(out) == 4):  # a mask per image, or a label per image
+            task = "segmentation" if dataset.is_segmentation else "classification"
+            raise UsageError(f"{config['model']['name']} puts out {'a mask' if len(out) == 4 else 'a label'} per "
+                             f"image, and {dataset.name} is {task}: choose a {task} network (--model.name)")
     if problem:
         if dataset.is_segmentation:
             fits = _sizes_that_fit(model, image_shape)

@@ -42,6 +42,11 @@ def cli(*args, cwd):
     (["summary", "mnist_cnn", "--epochs", "3"], "--epochs does not change the model"),
     (["summary", "layer_stack"], "layer_stack has no report input to show it on: give --input-shape H,W,C"),
     (["list", "mnist"], "unexpected argument 'mnist'"),
+    (["run", "glas_fcn", "--model.name", "small_cnn"],
+     "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
+    (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
+    (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
+     "--model.name lenet5_bn: lenet5_bn takes no --model.features"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
     (["run", "mnist_cnn", "--data.size", "3,3"],
      "small_cnn cannot take 3x3 images: division by zero; it takes e.g. --data.size 4,4"),
@@ -74,6 +79,16 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, command):
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("error: jax has no usable backend for JAX_PLATFORMS=nosuch: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_network_drops_the_experiments_own_network_options(tmp_path):
+    """`--model.name` swaps the network and keeps the rest of the experiment (data, optimizer, epochs)."""
+    out = cli("show", "mnist_cnn", "--model.name", "lenet5_bn", "--model.activation", "tanh", cwd=tmp_path)
+    config = json.loads(out.stdout)
+    assert config["model"] == {"name": "lenet5_bn", "activation": "tanh"} and config["optimizer"]["lr"] == 0.1
+    config = json.loads(cli("show", "tdt4265_resnet18", "--model.name", "vgg19", cwd=tmp_path).stdout)
+    assert config["model"] == {"name": "vgg19", "input_size": 224, "normalize": True, "pretrained": True,
+                               "weights": ""}
 
 
 def test_main_job_on_the_shipped_sample(tmp_path):

@@ -45,6 +45,13 @@ def test_bad_grids_are_one_clear_error(spec, message):
         sweep.parse_grid(cnn(), [spec])
 
 
+def test_a_grid_over_networks_drops_the_options_the_other_network_does_not_take():
+    variants = sweep.parse_grid(cnn(), ["model.name=small_cnn,lenet5_bn"])
+    configs = [sweep.variant_config(cnn(), v) for v in variants]
+    assert configs[0]["model"] == cnn()["model"] and configs[1]["model"] == {"name": "lenet5_bn", "activation": "relu"}
+    assert len(sweep.plan(cnn(), variants)) == 2
+
+
 def test_variants_that_keep_shapes_share_one_program():
     variants = sweep.parse_grid(cnn(), ["dropout=0,0.3", "lr=0.1,0.05", "weight_decay=0,1e-3", "l1=0,1e-4"])
     assert len(sweep.plan(cnn(), variants)) == 1
