@@ -45,6 +45,7 @@ def cli(*args, cwd):
     (["run", "glas_fcn", "--model.name", "small_cnn"],
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
+    (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
     (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
      "--model.name lenet5_bn: lenet5_bn takes no --model.features"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
