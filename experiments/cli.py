@@ -36,7 +36,7 @@ def _apply_overrides(config, tokens):
     network drops the experiment's own network options that it does not take (and were not given)."""
     from flaxlab import config as config_lib
     from flaxlab.models import swap_network
-    network, given = config["model"].get("name"), set()
+    before, network, given = config, config["model"].get("name"), set()
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -52,7 +52,7 @@ def _apply_overrides(config, tokens):
         config = config_lib.override(config, key, value)
         given.add(key.replace("-", "_"))
         i += 1
-    config = config_lib.validate(config)
+    config = config_lib.validate(config_lib.turn_off_unused(config, before, given))
     return {**config, "model": swap_network(config["model"], network, given)}
 
 

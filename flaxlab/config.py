@@ -28,6 +28,9 @@ NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "s
                 "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout",
                 "devices", "model.input_size")
 BELOW_ONE = ("augment.jitter", "model.dropout", "optimizer.momentum")  # a momentum of 1 or more diverges
+# fields that only some values of another field use: {field: (that field, the values that use it, off)}
+USED_WITH = {"optimizer.momentum": ("optimizer.name", ("sgd",), 0.0),
+             "optimizer.nesterov": ("optimizer.name", ("sgd",), False)}
 
 
 def flatten(config, prefix=""):
@@ -83,6 +86,17 @@ def override(config, key, text):
     return with_field(config, key, parse_value(key, text, flat[key]))
 
 
+def turn_off_unused(config, before, given=()):
+    """A copy of `config` with each USED_WITH field off where its owner changed from `before` to a value that
+    does not use it and the field was not `given`: `--optimizer.name adam` on an SGD-with-momentum experiment
+    drops the momentum, while `--optimizer.momentum 0.9` with Adam is refused (validate)."""
+    flat, was = flatten(config), flatten(before)
+    for key, (owner, users, off) in USED_WITH.items():
+        if key in flat and flat[owner] != was.get(owner) and flat[owner] not in users and key not in given:
+            config = with_field(config, key, off)
+    return config
+
+
 def changed_fields(before, after):
     """The dotted fields whose values differ between two configs (what the command line overrode)."""
     before, after = flatten(before), flatten(after)
@@ -117,4 +131,7 @@ def validate(config):
     for key in BELOW_ONE:
         if flat.get(key, 0) >= 1:
             raise UsageError(f"--{key} must be below 1, got {flat[key]}")
+    for key, (owner, users, off) in USED_WITH.items():
+        if flat.get(key, off) != off and flat[owner] not in users:
+            raise UsageError(f"--{key} is for --{owner} {' or '.join(users)}; {flat[owner]} does not use it")
     return config

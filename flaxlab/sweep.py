@@ -85,7 +85,7 @@ def variant_config(config, variant):
     for key, value in variant.items():
         if key != "label":
             out = config_lib.with_field(out, key, value)
-    out = config_lib.validate(out)
+    out = config_lib.validate(config_lib.turn_off_unused(out, config, set(variant)))
     return {**out, "model": swap_network(out["model"], config["model"].get("name"), set(variant))}
 
 

@@ -46,6 +46,9 @@ def cli(*args, cwd):
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
     (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
+    (["run", "mnist_cnn", "--optimizer.name", "rprop", "--optimizer.momentum", "0.9"],  # was ignored
+     "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
+    (["run", "gtsrb_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov is for --optimizer.name sgd"),
     (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
      "--model.name lenet5_bn: lenet5_bn takes no --model.features"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),
@@ -83,10 +86,13 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, command):
 
 
 def test_another_network_drops_the_experiments_own_network_options(tmp_path):
-    """`--model.name` swaps the network and keeps the rest of the experiment (data, optimizer, epochs)."""
+    """`--model.name` swaps the network and keeps the rest of the experiment (data, optimizer, epochs);
+    `--optimizer.name` likewise drops SGD's momentum."""
     out = cli("show", "mnist_cnn", "--model.name", "lenet5_bn", "--model.activation", "tanh", cwd=tmp_path)
     config = json.loads(out.stdout)
     assert config["model"] == {"name": "lenet5_bn", "activation": "tanh"} and config["optimizer"]["lr"] == 0.1
+    config = json.loads(cli("show", "gtsrb_cnn_sgd", "--optimizer.name", "adam", cwd=tmp_path).stdout)
+    assert config["optimizer"]["name"] == "adam" and config["optimizer"]["momentum"] == 0  # SGD's, dropped
     config = json.loads(cli("show", "tdt4265_resnet18", "--model.name", "vgg19", cwd=tmp_path).stdout)
     assert config["model"] == {"name": "vgg19", "input_size": 224, "normalize": True, "pretrained": True,
                                "weights": ""}
