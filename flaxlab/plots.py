@@ -8,9 +8,18 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def _epoch_axis(ax, epochs):
+    """Whole epochs on the x axis; a one-epoch run gets one tick, not 0.945 to 1.055 in fractions."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) == 1:
+        ax.set_xticks(list(epochs))
+        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+
+
 def _curve(ax, epochs, values, label, color):
     values = np.asarray(values)  # (epochs, models)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_axis(ax, epochs)
     ax.plot(epochs, values.mean(axis=1), label=label, color=color, marker="o", markersize=3)
     if values.shape[1] > 1:
         ax.fill_between(epochs, values.min(axis=1), values.max(axis=1), color=color, alpha=0.2)
@@ -31,7 +40,6 @@ def learning_curves(history, path, title):
         for split, color in SPLIT_COLORS.items():
             if f"{split}_{metric}" in history:
                 _curve(ax, epochs, history[f"{split}_{metric}"], split, color)
-        ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -56,14 +64,14 @@ def trial_curves(histories, path, title):
         held = "val" if "val_loss" in history else "test"
         train, other = np.asarray(history["train_loss"]), np.asarray(history[f"{held}_loss"])
         trials = max(trials, train.shape[1])
+        marker = "o" if len(history["epoch"]) == 1 else None  # one point: a line alone would not show
         for i in range(train.shape[1]):
             color = plt.get_cmap("tab10")(i % 10)
-            ax.plot(history["epoch"], train[:, i], color=color)
-            ax.plot(history["epoch"], other[:, i], color=color, linestyle="--")
+            ax.plot(history["epoch"], train[:, i], color=color, marker=marker)
+            ax.plot(history["epoch"], other[:, i], color=color, linestyle="--", marker=marker, fillstyle="none")
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, history["epoch"])
         ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
     handles = [Line2D([], [], color=plt.get_cmap("tab10")(i % 10), label=f"trial {i + 1}") for i in range(trials)]
@@ -91,7 +99,6 @@ def sweep_comparison(histories, path, title):
     loss_ax.set_ylabel("train loss")
     loss_ax.set_yscale("log")
     for ax in (acc_ax, loss_ax):
-        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, title="variant (final mean)", title_fontsize=8)
     fig.suptitle(title)
