@@ -49,3 +49,17 @@ def test_runs_write_the_confusion_of_every_seed(tmp_path, mnist_sample):
                                atol=1e-6)
     assert "Most confused classes" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "misclassified.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_one_epoch_run_gets_one_whole_epoch_tick():
+    """Its curves ran from 0.945 to 1.055 in fractional epochs."""
+    import matplotlib.pyplot as plt
+    from flaxlab import plots
+    fig, ax = plt.subplots()
+    plots._curve(ax, [1], [[0.5, 0.6]], "test", "tab:blue")
+    assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0, 2)
+    ax.clear()
+    plots._curve(ax, [1, 2, 3, 4, 5], np.ones((5, 1)), "test", "tab:blue")
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    plt.close(fig)
