@@ -304,11 +304,12 @@ def _layers(args):
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
+        if overrides and args.command in ("list", "figures", "evaluate", "layers"):  # they take no config options
+            raise UsageError(f"unexpected argument '{overrides[0]}'")
         if args.command in ("summary", "layers", "figures", "evaluate"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
+        log = functools.partial(print, flush=True)
         if args.command == "list":
-            if overrides:
-                raise UsageError(f"unexpected argument '{overrides[0]}'")
             from experiments import EXPERIMENTS
             for name, make in sorted(EXPERIMENTS.items()):
                 print(f"{name:24s} {make()['description']}")
@@ -321,19 +322,12 @@ def main(argv=None):
         elif args.command == "summary":
             _summary(args, overrides)
         elif args.command == "figures":
-            if overrides:
-                raise UsageError(f"unexpected argument '{overrides[0]}'")
             from flaxlab.runner import draw_from_checkpoint
-            draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image,
-                                 log=functools.partial(print, flush=True))
+            draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image, log=log)
         elif args.command == "evaluate":
-            if overrides:
-                raise UsageError(f"unexpected argument '{overrides[0]}'")
             from flaxlab.runner import evaluate_checkpoint
-            evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=functools.partial(print, flush=True))
+            evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=log)
         elif args.command == "layers":
-            if overrides:
-                raise UsageError(f"unexpected argument '{overrides[0]}'")
             _layers(args)
         return 0
     except UsageError as e:
