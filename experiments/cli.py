@@ -32,12 +32,12 @@ def _experiment(name):
 
 
 def _apply_overrides(config, tokens):
-    """`--key=value` or `--key value` for any (dotted) config field. A `--model.name` that swaps in another
-    network drops the experiment's own network options that it does not take (and were not given)."""
+    """`--key=value` or `--key value` for any (dotted) config field. `--model.name` comes first: the network
+    it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
+    are dropped (unless given: make_model refuses those)."""
     from flaxlab import config as config_lib
-    from flaxlab.models import swap_network
-    before, network, given = config, config["model"].get("name"), set()
-    i = 0
+    from flaxlab.models import MODELS, network_options, swap_network
+    pairs, i = [], 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
@@ -49,9 +49,16 @@ def _apply_overrides(config, tokens):
             i += 1
         else:
             raise UsageError(f"option {token} needs a value")
-        config = config_lib.override(config, key, value)
-        given.add(key.replace("-", "_"))
+        pairs.append((key.replace("-", "_"), value))
         i += 1
+    before, network, given = config, config["model"].get("name"), {key for key, _ in pairs}
+    for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
+        name, option = config["model"].get("name"), key.partition("model.")[2]
+        if option and option not in config["model"] and name in MODELS and option in network_options(name):
+            config = {**config, "model": {**config["model"], option: network_options(name)[option]}}
+        config = config_lib.override(config, key, value)
+        if key == "model.name":
+            config_lib.validate(config)  # an unknown network is the error to report, not its options
     config = config_lib.validate(config_lib.turn_off_unused(config, before, given))
     return {**config, "model": swap_network(config["model"], network, given)}
 

@@ -687,11 +687,18 @@ MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": F
           "resnet18": pretrained.ResNet18, "vgg19": pretrained.VGG19}
 
 
-def model_fields(name):
-    """The options a network takes (its module's fields), plus what the runner reads to load its weights."""
+def network_options(name):
+    """{option: default} of a network: its module's fields (less those its name fixes, and the class count,
+    which the data set), plus what the runner reads to load its weights."""
     module = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(getattr(module, "func", module))} - {"parent", "name"}
-    return fields | ({"pretrained", "weights"} if name in pretrained.ARCHITECTURES else set())
+    fixed = {"parent", "name", "num_classes", *getattr(module, "keywords", {})}
+    options = {f.name: f.default for f in dataclasses.fields(getattr(module, "func", module))
+               if f.name not in fixed and f.default is not dataclasses.MISSING}
+    return {**options, **({"pretrained": False, "weights": ""} if name in pretrained.ARCHITECTURES else {})}
+
+
+def model_fields(name):
+    return set(network_options(name))
 
 
 def swap_network(model_config, network, given=()):

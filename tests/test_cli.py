@@ -46,6 +46,8 @@ def cli(*args, cwd):
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
     (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
+    (["run", "mnist_cnn", "--model.hidden", "100"], "unknown option '--model.hidden'"),  # mlp's, not small_cnn's
+    (["run", "mnist_cnn", "--model.x", "1", "--model.name", "nosuch"], "unknown value 'nosuch' for --model.name"),
     (["run", "mnist_cnn", "--optimizer.name", "rprop", "--optimizer.momentum", "0.9"],  # was ignored
      "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
     (["run", "gtsrb_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov is for --optimizer.name sgd"),
@@ -91,6 +93,8 @@ def test_another_network_drops_the_experiments_own_network_options(tmp_path):
     out = cli("show", "mnist_cnn", "--model.name", "lenet5_bn", "--model.activation", "tanh", cwd=tmp_path)
     config = json.loads(out.stdout)
     assert config["model"] == {"name": "lenet5_bn", "activation": "tanh"} and config["optimizer"]["lr"] == 0.1
+    config = json.loads(cli("show", "mnist_cnn", "--model.hidden", "100", "--model.name", "mlp", cwd=tmp_path).stdout)
+    assert config["model"] == {"name": "mlp", "activation": "relu", "hidden": [100]}  # the new network's option
     config = json.loads(cli("show", "gtsrb_cnn_sgd", "--optimizer.name", "adam", cwd=tmp_path).stdout)
     assert config["optimizer"]["name"] == "adam" and config["optimizer"]["momentum"] == 0  # SGD's, dropped
     config = json.loads(cli("show", "tdt4265_resnet18", "--model.name", "vgg19", cwd=tmp_path).stdout)
