@@ -697,16 +697,12 @@ def network_options(name):
     return {**options, **({"pretrained": False, "weights": ""} if name in pretrained.ARCHITECTURES else {})}
 
 
-def model_fields(name):
-    return set(network_options(name))
-
-
 def swap_network(model_config, network, given=()):
     """The model section once its name has changed from `network`: the old network's options that the new
     one does not take are dropped, except those in `given` (set by the user, so make_model refuses them)."""
     if model_config.get("name") == network:
         return model_config
-    takes = model_fields(model_config["name"])
+    takes = network_options(model_config["name"])
     return {k: v for k, v in model_config.items() if k == "name" or k in takes or f"model.{k}" in given}
 
 
@@ -725,7 +721,7 @@ def make_model(model_config, num_classes):
     if kwargs.get("upsample", "bilinear") not in UPSAMPLING:
         raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
     module = MODELS[name]
-    foreign = sorted(set(kwargs) - model_fields(name))
+    foreign = sorted(set(kwargs) - set(network_options(name)))
     if foreign:  # --model.name swapped in a network that the experiment's other model options do not fit
         raise UsageError(f"--model.name {name}: {name} takes no {', '.join('--model.' + k for k in foreign)} "
                          f"(options of the experiment's own network)")

@@ -124,8 +124,8 @@ def check_input(config, model, dataset):
         problem = f"cannot take {size} images: {why}"
         taken = smallest_sides_that_fit(model, image_shape)  # what it puts out, at a size it takes
         out = _output_shape(model, (*taken, *image_shape[2:])) if taken else None
-    if out is not None and dataset.is_segmentation != (len(out) == 4):  # a mask per image, or a label
-        task = "segmentation" if dataset.is_segmentation else "classification"  # (first: no size would do)
+    if out is not None and dataset.is_segmentation != (len(out) == 4):  # said first: no --data.size fixes it
+        task = "segmentation" if dataset.is_segmentation else "classification"
         raise UsageError(f"{config['model']['name']} puts out {'a mask' if len(out) == 4 else 'a label'} per "
                          f"image, and {dataset.name} is {task}: choose a {task} network (--model.name)")
     if problem:
