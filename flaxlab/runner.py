@@ -359,6 +359,10 @@ def check_views(config, model, dataset):
     from flaxlab import inspect_model
     convs = inspect_model.conv_layer_names(model, dataset.train.images.shape[1:])
     layer = config["features"]["layer"] or (convs[0] if convs else "")
+    for key, off in (("last_conv", False), ("image", 0)):
+        if not convs and not dataset.is_segmentation and config["features"][key] != off:
+            raise UsageError(f"--features.{key}: {config['model']['name']} has no convolutions, so a run draws "
+                             f"no feature maps")
     if config["features"]["image"] >= len(dataset.test):
         raise UsageError(f"--features.image {config['features']['image']} is beyond the test split "
                          f"({len(dataset.test)} images)")

@@ -47,6 +47,7 @@ def cli(*args, cwd):
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
     (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
     (["run", "mnist_cnn", "--model.hidden", "100"], "unknown option '--model.hidden'"),  # mlp's, not small_cnn's
+    (["run", "mnist_fnn", "--features.last_conv", "true"], "--features.last_conv: mlp has no convolutions"),
     (["run", "mnist_cnn", "--model.x", "1", "--model.name", "nosuch"], "unknown value 'nosuch' for --model.name"),
     (["run", "mnist_cnn", "--optimizer.name", "rprop", "--optimizer.momentum", "0.9"],  # was ignored
      "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
