@@ -63,20 +63,25 @@ def _apply_overrides(config, tokens):
     return {**config, "model": swap_network(config["model"], network, given)}
 
 
+CONFIG_OPTIONS = ("Every field of the experiment's config is an option too, by its dotted name: --epochs 5, "
+                  "--seeds 3, --batch-size 64, --optimizer.lr 0.05, --model.features 8,16,32, --data.val_fraction "
+                  "0.1, --augment.crop 4. `python -m experiments show NAME` prints them all with their values.")
+
+
 def _parser():
     parser = _Parser(prog="python -m experiments", description=__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="the experiments and what they reproduce", allow_abbrev=False)
-    show = sub.add_parser("show", help="print an experiment's config (after overrides) as JSON", allow_abbrev=False)
-    show.add_argument("experiment")
-    run = sub.add_parser("run", allow_abbrev=False,
+    show = sub.add_parser("show", help="print an experiment's config (after overrides) as JSON", allow_abbrev=False,
+                          epilog=CONFIG_OPTIONS)
+    run = sub.add_parser("run", allow_abbrev=False, epilog=CONFIG_OPTIONS,
                          help="train an experiment; any config field is an option: --optimizer.lr 0.05, --seeds 3")
-    run.add_argument("experiment")
-    sweep = sub.add_parser("sweep", allow_abbrev=False,
+    sweep = sub.add_parser("sweep", allow_abbrev=False, epilog=CONFIG_OPTIONS,
                            help="train variants of an experiment (its own sweep, or --grid) side by side; "
                                 "a table over seeds and one comparison figure")
-    sweep.add_argument("experiment")
+    for command in (show, run, sweep):
+        command.add_argument("experiment", help="its name (python -m experiments list)")
     sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                        help="a field (dotted, or its last part) and its values; several --grid make a product; "
                             "a list field separates values with /: --grid model.features=8,16/16,32")
@@ -110,6 +115,7 @@ def _parser():
     evaluate.add_argument("--data-dir", help="the data to score (default: the files the run read, as its "
                                              "history.json says)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
+                           epilog=CONFIG_OPTIONS,
                            allow_abbrev=False)
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment; `all`: every "
                                           "workload the peer runs (with --peer)")

@@ -210,3 +210,9 @@ def test_summary_prints_the_reports_counts(tmp_path):
     assert "input 14x14x1" in out.stdout and "Total params: 8,778" in out.stdout  # the dense layer takes 3x3x32
     out = cli("summary", "tdt4265_resnet18", cwd=tmp_path)  # torchvision's 11,689,512 less 1000-class fc plus 10
     assert "input 32x32x3" in out.stdout and "Trainable params: 11,181,642" in out.stdout, out.stderr
+
+
+def test_run_help_says_that_every_config_field_is_an_option(tmp_path):
+    out = cli("run", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and "Every field of the experiment's config is an option too" in out.stdout
+    assert "--epochs 5" in out.stdout and "show NAME" in out.stdout
