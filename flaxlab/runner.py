@@ -413,8 +413,8 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
     (workdir / "results.md").write_text(
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {counts} examples\n"
-        f"- model: {info['learnable_weights']:,} learnable weights; {info['seeds']} seed(s) from seed "
-        f"{config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
+        f"- model: {config['model']['name']}, {info['learnable_weights']:,} learnable weights; {info['seeds']} "
+        f"seed(s) from seed {config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
         + (f"; each model's state at its best {config['best_metric']} kept (selected epoch)" if best_epochs else "")
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
         + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
@@ -476,7 +476,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                                      if trainer.devices > 1 else "")
     if trainer.spread:
         where += f" ({len(trainer.spread)} models at a time, one per CPU device)"
-    log(f"{config['name']}: {s.model.__class__.__name__} with {info['learnable_weights']:,} learnable weights, "
+    log(f"{config['name']}: {config['model']['name']} with {info['learnable_weights']:,} learnable weights, "
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
