@@ -7,7 +7,6 @@
   python -m experiments bench mnist_cnn --peer
 """
 import argparse
-import functools
 import json
 import os
 import sys
@@ -22,6 +21,19 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.split()[-1]
         where = "" if command == "experiments" else " " + command
         raise UsageError(f"{message} (see `python -m experiments{where} --help`)")
+
+
+def _silence_stdout():
+    """What was piped into has closed (`| head`): the rest of the output goes nowhere, quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _log(*args):
+    """A run's line, flushed; once the reader of a pipe has gone, the run goes on silently to its end."""
+    try:
+        print(*args, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
 
 
 def _experiment(name):
@@ -188,7 +200,7 @@ def _run(args, overrides):
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
-                  log=(lambda *a: None) if quiet else functools.partial(print, flush=True))
+                  log=(lambda *a: None) if quiet else _log)
     if is_sweep:
         sweep.run_sweep(config, variants, **kwargs)
     else:
@@ -321,7 +333,6 @@ def main(argv=None):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
         if args.command in ("summary", "layers", "figures", "evaluate"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
-        log = functools.partial(print, flush=True)
         if args.command == "list":
             from experiments import EXPERIMENTS
             for name, make in sorted(EXPERIMENTS.items()):
@@ -336,10 +347,10 @@ def main(argv=None):
             _summary(args, overrides)
         elif args.command == "figures":
             from flaxlab.runner import draw_from_checkpoint
-            draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image, log=log)
+            draw_from_checkpoint(args.workdir, args.data_dir, args.layer, args.image, log=_log)
         elif args.command == "evaluate":
             from flaxlab.runner import evaluate_checkpoint
-            evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=log)
+            evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=_log)
         elif args.command == "layers":
             _layers(args)
         return 0
@@ -349,3 +360,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `list | head`: the reader has what it wanted
+        _silence_stdout()
+        return 141  # as a process ended by SIGPIPE

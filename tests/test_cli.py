@@ -216,3 +216,20 @@ def test_run_help_says_that_every_config_field_is_an_option(tmp_path):
     out = cli("run", "--help", cwd=tmp_path)
     assert out.returncode == 0 and "Every field of the experiment's config is an option too" in out.stdout
     assert "--epochs 5" in out.stdout and "show NAME" in out.stdout
+
+
+def test_a_closed_pipe_does_not_kill_the_run(tmp_path):
+    """`run ... | head -1` died at its second line with a BrokenPipeError traceback; now the run goes on, silent,
+    and writes its folder. `list | head -1` ends quietly, as a process ended by SIGPIPE (141)."""
+    run = subprocess.Popen([sys.executable, "-m", "experiments", "run", "mnist_cnn", "--epochs", "1", "--workdir",
+                            "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.stdout.readline().startswith("mnist_cnn: small_cnn with 21,578 learnable weights")
+    run.stdout.close()  # as `head -1` does
+    assert run.wait(timeout=300) == 0 and "Traceback" not in run.stderr.read()
+    assert "final test accuracy" in (tmp_path / "run" / "results.md").read_text()
+    listing = subprocess.Popen([sys.executable, "-m", "experiments", "list"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, "PYTHONPATH": str(REPO)})
+    listing.stdout.readline()
+    listing.stdout.close()
+    assert listing.wait(timeout=60) in (0, 141) and "Traceback" not in listing.stderr.read()
