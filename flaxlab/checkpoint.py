@@ -54,7 +54,8 @@ class Checkpoints:
         `best` is None unless `with_best`."""
         epoch = self.manager.latest_step()
         if epoch is None:
-            raise UsageError(f"no checkpoint in {self.directory}")
+            raise UsageError(f"no checkpoint in {self.directory}: a run keeps them with --checkpoint_every N "
+                             f"(the first after epoch N)")
         args = self._ocp.args
         target = lambda tree: jax.tree.map(  # noqa: E731
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
