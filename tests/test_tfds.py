@@ -150,7 +150,7 @@ def test_load_tfds_offline_raises_one_line_data_error(tmp_path, monkeypatch, err
 
 def test_offline_fails_at_once_not_after_tfds_retries(tmp_path, monkeypatch):
     """Offline, TFDS retried its download for 3.5 minutes before failing; a name that does not resolve now
-    fails at once. With the set prepared on disk, nothing is downloaded and nothing is checked."""
+    fails at once. (A set prepared on disk loads without the check: test_load_mnist_from_tfds.)"""
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.delenv("ALL_PROXY", raising=False)
