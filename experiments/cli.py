@@ -48,7 +48,7 @@ def _apply_overrides(config, tokens):
     it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
     are dropped (unless given: make_model refuses those)."""
     from flaxlab import config as config_lib
-    from flaxlab.models import MODELS, network_options, swap_network
+    from flaxlab.models import MODELS, network_options
     pairs, i = [], 0
     while i < len(tokens):
         token = tokens[i]
@@ -63,7 +63,7 @@ def _apply_overrides(config, tokens):
             raise UsageError(f"option {token} needs a value")
         pairs.append((key.replace("-", "_"), value))
         i += 1
-    before, network, given = config, config["model"].get("name"), {key for key, _ in pairs}
+    before, given = config, {key for key, _ in pairs}
     for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
         name, option = config["model"].get("name"), key.partition("model.")[2]
         if option and option not in config["model"] and name in MODELS and option in network_options(name):
@@ -71,8 +71,7 @@ def _apply_overrides(config, tokens):
         config = config_lib.override(config, key, value)
         if key == "model.name":
             config_lib.validate(config)  # an unknown network is the error to report, not its options
-    config = config_lib.validate(config_lib.turn_off_unused(config, before, given))
-    return {**config, "model": swap_network(config["model"], network, given)}
+    return config_lib.validate(config_lib.drop_unused(config, before, given))
 
 
 CONFIG_OPTIONS = ("Every field of the experiment's config is an option too, by its dotted name: --epochs 5, "
@@ -146,33 +145,24 @@ def _parser():
     return parser
 
 
-def _check_sweep_options(name, config):
-    """Refuses an option that a sweep ignores (checkpoints, feature maps), which it would do silently."""
+def _check_options(name, config, variants, sweep):
+    """Refuses an option that the run would not honour, silently: one that every variant of a sweep sets (the
+    sweep's values replace it), one that a sweep ignores (checkpoints, feature maps), and MNIST's
+    `--data.test_fraction` (its test split is its own)."""
     from flaxlab import config as config_lib
     from flaxlab.sweep import IGNORED_BY_SWEEP
-    for key in config_lib.changed_fields(_experiment(name), config):
-        why = IGNORED_BY_SWEEP.get(key.split(".")[0])
-        if why:
-            raise UsageError(f"--{key}: {why}; set it on a single run of the variant you want (`run` of an "
-                             f"experiment without variants, with the variant's options)")
-
-
-def _check_used(name, config, variants):
-    """Refuses an option the run would not use (it once did nothing, silently)."""
-    from flaxlab import config as config_lib
-    given = set(config_lib.changed_fields(_experiment(name), config)).union(*(v.keys() for v in variants))
-    if "data.test_fraction" in given and config["data"]["name"] == "mnist":
-        raise UsageError("--data.test_fraction: MNIST has its own test split, so nothing is held out of train as "
-                         "test (--data.val_fraction holds out a validation split)")
-
-
-def _check_not_swept(name, config, variants):
-    """Refuses an option that every variant sets: the sweep's values would replace it, silently."""
-    from flaxlab import config as config_lib
-    for key in config_lib.changed_fields(_experiment(name), config):
+    given = config_lib.changed_fields(_experiment(name), config)
+    for key in given:
         if variants and all(key in v for v in variants):
             raise UsageError(f"--{key} is what the sweep varies (every variant sets it): leave it out, or give "
                              f"the values to try with --grid {key}=V1,V2")
+        why = IGNORED_BY_SWEEP.get(key.split(".")[0])
+        if sweep and why:
+            raise UsageError(f"--{key}: {why}; set it on a single run of the variant you want (`run` of an "
+                             f"experiment without variants, with the variant's options)")
+    if "data.test_fraction" in set(given).union(*variants) and config["data"]["name"] == "mnist":
+        raise UsageError("--data.test_fraction: MNIST has its own test split, so nothing is held out of train as "
+                         "test (--data.val_fraction holds out a validation split)")
 
 
 def _split_cpu(config, variants):
@@ -189,13 +179,10 @@ def _run(args, overrides):
     from flaxlab.runner import run_experiment
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
-    _check_not_swept(args.experiment, config, variants)
-    _check_used(args.experiment, config, variants)
     is_sweep = args.command == "sweep" or bool(variants)
-    if is_sweep:
-        if getattr(args, "resume", False):
-            raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
-        _check_sweep_options(args.experiment, config)
+    if is_sweep and getattr(args, "resume", False):
+        raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
+    _check_options(args.experiment, config, variants, is_sweep)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
     quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
@@ -223,8 +210,7 @@ def _bench(args, overrides):
             bench.check_peer_overrides(_experiment(name), config)
     first = configs[names[0]]
     variants = sweep.parse_grid(first, args.grid) if args.grid else list(first["sweep"])
-    _check_not_swept(names[0], first, variants)
-    _check_used(names[0], first, variants)
+    _check_options(names[0], first, variants, sweep=False)  # a bench keeps no checkpoints, draws no figures
     if not args.peer:  # with the peer, each workload's flaxlab side runs in a process of its own
         _split_cpu(first, variants)
     parallel.set_up_process(first["distributed"], first["deterministic"])

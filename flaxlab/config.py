@@ -86,14 +86,17 @@ def override(config, key, text):
     return with_field(config, key, parse_value(key, text, flat[key]))
 
 
-def turn_off_unused(config, before, given=()):
-    """A copy of `config` with each USED_WITH field off where its owner changed from `before` to a value that
-    does not use it and the field was not `given`: `--optimizer.name adam` on an SGD-with-momentum experiment
-    drops the momentum, while `--optimizer.momentum 0.9` with Adam is refused (validate)."""
+def drop_unused(config, before, given=()):
+    """`config` without what only the choices it replaced used, unless `given` (dotted fields the user set;
+    validate and make_model refuse those): `--optimizer.name adam` on an SGD-with-momentum experiment turns the
+    momentum off, `--model.name mlp` drops the experiment's own network options (models.swap_network)."""
+    from flaxlab.models import MODELS, swap_network
     flat, was = flatten(config), flatten(before)
     for key, (owner, users, off) in USED_WITH.items():
         if key in flat and flat[owner] != was.get(owner) and flat[owner] not in users and key not in given:
             config = with_field(config, key, off)
+    if config["model"].get("name") in MODELS:  # an unknown name is validate's to report
+        config = {**config, "model": swap_network(config["model"], before["model"].get("name"), given)}
     return config
 
 

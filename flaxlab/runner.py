@@ -115,6 +115,7 @@ def check_input(config, model, dataset):
     line naming the size and one that fits, not a shape error from inside the network."""
     image_shape = dataset.train.images.shape[1:]
     size = "x".join(map(str, image_shape[:2]))
+    taken = None  # the least sides the network takes, when it cannot take these
     try:
         out = _output_shape(model, image_shape)
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
@@ -133,9 +134,8 @@ def check_input(config, model, dataset):
             fits = _sizes_that_fit(model, image_shape)
             hint = (f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}"
                     if fits else "")
-        else:
-            fits = smallest_sides_that_fit(model, image_shape)
-            hint = f"; it takes e.g. --data.size {fits[0]},{fits[1]}" if fits else ""
+        else:  # a classification net's problem is always one of the sides it takes
+            hint = f"; it takes e.g. --data.size {taken[0]},{taken[1]}" if taken else ""
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.errors import UsageError
-from flaxlab.models import make_model, swap_network
+from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir,
                             remove_earlier_checkpoints, set_up, write_json)
 from flaxlab.train import STACKABLE
@@ -85,8 +85,7 @@ def variant_config(config, variant):
     for key, value in variant.items():
         if key != "label":
             out = config_lib.with_field(out, key, value)
-    out = config_lib.validate(config_lib.turn_off_unused(out, config, set(variant)))
-    return {**out, "model": swap_network(out["model"], config["model"].get("name"), set(variant))}
+    return config_lib.validate(config_lib.drop_unused(out, config, set(variant)))
 
 
 @dataclasses.dataclass
