@@ -287,12 +287,10 @@ def _summary(args, overrides):
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
         if not option:
             raise
-        from flaxlab.runner import smallest_sides_that_fit
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        fits = smallest_sides_that_fit(model, input_shape)
-        hint = (f"; it takes e.g. {option.split()[0]} {fits[0]},{fits[1]}"
-                f"{',' + str(input_shape[2]) if args.input_shape else ''}") if fits else ""
-        raise UsageError(f"{args.model} cannot take {option} ({why}){hint}") from None
+        from flaxlab.runner import size_hint
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]
+        hint = size_hint(model, input_shape, option.split()[0], with_channels=bool(args.input_shape))
+        raise UsageError(f"{args.model} cannot take {option}: {why}{hint}") from None
     print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
 
 

@@ -109,6 +109,17 @@ def smallest_sides_that_fit(model, image_shape):
     return max(image_shape[0], high), max(image_shape[1], high)
 
 
+def size_hint(model, image_shape, option="--data.size", with_channels=False, taken=None):
+    """'; ...' naming sides near image_shape that the network takes (a network that puts out masks: sides
+    it maps to masks of the same size), or ''. `taken`: smallest_sides_that_fit's answer, when known."""
+    tail = f",{image_shape[2]}" if with_channels else ""
+    fits = _sizes_that_fit(model, image_shape)  # None for a classification net: its output has no sides
+    if fits:
+        return f"; sides that are multiples of {fits[0]} fit, e.g. {option} {fits[1][0]},{fits[1][1]}{tail}"
+    taken = taken or smallest_sides_that_fit(model, image_shape)
+    return f"; it takes e.g. {option} {taken[0]},{taken[1]}{tail}" if taken else ""
+
+
 def check_input(config, model, dataset):
     """Refuses, before anything is trained, images that the network cannot take, or that a segmentation
     network maps to masks of another size (a U-Net with 4 pools needs sides that are multiples of 16): one
@@ -130,12 +141,7 @@ def check_input(config, model, dataset):
         raise UsageError(f"{config['model']['name']} puts out {'a mask' if len(out) == 4 else 'a label'} per "
                          f"image, and {dataset.name} is {task}: choose a {task} network (--model.name)")
     if problem:
-        if dataset.is_segmentation:
-            fits = _sizes_that_fit(model, image_shape)
-            hint = (f"; sides that are multiples of {fits[0]} fit, e.g. --data.size {fits[1][0]},{fits[1][1]}"
-                    if fits else "")
-        else:  # a classification net's problem is always one of the sides it takes
-            hint = f"; it takes e.g. --data.size {taken[0]},{taken[1]}" if taken else ""
+        hint = size_hint(model, image_shape, taken=taken)
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
 
 

@@ -36,9 +36,11 @@ def cli(*args, cwd):
     (["summary", "resnet1000"], "unknown model or experiment 'resnet1000'"),
     (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"],
-     "cannot take --input-shape 4,4,3 (division by zero); it takes e.g. --input-shape 8,8,3"),
+     "cannot take --input-shape 4,4,3: division by zero; it takes e.g. --input-shape 8,8,3"),
     (["summary", "mnist_cnn", "--data.size", "2,2"],
-     "mnist_cnn cannot take --data.size 2,2 (division by zero); it takes e.g. --data.size 4,4"),
+     "mnist_cnn cannot take --data.size 2,2: division by zero; it takes e.g. --data.size 4,4"),
+    (["summary", "jsrt_unet", "--input-shape", "100,100,1"],  # a U-Net takes multiples of 16, not all sides >= 112
+     "; sides that are multiples of 16 fit, e.g. --input-shape 112,112,1"),
     (["summary", "mnist_cnn", "--epochs", "3"], "--epochs does not change the model"),
     (["summary", "layer_stack"], "layer_stack has no report input to show it on: give --input-shape H,W,C"),
     (["list", "mnist"], "unexpected argument 'mnist'"),
