@@ -11,6 +11,8 @@ no example crosses devices. In a multi-host run each process puts only its own s
 (`jax.make_array_from_process_local_data`). Test and validation splits are replicated.
 """
 import os
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -28,6 +30,9 @@ DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 # XLA:CPU devices `split_cpu_devices` makes at most: two per core, and never more than 8 (never measured)
 CPU_DEVICES_PER_CORE, MAX_CPU_DEVICES = 2, 8
 _cpu_split = False
+# seconds the processes of a multi-host run wait for each other to join; past it jax would abort the process
+# with a C++ stack trace, so flaxlab gives up first, in one line (FLAXLAB_JOIN_TIMEOUT sets it)
+JOIN_TIMEOUT_S = 300
 
 
 def cpu_cores():
@@ -108,9 +113,42 @@ def _join(address):
             raise UsageError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                              "(integers) too") from None
     try:
-        jax.distributed.initialize(**kwargs)
+        timeout = int(os.environ.get("FLAXLAB_JOIN_TIMEOUT", JOIN_TIMEOUT_S))
+        assert timeout > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"FLAXLAB_JOIN_TIMEOUT must be a positive number of seconds, "
+                         f"got '{os.environ['FLAXLAB_JOIN_TIMEOUT']}'") from None
+    run = (f" of {kwargs['num_processes']} processes at {address} (this is process {kwargs['process_id']})"
+           if kwargs else "")
+    # jax blocks in C++ until every process has joined, so the notices come from timer threads
+    waiting = threading.Timer(min(10, timeout / 2), _say, [f"waiting for the multi-host run{run} to "
+                                                           f"start; giving up after {timeout} s"])
+    give_up = threading.Timer(timeout, _give_up, [
+        f"error: the multi-host run{run} did not start within {timeout} s: start every process, each with "
+        f"the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES and its own JAX_PROCESS_ID"])
+    for timer in (waiting, give_up):
+        timer.daemon = True
+        timer.start()
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout + 60)
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"could not join the multi-host run: {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0]
+        if not address and "coordinator_address" in why:  # jax found no cluster (TPU pod, SLURM, Open MPI)
+            why = ("jax detected no cluster to join (a TPU pod, SLURM, Open MPI); elsewhere set "
+                   "JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process")
+        raise UsageError(f"could not join the multi-host run: {why}") from None
+    finally:
+        waiting.cancel()
+        give_up.cancel()
+
+
+def _say(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def _give_up(line):
+    _say(line)
+    os._exit(2)  # the main thread is inside jax's C++ wait, which no exception reaches
 
 
 def is_primary():

@@ -118,6 +118,20 @@ def test_two_processes_train_one_model_over_loopback():
     assert first["test"]["accuracy"][0] > 0.9
 
 
+def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
+    """Process 1 of 2 with no coordinator: a notice while it waits, then one error line and exit code 2
+    at FLAXLAB_JOIN_TIMEOUT (jax would abort with a C++ stack trace), and no run folder."""
+    cmd = [sys.executable, "-m", "experiments", "run", "mnist_cnn", "--workdir", str(tmp_path / "run")]
+    env = _env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+               FLAXLAB_JOIN_TIMEOUT="4")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and lines[0].startswith("waiting for the multi-host run of 2 processes"), out.stderr
+    assert lines[-1].startswith("error: the multi-host run of 2 processes at 127.0.0.1:") and \
+        "(this is process 1) did not start within 4 s" in lines[-1], out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_multi_host_run_writes_one_run_folder(tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments", "run", "mnist_cnn", "--data.source", "sample", "--epochs", "1",
@@ -151,9 +165,9 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_statistics(mnist_sample):
 
 
 def test_deterministic_gpu_ops_flag_and_bad_multi_host_environment(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     parallel.set_up_process(deterministic=True)
-    assert os.environ["XLA_FLAGS"] == f"--xla_cpu_foo=1 {parallel.DETERMINISTIC_GPU_FLAG}"
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=1 {parallel.DETERMINISTIC_GPU_FLAG}"
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     with pytest.raises(UsageError, match="JAX_NUM_PROCESSES"):
