@@ -8,6 +8,8 @@ Saving is asynchronous (the arrays are copied to host first), so training goes o
 orbax writes into a temporary folder and renames it when complete, so a killed save leaves the
 previous checkpoint intact.
 """
+import inspect
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +23,30 @@ CHECKPOINT_DIR = "checkpoints"
 def _host_copy(tree):
     # a copy, not a view: the train step donates the device buffers of the states it is given
     return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def _is_abandoned_read(unraisable):
+    """What orbax leaves behind when one of a checkpoint's concurrent reads fails: it closes its event loop
+    with the other reads in flight; as TensorStore finishes each it reports 'Event loop is closed', and
+    the reads' coroutines, collected unawaited, report their own errors ('Exception ignored in ...')."""
+    error, where = unraisable.exc_value, unraisable.object
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+        inspect.iscoroutine(where) and where.__name__.startswith("_read")
+        and "orbax" in where.cr_code.co_filename)
+
+
+def _drop_abandoned_reads():
+    """Drops, from here on, the reports of `_is_abandoned_read` (up to 190 lines of tracebacks, before or
+    after the one-line error, from threads, as late as the interpreter's exit), and only those."""
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_abandoned_reads", False):
+        return
+
+    def drop_abandoned_reads(unraisable):
+        if not _is_abandoned_read(unraisable):
+            hook(unraisable)
+    drop_abandoned_reads.drops_abandoned_reads = True
+    sys.unraisablehook = drop_abandoned_reads
 
 
 class Checkpoints:
@@ -62,13 +88,14 @@ class Checkpoints:
         items = {"state": args.StandardRestore(target(states)), "progress": args.JsonRestore()}
         if with_best and epoch is not None:
             items["best"] = args.StandardRestore(target(states))
+        _drop_abandoned_reads()
         try:
             restored = self.manager.restore(epoch, args=args.Composite(**items))
         except Exception as e:  # a checkpoint of another model, or damaged files
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): "
-                             f"{why}") from None
-        return restored.state, restored.get("best") if with_best else None, restored.progress
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:200]
+        else:
+            return restored.state, restored.get("best") if with_best else None, restored.progress
+        raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): {why}")
 
     def close(self):
         self.manager.wait_until_finished()

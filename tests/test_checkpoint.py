@@ -2,6 +2,7 @@
 uninterrupted one; best-validation states and early stopping per model."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,10 +73,14 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
     damaged = [*RUN[:-5], "--epochs", "1", "--checkpoint_every", "1", "--workdir", "damaged"]
     finished(cli(*damaged, cwd=tmp_path))
+    shutil.copytree(tmp_path / "damaged", tmp_path / "scrambled")
     for part in (tmp_path / "damaged" / "checkpoints" / "1" / "state").rglob("*"):
         if part.is_file() and part.stat().st_size > 1000:
             part.write_bytes(part.read_bytes()[:100])  # cut short, as by a full disk
-    for args in ([*damaged, "--resume"], ["evaluate", "--workdir", "damaged"], ["figures", "--workdir", "damaged"]):
+    for part in (tmp_path / "scrambled" / "checkpoints" / "1" / "state").rglob("d/*"):
+        part.write_bytes(bytes(range(100)))  # every array unreadable: orbax's other reads once printed 190 lines
+    for args in ([*damaged, "--resume"], ["evaluate", "--workdir", "damaged"], ["figures", "--workdir", "damaged"],
+                 [*damaged[:-1], "scrambled", "--resume"], ["evaluate", "--workdir", "scrambled"]):
         assert "(another model's, or damaged)" in error(*args)
     two = [*RUN[:-5], "--epochs", "2", "--checkpoint_every", "1", "--workdir", "two"]
     finished(cli(*two, cwd=tmp_path))
