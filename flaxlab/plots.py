@@ -9,7 +9,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _epoch_axis(ax, epochs):
-    """Whole epochs on the x axis; a one-epoch run gets one tick, not 0.945 to 1.055 in fractions."""
+    """Whole epochs on the x axis; a one-epoch run gets one tick, not 0.945 to 1.055 in fractions. Set once
+    an axis holds all its curves, from all their epochs: a one-epoch variant's limits cut a longer one off."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(epochs) == 1:
@@ -19,7 +20,6 @@ def _epoch_axis(ax, epochs):
 
 def _curve(ax, epochs, values, label, color):
     values = np.asarray(values)  # (epochs, models)
-    _epoch_axis(ax, epochs)
     ax.plot(epochs, values.mean(axis=1), label=label, color=color, marker="o", markersize=3)
     if values.shape[1] > 1:
         ax.fill_between(epochs, values.min(axis=1), values.max(axis=1), color=color, alpha=0.2)
@@ -40,6 +40,7 @@ def learning_curves(history, path, title):
         for split, color in SPLIT_COLORS.items():
             if f"{split}_{metric}" in history:
                 _curve(ax, epochs, history[f"{split}_{metric}"], split, color)
+        _epoch_axis(ax, epochs)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -98,7 +99,9 @@ def sweep_comparison(histories, path, title):
     acc_ax.set_ylabel(f"test {score}")
     loss_ax.set_ylabel("train loss")
     loss_ax.set_yscale("log")
+    epochs = sorted(set().union(*(history["epoch"] for history in histories.values())))  # early stops end sooner
     for ax in (acc_ax, loss_ax):
+        _epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, title="variant (final mean)", title_fontsize=8)
     fig.suptitle(title)

@@ -196,8 +196,10 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
+    epochs = sorted({p.config["epochs"] for p in programs})  # a grid over epochs gives each program its own
+    epochs = f"{epochs[0]} epochs" if len(epochs) == 1 else f"{' or '.join(map(str, epochs))} epochs"
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
-        f"program(s), {config['epochs']} epochs each; data: {dataset.source} "
+        f"program(s), {epochs} each; data: {dataset.source} "
         f"({len(dataset.train):,} train / {len(dataset.test):,} test{', per program below' if several else ''})")
 
     for program, data in zip(programs, datasets):  # every network takes its images, before anything is written
@@ -261,7 +263,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {len(dataset.train):,} train / "
         f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
-        f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {config['epochs']} epochs; "
+        f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
         f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n\n{table}\n\n"
         f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
     plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")

@@ -51,15 +51,20 @@ def test_runs_write_the_confusion_of_every_seed(tmp_path, mnist_sample):
     assert (tmp_path / "misclassified.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_one_epoch_run_gets_one_whole_epoch_tick():
-    """Its curves ran from 0.945 to 1.055 in fractional epochs."""
+def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
+    """A one-epoch run's curves ran from 0.945 to 1.055 in fractional epochs; then a sweep whose first
+    variant ran one epoch (a grid over epochs, or an early stop) cut the others off at epoch 2."""
     import matplotlib.pyplot as plt
     from flaxlab import plots
-    fig, ax = plt.subplots()
-    plots._curve(ax, [1], [[0.5, 0.6]], "test", "tab:blue")
-    assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0, 2)
-    ax.clear()
-    plots._curve(ax, [1, 2, 3, 4, 5], np.ones((5, 1)), "test", "tab:blue")
-    fig.canvas.draw()
-    assert all(float(t).is_integer() for t in ax.get_xticks())
-    plt.close(fig)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    one = {"epoch": [1], "test_accuracy": [[0.5, 0.6]], "train_loss": [[1.0, 0.9]]}
+    five = {"epoch": [1, 2, 3, 4, 5], "test_accuracy": np.linspace(0.5, 0.9, 10).reshape(5, 2),
+            "train_loss": np.linspace(1, 0.1, 10).reshape(5, 2)}
+    plots.sweep_comparison({"epochs=1": one}, tmp_path / "one.png", "one")
+    plots.sweep_comparison({"epochs=1": one, "epochs=5": five}, tmp_path / "both.png", "both")
+    for ax in figures[0].axes:
+        assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0, 2)
+    for ax in figures[1].axes:
+        low, high = ax.get_xlim()
+        assert low <= 1 and high >= 5 and all(float(t).is_integer() for t in ax.get_xticks())
