@@ -228,6 +228,9 @@ def read_state_dict(path):
                 raise UsageError(f"reading {path.name} needs torch (`pip install torch`), or convert it to .npz") from None
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise DataError(f"cannot read weights from {path}: it holds a {type(state).__name__}, not a "
+                                f"state dict (names to tensors)")
             return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as e:
         why = str(e).splitlines()[0][:200]

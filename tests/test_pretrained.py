@@ -108,6 +108,10 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "none.npz")
     with pytest.raises(DataError, match="is a folder"):
         pretrained.read_state_dict(tmp_path)
+    torch = pytest.importorskip("torch")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")  # an AttributeError's traceback once
+    with pytest.raises(DataError, match="list.pth: it holds a list, not a state dict"):
+        pretrained.read_state_dict(tmp_path / "list.pth")
 
 
 def test_fine_tuning_experiment_starts_from_the_weights_file(tmp_path):
