@@ -213,6 +213,8 @@ def read_state_dict(path):
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
+            if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and advise unpickling it
+                raise DataError(f"cannot read weights from {path}: not an .npz archive (numpy.savez writes them)")
             with np.load(path) as f:
                 return {k: f[k] for k in f.files}
         if suffix == ".safetensors":
@@ -236,6 +238,8 @@ def read_state_dict(path):
         why = str(e).splitlines()[0][:200]
         if "weights_only" in why:  # torch's advice (load with weights_only=False) is not one to follow for a file
             why = "not a file of tensors that torch.save wrote (torch.load with weights_only=True refused it)"
+        elif "allow_pickle" in why:  # numpy's advice (allow_pickle=True) neither
+            why = "it holds pickled objects, not arrays"
         raise DataError(f"cannot read weights from {path}: {why}") from None
     raise UsageError(f"weights file {path}: expected .pth, .npz or .safetensors")
 

@@ -108,6 +108,12 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "none.npz")
     with pytest.raises(DataError, match="is a folder"):
         pretrained.read_state_dict(tmp_path)
+    (tmp_path / "bad.npz").write_bytes(b"not an archive")  # numpy advised unpickling it
+    with pytest.raises(DataError, match="bad.npz: not an .npz archive"):
+        pretrained.read_state_dict(tmp_path / "bad.npz")
+    np.savez(tmp_path / "objects.npz", conv1=np.array([{"weight": 1}], dtype=object))
+    with pytest.raises(DataError, match="objects.npz: it holds pickled objects, not arrays"):
+        pretrained.read_state_dict(tmp_path / "objects.npz")
     torch = pytest.importorskip("torch")
     torch.save([torch.zeros(2)], tmp_path / "list.pth")  # an AttributeError's traceback once
     with pytest.raises(DataError, match="list.pth: it holds a list, not a state dict"):
