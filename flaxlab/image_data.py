@@ -60,6 +60,13 @@ def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def _image_error(e):
+    """Why Pillow could not decode a file; for a file that is no image at all it named an io.BytesIO object."""
+    if type(e).__name__ == "UnidentifiedImageError":
+        return "not an image file that Pillow can read"
+    return _first_line(e)
+
+
 def is_archive(path):
     return Path(path).name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -140,7 +147,7 @@ def _decode(raw, path, rel, size):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(im, np.uint8)
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...: all mean "bad file"
-        raise DataError(f"cannot decode image {_where(path, rel)}: {_first_line(e)}") from None
+        raise DataError(f"cannot decode image {_where(path, rel)}: {_image_error(e)}") from None
 
 
 def _stack(arrays, where):

@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxlab.data import Dataset, Split, resolve_source
 from flaxlab.errors import DataError, UsageError
-from flaxlab.image_data import (_cached, _check_size, _find, _first_line, _iter_files, _pil, _where,
+from flaxlab.image_data import (_cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
                                 _with_how_to)
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -61,7 +61,7 @@ def _open(raw, path, rel):
         im.load()  # decode now: a truncated file fails here
         return im
     except Exception as e:  # Pillow raises many kinds for a bad file
-        raise DataError(f"cannot decode {_where(path, rel)}: {_first_line(e)}") from None
+        raise DataError(f"cannot decode {_where(path, rel)}: {_image_error(e)}") from None
 
 
 def _decode_image(raw, path, rel, size):
