@@ -341,8 +341,8 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a run or sweep says what its folder holds
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `list | head`: the reader has what it wanted
         _silence_stdout()

@@ -454,6 +454,14 @@ def _check_resumable(config, workdir):
                          "resume with the same options")
 
 
+def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints):
+    """The line a Ctrl-C ends a run with: what its folder holds, and how (or whether) it can go on."""
+    kept = sorted(int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit())
+    how = (f"run the same command with --resume to go on from epoch {kept[-1]}'s checkpoint" if kept and checkpoints
+           else "a run with --checkpoint_every N keeps checkpoints that --resume goes on from")
+    return f"{workdir} holds config.json and the history of {epochs_saved} epoch(s); {how}"
+
+
 def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print, resume=False):
     """Trains config['seeds'] models of one experiment as one program and writes its run folder.
 
@@ -508,15 +516,22 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         if config["checkpoint_every"]:
             checkpoints = Checkpoints(workdir, config["checkpoint_every"])
     write_json(workdir / "config.json", config)
-    save_history = lambda history: write_json(workdir / "history.json", {"info": info, "history": history})
+    saved = [0]  # epochs whose history is on disk
+
+    def save_history(history):
+        write_json(workdir / "history.json", {"info": info, "history": history})
+        saved[0] = len(history["epoch"])
     try:
-        states, best, history, best_epochs = fit(
-            trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
-            patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
-            on_epoch=save_history)
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()
+        try:
+            states, best, history, best_epochs = fit(
+                trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
+                patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress,
+                log=log, on_epoch=save_history)
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_what_an_interrupted_run_left(workdir, saved[0], checkpoints)) from None
 
     train_s = sum(history["epoch_time_s"])
     steps = trainer.steps_per_epoch(len(dataset.train)) * len(history["epoch"])

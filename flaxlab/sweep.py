@@ -223,10 +223,14 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         s = set_up(program.config, data, [overrides for _, overrides in program.variants])
         compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
         split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
-        states, best, history, best_epochs = fit(
-            s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
-            select=program.config["best_metric"] or None, patience=program.config["patience"], progress=progress,
-            log=log, on_epoch=lambda h: save(split(h)))
+        try:
+            states, best, history, best_epochs = fit(
+                s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+                select=program.config["best_metric"] or None, patience=program.config["patience"],
+                progress=progress, log=log, on_epoch=lambda h: save(split(h)))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{workdir}/history.json holds the {index - 1} program(s) trained and the epochs "
+                                    f"run of program {index}; a sweep cannot be resumed") from None
         histories.update(split(history))
         image_scores = None
         if data.is_segmentation:  # per-image Dice of each model's final (or selected) state

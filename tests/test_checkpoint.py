@@ -58,6 +58,22 @@ def test_sigkilled_run_resumes_to_the_same_end(tmp_path):
     assert results("killed") == results("whole")
 
 
+def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
+    """SIGINT mid-run: exit code 130 and one line naming the folder, the epochs on disk and, with
+    checkpoints, the --resume that goes on (the line was a bare 'interrupted')."""
+    run = [*RUN[:-5], "--epochs", "500", "--checkpoint_every", "1", "--workdir", "stopped"]
+    stopped = cli(*run, cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while not (tmp_path / "stopped" / "checkpoints" / "2").is_dir() and stopped.poll() is None:
+        time.sleep(0.02)
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=300)
+    assert stopped.returncode == 130 and err.count("\n") == 1, err
+    assert err.startswith("interrupted: stopped holds config.json and the history of ") and \
+        "epoch(s); run the same command with --resume to go on from epoch " in err, err
+    epochs = len(history(tmp_path / "stopped")["epoch"])
+    assert f"the history of {epochs} epoch(s)" in err and 2 <= epochs < 500
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     def error(*args):
         out = cli(*args, cwd=tmp_path)
