@@ -445,6 +445,8 @@ def _check_resumable(config, workdir):
         saved = json.loads(saved_path.read_text())
     except ValueError:
         raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
+    if saved.get("sweep") and not config.get("sweep"):
+        raise UsageError(f"--resume: {workdir} is a sweep's folder, and a sweep cannot be resumed")
     saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
     growable = () if mine.get("optimizer.schedule", "constant") != "constant" else ("epochs",)  # a schedule spans them
     # a field added since the run was saved counts as unchanged

@@ -74,6 +74,15 @@ def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
     assert f"the history of {epochs} epoch(s)" in err and 2 <= epochs < 500
 
 
+def test_resume_names_a_sweeps_folder(tmp_path):
+    """It said the folder 'was run with other settings (--sweep)'."""
+    from experiments import EXPERIMENTS
+    from flaxlab.runner import _check_resumable
+    (tmp_path / "config.json").write_text(json.dumps({**EXPERIMENTS["mnist_cnn"](), "sweep": [{"dropout": 0.1}]}))
+    with pytest.raises(UsageError, match="is a sweep's folder, and a sweep cannot be resumed"):
+        _check_resumable(EXPERIMENTS["mnist_cnn"](), tmp_path)
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     def error(*args):
         out = cli(*args, cwd=tmp_path)
