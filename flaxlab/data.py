@@ -17,6 +17,7 @@ from flaxlab.errors import DataError
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist-sample"
 SOURCES = ("auto", "files", "tfds", "sample")
+DATA_DIR_VARIABLE = "FLAXLAB_DATA_DIR"  # --data-dir's default
 HOW_TO_GET_MNIST = (
     "download the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from http://yann.lecun.com/exdb/mnist/ "
@@ -90,11 +91,30 @@ def _find_idx(folder, split, kind):
     return None
 
 
+def data_dir_or_default(data_dir):
+    """--data-dir, else $FLAXLAB_DATA_DIR, else None."""
+    return data_dir or os.environ.get(DATA_DIR_VARIABLE) or None
+
+
+def data_dir_option(data_dir):
+    """How a message names a data folder: as the --data-dir given, or as the variable it came from."""
+    from_variable = os.environ.get(DATA_DIR_VARIABLE)
+    return f"{DATA_DIR_VARIABLE}={from_variable}" if from_variable and from_variable == str(data_dir) \
+        else f"--data-dir {data_dir}"
+
+
+def cache_dir():
+    """Where decoded data sets and downloaded weights are kept: $FLAXLAB_CACHE (or $FLAXLAB_CACHE_DIR, which
+    the data cache once read alone), else ~/.cache/flaxlab."""
+    return Path(os.environ.get("FLAXLAB_CACHE") or os.environ.get("FLAXLAB_CACHE_DIR")
+                or "~/.cache/flaxlab").expanduser()
+
+
 def load_mnist_files(data_dir):
     """MNIST from a folder holding the four IDX files (or from its `mnist/` subfolder)."""
+    if not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"{data_dir_option(data_dir)} is not a folder; {HOW_TO_GET_MNIST}")
     data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise DataError(f"--data-dir {data_dir} is not a folder; {HOW_TO_GET_MNIST}")
     for folder in (data_dir, data_dir / "mnist", data_dir / "MNIST" / "raw"):
         paths = {(s, k): _find_idx(folder, s, k) for s in ("train", "test") for k in ("images", "labels")}
         if all(paths.values()):
@@ -192,7 +212,7 @@ def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fractio
     """MNIST (its official test split; `test_fraction` is unused: the command line refuses it), resized and with
     a val split on request."""
     from flaxlab.image_data import make_splits, resize_all
-    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    data_dir = data_dir_or_default(data_dir)
     source = resolve_source("mnist", source, data_dir, tfds_dir, "mnist")
     if source == "files":
         if not data_dir:

@@ -2,7 +2,7 @@
 
 Like `flaxlab.data`, everything is read once into numpy and later put whole on the device.
 Archives are streamed with `tarfile`/`zipfile` (nothing is extracted to disk), images decoded
-with Pillow, and the decoded arrays cached in `~/.cache/flaxlab` (or `$FLAXLAB_CACHE_DIR`),
+with Pillow, and the decoded arrays cached in `~/.cache/flaxlab` (or `$FLAXLAB_CACHE`),
 keyed by the source's size and mtime, so only the first load pays for decoding.
 
 Without an official test split, `Dataset.test` is a validation split held out of the training
@@ -24,7 +24,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from flaxlab.data import Dataset, Split, load_tfds, resolve_source
+from flaxlab.data import (Dataset, Split, cache_dir, data_dir_option, data_dir_or_default, load_tfds,
+                          resolve_source)
 from flaxlab.errors import DataError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
@@ -472,10 +473,6 @@ def split_by_group(labels, groups, val_fraction, seed=0):
 
 # --- cache ---------------------------------------------------------------------------------
 
-def cache_dir():
-    return Path(os.environ.get("FLAXLAB_CACHE_DIR", "~/.cache/flaxlab")).expanduser()
-
-
 def _signature(sources):
     """What the cache is keyed by: each source's path, size and mtime (every file's, for folders)."""
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
@@ -522,9 +519,9 @@ def _cached(name, size, sources, compute, use_cache):
 
 def _find(data_dir, candidates, looks_right, how_to):
     """data_dir itself when it holds the data, else the first candidate: a file, or a folder that looks right."""
+    if not Path(data_dir).expanduser().exists():
+        raise DataError(f"{data_dir_option(data_dir)} not found; {how_to}")
     data_dir = Path(data_dir).expanduser()
-    if not data_dir.exists():
-        raise DataError(f"--data-dir {data_dir} not found; {how_to}")
     if data_dir.is_file() or looks_right(data_dir):
         return data_dir
     for name in candidates:
@@ -643,7 +640,7 @@ def _files_or_sample(source, data_dir, how_to, load, sample, **kwargs):
 
 def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
     """CIFAR-10 for an experiment: from --data-dir, TFDS or the shipped sample (600 train / 200 test)."""
-    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    data_dir = data_dir_or_default(data_dir)
     source = resolve_source("cifar10", source, data_dir, tfds_dir, "cifar10")
     if source != "tfds":
         return _files_or_sample(source, data_dir, HOW_TO_GET_CIFAR10, load_cifar10, CIFAR10_SAMPLE,
@@ -657,7 +654,7 @@ def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0
 
 def gtsrb(source="auto", data_dir=None, tfds_dir=None, size=(28, 28), val_fraction=0.0, test_fraction=0.2):
     """GTSRB for an experiment: from --data-dir or the shipped sample (43 classes x 5 tracks x 4 images)."""
-    data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+    data_dir = data_dir_or_default(data_dir)
     source = resolve_source("gtsrb", source, data_dir, tfds_dir)
     return _files_or_sample(source, data_dir, HOW_TO_GET_GTSRB, load_gtsrb, GTSRB_SAMPLE,
                             size=size or (28, 28), val_fraction=val_fraction, test_fraction=test_fraction)

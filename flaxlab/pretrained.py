@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlab.data import cache_dir
 from flaxlab.errors import DataError, UsageError
 from flaxlab.inits import torch_bias_init, torch_kernel_init, torchvision_conv_init, torchvision_vgg_dense_init
 from flaxlab.pooling import max_pool, max_pool_strided
@@ -242,10 +243,6 @@ def read_state_dict(path):
             why = "it holds pickled objects, not arrays"
         raise DataError(f"cannot read weights from {path}: {why}") from None
     raise UsageError(f"weights file {path}: expected .pth, .npz or .safetensors")
-
-
-def cache_dir():
-    return Path(os.environ.get("FLAXLAB_CACHE", Path.home() / ".cache" / "flaxlab"))
 
 
 def fetch_weights(arch, weights=""):

@@ -10,13 +10,12 @@ images (JSRT's X-rays) keep one channel.
 """
 import dataclasses
 import io
-import os
 import re
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from flaxlab.data import Dataset, Split, resolve_source
+from flaxlab.data import Dataset, Split, data_dir_or_default, resolve_source
 from flaxlab.errors import DataError, UsageError
 from flaxlab.image_data import (_cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
                                 _with_how_to)
@@ -217,7 +216,7 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
 
 def _entry_point(layout):
     def load(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.2):
-        data_dir = data_dir or os.environ.get("FLAXLAB_DATA_DIR")
+        data_dir = data_dir_or_default(data_dir)
         source = resolve_source(layout, source, data_dir, tfds_dir)
         size = size or LAYOUTS[layout].default_size
         if source == "files":

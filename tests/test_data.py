@@ -86,3 +86,16 @@ def test_resized_mnist_keeps_one_channel_and_the_digits(mnist_sample):
     expected = np.asarray(Image.fromarray(digit).resize((32, 32), Image.BILINEAR))
     np.testing.assert_array_equal(resized.test.images[7, ..., 0], expected)
     assert abs(resized.train.images.mean() - mnist_sample.train.images.mean()) < 3
+
+
+def test_a_data_folder_from_the_environment_is_named_as_such(monkeypatch, tmp_path):
+    """$FLAXLAB_DATA_DIR is --data-dir's default; a message about it said '--data-dir', which was not given."""
+    monkeypatch.setenv("FLAXLAB_DATA_DIR", "/no/such/folder")
+    with pytest.raises(DataError, match="^FLAXLAB_DATA_DIR=/no/such/folder is not a folder"):
+        data.load("mnist", source="files")
+    with pytest.raises(DataError, match="^FLAXLAB_DATA_DIR=/no/such/folder not found"):
+        data.load("glas", source="files")
+    with pytest.raises(DataError, match="^--data-dir /other/folder not found"):
+        data.load("cifar10", source="files", data_dir="/other/folder")
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path))  # decoded data sets and weights, one variable
+    assert data.cache_dir() == tmp_path

@@ -17,7 +17,7 @@ from flaxlab.errors import DataError, UsageError  # noqa: E402
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """Every test gets its own cache folder: nothing is written to ~/.cache."""
-    monkeypatch.setenv("FLAXLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
