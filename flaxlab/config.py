@@ -5,6 +5,7 @@ the default, and every string field with a fixed set of values is checked agains
 one clear error before anything runs or is written.
 """
 import copy
+import math
 
 from flaxlab.errors import UsageError
 
@@ -109,6 +110,9 @@ def changed_fields(before, after):
 def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
     flat = flatten(config)
+    for key, value in flat.items():  # nan passes every comparison below, and inf made a run all NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{key} must be a finite number, got {value}")
     for key, allowed in _choices().items():
         if key in flat and flat[key] not in allowed:
             raise UsageError(f"unknown value '{flat[key]}' for --{key}; choose one of {', '.join(allowed)}")
@@ -131,6 +135,8 @@ def validate(config):
         raise UsageError("--patience (early stopping) needs --best_metric val_loss, val_accuracy or val_dice")
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
+    if flat.get("augment.rotate", 0) > 180:
+        raise UsageError(f"--augment.rotate is the largest angle either way, at most 180 degrees, got {flat['augment.rotate']}")
     for key in BELOW_ONE:
         if flat.get(key, 0) >= 1:
             raise UsageError(f"--{key} must be below 1, got {flat[key]}")

@@ -64,6 +64,19 @@ class BestEpochs:
         return {"value": self.value, "epoch": self.epoch, "stale": self.stale}
 
 
+def divergence_note(history):
+    """'' or a line naming the models whose train loss stopped being finite, and from which epoch: their
+    scores are a diverged network's (predicting one class), and a lower learning rate is the usual cure."""
+    losses = np.asarray(history["train_loss"], dtype=np.float64)  # (epochs, models)
+    bad = ~np.isfinite(losses)
+    diverged = np.flatnonzero(bad[-1])
+    if not len(diverged):
+        return ""
+    first = history["epoch"][int(np.argmax(bad[:, diverged].any(axis=1)))]
+    return (f"training diverged: the train loss of {len(diverged)} of {losses.shape[1]} model(s) is not finite "
+            f"(from epoch {first}); a lower --optimizer.lr usually cures it")
+
+
 def final_stats(history, best_epochs=None):
     """Rows of (metric, mean, std, min, max) over models, for the last epoch and the best test epoch;
     with `best_epochs` (per model), also the figures at each model's selected (best validation) epoch."""

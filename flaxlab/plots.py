@@ -18,6 +18,16 @@ def _epoch_axis(ax, epochs):
         ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
 
 
+def _log_scale(ax):
+    """Losses on a log scale, unless no curve has a finite positive value (a run that diverged at once:
+    matplotlib refuses to log-scale it)."""
+    values = [np.asarray(line.get_ydata(), np.float64) for line in ax.get_lines()]
+    if any((np.isfinite(v) & (v > 0)).any() for v in values):
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "not finite: training diverged", transform=ax.transAxes, ha="center", va="center")
+
+
 def _curve(ax, epochs, values, label, color):
     values = np.asarray(values)  # (epochs, models)
     ax.plot(epochs, values.mean(axis=1), label=label, color=color, marker="o", markersize=3)
@@ -44,7 +54,7 @@ def learning_curves(history, path, title):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    loss_ax.set_yscale("log")
+    _log_scale(loss_ax)
     acc_ax.set_title(f"final test accuracy {100 * np.mean(history['test_accuracy'][-1]):.2f}%", fontsize=10)
     if "test_dice" in history:
         axes[2].set_title(f"final test Dice (per-image mean) {np.mean(history['test_dice'][-1]):.4f}", fontsize=10)
@@ -72,7 +82,7 @@ def trial_curves(histories, path, title):
             ax.plot(history["epoch"], other[:, i], color=color, linestyle="--", marker=marker, fillstyle="none")
         ax.set_title(label, fontsize=10)
         _epoch_axis(ax, history["epoch"])
-        ax.set_yscale("log")
+        _log_scale(ax)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
     handles = [Line2D([], [], color=plt.get_cmap("tab10")(i % 10), label=f"trial {i + 1}") for i in range(trials)]
@@ -98,7 +108,7 @@ def sweep_comparison(histories, path, title):
         _curve(loss_ax, history["epoch"], history["train_loss"], label, colors(i))
     acc_ax.set_ylabel(f"test {score}")
     loss_ax.set_ylabel("train loss")
-    loss_ax.set_yscale("log")
+    _log_scale(loss_ax)
     epochs = sorted(set().union(*(history["epoch"] for history in histories.values())))  # early stops end sooner
     for ax in (acc_ax, loss_ax):
         _epoch_axis(ax, epochs)

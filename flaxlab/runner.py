@@ -426,7 +426,9 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
         + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
-        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n\n{table}\n{trials}{analysis_md}")
+        f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n"
+        + (f"- **{note}**\n" if (note := metrics.divergence_note(history)) else "")
+        + f"\n{table}\n{trials}{analysis_md}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
     return stats, table
@@ -542,6 +544,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                                    * config["seeds"] / train_s, 1),
                 epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
+    if metrics.divergence_note(history):
+        log(f"warning: {metrics.divergence_note(history)}")
     chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
     predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
     chosen = parallel.to_host(chosen)  # figures draw from one local copy

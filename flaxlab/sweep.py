@@ -247,6 +247,9 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                              "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
                              "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
         rows += [_row(label, index, histories[label]) for label in labels]
+        for label in labels:
+            if metrics.divergence_note(histories[label]):
+                log(f"warning: {label}: {metrics.divergence_note(histories[label])}")
         save()
     wall_s = time.perf_counter() - start
 
@@ -268,7 +271,10 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         f"- data: {dataset.source}, {len(dataset.train):,} train / "
         f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
         f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
-        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n\n{table}\n\n"
+        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
+        + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
+                  if (note := metrics.divergence_note(history)))
+        + f"\n{table}\n\n"
         f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
     plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
     plots.sweep_comparison(histories, workdir / "comparison.png",

@@ -68,3 +68,21 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
     for ax in figures[1].axes:
         low, high = ax.get_xlim()
         assert low <= 1 and high >= 5 and all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_a_diverged_run_is_said_and_drawn(tmp_path):
+    """Train losses that stop being finite are named (which models, from which epoch), and the figures of a
+    run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN loss: a traceback)."""
+    from flaxlab import metrics, plots
+    nan = float("nan")
+    history = {"epoch": [1, 2], "train_loss": [[0.5, 0.4], [nan, 0.3]], "test_loss": [[0.5, 0.4], [nan, 0.3]],
+               "train_accuracy": [[0.5, 0.6]] * 2, "test_accuracy": [[0.5, 0.6]] * 2}
+    assert metrics.divergence_note(history) == ("training diverged: the train loss of 1 of 2 model(s) is not finite "
+                                                "(from epoch 2); a lower --optimizer.lr usually cures it")
+    assert metrics.divergence_note({**history, "train_loss": [[0.5, 0.4], [0.3, 0.2]]}) == ""
+    at_once = {**history, "epoch": [1], "train_loss": [[nan, nan]], "test_loss": [[nan, nan]],
+               "train_accuracy": [[0.1, 0.1]], "test_accuracy": [[0.1, 0.1]]}
+    plots.learning_curves(at_once, tmp_path / "curves.png", "diverged")
+    plots.trial_curves({"lr=1e38": at_once}, tmp_path / "trials.png", "diverged")
+    plots.sweep_comparison({"lr=1e38": at_once, "lr=0.1": history}, tmp_path / "comparison.png", "diverged")
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("curves.png", "trials.png", "comparison.png"))

@@ -29,6 +29,9 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--data.source", "files"], "needs --data-dir"),
     (["run", "mnist_cnn", "--data.test_fraction", "0.2"], "MNIST has its own test split"),  # was ignored
     (["run", "mnist_cnn", "--augment.crop", "28"], "--augment.crop 28 shifts images by up to 28 pixels"),
+    (["run", "mnist_cnn", "--optimizer.lr", "inf"], "--optimizer.lr must be a finite number, got inf"),  # ran all-NaN
+    (["run", "mnist_cnn", "--augment.rotate", "nan"], "--augment.rotate must be a finite number, got nan"),
+    (["run", "mnist_cnn", "--augment.rotate", "400"], "--augment.rotate is the largest angle either way, at most 180"),
     (["run", "mnist_cnn", "stray"], "unexpected argument 'stray'"),
     (["run", "mnist_cnn", "--epochs"], "needs a value"),
     (["train", "mnist_cnn"], "invalid choice: 'train'"),
