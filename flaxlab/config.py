@@ -58,7 +58,10 @@ def parse_value(key, text, default):
     try:
         if isinstance(default, (tuple, list)):
             like = default[0] if default else 0
-            return tuple(scalar(t.strip(), like) for t in text.split(",") if t.strip())
+            items = [t.strip() for t in text.split(",")] if text.strip() else []  # '' is the empty list
+            if not all(items):  # '8,,16' or ',': a typo, not a list of two or none
+                raise UsageError(f"bad value '{text}' for {key}: an empty item between commas")
+            return tuple(scalar(t, like) for t in items)
         return scalar(text, default)
     except ValueError:
         kind = "comma-separated list" if isinstance(default, (tuple, list)) else type(default).__name__

@@ -29,6 +29,7 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--data.source", "files"], "needs --data-dir"),
     (["run", "mnist_cnn", "--data.test_fraction", "0.2"], "MNIST has its own test split"),  # was ignored
     (["run", "mnist_cnn", "--augment.crop", "28"], "--augment.crop 28 shifts images by up to 28 pixels"),
+    (["run", "mnist_cnn", "--model.features", "8,,16"], "bad value '8,,16' for model.features: an empty item"),
     (["run", "mnist_cnn", "--optimizer.lr", "inf"], "--optimizer.lr must be a finite number, got inf"),  # ran all-NaN
     (["run", "mnist_cnn", "--augment.rotate", "nan"], "--augment.rotate must be a finite number, got nan"),
     (["run", "mnist_cnn", "--augment.rotate", "400"], "--augment.rotate is the largest angle either way, at most 180"),
