@@ -240,11 +240,26 @@ def unwritable(folder):
     return None
 
 
+def is_run_folder(folder):
+    """Whether `folder` holds a config.json that a flaxlab run or sweep wrote."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"name", "model", "optimizer", "epochs"} <= set(config)
+
+
 def check_workdir(workdir):
-    """Refuses a run folder that cannot be made or written, before any data are loaded or models trained."""
+    """Refuses, before any data are loaded or models trained, a run folder that cannot be made or written,
+    and one that holds files that no run wrote: a run replaces its folder's config.json, results.md and
+    figures (`--workdir .` in a project overwrote the project's config.json)."""
     why = workdir is not None and unwritable(workdir)
     if why:
         raise UsageError(f"--workdir {workdir}: {why}")
+    if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
+        names = sorted(p.name for p in Path(workdir).iterdir())
+        raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}), which a run would overwrite: give a new or empty folder")
 
 
 def make_workdir(workdir):

@@ -239,3 +239,16 @@ def test_a_closed_pipe_does_not_kill_the_run(tmp_path):
     listing.stdout.readline()
     listing.stdout.close()
     assert listing.wait(timeout=60) in (0, 141) and "Traceback" not in listing.stderr.read()
+
+
+def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
+    """`--workdir .` in a project replaced its config.json and results.md; a run or sweep now refuses a
+    folder with files no run wrote, and still reuses its own (sweep into a run's folder included)."""
+    (tmp_path / "config.json").write_text('{"mine": 1}')
+    for command in (["run", "mnist_cnn"], ["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2"]):
+        out = cli(*command, "--epochs", "1", "--workdir", ".", cwd=tmp_path)
+        assert out.returncode == 2 and "--workdir . holds files that no flaxlab run wrote (config.json)" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and "mine" in (tmp_path / "config.json").read_text()
+    assert cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path).returncode == 0
+    assert cli("sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--epochs", "1", "--quiet", "--workdir", "run",
+               cwd=tmp_path).returncode == 0
