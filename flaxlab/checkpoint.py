@@ -95,7 +95,8 @@ class Checkpoints:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:200]
         else:
             return restored.state, restored.get("best") if with_best else None, restored.progress
-        raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): {why}")
+        raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): "
+                         f"{why}")
 
     def close(self):
         self.manager.wait_until_finished()

@@ -139,7 +139,8 @@ def validate(config):
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
     if flat.get("augment.rotate", 0) > 180:
-        raise UsageError(f"--augment.rotate is the largest angle either way, at most 180 degrees, got {flat['augment.rotate']}")
+        raise UsageError(f"--augment.rotate is the largest angle either way, at most 180 degrees, "
+                         f"got {flat['augment.rotate']}")
     for key in BELOW_ONE:
         if flat.get(key, 0) >= 1:
             raise UsageError(f"--{key} must be below 1, got {flat[key]}")

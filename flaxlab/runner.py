@@ -259,7 +259,8 @@ def check_workdir(workdir):
     if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
         names = sorted(p.name for p in Path(workdir).iterdir())
         raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
-                         f"{', ...' if len(names) > 3 else ''}), which a run would overwrite: give a new or empty folder")
+                         f"{', ...' if len(names) > 3 else ''}), which a run would overwrite: "
+                         f"give a new or empty folder")
 
 
 def make_workdir(workdir):
@@ -559,8 +560,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                                    * config["seeds"] / train_s, 1),
                 epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
-    if metrics.divergence_note(history):
-        log(f"warning: {metrics.divergence_note(history)}")
+    if note := metrics.divergence_note(history):
+        log(f"warning: {note}")
     chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
     predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
     chosen = parallel.to_host(chosen)  # figures draw from one local copy

@@ -229,8 +229,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                 select=program.config["best_metric"] or None, patience=program.config["patience"],
                 progress=progress, log=log, on_epoch=lambda h: save(split(h)))
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{workdir}/history.json holds the {index - 1} program(s) trained and the epochs "
-                                    f"run of program {index}; a sweep cannot be resumed") from None
+            raise KeyboardInterrupt(f"{workdir}/history.json holds {index - 1} of {len(programs)} program(s) trained "
+                                    f"and the epochs run of program {index}; a sweep cannot be resumed") from None
         histories.update(split(history))
         image_scores = None
         if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
@@ -248,8 +248,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                              "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
         rows += [_row(label, index, histories[label]) for label in labels]
         for label in labels:
-            if metrics.divergence_note(histories[label]):
-                log(f"warning: {label}: {metrics.divergence_note(histories[label])}")
+            if note := metrics.divergence_note(histories[label]):
+                log(f"warning: {label}: {note}")
         save()
     wall_s = time.perf_counter() - start
 
