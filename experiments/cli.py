@@ -82,6 +82,8 @@ CONFIG_OPTIONS = ("Every field of the experiment's config is an option too, by i
 def _parser():
     parser = _Parser(prog="python -m experiments", description=__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flaxlab import __version__
+    parser.add_argument("--version", action="version", version=f"flaxlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="the experiments and what they reproduce", allow_abbrev=False)
     show = sub.add_parser("show", help="print an experiment's config (after overrides) as JSON", allow_abbrev=False,

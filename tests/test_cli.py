@@ -252,3 +252,11 @@ def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
     assert cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path).returncode == 0
     assert cli("sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--epochs", "1", "--quiet", "--workdir", "run",
                cwd=tmp_path).returncode == 0
+
+
+def test_version(capsys):
+    from flaxlab import __version__
+    from experiments.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"flaxlab {__version__}\n"
