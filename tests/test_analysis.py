@@ -56,8 +56,8 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
     variant ran one epoch (a grid over epochs, or an early stop) cut the others off at epoch 2."""
     import matplotlib.pyplot as plt
     from flaxlab import plots
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to be looked at, closed below
     one = {"epoch": [1], "test_accuracy": [[0.5, 0.6]], "train_loss": [[1.0, 0.9]]}
     five = {"epoch": [1, 2, 3, 4, 5], "test_accuracy": np.linspace(0.5, 0.9, 10).reshape(5, 2),
             "train_loss": np.linspace(1, 0.1, 10).reshape(5, 2)}
@@ -68,6 +68,8 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
     for ax in figures[1].axes:
         low, high = ax.get_xlim()
         assert low <= 1 and high >= 5 and all(float(t).is_integer() for t in ax.get_xticks())
+    for figure in figures:
+        close(figure)
 
 
 def test_a_diverged_run_is_said_and_drawn(tmp_path):

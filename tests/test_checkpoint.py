@@ -62,7 +62,12 @@ def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
     """SIGINT mid-run: exit code 130 and one line naming the folder, the epochs on disk and, with
     checkpoints, the --resume that goes on (the line was a bare 'interrupted')."""
     run = [*RUN[:-5], "--epochs", "500", "--checkpoint_every", "1", "--workdir", "stopped"]
-    stopped = cli(*run, cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Python's own SIGINT handler, even where the suite runs as a background job (which ignores SIGINT)
+    stopped = subprocess.Popen(
+        [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         f"sys.argv = ['experiments', *{run!r}]; runpy.run_module('experiments', run_name='__main__')"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     while not (tmp_path / "stopped" / "checkpoints" / "2").is_dir() and stopped.poll() is None:
         time.sleep(0.02)
     stopped.send_signal(signal.SIGINT)
