@@ -43,7 +43,8 @@ def resolve_key(config, key):
         return matches[0]
     if matches:
         raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
-    raise UsageError(f"unknown field '{key}' in --grid; fields: {', '.join(sorted(fields))}")
+    griddable = sorted(k for k in fields if k not in NOT_SWEPT and k.split(".")[0] not in NOT_SWEPT)
+    raise UsageError(f"unknown field '{key}' in --grid; fields: {', '.join(griddable)}")
 
 
 def parse_grid(config, specs):

@@ -45,6 +45,13 @@ def test_bad_grids_are_one_clear_error(spec, message):
         sweep.parse_grid(cnn(), [spec])
 
 
+def test_an_unknown_grid_field_lists_only_what_a_grid_can_vary():
+    with pytest.raises(UsageError) as e:
+        sweep.parse_grid(cnn(), ["nosuch=1,2"])
+    listed = str(e.value).split("fields: ")[1].split(", ")
+    assert "model.dropout" in listed and not {"seeds", "checkpoint_every", "features.layer"} & set(listed)
+
+
 def test_a_grid_over_networks_drops_the_options_the_other_network_does_not_take():
     variants = sweep.parse_grid(cnn(), ["model.name=small_cnn,lenet5_bn"])
     configs = [sweep.variant_config(cnn(), v) for v in variants]
