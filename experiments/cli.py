@@ -289,10 +289,9 @@ def _summary(args, overrides):
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
         if not option:
             raise
-        from flaxlab.runner import size_hint
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]
+        from flaxlab.runner import shape_error_gist, size_hint
         hint = size_hint(model, input_shape, option.split()[0], with_channels=bool(args.input_shape))
-        raise UsageError(f"{args.model} cannot take {option}: {why}{hint}") from None
+        raise UsageError(f"{args.model} cannot take {option}: {shape_error_gist(e)}{hint}") from None
     print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
 
 

@@ -71,6 +71,12 @@ def stacked_hparams(config, variants):
 _SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
 
 
+def shape_error_gist(e):
+    """The part of jax's or flax's shape error a user can read ('Cannot concatenate arrays with shapes that
+    differ ...'), without the shapes of the network's insides."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]
+
+
 def _output_shape(model, image_shape):
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     init = lambda x: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(1)},  # noqa: E731
@@ -132,7 +138,7 @@ def check_input(config, model, dataset):
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
     except _SHAPE_ERRORS as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")
+        why = shape_error_gist(e)
         problem = f"cannot take {size} images: {why}"
         taken = smallest_sides_that_fit(model, image_shape)  # what it puts out, at a size it takes
         out = _output_shape(model, (*taken, *image_shape[2:])) if taken else None
