@@ -161,10 +161,10 @@ class Layout:
 
 
 LAYOUTS = {
-    "glas": Layout("glas", GLAS_CANDIDATES, HOW_TO_GET_GLAS, test=("testA", "test"), default_size=(128, 128)),
+    "glas": Layout("glas", GLAS_CANDIDATES, HOW_TO_GET_GLAS, test=("testA", "test", "val"), default_size=(128, 128)),
     # JSRT's own `val` split is what the ADL report evaluates on: it is the test split here, and
     # --data.val_fraction holds a validation split out of train for early stopping
-    "jsrt": Layout("jsrt", JSRT_CANDIDATES, HOW_TO_GET_JSRT, test=("val", "test"), default_size=(256, 256)),
+    "jsrt": Layout("jsrt", JSRT_CANDIDATES, HOW_TO_GET_JSRT, test=("val", "test", "testA"), default_size=(256, 256)),
     "paired": Layout("paired", (), HOW_TO_GET_PAIRED),
 }
 
@@ -184,29 +184,30 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
         raise DataError(f"no {layout.name} data in {data_dir} (looked for {', '.join(layout.candidates)} "
                         f"and SPLIT/images + SPLIT/masks); {layout.how_to}")
 
-    def compute():
+    def compute():  # every split, so that the choice of train and test below is not cached
         splits = _with_how_to(layout.how_to, read_pairs, source, size)
-        train = next((s for s in layout.train if s in splits), None)
-        if train is None:
-            raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in splits)}); "
-                            f"{layout.how_to}")
-        test = next((s for s in layout.test if s in splits and s != train), None)
-        arrays = {"train_images": splits[train][0], "train_masks": splits[train][1],
-                  "splits": np.array([train, test or ""])}
-        if test:
-            arrays.update(test_images=splits[test][0], test_masks=splits[test][1])
+        arrays = {"splits": np.array(list(splits))}
+        for i, (images, masks, _) in enumerate(splits.values()):
+            arrays.update({f"images_{i}": images, f"masks_{i}": masks})
         return arrays
 
-    arrays = _cached(f"seg-{layout.name}", size, [source], compute, cache)
-    train_split, test_split = (str(s) for s in arrays["splits"])
-    train = Split(arrays["train_images"], arrays["train_masks"])
+    arrays = _cached(f"segmentation-{layout.name}", size, [source], compute, cache)
+    splits = {str(name): Split(arrays[f"images_{i}"], arrays[f"masks_{i}"]) for i, name in enumerate(arrays["splits"])}
+    train_split = next((s for s in layout.train if s in splits), None)
+    if train_split is None:
+        raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in splits)}); {layout.how_to}")
+    test_split = next((s for s in layout.test if s in splits and s != train_split), None)
+    train = splits[train_split]
     where = f"files:{Path(source).resolve()}"
-    if "test_images" in arrays:
-        test = Split(arrays["test_images"], arrays["test_masks"])
+    if test_split is not None:
+        test = splits[test_split]
         where += f" (test = its {test_split} split)"
     else:
         train, test = random_hold_out(train, test_fraction, seed, "test")
         where += f" (test = {test_fraction:.0%} of train, seed {seed})"
+    unused = [repr(s or ".") for s in splits if s not in (train_split, test_split)]
+    if unused:  # e.g. the GlaS release's testB: said, so that nobody takes the score for one over all of it
+        where += f" (split{'s' if len(unused) > 1 else ''} {', '.join(unused)} unused)"
     val = None
     if val_fraction:
         train, val = random_hold_out(train, val_fraction, seed + 1)

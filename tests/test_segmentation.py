@@ -56,6 +56,23 @@ def test_glas_release_layout_marks_every_gland_id_as_foreground(tmp_path):
     assert splits["train"][1].sum(axis=(1, 2)).tolist() == [16 + 40] * 3
     ds = seg_data.load_segmentation("glas", tmp_path, size=(8, 12), cache=False)
     assert (len(ds.train), len(ds.test)) == (3, 2) and "test = its testA split" in ds.source
+    assert "split 'testB' unused" in ds.source
+
+
+def test_each_layout_takes_another_layouts_test_split_and_the_choice_is_not_cached(tmp_path, monkeypatch):
+    """The U-Net pointed at GlaS scores on GlaS's testA (it held 10% of train out instead), the FCN pointed at JSRT on
+    JSRT's val; a cache written by one layout does not decide another's splits."""
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "cache"))
+    _pairs(tmp_path / "glas", "train", 4)
+    _pairs(tmp_path / "glas", "testA", 2)
+    _pairs(tmp_path / "jsrt", "train", 4, grey=True)
+    _pairs(tmp_path / "jsrt", "val", 3, grey=True)
+    for layout, folder, test_split, tests in (("jsrt", "glas", "testA", 2), ("glas", "jsrt", "val", 3),
+                                              ("glas", "glas", "testA", 2), ("jsrt", "jsrt", "val", 3)):
+        for _ in range(2):  # the second load reads the cache
+            ds = seg_data.load_segmentation(layout, tmp_path / folder, size=(8, 12))
+            assert (len(ds.train), len(ds.test)) == (4, tests) and f"test = its {test_split} split" in ds.source
+            assert "unused" not in ds.source
 
 
 def test_bad_segmentation_data_is_one_clear_error(tmp_path):
