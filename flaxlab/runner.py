@@ -74,6 +74,9 @@ _SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
 def shape_error_gist(e):
     """The part of jax's or flax's shape error a user can read ('Cannot concatenate arrays with shapes that
     differ ...'), without the shapes of the network's insides."""
+    if isinstance(e, ZeroDivisionError) or str(e).startswith("Shape should be positive"):
+        # a weight initialiser's fan-in of 0, or a convolution's output of no pixels: nothing is left
+        return "its convolutions and pools shrink them to nothing"
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]
 
 

@@ -58,7 +58,7 @@ def test_report_networks_have_the_reports_sizes():
     (["run", "tdt4265_cnn", "--best_metric", "test_accuracy"], "unknown value 'test_accuracy' for --best_metric"),
     (["run", "bs6207_allconv", "--data.size", "32"], "--data.size must be HEIGHT,WIDTH"),
     (["run", "gtsrb_cnn", "--data.size", "4,4"],
-     "gtsrb_cnn cannot take 4x4 images: Shape should be positive; it takes e.g. --data.size 16,16"),
+     "gtsrb_cnn cannot take 4x4 images: its convolutions and pools shrink them to nothing; it takes e.g. --data.size 16,16"),
     (["run", "bs6207_allconv", "--features.layer", "Conv_99"], "'Conv_99' is not a layer of bs6207_allconv"),
     (["run", "bs6207_allconv", "--features.image", "5000"], "beyond the test split"),
     (["run", "gtsrb_cnn", "--data.source", "tfds"], "TFDS has no gtsrb"),
