@@ -41,6 +41,7 @@ class Dataset:
     test: Split
     num_classes: int
     val: Split = None  # held out of train for early stopping and best-model selection, when asked for
+    class_names: tuple = None  # what label i is, for figures and tables; None: the digits 0, 1, ...
 
     @property
     def is_segmentation(self):
@@ -50,7 +51,7 @@ class Dataset:
         return {"name": self.name, "source": self.source, "train_examples": len(self.train),
                 "val_examples": len(self.val) if self.val else 0,
                 "test_examples": len(self.test), "image_shape": list(self.train.images.shape[1:]),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, **({"class_names": list(self.class_names)} if self.class_names else {})}
 
 
 # --- IDX files (the official MNIST format) -----------------------------------------------
@@ -246,6 +247,7 @@ def _segmentation_dataset(name):
 
 
 DATASETS = {"mnist": load_mnist, "cifar10": _image_dataset("cifar10"), "gtsrb": _image_dataset("gtsrb"),
+            "images": _image_dataset("images"),
             **{name: _segmentation_dataset(name) for name in ("glas", "jsrt", "paired")}}
 
 

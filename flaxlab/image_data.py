@@ -1,4 +1,4 @@
-"""Image-classification inputs: CIFAR-10 and GTSRB from their files, as uint8 NHWC arrays.
+"""Image-classification inputs: CIFAR-10, GTSRB and any folder of class folders, as uint8 NHWC arrays.
 
 Like `flaxlab.data`, everything is read once into numpy and later put whole on the device.
 Archives are streamed with `tarfile`/`zipfile` (nothing is extracted to disk), images decoded
@@ -155,7 +155,8 @@ def _stack(arrays, where):
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         a, b = sorted(shapes)[:2]
-        raise DataError(f"images in {where} differ in size ({a[0]}x{a[1]} and {b[0]}x{b[1]}); pass size=(h, w)")
+        raise DataError(f"images in {where} differ in size ({a[0]}x{a[1]} and {b[0]}x{b[1]}): give --data.size "
+                        "HEIGHT,WIDTH to resize them all")
     return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -620,7 +621,7 @@ def load_cifar10(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=
     train = Split(arrays["train_images"], arrays["train_labels"])
     test = Split(arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed)
-    return Dataset("cifar10", where + note, train, test, num_classes=10, val=val)
+    return Dataset("cifar10", where + note, train, test, num_classes=10, val=val, class_names=CIFAR10_CLASSES)
 
 
 CIFAR10_SAMPLE = Path(__file__).parent / "assets" / "cifar10-sample" / "cifar10-sample.tar"
@@ -649,7 +650,7 @@ def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0
     size = _check_size(size or None)
     train, test = (Split(resize_all(s.images, size), s.labels) for s in (train, test))
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed=0)
-    return Dataset("cifar10", "tfds:cifar10" + note, train, test, num_classes=10, val=val)
+    return Dataset("cifar10", "tfds:cifar10" + note, train, test, num_classes=10, val=val, class_names=CIFAR10_CLASSES)
 
 
 def gtsrb(source="auto", data_dir=None, tfds_dir=None, size=(28, 28), val_fraction=0.0, test_fraction=0.2):
@@ -711,3 +712,60 @@ def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.0, test_fraction=0.2, see
             where += f" + {test_images.resolve()} (official test)"
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed, tracks, "by track")
     return Dataset("gtsrb", where + note, train, test, num_classes=GTSRB_NUM_CLASSES, val=val)
+
+
+# --- any folder of class folders (what torchvision's ImageFolder reads) ------------------------
+
+HOW_TO_GET_IMAGES = ("pass a folder or archive of [train/]CLASS/IMAGE (and, if it has one, test/CLASS/IMAGE) with "
+                     "--data-dir; the class folders' names, sorted, are the labels")
+IMAGE_TEST_SPLITS = ("test", "val", "valid", "validation")  # the first one present is the test split
+
+
+def _image_folder_arrays(source, size):
+    splits = _read_image_tree(source, size)
+    known = {"", "train", *IMAGE_TEST_SPLITS}
+    if len(splits) == 1 and not known.intersection(splits):  # an archive's top folder: a prefix, not a split
+        splits = {"": next(iter(splits.values()))}
+    train_split = "train" if "train" in splits else "" if "" in splits else None
+    if train_split is None:
+        raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in sorted(splits))}); "
+                        f"{HOW_TO_GET_IMAGES}")
+    test_split = next((s for s in IMAGE_TEST_SPLITS if s in splits), None)
+    classes = sorted({c for s in (train_split, test_split) if s in splits for c in splits[s][1]})
+    index = {c: i for i, c in enumerate(classes)}
+    arrays = {"class_names": np.array(classes), "splits": np.array([train_split, test_split or ""]),
+              "unused": np.array(sorted(set(splits) - {train_split, test_split}), dtype=str)}
+    for key, split in (("train", train_split), ("test", test_split)):
+        if split in splits:
+            images, names = splits[split]
+            arrays[f"{key}_images"] = images
+            arrays[f"{key}_labels"] = np.array([index[c] for c in names], np.int32)
+    return arrays
+
+
+def load_image_folder(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=0, cache=True):
+    """A classification set of class folders: `[train/]CLASS/IMAGE`, tested on its `test/` (or `val/`) split,
+    else on `test_fraction` of train held out, stratified by class; images resized to `size` when given."""
+    size = _check_size(size)
+    source = _find(data_dir, (), lambda folder: True, HOW_TO_GET_IMAGES)
+    arrays = _cached("images", size, [source], lambda: _image_folder_arrays(source, size), cache)
+    classes = tuple(str(c) for c in arrays["class_names"])
+    if len(classes) < 2:
+        raise DataError(f"{source} has {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+                        f"({', '.join(classes)}); a classifier needs two or more; {HOW_TO_GET_IMAGES}")
+    train = Split(arrays["train_images"], arrays["train_labels"])
+    test = Split(arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
+    where = f"files:{source.resolve()}" + (f" (test = its {arrays['splits'][1]}/ split)" if test else "")
+    if len(arrays["unused"]):
+        where += f" ({', '.join(f'{s}/' for s in arrays['unused'])} unused)"
+    train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed)
+    return Dataset("images", where + note, train, test, num_classes=len(classes), val=val, class_names=classes)
+
+
+def images(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
+    """Your own images for an experiment: class folders from --data-dir (no sample ships)."""
+    data_dir = data_dir_or_default(data_dir)
+    if source not in ("auto", "files") or not data_dir:
+        other = "" if source in ("auto", "files") else f", not --data.source {source}"
+        raise DataError(f"--data.name images reads your own files{other}: {HOW_TO_GET_IMAGES}")
+    return load_image_folder(data_dir, size=size or None, val_fraction=val_fraction, test_fraction=test_fraction)

@@ -129,7 +129,9 @@ def confusion_figure(counts, path, title, class_names=None):
     for ax, values, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], row_normalised(counts), "share", ".2f")):
         image = ax.imshow(values, cmap="Blues", vmin=0)
         fig.colorbar(image, ax=ax, fraction=0.046, label=label)
-        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 12 else 0)
+        words = max(map(len, names)) > 3  # class names rather than digits
+        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 12 else 45 if words else 0,
+                      ha="right" if words and len(names) <= 12 else "center", rotation_mode="anchor")
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")

@@ -360,9 +360,10 @@ def write_analysis(workdir, config, dataset, predictions):
     matrices = [analysis.confusion_matrix(labels, p, dataset.num_classes) for p in predictions]
     write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})
     title = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
-    plots.confusion_figure(matrices[0], workdir / "confusion.png", title)
-    plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title)
-    pairs = analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]))
+    names = dataset.class_names
+    plots.confusion_figure(matrices[0], workdir / "confusion.png", title, names)
+    plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title, names)
+    pairs = analysis.confused_pairs_markdown(analysis.most_confused_pairs(matrices[0]), names)
     return f"\nMost confused classes (seed {config['seed']}, test split):\n\n{pairs}\n", None
 
 

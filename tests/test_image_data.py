@@ -4,6 +4,7 @@ import os
 import pickle
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_image_folder_resizes_mixed_sizes_and_formats(tmp_path):
              **folder_files(("b",), 2, prefix="", fmt="JPEG", size=(12, 6))}
     files["b/grey.png"] = encode(np.full((5, 5), 200, np.uint8), "PNG")  # greyscale -> RGB
     path = write_tree(tmp_path / "mixed.tar.gz", files)
-    with pytest.raises(DataError, match="differ in size.*pass size="):
+    with pytest.raises(DataError, match="differ in size.*give --data.size"):
         image_data.read_image_folder(path)
     images, labels, classes = image_data.read_image_folder(path, size=(4, 6))
     assert images.shape == (5, 4, 6, 3) and classes == ["a", "b"] and labels.tolist() == [0, 0, 1, 1, 1]
@@ -93,6 +94,41 @@ def test_image_folder_with_train_and_test_splits(tmp_path):
     assert classes == ["a", "b", "c"] and labels.tolist() == [1, 2]  # indices shared with train
     with pytest.raises(DataError, match="no split folder 'val'"):
         image_data.read_image_folder(path, split="val")
+
+
+@pytest.mark.parametrize("name", ["own", "own.tar"])
+def test_your_own_class_folders_as_a_data_set(tmp_path, private_cache, name):
+    """--data.name images: labels index the sorted class folders, test/ (else val/) is the test split, an archive's
+    top folder is no split, and the class names reach the Dataset (for the figures and the confused-pairs table)."""
+    files = {**folder_files(("zebra", "ant"), 4, prefix="own/train/"), **folder_files(("ant", "zebra"), 2, prefix="own/val/")}
+    root = write_tree(tmp_path / name, files)
+    ds = data.load("images", data_dir=root if name.endswith(".tar") else Path(root) / "own")
+    assert ds.class_names == ("ant", "zebra") and ds.num_classes == 2 and ds.describe()["class_names"] == ["ant", "zebra"]
+    assert (len(ds.train), len(ds.test)) == (8, 4) and "test = its val/ split" in ds.source
+    # "ant" was written as class 1 of train: values 10..13, now label 0
+    assert ds.train.images[ds.train.labels == 0][:, 0, 0, 0].tolist() == [10, 11, 12, 13]
+    assert ds.test.labels.tolist() == [0, 0, 1, 1]
+    flat = write_tree(tmp_path / "flat.tar", folder_files(("b", "a"), 5, prefix="photos/"))
+    ds = image_data.load_image_folder(flat, test_fraction=0.2, val_fraction=0.25)
+    assert ds.class_names == ("a", "b") and (len(ds.train), len(ds.val), len(ds.test)) == (6, 2, 2)
+    assert "test = 20% of train, stratified by class" in ds.source
+    both = write_tree(tmp_path / "both", {**files, **folder_files(("ant", "zebra"), 1, prefix="own/test/")})
+    ds = image_data.load_image_folder(Path(both) / "own")
+    assert len(ds.test) == 2 and "test = its test/ split" in ds.source and "(val/ unused)" in ds.source
+
+
+def test_your_own_class_folders_errors(tmp_path):
+    with pytest.raises(DataError, match="reads your own files: pass a folder or archive of"):
+        data.load("images")
+    with pytest.raises(DataError, match="not --data.source tfds"):
+        data.load("images", source="tfds", data_dir=str(tmp_path))
+    one = write_tree(tmp_path / "one", folder_files(("cat",), 2, prefix=""))
+    with pytest.raises(DataError, match=r"1 class folder \(cat\); a classifier needs two or more"):
+        data.load("images", data_dir=one)
+    nested = write_tree(tmp_path / "nested", {**folder_files(("a", "b"), 1, prefix="x/"),
+                                                **folder_files(("a", "b"), 1, prefix="y/")})
+    with pytest.raises(DataError, match="no train split in .*found 'x', 'y'"):
+        data.load("images", data_dir=nested)
 
 
 def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import EXPERIMENTS
+from flaxlab import image_data
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.runner import run_experiment
@@ -29,6 +30,9 @@ def test_image_experiment_writes_its_run_folder(tmp_path, name):
     assert result.info["selected_epochs"][0] in (1, 2)
     assert "at selected epoch" in (result.workdir / "results.md").read_text()
     assert ("left-right mirror (logits averaged)" in (result.workdir / "results.md").read_text()) == eval_flip
+    names = image_data.CIFAR10_CLASSES if name != "gtsrb_cnn_augment" else [str(c) for c in range(43)]
+    pairs = (result.workdir / "results.md").read_text().split("Most confused classes")[1].splitlines()[4]
+    assert pairs.split("|")[1].strip() in names  # the table names classes as the data set does
 
 
 def test_early_stopping_ends_the_run(tmp_path):
