@@ -127,6 +127,14 @@ def _parser():
                           help="average the logits of each image and its left-right mirror (as --eval_flip true)")
     evaluate.add_argument("--data-dir", help="the data to score (default: the files the run read, as its "
                                              "history.json says)")
+    predict = sub.add_parser("predict", allow_abbrev=False,
+                             help="label your own image files with a run's kept state (classes, or masks)")
+    predict.add_argument("images", nargs="+", help="image files, or folders of them")
+    predict.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    predict.add_argument("--top", type=int, default=3, help="classes shown per image, most probable first")
+    predict.add_argument("--invert", action="store_true",
+                         help="255 - pixel: MNIST's digits are light on dark, a pen's on paper dark on light")
+    predict.add_argument("--out", help="a segmentation run's masks go here (default: WORKDIR/predicted-masks)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            epilog=CONFIG_OPTIONS,
                            allow_abbrev=False)
@@ -314,9 +322,9 @@ def _layers(args):
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
-        if overrides and args.command in ("list", "figures", "evaluate", "layers"):  # they take no config options
+        if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers"):  # no config options
             raise UsageError(f"unexpected argument '{overrides[0]}'")
-        if args.command in ("summary", "layers", "figures", "evaluate"):  # run, sweep, bench: set_up_process
+        if args.command in ("summary", "layers", "figures", "evaluate", "predict"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
         if args.command == "list":
             from experiments import EXPERIMENTS
@@ -336,6 +344,9 @@ def main(argv=None):
         elif args.command == "evaluate":
             from flaxlab.runner import evaluate_checkpoint
             evaluate_checkpoint(args.workdir, args.data_dir, args.flip, log=_log)
+        elif args.command == "predict":
+            from flaxlab.runner import predict_images
+            predict_images(args.workdir, args.images, args.top, args.invert, args.out, log=_log)
         elif args.command == "layers":
             _layers(args)
         return 0

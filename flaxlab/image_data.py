@@ -127,6 +127,11 @@ def _is_image(rel):
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and "__MACOSX" not in rel
 
 
+def natural_key(name):
+    """train_2 before train_10, Conv_2 before Conv_10: numbers in names compared as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _pil():
     try:
         from PIL import Image
@@ -769,3 +774,33 @@ def images(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.
         other = "" if source in ("auto", "files") else f", not --data.source {source}"
         raise DataError(f"--data.name images reads your own files{other}: {HOW_TO_GET_IMAGES}")
     return load_image_folder(data_dir, size=size or None, val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+# --- loose image files, for a trained model to label (`predict`) --------------------------------
+
+def read_images(paths, size, channels):
+    """Image files, and the images of folders (not their subfolders), as uint8 (N, h, w, channels) resized to
+    `size` (bilinear): what `predict` gives a trained network. Returns (images, file paths, original (h, w)s)."""
+    Image = _pil()
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted((f for f in path.iterdir() if f.is_file() and _is_image(f.name)), key=lambda f: natural_key(f.name))
+            if not found:
+                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path} not found")
+    images, sizes = [], []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                sizes.append((im.height, im.width))
+                im = im.convert("L" if channels == 1 else "RGB")
+                images.append(np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
+                              .reshape(size[0], size[1], channels))
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...: all mean "bad file"
+            raise DataError(f"cannot read {file}: {_image_error(e)}") from None
+    return np.stack(images), [str(f) for f in files], sizes

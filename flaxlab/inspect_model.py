@@ -5,7 +5,6 @@ which flax's `capture_intermediates` stores its `__call__` output; `layer_output
 from `layer_names` or `conv_layer_names` is accepted. Flax numbers submodules per class, so "Conv_1" is the
 second convolution built in its parent, whatever other layers lie between.
 """
-import re
 
 import flax.linen as nn
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlab.errors import UsageError
+from flaxlab.image_data import natural_key
 from flaxlab.models import Conv
 from flaxlab.pretrained import Conv2d
 from flaxlab.train import preprocess
@@ -103,11 +103,6 @@ def layer_output_shape(model, input_shape, layer):
     return tuple(jax.eval_shape(run, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)).shape[1:])
 
 
-def _natural_key(name):
-    """'Conv_10' after 'Conv_2': flax's per-class numbers compared as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def _conv_kernels(tree, prefix=()):
     kernels = {}
     for key, value in tree.items():
@@ -136,4 +131,4 @@ def first_conv_kernel(params, conv_names=None):
         if conv_names[0] not in kernels:
             raise UsageError(f"no convolution kernel at '{conv_names[0]}'; found: {', '.join(sorted(kernels))}")
         return np.asarray(kernels[conv_names[0]])
-    return np.asarray(kernels[min(kernels, key=_natural_key)])
+    return np.asarray(kernels[min(kernels, key=natural_key)])

@@ -595,24 +595,29 @@ def _recorded_data_dir(workdir):
     return rest.split(" (")[0] if kind == "files" else None
 
 
-def _restore_run(workdir, data_dir, **fields):
-    """A run folder's config (with `fields` set), data, set-up and last checkpoint: (config, dataset, setup,
-    states, progress), the states being each model's best-validation state when the run kept one. Without
-    `data_dir`, the data the run read (it scored the shipped sample instead, whatever the run trained on)."""
-    workdir = Path(workdir)
-    if data_dir is None:
-        data_dir = _recorded_data_dir(workdir)
-        if data_dir and not Path(data_dir).exists():
-            raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
+def _run_config(workdir):
     try:
-        config = json.loads((workdir / "config.json").read_text())
+        config = json.loads((Path(workdir) / "config.json").read_text())
     except (OSError, ValueError):
-        raise UsageError(f"{workdir / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
+        raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
     if config.get("sweep"):
         raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (run one variant with "
                          f"--checkpoint_every N)")
-    config = config_lib.validate({**config, **fields})
-    dataset = load_dataset(config, data_dir)
+    return config
+
+
+def _restore_run(workdir, data_dir, dataset=None, **fields):
+    """A run folder's config (with `fields` set), data, set-up and last checkpoint: (config, dataset, setup,
+    states, progress), the states being each model's best-validation state when the run kept one. Without
+    `data_dir`, the data the run read (it scored the shipped sample instead, whatever the run trained on);
+    a `dataset` given (one of the run's shapes) is used instead."""
+    workdir = Path(workdir)
+    if data_dir is None and dataset is None:
+        data_dir = _recorded_data_dir(workdir)
+        if data_dir and not Path(data_dir).exists():
+            raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
+    config = config_lib.validate({**_run_config(workdir), **fields})
+    dataset = load_dataset(config, data_dir, dataset)
     s = set_up(config, dataset)
     checkpoints = Checkpoints(workdir, every=0)
     try:
@@ -658,3 +663,71 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
                             for key, values in scores[name].items())
         log(f"{name} ({split['label'].shape[0]:,} examples): {figures}")
     return scores
+
+
+def _stand_in_dataset(workdir, config):
+    """Zeros of the shapes a run trained on (history.json's record): what restoring its state needs, so that
+    `predict` needs neither the data nor the time to load it."""
+    try:
+        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
+        shape, num_classes = tuple(recorded["image_shape"]), int(recorded["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no data record; is {workdir} a "
+                         "finished run's folder?") from None
+    from flaxlab.seg_data import LAYOUTS
+    label_shape = shape[:2] if config["data"]["name"] in LAYOUTS else ()
+    count = 8 * config["batch_size"]  # a whole batch on every device
+    split = data_lib.Split(np.zeros((count, *shape), np.uint8), np.zeros((count, *label_shape), np.int32))
+    names = recorded.get("class_names")
+    return data_lib.Dataset(recorded.get("name", config["data"]["name"]), recorded.get("source", ""), split, split,
+                            num_classes, val=split, class_names=tuple(names) if names else None)
+
+
+def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
+    """A run's kept state on image files: for each, its `top` classes and their probabilities (the mean over the
+    run's models), or for a segmentation run the predicted mask at the image's own size, as out/NAME.png."""
+    from flaxlab import image_data
+    workdir = Path(workdir)
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    config = _run_config(workdir)
+    dataset = _stand_in_dataset(workdir, config)
+    segmentation = dataset.is_segmentation
+    if segmentation:
+        out = Path(out) if out else workdir / "predicted-masks"
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: masks go to a new or empty folder, and {out} is "
+                             f"{'a file' if not out.is_dir() else 'not empty'}: name another with --out DIR")
+    elif out:
+        raise UsageError("--out is for segmentation runs' masks; a classification run prints its classes")
+    size, channels = dataset.train.images.shape[1:3], dataset.train.images.shape[3]
+    images, files, sizes = image_data.read_images(paths, size, channels)
+    stems = [Path(f).stem for f in files]
+    if segmentation and len(set(stems)) < len(stems):
+        twice = next(s for s in stems if stems.count(s) > 1)
+        raise UsageError(f"two images named {twice}: their masks would both be {out / twice}.png")
+    if invert:
+        images = 255 - images
+    if config["data"].get("equalize_histograms"):
+        images = data_lib.equalize(images)
+    batch = min(config["eval_batch_size"], -(-len(images) // 8) * 8)
+    config, _, s, states, progress = _restore_run(workdir, None, dataset, eval_batch_size=batch)
+    data = data_lib.to_device(data_lib.Split(images, np.zeros((len(images), *dataset.train.labels.shape[1:]), np.int32)))
+    probabilities = np.asarray(parallel.to_host(s.trainer.predict(states, data, probabilities=True))).mean(0)
+    models = f", the mean of {config['seeds']} models' probabilities" if config["seeds"] > 1 else ""
+    log(f"{config['name']}: {_kept(config, progress)}{models}; images resized to "
+        f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
+    if not segmentation:
+        names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
+        for file, p in zip(files, probabilities):
+            best = np.argsort(-p, kind="stable")[:top]
+            log(f"{file}: " + ", ".join(f"{names[c]} ({100 * p[c]:.1f}%)" for c in best))
+        return probabilities
+    from PIL import Image
+    out.mkdir(parents=True, exist_ok=True)
+    for file, p, (h, w) in zip(files, probabilities, sizes):
+        mask = Image.fromarray((p.argmax(-1) * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
+        target = out / f"{Path(file).stem}.png"
+        mask.save(target)
+        log(f"{file}: foreground {100 * (np.asarray(mask) > 0).mean():.1f}% of its pixels -> {target}")
+    return probabilities

@@ -18,7 +18,7 @@ import numpy as np
 from flaxlab.data import Dataset, Split, data_dir_or_default, resolve_source
 from flaxlab.errors import DataError, UsageError
 from flaxlab.image_data import (_cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
-                                _with_how_to)
+                                _with_how_to, natural_key)
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 _GLAS_NAME = re.compile(r"^(train|testA|testB|test|val)_(\d+)(_anno)?$")
@@ -114,7 +114,7 @@ def read_pairs(path, size=None):
                 (kind, (rel, _)), = entry.items()
                 raise DataError(f"{_where(path, rel)} has no {'mask' if kind == 'image' else 'image'} "
                                 f"(split '{split or '.'}' pairs images/NAME with masks/NAME)")
-        names = sorted(entries, key=_natural)
+        names = sorted(entries, key=natural_key)
         images = _stack([entries[n]["image"][1] for n in names], "images", path)
         masks = _stack([entries[n]["mask"][1] for n in names], "masks", path)
         if images.shape[1:3] != masks.shape[1:3]:
@@ -125,11 +125,6 @@ def read_pairs(path, size=None):
             images = np.stack([np.broadcast_to(entries[n]["image"][1], (*images.shape[1:3], 3)) for n in names])
         out[split] = (images, masks, names)
     return out
-
-
-def _natural(name):
-    """train_2 before train_10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def random_hold_out(split, fraction, seed, what="val"):

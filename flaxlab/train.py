@@ -267,16 +267,19 @@ def evaluate(state, data, *, batch_size, sharding=None, compute_dtype=None, flip
     return jax.lax.scan(body, _zero_sums(_is_segmentation(data)), jnp.arange(num_batches))[0]
 
 
-def _indexed_predictions(_, index, *, state, data, batch_size, sharding=None, compute_dtype=None, flip=False):
+def _indexed_predictions(_, index, *, state, data, batch_size, sharding=None, compute_dtype=None, flip=False,
+                         probabilities=False):
     batch = _padded_batch(data, index, batch_size, sharding)  # `predict` cuts the padded tail off
-    return None, eval_logits(state, batch["image"], compute_dtype, flip).argmax(-1)
+    logits = eval_logits(state, batch["image"], compute_dtype, flip)
+    return None, jax.nn.softmax(logits.astype(jnp.float32)) if probabilities else logits.argmax(-1)
 
 
-def predict(state, data, *, batch_size, sharding=None, compute_dtype=None, flip=False):
-    """Predicted class of every example (every pixel, for segmentation) of a device-resident split, for one model."""
+def predict(state, data, *, batch_size, sharding=None, compute_dtype=None, flip=False, probabilities=False):
+    """Predicted class of every example (every pixel, for segmentation) of a device-resident split, for one model;
+    with `probabilities`, each class's softmax probability instead (a trailing class axis)."""
     n = data["label"].shape[0]
     body = functools.partial(_indexed_predictions, state=state, data=data, batch_size=batch_size,
-                             sharding=sharding, compute_dtype=compute_dtype, flip=flip)
+                             sharding=sharding, compute_dtype=compute_dtype, flip=flip, probabilities=probabilities)
     predictions = jax.lax.scan(body, None, jnp.arange(-(-n // batch_size)))[1]
     return predictions.reshape((-1,) + predictions.shape[2:])[:n]
 
@@ -528,10 +531,10 @@ class Trainer:
                              in_specs=tuple(spec(axis) for axis in in_axes), out_specs=P(parallel.DATA_AXIS),
                              check_vma=False)
 
-    def _jit_eval(self, fn):
+    def _jit_eval(self, fn, **more):
         """`evaluate` or `predict` of every model at once, with this trainer's evaluation options."""
         options = dict(batch_size=self.eval_batch_size, sharding=self._sharding_for(self.eval_batch_size),
-                       compute_dtype=self.compute_dtype, flip=self.eval_flip)
+                       compute_dtype=self.compute_dtype, flip=self.eval_flip, **more)
         return jax.jit(self._per_model(functools.partial(fn, **options), (0, None)))
 
     def _zero_totals(self):
@@ -578,9 +581,10 @@ class Trainer:
         places = self._places()
         return self._gathered([compiled[d](_place(s, d), self._on(data, d)) for (s,), d in zip(self._groups(states), places)])
 
-    def predict(self, states, data):
-        """Predicted classes, (models, examples); compiled on first use, as it runs once per run."""
-        run = self._jit_eval(predict)
+    def predict(self, states, data, probabilities=False):
+        """Predicted classes, (models, examples), or their probabilities (models, examples, classes); compiled on
+        first use, as it runs once per run."""
+        run = self._jit_eval(predict, probabilities=probabilities)
         return _concat_models([run(s, data) for (s,) in self._groups(states)])
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from flaxlab import metrics
-from flaxlab.errors import UsageError
+from flaxlab.errors import DataError, UsageError
 from flaxlab.runner import select_models
 
 # two seeds of the GTSRB CNN on the shipped sample, a checkpoint every epoch, each model's best val state kept
@@ -193,3 +193,64 @@ def test_run_keeps_each_models_best_validation_state(tmp_path):
     assert chosen == [int(np.argmax(val[:, i])) + 1 for i in range(2)]  # first epoch of the highest val accuracy
     table = (tmp_path / "run" / "results.md").read_text()
     assert "test accuracy at selected epoch" in table and "val 172" not in table
+
+
+def test_predict_labels_your_own_image_files_with_a_runs_kept_state(tmp_path):
+    """`predict`: 20 test digits as PNG files get the run's own classes, and as dark-on-light RGB photos at 4x the
+    size (--invert) nearly all the same; the probabilities are the mean over the run's two models."""
+    from PIL import Image
+    from flaxlab import data, runner
+    finished(cli("run", "mnist_cnn", "--epochs", "2", "--seeds", "2", "--checkpoint_every", "2", "--quiet",
+                 "--workdir", "run", cwd=tmp_path))
+    test = data.load("mnist", source="sample").test
+    (tmp_path / "digits").mkdir(), (tmp_path / "paper").mkdir()
+    for i in range(20):
+        Image.fromarray(test.images[i, ..., 0]).save(tmp_path / "digits" / f"{i}.png")
+        Image.fromarray(255 - test.images[i, ..., 0]).resize((112, 112)).convert("RGB").save(tmp_path / "paper" / f"{i}.jpg")
+    out, _ = finished(cli("predict", "--workdir", "run", "digits", "--top", "2", cwd=tmp_path))
+    lines = out.splitlines()
+    assert "the mean of 2 models' probabilities; images resized to 28x28, greyscale" in lines[0], out
+    assert [line.split(":")[0] for line in lines[1:]] == [f"digits/{i}.png" for i in range(20)]  # 2 before 10
+    top = [int(line.split(": ")[1].split(" ")[0]) for line in lines[1:]]
+    assert sum(t == label for t, label in zip(top, test.labels[:20])) >= 16, (out, test.labels[:20])
+    assert all(len(line.split("%), ")) == 2 for line in lines[1:])
+    probabilities = runner.predict_images(tmp_path / "run", [tmp_path / "paper"], invert=True, log=lambda *a: None)
+    np.testing.assert_allclose(probabilities.sum(-1), 1, rtol=1e-5)
+    assert (probabilities.argmax(-1) == np.array(top)).sum() >= 16
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    for paths, options, message in (([tmp_path / "nothing.png"], {}, "nothing.png not found"),
+                                    ([tmp_path / "notes.png"], {}, "notes.png: not an image file that Pillow can read"),
+                                    ([tmp_path / "empty"], {}, "no image files"),
+                                    ([tmp_path / "digits"], {"top": 0}, "--top must be at least 1"),
+                                    ([tmp_path / "digits"], {"out": tmp_path / "o"}, "--out is for segmentation")):
+        with pytest.raises((UsageError, DataError), match=message):
+            runner.predict_images(tmp_path / "run", paths, log=lambda *a: None, **options)
+    finished(cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "unkept", cwd=tmp_path))
+    missing = cli("predict", "--workdir", "unkept", "digits", cwd=tmp_path)
+    out, err = missing.communicate(timeout=300)
+    assert missing.returncode == 2 and err.count("\n") == 1 and "--checkpoint_every N" in err, err
+
+
+def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
+    from PIL import Image
+    from flaxlab import data, runner
+    finished(cli("run", "glas_fcn", "--epochs", "1", "--checkpoint_every", "1", "--quiet", "--workdir", "run",
+                 cwd=tmp_path))
+    images = data.load("glas", source="sample").test.images
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "a" / "one.png")
+    Image.fromarray(images[1]).resize((90, 70)).save(tmp_path / "a" / "two.jpg")
+    Image.fromarray(images[2]).save(tmp_path / "b" / "one.png")
+    probabilities = runner.predict_images(tmp_path / "run", [tmp_path / "a"], log=lambda *a: None)
+    assert probabilities.shape == (2, *images.shape[1:3], 2)
+    masks = tmp_path / "run" / "predicted-masks"
+    assert sorted(p.name for p in masks.iterdir()) == ["one.png", "two.png"]
+    two = np.asarray(Image.open(masks / "two.png"))
+    assert two.shape == (70, 90) and set(np.unique(two)) <= {0, 255}
+    with pytest.raises(UsageError, match="predicted-masks is not empty: name another with --out DIR"):
+        runner.predict_images(tmp_path / "run", [tmp_path / "b"], log=lambda *a: None)
+    with pytest.raises(UsageError, match="two images named one"):
+        runner.predict_images(tmp_path / "run", [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o", log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
