@@ -9,6 +9,7 @@ orbax writes into a temporary folder and renames it when complete, so a killed s
 previous checkpoint intact.
 """
 import inspect
+import logging
 import sys
 from pathlib import Path
 
@@ -35,12 +36,21 @@ def _is_abandoned_read(unraisable):
         and "orbax" in where.cr_code.co_filename)
 
 
+def _is_abandoned_future(record):
+    """asyncio's log line for a read's future collected with its TensorStore error never retrieved (the same
+    abandoned reads, seen from the event loop's side: 'ERROR:asyncio:Future exception was never retrieved')."""
+    error = record.exc_info[1] if record.exc_info else None
+    return record.getMessage().startswith("Future exception was never retrieved") and "tensorstore" in str(error)
+
+
 def _drop_abandoned_reads():
-    """Drops, from here on, the reports of `_is_abandoned_read` (up to 190 lines of tracebacks, before or
-    after the one-line error, from threads, as late as the interpreter's exit), and only those."""
+    """Drops, from here on, the reports of `_is_abandoned_read` and `_is_abandoned_future` (up to 190 lines of
+    tracebacks, before or after the one-line error, from threads, as late as the interpreter's exit), and only
+    those."""
     hook = sys.unraisablehook
     if getattr(hook, "drops_abandoned_reads", False):
         return
+    logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_future(record))
 
     def drop_abandoned_reads(unraisable):
         if not _is_abandoned_read(unraisable):
