@@ -667,7 +667,7 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
 
 def _stand_in_dataset(workdir, config):
     """Zeros of the shapes a run trained on (history.json's record): what restoring its state needs, so that
-    `predict` needs neither the data nor the time to load it."""
+    `predict` needs neither the data nor the time to load it; and the training images' mean pixel, if recorded."""
     try:
         recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
         shape, num_classes = tuple(recorded["image_shape"]), int(recorded["num_classes"])
@@ -679,8 +679,9 @@ def _stand_in_dataset(workdir, config):
     count = 8 * config["batch_size"]  # a whole batch on every device
     split = data_lib.Split(np.zeros((count, *shape), np.uint8), np.zeros((count, *label_shape), np.int32))
     names = recorded.get("class_names")
-    return data_lib.Dataset(recorded.get("name", config["data"]["name"]), recorded.get("source", ""), split, split,
-                            num_classes, val=split, class_names=tuple(names) if names else None)
+    dataset = data_lib.Dataset(recorded.get("name", config["data"]["name"]), recorded.get("source", ""), split, split,
+                               num_classes, val=split, class_names=tuple(names) if names else None)
+    return dataset, recorded.get("pixel_mean")
 
 
 def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
@@ -691,7 +692,7 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     config = _run_config(workdir)
-    dataset = _stand_in_dataset(workdir, config)
+    dataset, pixel_mean = _stand_in_dataset(workdir, config)
     segmentation = dataset.is_segmentation
     if segmentation:
         out = Path(out) if out else workdir / "predicted-masks"
@@ -717,6 +718,10 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
     models = f", the mean of {config['seeds']} models' probabilities" if config["seeds"] > 1 else ""
     log(f"{config['name']}: {_kept(config, progress)}{models}; images resized to "
         f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
+    mean = float(images.mean())
+    if pixel_mean is not None and abs(mean - pixel_mean) > 64 and abs(255 - mean - pixel_mean) < abs(mean - pixel_mean):
+        log(f"note: these images' mean pixel is {mean:.0f} of 255, the training images' {pixel_mean:.0f}; "
+            f"{'without' if invert else 'with'} --invert they would be nearer (dark and light swapped?)")
     if not segmentation:
         names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
         for file, p in zip(files, probabilities):

@@ -232,10 +232,13 @@ def test_predict_labels_your_own_image_files_with_a_runs_kept_state(tmp_path):
     assert [line.split(":")[0] for line in lines[1:]] == [f"digits/{i}.png" for i in range(20)]  # 2 before 10
     top = [int(line.split(": ")[1].split(" ")[0]) for line in lines[1:]]
     assert sum(t == label for t, label in zip(top, test.labels[:20])) >= 16, (out, test.labels[:20])
+    out, _ = finished(cli("predict", "--workdir", "run", "paper", cwd=tmp_path))  # ink on paper, not inverted
+    assert "with --invert they would be nearer (dark and light swapped?)" in out.splitlines()[1], out
     assert all(len(line.split("%), ")) == 2 for line in lines[1:])
     probabilities = runner.predict_images(tmp_path / "run", [tmp_path / "paper"], invert=True, log=lambda *a: None)
     np.testing.assert_allclose(probabilities.sum(-1), 1, rtol=1e-5)
     assert (probabilities.argmax(-1) == np.array(top)).sum() >= 16
+    assert "note:" not in cli("predict", "--workdir", "run", "paper", "--invert", cwd=tmp_path).communicate()[0]
 
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty").mkdir()
