@@ -785,7 +785,8 @@ def read_images(paths, size, channels):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted((f for f in path.iterdir() if f.is_file() and _is_image(f.name)), key=lambda f: natural_key(f.name))
+            found = sorted((f for f in path.iterdir() if f.is_file() and _is_image(f.name)),
+                           key=lambda f: natural_key(f.name))
             if not found:
                 raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
             files += found

@@ -599,7 +599,8 @@ def _run_config(workdir):
     try:
         config = json.loads((Path(workdir) / "config.json").read_text())
     except (OSError, ValueError):
-        raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run folder?") from None
+        raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run "
+                         "folder?") from None
     if config.get("sweep"):
         raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (run one variant with "
                          f"--checkpoint_every N)")
@@ -713,7 +714,8 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
         images = data_lib.equalize(images)
     batch = min(config["eval_batch_size"], -(-len(images) // 8) * 8)
     config, _, s, states, progress = _restore_run(workdir, None, dataset, eval_batch_size=batch)
-    data = data_lib.to_device(data_lib.Split(images, np.zeros((len(images), *dataset.train.labels.shape[1:]), np.int32)))
+    labels = np.zeros((len(images), *dataset.train.labels.shape[1:]), np.int32)  # unused: the split's shape
+    data = data_lib.to_device(data_lib.Split(images, labels))
     probabilities = np.asarray(parallel.to_host(s.trainer.predict(states, data, probabilities=True))).mean(0)
     models = f", the mean of {config['seeds']} models' probabilities" if config["seeds"] > 1 else ""
     log(f"{config['name']}: {_kept(config, progress)}{models}; images resized to "

@@ -225,7 +225,8 @@ def test_predict_labels_your_own_image_files_with_a_runs_kept_state(tmp_path):
     (tmp_path / "digits").mkdir(), (tmp_path / "paper").mkdir()
     for i in range(20):
         Image.fromarray(test.images[i, ..., 0]).save(tmp_path / "digits" / f"{i}.png")
-        Image.fromarray(255 - test.images[i, ..., 0]).resize((112, 112)).convert("RGB").save(tmp_path / "paper" / f"{i}.jpg")
+        photo = Image.fromarray(255 - test.images[i, ..., 0]).resize((112, 112)).convert("RGB")
+        photo.save(tmp_path / "paper" / f"{i}.jpg")
     out, _ = finished(cli("predict", "--workdir", "run", "digits", "--top", "2", cwd=tmp_path))
     lines = out.splitlines()
     assert "the mean of 2 models' probabilities; images resized to 28x28, greyscale" in lines[0], out
@@ -274,5 +275,6 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     with pytest.raises(UsageError, match="predicted-masks is not empty: name another with --out DIR"):
         runner.predict_images(tmp_path / "run", [tmp_path / "b"], log=lambda *a: None)
     with pytest.raises(UsageError, match="two images named one"):
-        runner.predict_images(tmp_path / "run", [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o", log=lambda *a: None)
+        runner.predict_images(tmp_path / "run", [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o",
+                              log=lambda *a: None)
     assert not (tmp_path / "o").exists()

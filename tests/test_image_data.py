@@ -100,7 +100,8 @@ def test_image_folder_with_train_and_test_splits(tmp_path):
 def test_your_own_class_folders_as_a_data_set(tmp_path, private_cache, name):
     """--data.name images: labels index the sorted class folders, test/ (else val/) is the test split, an archive's
     top folder is no split, and the class names reach the Dataset (for the figures and the confused-pairs table)."""
-    files = {**folder_files(("zebra", "ant"), 4, prefix="own/train/"), **folder_files(("ant", "zebra"), 2, prefix="own/val/")}
+    files = {**folder_files(("zebra", "ant"), 4, prefix="own/train/"),
+             **folder_files(("ant", "zebra"), 2, prefix="own/val/")}
     root = write_tree(tmp_path / name, files)
     ds = data.load("images", data_dir=root if name.endswith(".tar") else Path(root) / "own")
     assert ds.class_names == ("ant", "zebra") and ds.num_classes == 2 and ds.describe()["class_names"] == ["ant", "zebra"]
