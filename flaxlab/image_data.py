@@ -782,6 +782,7 @@ def read_images(paths, size, channels):
     """Image files, and the images of folders (not their subfolders), as uint8 (N, h, w, channels) resized to
     `size` (bilinear): what `predict` gives a trained network. Returns (images, file paths, original (h, w)s)."""
     Image = _pil()
+    from PIL import ImageOps
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -798,6 +799,7 @@ def read_images(paths, size, channels):
     for file in files:
         try:
             with Image.open(file) as im:
+                im = ImageOps.exif_transpose(im)  # a phone's photo, upright as its viewer shows it
                 sizes.append((im.height, im.width))
                 im = im.convert("L" if channels == 1 else "RGB")
                 images.append(np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), np.uint8)

@@ -132,6 +132,19 @@ def test_your_own_class_folders_errors(tmp_path):
         data.load("images", data_dir=nested)
 
 
+def test_read_images_for_predict_turns_phone_photos_upright_and_sorts_naturally(tmp_path):
+    upright = np.arange(6 * 4, dtype=np.uint8).reshape(6, 4) * 10  # taller than wide
+    Image.fromarray(upright).save(tmp_path / "2.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: turn 90 degrees clockwise to view
+    Image.fromarray(np.rot90(upright)).save(tmp_path / "10.png", exif=exif)  # stored on its side
+    images, files, sizes = image_data.read_images([tmp_path], (6, 4), 1)
+    assert [Path(f).name for f in files] == ["2.png", "10.png"] and sizes == [(6, 4), (6, 4)]
+    np.testing.assert_array_equal(images[1, ..., 0], upright)
+    np.testing.assert_array_equal(images[0, ..., 0], upright)
+    assert image_data.read_images([tmp_path / "2.png"], (3, 2), 3)[0].shape == (1, 3, 2, 3)
+
+
 def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         image_data.read_image_folder(tmp_path / "missing")
