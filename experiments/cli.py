@@ -115,14 +115,14 @@ def _parser():
     layers.add_argument("--seed", type=int, default=0)
     figures = sub.add_parser("figures", allow_abbrev=False,
                              help="draw a run's first-layer filters and a layer's feature maps from its checkpoint")
-    figures.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    figures.add_argument("--workdir", required=True, help="the run folder (its last checkpoint)")
     figures.add_argument("--layer", default="", help="e.g. Conv_1 or Activation_2 (default: the first conv)")
     figures.add_argument("--image", type=int, default=0, help="index of the test image")
     figures.add_argument("--data-dir", help="the data to draw from (default: the files the run read, as its "
                                             "history.json says)")
     evaluate = sub.add_parser("evaluate", allow_abbrev=False,
                               help="score a run's kept (best-validation) state on its val and test splits again")
-    evaluate.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    evaluate.add_argument("--workdir", required=True, help="the run folder (its last checkpoint)")
     evaluate.add_argument("--flip", action="store_true",
                           help="average the logits of each image and its left-right mirror (as --eval_flip true)")
     evaluate.add_argument("--data-dir", help="the data to score (default: the files the run read, as its "
@@ -130,7 +130,7 @@ def _parser():
     predict = sub.add_parser("predict", allow_abbrev=False,
                              help="label your own image files with a run's kept state (classes, or masks)")
     predict.add_argument("images", nargs="+", help="image files, or folders of them")
-    predict.add_argument("--workdir", required=True, help="the run folder (it ran with --checkpoint_every N)")
+    predict.add_argument("--workdir", required=True, help="the run folder (its last checkpoint)")
     predict.add_argument("--top", type=int, default=3, help="classes shown per image, most probable first")
     predict.add_argument("--invert", action="store_true",
                          help="255 - pixel: MNIST's digits are light on dark, a pen's on paper dark on light")

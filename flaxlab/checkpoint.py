@@ -60,9 +60,10 @@ def _drop_abandoned_reads():
 
 
 class Checkpoints:
-    """`every` epochs (and on `force`), keeping the `keep` most recent."""
+    """`every` epochs (and on `force`: a run's last epoch), keeping the `keep` most recent; `every` 0 with `create`:
+    the last epoch's only (what every single-host run keeps, for `predict`, `evaluate` and `figures`)."""
 
-    def __init__(self, workdir, every=1, keep=2):
+    def __init__(self, workdir, every=1, keep=2, create=None):
         import orbax.checkpoint as ocp
         self._ocp = ocp
         self.directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
@@ -70,7 +71,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "best", "progress"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every or 1,
-                                                create=bool(every)))  # reading only: create nothing
+                                                create=bool(every) if create is None else create))
 
     def save(self, epoch, states, best, progress, force=False):
         """Saves when `epoch` is a multiple of `every` (or `force`); returns whether it did."""
@@ -90,8 +91,8 @@ class Checkpoints:
         `best` is None unless `with_best`."""
         epoch = self.manager.latest_step()
         if epoch is None:
-            raise UsageError(f"no checkpoint in {self.directory}: a run keeps them with --checkpoint_every N "
-                             f"(the first after epoch N)")
+            raise UsageError(f"no checkpoint in {self.directory}: a run keeps one when it ends (a multi-host run "
+                             f"does not), and with --checkpoint_every N one every N epochs")
         args = self._ocp.args
         target = lambda tree: jax.tree.map(  # noqa: E731
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)

@@ -497,8 +497,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
     results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train,
-    val and test), confusion.png/.json, misclassified.png, and with `checkpoint_every` orbax
-    checkpoints that `resume` continues from. With `best_metric`, the figures and predictions are those
+    val and test), confusion.png/.json, misclassified.png, and orbax checkpoints that `resume` continues from
+    and `predict` reads: the last epoch's (not in multi-host runs), and with `checkpoint_every` N, every N epochs. With `best_metric`, the figures and predictions are those
     of each model's best-validation state.
     """
     config_lib.validate(config)
@@ -543,8 +543,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     make_workdir(workdir)  # only now: bad input has been refused by this point
     if not resume:
         remove_earlier_checkpoints(workdir, log)
-        if config["checkpoint_every"]:
-            checkpoints = Checkpoints(workdir, config["checkpoint_every"])
+        if config["checkpoint_every"] or jax.process_count() == 1:  # the last epoch's at least (not multi-host)
+            checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
     write_json(workdir / "config.json", config)
     saved = [0]  # epochs whose history is on disk
 

@@ -116,7 +116,9 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert "--resume needs --workdir" in error(*RUN, "--resume")
     assert "not found; is" in error(*RUN, "--resume", "--workdir", "nothing-here")
     once = [*RUN[:-5], "--epochs", "1", "--checkpoint_every", "0", "--workdir", "once"]
-    finished(cli(*once, cwd=tmp_path))  # without checkpoints
+    finished(cli(*once, cwd=tmp_path))  # its last epoch's checkpoint only
+    assert sorted(p.name for p in (tmp_path / "once" / "checkpoints").iterdir()) == ["1"]
+    shutil.rmtree(tmp_path / "once" / "checkpoints")
     assert "no checkpoint in" in error(*once, "--resume")
     assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
     assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
@@ -141,12 +143,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
 
 def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_path):
     """Else `evaluate` (or `--resume`) would score the earlier run's states under the new run's config."""
-    run = ["run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "used"]
-    finished(cli(*run, "--checkpoint_every", "1", cwd=tmp_path))
-    assert (tmp_path / "used" / "checkpoints" / "1").is_dir()
-    finished(cli(*run, "--optimizer.lr", "0.05", cwd=tmp_path))
-    assert not (tmp_path / "used" / "checkpoints").exists()
-    finished(cli(*run, "--checkpoint_every", "1", cwd=tmp_path))
+    run = ["run", "mnist_cnn", "--quiet", "--workdir", "used"]
+    finished(cli(*run, "--epochs", "2", "--checkpoint_every", "1", cwd=tmp_path))
+    assert sorted(p.name for p in (tmp_path / "used" / "checkpoints").iterdir()) == ["1", "2"]
+    finished(cli(*run, "--epochs", "1", "--optimizer.lr", "0.05", cwd=tmp_path))
+    assert sorted(p.name for p in (tmp_path / "used" / "checkpoints").iterdir()) == ["1"]  # its own last epoch's
+    run = [*run, "--epochs", "1"]
     finished(cli("sweep", "mnist_cnn", "--grid", "lr=0.1,0.05", *run[2:], cwd=tmp_path))
     assert not (tmp_path / "used" / "checkpoints").exists()
     evaluate = cli("evaluate", "--workdir", "used", cwd=tmp_path)
@@ -250,10 +252,13 @@ def test_predict_labels_your_own_image_files_with_a_runs_kept_state(tmp_path):
                                     ([tmp_path / "digits"], {"out": tmp_path / "o"}, "--out is for segmentation")):
         with pytest.raises((UsageError, DataError), match=message):
             runner.predict_images(tmp_path / "run", paths, log=lambda *a: None, **options)
-    finished(cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "unkept", cwd=tmp_path))
-    missing = cli("predict", "--workdir", "unkept", "digits", cwd=tmp_path)
+    finished(cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "default", cwd=tmp_path))
+    out, _ = finished(cli("predict", "--workdir", "default", "digits", "--top", "1", cwd=tmp_path))
+    assert "the state of epoch 1's checkpoint" in out  # every run keeps its last epoch's
+    shutil.rmtree(tmp_path / "default" / "checkpoints")
+    missing = cli("predict", "--workdir", "default", "digits", cwd=tmp_path)
     out, err = missing.communicate(timeout=300)
-    assert missing.returncode == 2 and err.count("\n") == 1 and "--checkpoint_every N" in err, err
+    assert missing.returncode == 2 and err.count("\n") == 1 and "a run keeps one when it ends" in err, err
 
 
 def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
