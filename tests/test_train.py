@@ -147,7 +147,8 @@ def test_every_experiment_runs_and_learns_on_the_sample(name, mnist_sample, tmp_
     has_convs = inspect_model.conv_layer_names(models.make_model(config["model"], 10), (28, 28, 1))
     convs = {"filters.png", "features.png"} if has_convs else set()
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "curves.png",
-                                                    "confusion.json", "confusion.png", "misclassified.png", *convs}
+                                                    "confusion.json", "confusion.png", "misclassified.png",
+                                                    "checkpoints", *convs}
 
 
 def test_cnn_accuracy_on_real_mnist_after_one_epoch(mnist_full, tmp_path):
