@@ -602,8 +602,8 @@ def _run_config(workdir):
         raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run "
                          "folder?") from None
     if config.get("sweep"):
-        raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (run one variant with "
-                         f"--checkpoint_every N)")
+        raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (a run of one variant, "
+                         "with its options, keeps its own)")
     return config
 
 
