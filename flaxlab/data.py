@@ -51,7 +51,6 @@ class Dataset:
         return {"name": self.name, "source": self.source, "train_examples": len(self.train),
                 "val_examples": len(self.val) if self.val else 0,
                 "test_examples": len(self.test), "image_shape": list(self.train.images.shape[1:]),
-                "pixel_mean": round(float(self.train.images.mean()), 1),  # `predict` checks new images by it
                 "num_classes": self.num_classes,
                 **({"class_names": list(self.class_names)} if self.class_names else {})}
 

@@ -498,7 +498,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
     results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train,
     val and test), confusion.png/.json, misclassified.png, and orbax checkpoints that `resume` continues from
-    and `predict` reads: the last epoch's (not in multi-host runs), and with `checkpoint_every` N, every N epochs. With `best_metric`, the figures and predictions are those
+    and `predict` reads: the last epoch's (not in multi-host runs), and with `checkpoint_every` N, every N epochs.
+    With `best_metric`, the figures and predictions are those
     of each model's best-validation state.
     """
     config_lib.validate(config)
@@ -509,7 +510,9 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     s = set_up(config, dataset)  # refuses images the network cannot take (`check_input`)
     convs, feature_layer = check_views(config, s.model, dataset)
     trainer = s.trainer
-    info = {"experiment": config["name"], "data": dataset.describe(),
+    # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
+    info = {"experiment": config["name"],
+            "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1)},
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
@@ -721,7 +724,8 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
     log(f"{config['name']}: {_kept(config, progress)}{models}; images resized to "
         f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
     mean = float(images.mean())
-    if pixel_mean is not None and abs(mean - pixel_mean) > 64 and abs(255 - mean - pixel_mean) < abs(mean - pixel_mean):
+    far = pixel_mean is not None and abs(mean - pixel_mean) > 64
+    if far and abs(255 - mean - pixel_mean) < abs(mean - pixel_mean):
         log(f"note: these images' mean pixel is {mean:.0f} of 255, the training images' {pixel_mean:.0f}; "
             f"{'without' if invert else 'with'} --invert they would be nearer (dark and light swapped?)")
     if not segmentation:
