@@ -104,7 +104,7 @@ def _parser():
         command.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files; CIFAR-10, "
                                                 "GTSRB: their archives or folders); default: the shipped sample")
         command.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
-        command.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+        command.add_argument("--quiet", action="store_true", help="print only the final table and any warning")
     summary = sub.add_parser("summary", allow_abbrev=False,
                              help="a network's layers, output shapes and parameter counts (Keras-style)")
     summary.add_argument("model", help="a model (e.g. tdt4265_cnn, gtsrb_cnn) or an experiment (e.g. mnist_cnn)")
@@ -195,9 +195,11 @@ def _run(args, overrides):
     _check_options(args.experiment, config, variants, is_sweep)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
-    quiet = args.quiet or not parallel.is_primary()  # in a multi-host run, process 0 speaks for all
-    kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=not quiet,
-                  log=(lambda *a: None) if quiet else _log)
+    silent = lambda *a: None
+    primary = parallel.is_primary()  # in a multi-host run, process 0 speaks for all
+    kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=primary and not args.quiet,
+                  log=silent if args.quiet or not primary else _log,
+                  report=silent if not primary else (lambda line: _log(line.lstrip())) if args.quiet else _log)
     if is_sweep:
         sweep.run_sweep(config, variants, **kwargs)
     else:

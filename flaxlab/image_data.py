@@ -43,6 +43,15 @@ HOW_TO_GET_CIFAR10 = (
     "[train|test/]<class>/<image> also works")
 
 GTSRB_NUM_CLASSES = 43
+# the signs of GTSRB's ClassId 0..42 (the names of the benchmark's signnames.csv, shortened for figures)
+GTSRB_CLASSES = (
+    "20 km/h", "30 km/h", "50 km/h", "60 km/h", "70 km/h", "80 km/h", "end of 80 km/h", "100 km/h", "120 km/h",
+    "no passing", "no passing >3.5t", "right of way", "priority road", "yield", "stop", "no vehicles",
+    "no vehicles >3.5t", "no entry", "general caution", "curve left", "curve right", "double curve",
+    "bumpy road", "slippery road", "road narrows right", "road work", "traffic signals", "pedestrians",
+    "children", "bicycles", "ice/snow", "wild animals", "end of all limits", "turn right ahead",
+    "turn left ahead", "ahead only", "straight or right", "straight or left", "keep right", "keep left",
+    "roundabout", "end of no passing", "end no passing >3.5t")
 GTSRB_URL = "https://benchmark.ini.rub.de/gtsrb_dataset.html"
 GTSRB_CANDIDATES = ("GTSRB_Final_Training_Images.zip", "GTSRB", "gtsrb", "Final_Training", "Images",
                     "gtsrb-train-32px.tar.xz", "gtsrb.tar", "gtsrb.tar.gz", "gtsrb.tar.xz", "gtsrb.zip")
@@ -716,7 +725,8 @@ def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.0, test_fraction=0.2, see
         if test_images is not None:
             where += f" + {test_images.resolve()} (official test)"
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed, tracks, "by track")
-    return Dataset("gtsrb", where + note, train, test, num_classes=GTSRB_NUM_CLASSES, val=val)
+    return Dataset("gtsrb", where + note, train, test, num_classes=GTSRB_NUM_CLASSES, val=val,
+                   class_names=GTSRB_CLASSES)
 
 
 # --- any folder of class folders (what torchvision's ImageFolder reads) ------------------------

@@ -64,16 +64,22 @@ class BestEpochs:
         return {"value": self.value, "epoch": self.epoch, "stale": self.stale}
 
 
+DIVERGED_LOSS = 10.0  # a mean loss above this is worse than a uniform guess among 20,000 classes
+
+
 def divergence_note(history):
-    """'' or a line naming the models whose train loss stopped being finite, and from which epoch: their
-    scores are a diverged network's (predicting one class), and a lower learning rate is the usual cure."""
+    """'' or a line naming the models whose train loss blew up (not finite, or above any guess's), and from
+    which epoch: their scores are a diverged network's (predicting one class), and a lower learning rate is
+    the usual cure."""
     losses = np.asarray(history["train_loss"], dtype=np.float64)  # (epochs, models)
-    bad = ~np.isfinite(losses)
+    with np.errstate(invalid="ignore"):
+        bad = ~(losses <= DIVERGED_LOSS)  # NaN compares false
     diverged = np.flatnonzero(bad[-1])
     if not len(diverged):
         return ""
     first = history["epoch"][int(np.argmax(bad[:, diverged].any(axis=1)))]
-    return (f"training diverged: the train loss of {len(diverged)} of {losses.shape[1]} model(s) is not finite "
+    what = "is not finite" if not np.isfinite(losses[-1, diverged]).any() else f"ended above {DIVERGED_LOSS:g} or not finite"
+    return (f"training diverged: the train loss of {len(diverged)} of {losses.shape[1]} model(s) {what} "
             f"(from epoch {first}); a lower --optimizer.lr usually cures it")
 
 

@@ -125,14 +125,18 @@ def confusion_figure(counts, path, title, class_names=None):
     """The confusion matrix twice, as the reports show it: counts, and rows normalised to 0-1."""
     from flaxlab.analysis import row_normalised
     names = class_names or [str(i) for i in range(len(counts))]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    many, words = len(names) > 12, max(map(len, names)) > 3  # GTSRB's 43; class names rather than digits
+    # 43 labels need ~0.15 inch each at 6 points (at 5.2 inches, 10 points, they overlapped)
+    side = max(5.2, 0.15 * len(names) + (1.2 if words else 0))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.6, side))
     for ax, values, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], row_normalised(counts), "share", ".2f")):
         image = ax.imshow(values, cmap="Blues", vmin=0)
         fig.colorbar(image, ax=ax, fraction=0.046, label=label)
-        words = max(map(len, names)) > 3  # class names rather than digits
-        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 12 else 45 if words else 0,
-                      ha="right" if words and len(names) <= 12 else "center", rotation_mode="anchor")
-        ax.set_yticks(range(len(names)), names)
+        size = 6 if len(names) > 20 else None
+        ax.set_xticks(range(len(names)), names, rotation=90 if many else 45 if words else 0, fontsize=size,
+                      ha="right" if words else "center", rotation_mode="anchor" if words else "default",
+                      va="center" if words and many else "top")
+        ax.set_yticks(range(len(names)), names, fontsize=size)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if len(names) <= 12:
@@ -150,23 +154,34 @@ def confusion_figure(counts, path, title, class_names=None):
 
 
 def misclassified_grid(images, labels, predictions, path, title, class_names=None, count=25):
-    """The first `count` misclassified test images, each titled true -> predicted."""
+    """Up to `count` misclassified test images, each titled true -> predicted."""
     names = class_names or [str(i) for i in range(int(max(labels.max(), predictions.max())) + 1)]
-    wrong = np.flatnonzero(labels != predictions)[:count]
-    cols = 5
+    wrong = spread_over_classes(np.flatnonzero(labels != predictions), labels, count)
+    titles = [f"{names[labels[i]]} -> {names[predictions[i]]}" for i in wrong]
+    titles = [t if len(t) <= 22 else t.replace(" -> ", "\n-> ") for t in titles]  # GTSRB's names overlapped
+    cols, lines = 5, max((t.count("\n") + 1 for t in titles), default=1)
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, (1.8 + 0.2 * lines) * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), wrong):
+    for ax, i, text in zip(axes.ravel(), wrong, titles):
         image = images[i]
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
-        ax.set_title(f"{names[labels[i]]} -> {names[predictions[i]]}", fontsize=9, color="tab:red")
+        ax.set_title(text, fontsize=9, color="tab:red")
     fig.suptitle(f"{title}: {int((labels != predictions).sum())} misclassified (true -> predicted)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def spread_over_classes(indices, labels, count):
+    """Up to `count` of `indices`, taken from each true class in turn (then grouped by class): a test split
+    stored class by class (an image folder's) would otherwise show only its first classes' mistakes."""
+    by_class = [indices[labels[indices] == c] for c in np.unique(labels[indices])]
+    rounds = max((len(group) for group in by_class), default=0)
+    picked = [group[r] for r in range(rounds) for group in by_class if r < len(group)][:count]
+    return np.asarray(sorted(picked, key=lambda i: (labels[i], i)), dtype=int)
 
 
 def _square_grid(count):

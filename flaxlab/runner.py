@@ -492,7 +492,8 @@ def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints):
     return f"{workdir} holds config.json and the history of {epochs_saved} epoch(s); {how}"
 
 
-def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print, resume=False):
+def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print, resume=False,
+                   report=None):
     """Trains config['seeds'] models of one experiment as one program and writes its run folder.
 
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
@@ -573,8 +574,9 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                                    * config["seeds"] / train_s, 1),
                 epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
     save_history(history)
+    report = report or log  # what a --quiet run still says
     if note := metrics.divergence_note(history):
-        log(f"warning: {note}")
+        report(f"warning: {note}")
     chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
     predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
     chosen = parallel.to_host(chosen)  # figures draw from one local copy
@@ -582,7 +584,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
     write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
     stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
-    log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     if not parallel.is_primary():
         shutil.rmtree(workdir, ignore_errors=True)
     return RunResult(workdir, history, stats, chosen, info)

@@ -179,7 +179,8 @@ def csv_text(rows):
     return out.getvalue()
 
 
-def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, progress=True, log=print):
+def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, progress=True, log=print,
+              report=None):
     """Trains every variant x seed, program by program; writes the sweep's run folder.
 
     Writes config.json, history.json (per variant, per epoch, one value per seed; rewritten after
@@ -250,7 +251,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         rows += [_row(label, index, histories[label]) for label in labels]
         for label in labels:
             if note := metrics.divergence_note(histories[label]):
-                log(f"warning: {label}: {note}")
+                (report or log)(f"warning: {label}: {note}")
         save()
     wall_s = time.perf_counter() - start
 
@@ -280,5 +281,5 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
     plots.sweep_comparison(histories, workdir / "comparison.png",
                            f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
-    log(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    (report or log)(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     return SweepResult(workdir, rows, histories, program_info)

@@ -25,6 +25,17 @@ def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
     assert "| 1 | 0 | 9 | 18.0% |" in analysis.confused_pairs_markdown(pairs)
 
 
+def test_the_misclassified_grid_takes_each_class_in_turn():
+    """A test split stored class by class (an image folder's) showed only its first class's mistakes."""
+    from flaxlab.plots import spread_over_classes
+    labels = np.repeat([0, 1, 2], 10)
+    wrong = np.concatenate([np.arange(0, 10), [12, 15], [25]])  # class 0: ten wrong, class 1 two, class 2 one
+    np.testing.assert_array_equal(spread_over_classes(wrong, labels, 7), [0, 1, 2, 3, 12, 15, 25])
+    np.testing.assert_array_equal(spread_over_classes(wrong, labels, 2), [0, 12])
+    np.testing.assert_array_equal(spread_over_classes(wrong, labels, 100), np.sort(wrong))
+    assert spread_over_classes(np.array([], int), labels, 5).size == 0
+
+
 def test_predictions_are_the_models_argmax_for_every_example(mnist_sample):
     model = models.make_model({"name": "mlp", "hidden": (16,)}, 10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -73,7 +84,7 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
 
 
 def test_a_diverged_run_is_said_and_drawn(tmp_path):
-    """Train losses that stop being finite are named (which models, from which epoch), and the figures of a
+    """Train losses that stop being finite, or end far above a guess's, are named (which models, from which epoch), and the figures of a
     run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN loss: a traceback)."""
     from flaxlab import metrics, plots
     nan = float("nan")
@@ -82,6 +93,11 @@ def test_a_diverged_run_is_said_and_drawn(tmp_path):
     assert metrics.divergence_note(history) == ("training diverged: the train loss of 1 of 2 model(s) is not finite "
                                                 "(from epoch 2); a lower --optimizer.lr usually cures it")
     assert metrics.divergence_note({**history, "train_loss": [[0.5, 0.4], [0.3, 0.2]]}) == ""
+    # SGD at lr 1000 on the MNIST CNN: a finite train loss of 6e6, one class predicted, and no note
+    assert metrics.divergence_note({**history, "train_loss": [[6e6, 0.4], [6e6, 0.3]]}) == (
+        "training diverged: the train loss of 1 of 2 model(s) ended above 10 or not finite (from epoch 1); "
+        "a lower --optimizer.lr usually cures it")
+    assert metrics.divergence_note({**history, "train_loss": [[12.0, 0.4], [9.0, 0.3]]}) == ""  # recovered
     at_once = {**history, "epoch": [1], "train_loss": [[nan, nan]], "test_loss": [[nan, nan]],
                "train_accuracy": [[0.1, 0.1]], "test_accuracy": [[0.1, 0.1]]}
     plots.learning_curves(at_once, tmp_path / "curves.png", "diverged")

@@ -243,15 +243,21 @@ def test_a_closed_pipe_does_not_kill_the_run(tmp_path):
 
 def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
     """`--workdir .` in a project replaced its config.json and results.md; a run or sweep now refuses a
-    folder with files no run wrote, and still reuses its own (sweep into a run's folder included)."""
+    folder with files no run wrote, and still reuses its own (sweep into a run's folder included). With
+    --quiet, a run says only its result, and warnings."""
     (tmp_path / "config.json").write_text('{"mine": 1}')
     for command in (["run", "mnist_cnn"], ["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2"]):
         out = cli(*command, "--epochs", "1", "--workdir", ".", cwd=tmp_path)
         assert out.returncode == 2 and "--workdir . holds files that no flaxlab run wrote (config.json)" in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and "mine" in (tmp_path / "config.json").read_text()
-    assert cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path).returncode == 0
-    assert cli("sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--epochs", "1", "--quiet", "--workdir", "run",
-               cwd=tmp_path).returncode == 0
+    ran = cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path)
+    # --quiet: the final table and where it went, no header or epoch lines (it printed nothing at all)
+    assert ran.returncode == 0 and ran.stdout.startswith("| metric (over 1 seed) |") and "epoch 1/1" not in ran.stdout
+    assert ran.stdout.rstrip().endswith("results.md)")
+    swept = cli("sweep", "mnist_cnn", "--grid", "lr=0.1,1e3", "--epochs", "1", "--quiet", "--workdir", "run",
+                cwd=tmp_path)
+    assert swept.returncode == 0 and swept.stdout.startswith("warning: lr=1000: training diverged")
+    assert "| lr=0.1 | 1 |" in swept.stdout and "program 1/1" not in swept.stdout
 
 
 def test_version(capsys):

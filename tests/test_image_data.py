@@ -398,6 +398,12 @@ def test_real_gtsrb_splits_by_track(shared_data):
     assert not set(tracks[train_idx].tolist()) & set(tracks[val_idx].tolist())
     assert len(set(tracks.tolist())) == 1307
     assert np.array_equal(ds.test.labels, arrays["train_labels"][val_idx])
+    # the class names fit the pictures: the blue signs (centre bluer than red) are the blue "mandatory" ones
+    centre = np.stack([ds.train.images[ds.train.labels == c][:, 10:18, 10:18].mean((0, 1, 2)) for c in range(43)])
+    blue = {ds.class_names[c] for c in np.flatnonzero(centre[:, 2] > centre[:, 0] + 25)}
+    assert blue == {"turn right ahead", "turn left ahead", "ahead only", "straight or right", "straight or left",
+                    "keep right", "keep left", "roundabout"}
+    assert {"stop", "no entry"} <= {ds.class_names[c] for c in np.flatnonzero(centre[:, 0] > centre[:, 2] + 25)}
 
 
 # --- the datasets as experiments load them ---------------------------------------------------

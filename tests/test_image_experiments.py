@@ -30,7 +30,8 @@ def test_image_experiment_writes_its_run_folder(tmp_path, name):
     assert result.info["selected_epochs"][0] in (1, 2)
     assert "at selected epoch" in (result.workdir / "results.md").read_text()
     assert ("left-right mirror (logits averaged)" in (result.workdir / "results.md").read_text()) == eval_flip
-    names = image_data.CIFAR10_CLASSES if name != "gtsrb_cnn_augment" else [str(c) for c in range(43)]
+    names = image_data.CIFAR10_CLASSES if name != "gtsrb_cnn_augment" else image_data.GTSRB_CLASSES
+    assert history["info"]["data"]["class_names"] == list(names)  # what `predict` names its answers by
     pairs = (result.workdir / "results.md").read_text().split("Most confused classes")[1].splitlines()[4]
     assert pairs.split("|")[1].strip() in names  # the table names classes as the data set does
 
