@@ -609,6 +609,11 @@ def _run_config(workdir):
     if config.get("sweep"):
         raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (a run of one variant, "
                          "with its options, keeps its own)")
+    from flaxlab.models import MODELS
+    network = (config.get("model") or {}).get("name")
+    if isinstance(network, str) and network not in MODELS:
+        raise UsageError(f"{workdir} trained a network flaxlab does not know, '{network}' (registered from Python "
+                         "in models.MODELS?): register it again, then call flaxlab.runner's functions from Python")
     return config
 
 

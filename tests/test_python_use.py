@@ -1,0 +1,42 @@
+"""The README's Python example (a notebook's use: a network of one's own, a run, a sweep) runs as written."""
+import contextlib
+import io
+import re
+
+from conftest import REPO
+from test_cli import cli
+
+from flaxlab import models, runner
+
+
+def readme_python_example():
+    text = (REPO / "README.md").read_text()
+    section = text.split("### From Python: a notebook, your own network", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_python_example_trains_its_own_network(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))  # the example's registration ends with the test
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(readme_python_example(), "README.md", "exec"), namespace)
+    result, swept = namespace["result"], namespace["swept"]
+    assert len(result.history["test_accuracy"]) == 3 and result.history["test_accuracy"][-1][0] > 0.85
+    assert result.info["learnable_weights"] == 16 * 9 + 16 + 16 * 14 * 14 * 10 + 10  # the module the user wrote
+    assert [row["variant"] for row in swept.rows] == ["lr=0.05", "lr=0.2"]
+    assert (tmp_path / "runs/tiny/results.md").is_file() and (tmp_path / "runs/tiny-lr/results.md").is_file()
+    assert "final test accuracy" in out.getvalue()
+    # and, with the module registered, the run's checkpoint serves predict in the same session
+    lines = []
+    digit = tmp_path / "digit.png"
+    from PIL import Image
+    from flaxlab import data
+    Image.fromarray(data.load("mnist", source="sample").test.images[0, ..., 0]).save(digit)
+    runner.predict_images(tmp_path / "runs/tiny", [digit], log=lines.append)
+    assert lines[-1].startswith(f"{digit}: ")
+    # a process that has not registered it says so, in one line
+    out = cli("predict", "--workdir", "runs/tiny", str(digit), cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr == (
+        "error: runs/tiny trained a network flaxlab does not know, 'tiny_cnn' (registered from Python in "
+        "models.MODELS?): register it again, then call flaxlab.runner's functions from Python\n")
