@@ -135,6 +135,10 @@ def _parser():
     predict.add_argument("--invert", action="store_true",
                          help="255 - pixel: MNIST's digits are light on dark, a pen's on paper dark on light")
     predict.add_argument("--out", help="a segmentation run's masks go here (default: WORKDIR/predicted-masks)")
+    compare = sub.add_parser("compare", allow_abbrev=False,
+                             help="runs trained apart side by side: a table over them and their curves in one figure")
+    compare.add_argument("runs", nargs="+", help="run folders (a sweep's folder adds each of its variants)")
+    compare.add_argument("--out", help="where the table and figure go (default runs/compare-TIMESTAMP)")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            epilog=CONFIG_OPTIONS,
                            allow_abbrev=False)
@@ -324,7 +328,7 @@ def _layers(args):
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
-        if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers"):  # no config options
+        if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
         if args.command in ("summary", "layers", "figures", "evaluate", "predict"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
@@ -351,6 +355,9 @@ def main(argv=None):
             predict_images(args.workdir, args.images, args.top, args.invert, args.out, log=_log)
         elif args.command == "layers":
             _layers(args)
+        elif args.command == "compare":
+            from flaxlab.compare import compare_runs
+            compare_runs(args.runs, args.out, log=_log)
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

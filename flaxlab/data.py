@@ -32,6 +32,22 @@ class Split:
     def __len__(self):
         return len(self.labels)
 
+    def __post_init__(self):
+        """Arrays of one's own (`run_experiment(config, dataset=...)`) checked as the loaders' are: float
+        pixels were scaled by 1/255 a second time, and trained to chance without a word."""
+        shape, dtype = getattr(self.images, "shape", ()), getattr(self.images, "dtype", None)
+        if len(shape) != 4:
+            raise DataError(f"images must be (examples, height, width, channels); these are {tuple(shape)}"
+                            + (": add a channel axis, images[..., None]" if len(shape) == 3 else ""))
+        if dtype != np.uint8:
+            raise DataError(f"images must be uint8 pixels, 0 to 255, as the loaders give them (the train step "
+                            f"scales them to [0, 1]); these are {dtype}")
+        labels_dtype = getattr(self.labels, "dtype", None)
+        if labels_dtype is None or not np.issubdtype(labels_dtype, np.integer):
+            raise DataError(f"labels must be integer class indices; these are {labels_dtype or type(self.labels)}")
+        if len(self.labels) != shape[0]:
+            raise DataError(f"{shape[0]} images but {len(self.labels)} labels")
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -42,6 +58,21 @@ class Dataset:
     num_classes: int
     val: Split = None  # held out of train for early stopping and best-model selection, when asked for
     class_names: tuple = None  # what label i is, for figures and tables; None: the digits 0, 1, ...
+
+    def __post_init__(self):
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        for name, split in splits.items():
+            if split is None or not len(split):
+                continue
+            if split.images.shape[1:] != self.train.images.shape[1:]:
+                raise DataError(f"{self.name}: {name} images are {split.images.shape[1:]}, train images "
+                                f"{self.train.images.shape[1:]}")
+            low, high = int(split.labels.min()), int(split.labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise DataError(f"{self.name}: {name} labels run from {low} to {high}, outside 0 to "
+                                f"{self.num_classes - 1} (num_classes {self.num_classes})")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise DataError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
 
     @property
     def is_segmentation(self):

@@ -95,7 +95,7 @@ def trial_curves(histories, path, title):
     return path
 
 
-def sweep_comparison(histories, path, title):
+def sweep_comparison(histories, path, title, legend="variant"):
     """One curve per variant (mean over seeds, min-max band): test accuracy (Dice, for segmentation) and
     train loss per epoch."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -113,7 +113,7 @@ def sweep_comparison(histories, path, title):
     for ax in (acc_ax, loss_ax):
         _epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8, title="variant (final mean)", title_fontsize=8)
+    acc_ax.legend(fontsize=8, title=f"{legend} (final mean)", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -146,7 +146,7 @@ def _split_history(history, index, seeds):
     return out
 
 
-def _row(label, program_index, history):
+def variant_row(label, program_index, history):
     """A variant's final test score (accuracy, or Dice for segmentation) over its seeds."""
     score = metrics.score_name(history)
     stats = {s["metric"]: s for s in metrics.final_stats(history)}
@@ -158,10 +158,11 @@ def _row(label, program_index, history):
             f"train_{score}_mean": stats[f"final train {score}"]["mean"]}
 
 
-def markdown_table(rows):
+def markdown_table(rows, first="program"):
+    """`first`: what the second column numbers (a sweep's programs; compare's runs)."""
     score = "dice" if "test_dice_mean" in rows[0] else "accuracy"
     fmt = lambda v: metrics.format_score(score, v)  # noqa: E731
-    lines = [f"| variant | program | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
+    lines = [f"| variant | {first} | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
              "| final test loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {fmt(r[f'test_{score}_mean']).rstrip('%')} ± "
@@ -248,7 +249,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                              "data": data.describe(), "model_axis": s.trainer.model_axis,
                              "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
                              "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
-        rows += [_row(label, index, histories[label]) for label in labels]
+        rows += [variant_row(label, index, histories[label]) for label in labels]
         for label in labels:
             if note := metrics.divergence_note(histories[label]):
                 (report or log)(f"warning: {label}: {note}")

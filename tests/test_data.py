@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -99,3 +100,23 @@ def test_a_data_folder_from_the_environment_is_named_as_such(monkeypatch, tmp_pa
         data.load("cifar10", source="files", data_dir="/other/folder")
     monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path))  # decoded data sets and weights, one variable
     assert data.cache_dir() == tmp_path
+
+
+def test_arrays_of_ones_own_are_checked_as_the_loaders_are(mnist_sample):
+    """`run_experiment(config, dataset=Dataset(...))` with float pixels trained to chance without a word (the train
+    step scaled them by 1/255 again); labels beyond num_classes ended in a traceback in the confusion matrix."""
+    train, test = mnist_sample.train, mnist_sample.test
+    for images, labels, message in (
+            (train.images[..., 0], train.labels, "these are (5000, 28, 28): add a channel axis, images[..., None]"),
+            (train.images / 255.0, train.labels, "images must be uint8 pixels, 0 to 255"),
+            (train.images, train.labels.astype(np.float32), "labels must be integer class indices; these are float32"),
+            (train.images, train.labels[:10], "5000 images but 10 labels")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            data.Split(images, labels)
+    with pytest.raises(DataError, match="mine: train labels run from 0 to 9, outside 0 to 4"):
+        data.Dataset("mine", "arrays", train, test, num_classes=5)
+    with pytest.raises(DataError, match=r"test images are \(14, 14, 1\), train images \(28, 28, 1\)"):
+        data.Dataset("mine", "arrays", train, data.Split(test.images[:, ::2, ::2], test.labels), num_classes=10)
+    with pytest.raises(DataError, match="2 class names for 10 classes"):
+        data.Dataset("mine", "arrays", train, test, num_classes=10, class_names=("a", "b"))
+    assert data.Dataset("mine", "arrays", train, test, num_classes=10).train is train

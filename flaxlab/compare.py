@@ -1,0 +1,126 @@
+"""Runs trained apart, side by side: the TDT4265 report's task 2 net against its task 3 models, a run against
+a sweep's variants. Reads each run folder's history.json (a sweep's: every variant); trains nothing."""
+import csv
+import json
+from pathlib import Path
+
+from flaxlab import metrics, plots
+from flaxlab.errors import UsageError
+from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
+from flaxlab.sweep import csv_text, markdown_table, variant_row
+
+WRITES = ("compare.json", "results.md", "results.csv", "trials.csv", "comparison.png")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sweep_selected_epochs(folder):
+    """{variant: [selected epoch per seed]} from a sweep's trials.csv; {} when it selected none."""
+    try:
+        with open(Path(folder) / "trials.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    selected = {}
+    for row in rows:
+        if row.get("selected_epoch"):
+            selected.setdefault(row["variant"], []).append(int(float(row["selected_epoch"])))
+    return selected
+
+
+def read_runs(folder):
+    """[(label, history, first seed, selected epochs or None, data description)] of a run or sweep folder."""
+    folder = Path(folder)
+    recorded, config = _read_json(folder / "history.json"), _read_json(folder / "config.json")
+    if not isinstance(recorded, dict) or not isinstance(config, dict) or "name" not in config:
+        raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
+    if "variants" in recorded:  # a sweep: one entry per variant
+        selected = _sweep_selected_epochs(folder)
+        return [(f"{config['name']}: {label}", history, config.get("seed", 0), selected.get(label),
+                 recorded.get("data", {})) for label, history in recorded["variants"].items() if history["epoch"]]
+    history, info = recorded.get("history"), recorded.get("info", {})
+    if not history or not history.get("epoch"):
+        return []
+    selected = info.get("selected_epochs")
+    selected = selected if selected and all(e in history["epoch"] for e in selected) else None
+    return [(config["name"], history, config.get("seed", 0), selected, info.get("data", {}))]
+
+
+def _labels(entries):
+    """Each entry's label, made unique with its folder's name where two runs of one experiment meet."""
+    counts = {}
+    for _, label, *_ in entries:
+        counts[label] = counts.get(label, 0) + 1
+    labels, seen = [], set()
+    for folder, label, *_ in entries:
+        unique = label if counts[label] == 1 else f"{label} ({Path(folder).name})"
+        while unique in seen:
+            unique += "'"
+        seen.add(unique)
+        labels.append(unique)
+    return labels
+
+
+def check_out(out):
+    why = unwritable(out)
+    if why:
+        raise UsageError(f"--out {out}: {why}")
+    out = Path(out)
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITES) if out.is_dir() else []
+    if others:
+        raise UsageError(f"--out {out} holds files that compare did not write ({', '.join(others[:3])}): give a new "
+                         "or empty folder")
+
+
+def compare_runs(folders, out=None, log=print):
+    """Writes OUT/results.md (a table over runs, then every trial), results.csv, trials.csv, comparison.png
+    (test score and train loss per epoch, one curve per run) and compare.json; returns the table's rows."""
+    if len(folders) < 2 and not all("variants" in (_read_json(Path(f) / "history.json") or {}) for f in folders):
+        raise UsageError("compare needs two run folders or more (or a sweep's)")
+    entries = []
+    for folder in folders:
+        runs = read_runs(folder)
+        if not runs:
+            raise UsageError(f"{folder} holds no finished epoch yet")
+        entries += [(folder, *run) for run in runs]
+    scores = {metrics.score_name(history) for _, _, history, *_ in entries}
+    if len(scores) > 1:
+        raise UsageError("compare takes classification runs or segmentation runs, not both (accuracy vs Dice)")
+    out = Path(out) if out else default_workdir("compare")
+    check_out(out)
+    labels = _labels(entries)
+    histories = {label: history for label, (_, _, history, *_) in zip(labels, entries)}
+    selecting = all(selected for *_, selected, _ in entries)
+    rows, trials = [], []
+    number = {folder: i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
+    for label, (folder, _, history, seed, selected, _) in zip(labels, entries):
+        rows.append({**variant_row(label, number[folder], history), "epochs": len(history["epoch"]), "folder": str(folder)})
+        trials += metrics.trial_rows(label, history, seed, selected if selecting else None)
+    tested_on = {(d.get("source"), d.get("test_examples")) for *_, d in entries}
+    note = ("" if len(tested_on) == 1 else
+            "**the runs were tested on different data**: " + "; ".join(f"{s} ({n} test)" for s, n in sorted(
+                tested_on, key=str)) + ", so their scores do not compare exactly")
+    table = markdown_table(rows, first="run")
+    make_workdir(out)
+    score = scores.pop()
+    selected_note = " (test score at each model's selected epoch, and at the last)" if selecting else ""
+    (out / "results.md").write_text(
+        "# comparison\n\n" + "".join(f"- run {i}: {folder}\n" for i, folder in enumerate(folders, 1))
+        + (f"\n{note}\n" if note else "") + f"\n{table}\n\nEvery trial{selected_note}:\n\n"
+        f"{metrics.trial_table(trials)}\n")
+    (out / "results.csv").write_text(csv_text(rows))
+    (out / "trials.csv").write_text(csv_text(trials))
+    data = entries[0][-1]
+    on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
+    plots.sweep_comparison(histories, out / "comparison.png", f"{len(histories)} runs{on}: test {score}, train loss",
+                           legend="run")
+    write_json(out / "compare.json", {"runs": [str(f) for f in folders], "labels": labels})
+    if note:
+        log(f"note: {note.replace('**', '')}")
+    log(f"{table}\n\nwrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return rows

@@ -1,0 +1,77 @@
+"""`compare`: runs and sweeps trained apart, read back from their folders into one table and one figure."""
+import csv
+import json
+
+import pytest
+
+from conftest import small_dataset
+from test_cli import cli
+from test_sweep import cnn, quiet
+
+from flaxlab.compare import compare_runs
+from flaxlab.errors import UsageError
+from flaxlab.runner import run_experiment
+from flaxlab.sweep import run_sweep
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, mnist_sample):
+    """Two runs of one experiment (one selecting its best-val epoch) and a two-variant sweep, on 1,000 digits."""
+    root = tmp_path_factory.mktemp("runs")
+    data = small_dataset(mnist_sample, 1000, 300)
+    from flaxlab import data as data_lib
+    with_val = data_lib.Dataset(data.name, data.source, data.train, data.test, 10, val=data.test)
+    run_experiment(cnn(epochs=2), root / "plain", dataset=data, log=quiet, progress=False)
+    run_experiment(cnn(epochs=2, best_metric="val_accuracy", **{"optimizer.lr": 0.05, "data.val_fraction": 0.1}), root / "lr0.05",
+                   dataset=with_val, log=quiet, progress=False)
+    run_sweep(cnn(epochs=2), [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.3}], root / "swept", dataset=data,
+              log=quiet, progress=False)
+    return root
+
+
+def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
+    lines = []
+    rows = compare_runs([folders / "plain", folders / "lr0.05", folders / "swept"], tmp_path / "out",
+                        log=lines.append)
+    assert [(r["variant"], r["program"]) for r in rows] == [
+        ("cnn (plain)", 1), ("cnn (lr0.05)", 2), ("cnn: lr=0.1", 3), ("cnn: lr=0.3", 3)]
+    plain = json.loads((folders / "plain" / "history.json").read_text())["history"]
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(plain["test_accuracy"][-1][0])
+    sweep_rows = {r["variant"]: r for r in csv.DictReader(open(folders / "swept" / "results.csv"))}
+    assert rows[3]["test_accuracy_mean"] == pytest.approx(float(sweep_rows["lr=0.3"]["test_accuracy_mean"]))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "compare.json", "comparison.png", "results.csv", "results.md", "trials.csv"]
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
+    assert lines[-1].startswith("| variant | run | seeds | final test accuracy")
+    # the run with a validation split was tested on the same test images: no note about different data
+    assert not any(line.startswith("note:") for line in lines)
+    # all select a best epoch, or the trial table shows final scores only
+    assert "selected epoch" not in (tmp_path / "out" / "results.md").read_text()
+    compare_runs([folders / "lr0.05", folders / "lr0.05"], tmp_path / "out", log=lines.append)  # reused folder
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| cnn (lr0.05) | 1 |" in text and "| cnn (lr0.05)' | 1 |" in text and "selected epoch" in text
+
+
+def test_bad_input_is_one_line(folders, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for args, message in (
+            ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
+            ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
+            ([str(folders / "plain"), str(folders / "swept"), "--out", str(tmp_path)],
+             f"--out {tmp_path} holds files that compare did not write (notes.txt)"),
+            ([str(folders / "plain"), str(folders / "swept"), "--epochs", "3"], "unexpected argument '--epochs'")):
+        out = cli("compare", *args, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {message}") and out.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
+
+
+def test_classification_and_segmentation_are_not_compared(folders, tmp_path):
+    segmentation = tmp_path / "seg"
+    segmentation.mkdir()
+    (segmentation / "config.json").write_text(json.dumps({"name": "glas_fcn", "seed": 0}))
+    (segmentation / "history.json").write_text(json.dumps({"info": {}, "history": {
+        "epoch": [1], "train_loss": [[0.5]], "test_loss": [[0.5]], "train_accuracy": [[0.8]],
+        "test_accuracy": [[0.8]], "train_dice": [[0.6]], "test_dice": [[0.6]]}}))
+    with pytest.raises(UsageError, match="classification runs or segmentation runs, not both"):
+        compare_runs([folders / "plain", segmentation], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
