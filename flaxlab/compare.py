@@ -3,6 +3,7 @@ a sweep's variants. Reads each run folder's history.json (a sweep's: every varia
 import csv
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from flaxlab import metrics, plots
 from flaxlab.errors import UsageError
@@ -10,6 +11,15 @@ from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
 
 WRITES = ("compare.json", "results.md", "results.csv", "trials.csv", "comparison.png")
+
+
+class Run(NamedTuple):
+    folder: Path
+    label: str
+    history: dict
+    first_seed: int
+    selected_epochs: list  # each model's selected (best-validation) epoch; None when the run selected none
+    data: dict  # the data record of history.json
 
 
 def _read_json(path):
@@ -34,36 +44,31 @@ def _sweep_selected_epochs(folder):
 
 
 def read_runs(folder):
-    """[(label, history, first seed, selected epochs or None, data description)] of a run or sweep folder."""
+    """The Runs of a run folder (one) or a sweep's (one per variant), as far as their epochs have come."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
     recorded, config = _read_json(folder / "history.json"), _read_json(folder / "config.json")
     if not isinstance(recorded, dict) or not isinstance(config, dict) or "name" not in config:
         raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
-    if "variants" in recorded:  # a sweep: one entry per variant
+    if "variants" in recorded:  # a sweep
         selected = _sweep_selected_epochs(folder)
-        return [(f"{config['name']}: {label}", history, config.get("seed", 0), selected.get(label),
-                 recorded.get("data", {})) for label, history in recorded["variants"].items() if history["epoch"]]
+        return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0), selected.get(label),
+                    recorded.get("data", {})) for label, history in recorded["variants"].items() if history["epoch"]]
     history, info = recorded.get("history"), recorded.get("info", {})
     if not history or not history.get("epoch"):
         return []
     selected = info.get("selected_epochs")
     selected = selected if selected and all(e in history["epoch"] for e in selected) else None
-    return [(config["name"], history, config.get("seed", 0), selected, info.get("data", {}))]
+    return [Run(folder, config["name"], history, config.get("seed", 0), selected, info.get("data", {}))]
 
 
-def _labels(entries):
-    """Each entry's label, made unique with its folder's name where two runs of one experiment meet."""
+def _labels(runs):
+    """Each run's label, with its folder as given where two runs of one experiment meet."""
     counts = {}
-    for _, label, *_ in entries:
-        counts[label] = counts.get(label, 0) + 1
-    labels, seen = [], set()
-    for folder, label, *_ in entries:
-        unique = label if counts[label] == 1 else f"{label} ({Path(folder).name})"
-        while unique in seen:
-            unique += "'"
-        seen.add(unique)
-        labels.append(unique)
-    return labels
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    return [run.label if counts[run.label] == 1 else f"{run.label} ({run.folder})" for run in runs]
 
 
 def check_out(out):
@@ -82,26 +87,31 @@ def compare_runs(folders, out=None, log=print):
     (test score and train loss per epoch, one curve per run) and compare.json; returns the table's rows."""
     if len(folders) < 2 and not all("variants" in (_read_json(Path(f) / "history.json") or {}) for f in folders):
         raise UsageError("compare needs two run folders or more (or a sweep's)")
-    entries = []
+    resolved = [Path(f).resolve() for f in folders]
+    if len(set(resolved)) < len(resolved):
+        twice = next(f for f, r in zip(folders, resolved) if resolved.count(r) > 1)
+        raise UsageError(f"{twice} is given twice")
+    runs = []
     for folder in folders:
-        runs = read_runs(folder)
-        if not runs:
+        found = read_runs(folder)
+        if not found:
             raise UsageError(f"{folder} holds no finished epoch yet")
-        entries += [(folder, *run) for run in runs]
-    scores = {metrics.score_name(history) for _, _, history, *_ in entries}
+        runs += found
+    scores = {metrics.score_name(run.history) for run in runs}
     if len(scores) > 1:
         raise UsageError("compare takes classification runs or segmentation runs, not both (accuracy vs Dice)")
     out = Path(out) if out else default_workdir("compare")
     check_out(out)
-    labels = _labels(entries)
-    histories = {label: history for label, (_, _, history, *_) in zip(labels, entries)}
-    selecting = all(selected for *_, selected, _ in entries)
+    labels = _labels(runs)
+    histories = {label: run.history for label, run in zip(labels, runs)}
+    selecting = all(run.selected_epochs for run in runs)
     rows, trials = [], []
-    number = {folder: i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
-    for label, (folder, _, history, seed, selected, _) in zip(labels, entries):
-        rows.append({**variant_row(label, number[folder], history), "epochs": len(history["epoch"]), "folder": str(folder)})
-        trials += metrics.trial_rows(label, history, seed, selected if selecting else None)
-    tested_on = {(d.get("source"), d.get("test_examples")) for *_, d in entries}
+    number = {Path(folder): i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
+    for label, run in zip(labels, runs):
+        rows.append({**variant_row(label, number[run.folder], run.history), "epochs": len(run.history["epoch"]),
+                     "folder": str(run.folder)})
+        trials += metrics.trial_rows(label, run.history, run.first_seed, run.selected_epochs if selecting else None)
+    tested_on = {(run.data.get("source"), run.data.get("test_examples")) for run in runs}
     note = ("" if len(tested_on) == 1 else
             "**the runs were tested on different data**: " + "; ".join(f"{s} ({n} test)" for s, n in sorted(
                 tested_on, key=str)) + ", so their scores do not compare exactly")
@@ -115,7 +125,7 @@ def compare_runs(folders, out=None, log=print):
         f"{metrics.trial_table(trials)}\n")
     (out / "results.csv").write_text(csv_text(rows))
     (out / "trials.csv").write_text(csv_text(trials))
-    data = entries[0][-1]
+    data = runs[0].data
     on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
     plots.sweep_comparison(histories, out / "comparison.png", f"{len(histories)} runs{on}: test {score}, train loss",
                            legend="run")

@@ -8,6 +8,7 @@ from conftest import small_dataset
 from test_cli import cli
 from test_sweep import cnn, quiet
 
+from flaxlab import data as data_lib
 from flaxlab.compare import compare_runs
 from flaxlab.errors import UsageError
 from flaxlab.runner import run_experiment
@@ -16,14 +17,14 @@ from flaxlab.sweep import run_sweep
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, mnist_sample):
-    """Two runs of one experiment (one selecting its best-val epoch) and a two-variant sweep, on 1,000 digits."""
+    """Three runs of one experiment (two selecting their best-val epoch) and a two-variant sweep, on 1,000 digits."""
     root = tmp_path_factory.mktemp("runs")
     data = small_dataset(mnist_sample, 1000, 300)
-    from flaxlab import data as data_lib
     with_val = data_lib.Dataset(data.name, data.source, data.train, data.test, 10, val=data.test)
     run_experiment(cnn(epochs=2), root / "plain", dataset=data, log=quiet, progress=False)
-    run_experiment(cnn(epochs=2, best_metric="val_accuracy", **{"optimizer.lr": 0.05, "data.val_fraction": 0.1}), root / "lr0.05",
-                   dataset=with_val, log=quiet, progress=False)
+    for lr in (0.05, 0.2):
+        run_experiment(cnn(epochs=2, best_metric="val_accuracy", **{"optimizer.lr": lr, "data.val_fraction": 0.1}),
+                       root / f"lr{lr}", dataset=with_val, log=quiet, progress=False)
     run_sweep(cnn(epochs=2), [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.3}], root / "swept", dataset=data,
               log=quiet, progress=False)
     return root
@@ -34,7 +35,7 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     rows = compare_runs([folders / "plain", folders / "lr0.05", folders / "swept"], tmp_path / "out",
                         log=lines.append)
     assert [(r["variant"], r["program"]) for r in rows] == [
-        ("cnn (plain)", 1), ("cnn (lr0.05)", 2), ("cnn: lr=0.1", 3), ("cnn: lr=0.3", 3)]
+        (f"cnn ({folders / 'plain'})", 1), (f"cnn ({folders / 'lr0.05'})", 2), ("cnn: lr=0.1", 3), ("cnn: lr=0.3", 3)]
     plain = json.loads((folders / "plain" / "history.json").read_text())["history"]
     assert rows[0]["test_accuracy_mean"] == pytest.approx(plain["test_accuracy"][-1][0])
     sweep_rows = {r["variant"]: r for r in csv.DictReader(open(folders / "swept" / "results.csv"))}
@@ -47,9 +48,11 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     assert not any(line.startswith("note:") for line in lines)
     # all select a best epoch, or the trial table shows final scores only
     assert "selected epoch" not in (tmp_path / "out" / "results.md").read_text()
-    compare_runs([folders / "lr0.05", folders / "lr0.05"], tmp_path / "out", log=lines.append)  # reused folder
-    text = (tmp_path / "out" / "results.md").read_text()
-    assert "| cnn (lr0.05) | 1 |" in text and "| cnn (lr0.05)' | 1 |" in text and "selected epoch" in text
+    compare_runs([folders / "lr0.05", folders / "lr0.2"], tmp_path / "selecting", log=lines.append)
+    text = (tmp_path / "selecting" / "results.md").read_text()
+    assert "| selected epoch | val accuracy | test accuracy |" in text
+    compare_runs([folders / "lr0.05", folders / "swept"], tmp_path / "out", log=lines.append)  # reused folder
+    assert "| cnn: lr=0.3 | 2 |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_bad_input_is_one_line(folders, tmp_path):
@@ -57,6 +60,8 @@ def test_bad_input_is_one_line(folders, tmp_path):
     for args, message in (
             ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
             ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
+            ([str(folders / "plain"), "nosuch"], "nosuch: no such folder"),
+            ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")], f"{folders / 'plain'} is given twice"),
             ([str(folders / "plain"), str(folders / "swept"), "--out", str(tmp_path)],
              f"--out {tmp_path} holds files that compare did not write (notes.txt)"),
             ([str(folders / "plain"), str(folders / "swept"), "--epochs", "3"], "unexpected argument '--epochs'")):
