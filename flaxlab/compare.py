@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from flaxlab import metrics, plots
+from flaxlab.config import flatten
 from flaxlab.errors import UsageError
 from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
@@ -20,6 +21,7 @@ class Run(NamedTuple):
     first_seed: int
     selected_epochs: list  # each model's selected (best-validation) epoch; None when the run selected none
     data: dict  # the data record of history.json
+    config: dict  # the folder's config.json
 
 
 def _read_json(path):
@@ -54,13 +56,14 @@ def read_runs(folder):
     if "variants" in recorded:  # a sweep
         selected = _sweep_selected_epochs(folder)
         return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0), selected.get(label),
-                    recorded.get("data", {})) for label, history in recorded["variants"].items() if history["epoch"]]
+                    recorded.get("data", {}), config)
+                for label, history in recorded["variants"].items() if history["epoch"]]
     history, info = recorded.get("history"), recorded.get("info", {})
     if not history or not history.get("epoch"):
         return []
     selected = info.get("selected_epochs")
     selected = selected if selected and all(e in history["epoch"] for e in selected) else None
-    return [Run(folder, config["name"], history, config.get("seed", 0), selected, info.get("data", {}))]
+    return [Run(folder, config["name"], history, config.get("seed", 0), selected, info.get("data", {}), config)]
 
 
 def _labels(runs):
@@ -69,6 +72,17 @@ def _labels(runs):
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
     return [run.label if counts[run.label] == 1 else f"{run.label} ({run.folder})" for run in runs]
+
+
+def differences(config, reference):
+    """'field old -> new' for each option in which `config` differs from `reference` (names and sweeps aside)."""
+    flat, base = flatten(config), flatten(reference)
+    def show(value):
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value))
+        return repr(value) if value == "" else str(value)
+    return [f"{key} {show(base.get(key, '-'))} -> {show(flat.get(key, '-'))}" for key in sorted(set(flat) | set(base))
+            if key not in ("name", "description", "sweep") and flat.get(key) != base.get(key)]
 
 
 def check_out(out):
@@ -119,8 +133,13 @@ def compare_runs(folders, out=None, log=print):
     make_workdir(out)
     score = scores.pop()
     selected_note = " (test score at each model's selected epoch, and at the last)" if selecting else ""
+    configs = {Path(folder): next(run.config for run in runs if run.folder == Path(folder)) for folder in folders}
+    first = configs[Path(folders[0])]
+    listing = [f"run {i}: {folder} ({configs[Path(folder)]['name']}"
+               + (f"; against run 1: {', '.join(changes)})" if (changes := differences(configs[Path(folder)], first))
+                  else ")") for i, folder in enumerate(folders, 1)]
     (out / "results.md").write_text(
-        "# comparison\n\n" + "".join(f"- run {i}: {folder}\n" for i, folder in enumerate(folders, 1))
+        "# comparison\n\n" + "".join(f"- {line}\n" for line in listing)
         + (f"\n{note}\n" if note else "") + f"\n{table}\n\nEvery trial{selected_note}:\n\n"
         f"{metrics.trial_table(trials)}\n")
     (out / "results.csv").write_text(csv_text(rows))
@@ -132,5 +151,5 @@ def compare_runs(folders, out=None, log=print):
     write_json(out / "compare.json", {"runs": [str(f) for f in folders], "labels": labels})
     if note:
         log(f"note: {note.replace('**', '')}")
-    log(f"{table}\n\nwrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    log("\n".join(listing) + f"\n\n{table}\n\nwrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return rows

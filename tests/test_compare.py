@@ -43,7 +43,10 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "compare.json", "comparison.png", "results.csv", "results.md", "trials.csv"]
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
-    assert lines[-1].startswith("| variant | run | seeds | final test accuracy")
+    assert lines[-1].startswith(
+        f"run 1: {folders / 'plain'} (cnn)\nrun 2: {folders / 'lr0.05'} (cnn; against run 1: "
+        "best_metric '' -> val_accuracy, data.val_fraction 0.0 -> 0.1, optimizer.lr 0.1 -> 0.05)")
+    assert "\n| variant | run | seeds | final test accuracy" in lines[-1]
     # the run with a validation split was tested on the same test images: no note about different data
     assert not any(line.startswith("note:") for line in lines)
     # all select a best epoch, or the trial table shows final scores only
@@ -61,7 +64,8 @@ def test_bad_input_is_one_line(folders, tmp_path):
             ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
             ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
             ([str(folders / "plain"), "nosuch"], "nosuch: no such folder"),
-            ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")], f"{folders / 'plain'} is given twice"),
+            ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")],
+             f"{folders / 'plain'} is given twice"),
             ([str(folders / "plain"), str(folders / "swept"), "--out", str(tmp_path)],
              f"--out {tmp_path} holds files that compare did not write (notes.txt)"),
             ([str(folders / "plain"), str(folders / "swept"), "--epochs", "3"], "unexpected argument '--epochs'")):
