@@ -199,11 +199,11 @@ def _run(args, overrides):
     _check_options(args.experiment, config, variants, is_sweep)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
-    silent = lambda *a: None
     primary = parallel.is_primary()  # in a multi-host run, process 0 speaks for all
+    silent = lambda *a: None  # noqa: E731
+    report = (lambda line: _log(line.lstrip())) if args.quiet else _log  # --quiet: the table, no blank line first
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=primary and not args.quiet,
-                  log=silent if args.quiet or not primary else _log,
-                  report=silent if not primary else (lambda line: _log(line.lstrip())) if args.quiet else _log)
+                  log=_log if primary and not args.quiet else silent, report=report if primary else silent)
     if is_sweep:
         sweep.run_sweep(config, variants, **kwargs)
     else:

@@ -78,7 +78,8 @@ def divergence_note(history):
     if not len(diverged):
         return ""
     first = history["epoch"][int(np.argmax(bad[:, diverged].any(axis=1)))]
-    what = "is not finite" if not np.isfinite(losses[-1, diverged]).any() else f"ended above {DIVERGED_LOSS:g} or not finite"
+    finite = np.isfinite(losses[-1, diverged]).any()
+    what = f"ended above {DIVERGED_LOSS:g} or not finite" if finite else "is not finite"
     return (f"training diverged: the train loss of {len(diverged)} of {losses.shape[1]} model(s) {what} "
             f"(from epoch {first}); a lower --optimizer.lr usually cures it")
 

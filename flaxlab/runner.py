@@ -501,7 +501,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     val and test), confusion.png/.json, misclassified.png, and orbax checkpoints that `resume` continues from
     and `predict` reads: the last epoch's (not in multi-host runs), and with `checkpoint_every` N, every N epochs.
     With `best_metric`, the figures and predictions are those
-    of each model's best-validation state.
+    of each model's best-validation state. `log` takes the run's lines; `report` (default: `log`) its final
+    table and warnings, what a --quiet run still prints.
     """
     config_lib.validate(config)
     check_workdir(workdir)

@@ -186,9 +186,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     Writes config.json, history.json (per variant, per epoch, one value per seed; rewritten after
     every epoch), results.md and results.csv (mean ± std over seeds per variant) and comparison.png
-    (test accuracy and train loss per epoch, one curve per variant).
+    (test accuracy and train loss per epoch, one curve per variant). `report` (default: `log`) takes the
+    final table and warnings, what a --quiet sweep still prints.
     """
     config_lib.validate(config)
+    report = report or log
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
@@ -252,7 +254,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         rows += [variant_row(label, index, histories[label]) for label in labels]
         for label in labels:
             if note := metrics.divergence_note(histories[label]):
-                (report or log)(f"warning: {label}: {note}")
+                report(f"warning: {label}: {note}")
         save()
     wall_s = time.perf_counter() - start
 
@@ -282,5 +284,5 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
     plots.sweep_comparison(histories, workdir / "comparison.png",
                            f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
-    (report or log)(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     return SweepResult(workdir, rows, histories, program_info)

@@ -84,8 +84,9 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
 
 
 def test_a_diverged_run_is_said_and_drawn(tmp_path):
-    """Train losses that stop being finite, or end far above a guess's, are named (which models, from which epoch), and the figures of a
-    run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN loss: a traceback)."""
+    """Train losses that stop being finite, or end far above a guess's, are named (which models, from which
+    epoch), and the figures of a run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN
+    loss: a traceback)."""
     from flaxlab import metrics, plots
     nan = float("nan")
     history = {"epoch": [1, 2], "train_loss": [[0.5, 0.4], [nan, 0.3]], "test_loss": [[0.5, 0.4], [nan, 0.3]],
