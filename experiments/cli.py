@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from flaxlab import parallel
-from flaxlab.errors import UsageError
+from flaxlab.errors import UsageError, did_you_mean
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +39,8 @@ def _log(*args):
 def _experiment(name):
     from experiments import EXPERIMENTS
     if name not in EXPERIMENTS:
-        raise UsageError(f"unknown experiment '{name}'; known: {', '.join(sorted(EXPERIMENTS))}")
+        raise UsageError(f"unknown experiment '{name}'{did_you_mean(name, EXPERIMENTS)}; known: "
+                         f"{', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]()
 
 
@@ -280,7 +281,8 @@ def _summary(args, overrides):
         model_config = {"name": args.model}
     else:
         known = sorted(set(models.MODELS) | set(EXPERIMENTS))
-        raise UsageError(f"unknown model or experiment '{args.model}'; known: {', '.join(known)}")
+        raise UsageError(f"unknown model or experiment '{args.model}'{did_you_mean(args.model, known)}; known: "
+                         f"{', '.join(known)}")
     input_shape, num_classes = models.REPORT_INPUTS.get(model_config["name"], (None, 10))
     if size and input_shape:
         input_shape = (*size, input_shape[2])

@@ -7,7 +7,7 @@ one clear error before anything runs or is written.
 import copy
 import math
 
-from flaxlab.errors import UsageError
+from flaxlab.errors import UsageError, did_you_mean
 
 
 def _choices():
@@ -86,7 +86,8 @@ def override(config, key, text):
     key = key.replace("-", "_")
     flat = {k: v for k, v in flatten(config).items() if k not in FIXED}
     if key not in flat:
-        raise UsageError(f"unknown option '--{key}'; options: {', '.join('--' + k for k in sorted(flat))}")
+        raise UsageError(f"unknown option '--{key}'{did_you_mean(key, flat, '--')}; options: "
+                         f"{', '.join('--' + k for k in sorted(flat))}")
     return with_field(config, key, parse_value(key, text, flat[key]))
 
 
@@ -118,7 +119,8 @@ def validate(config):
             raise UsageError(f"--{key} must be a finite number, got {value}")
     for key, allowed in _choices().items():
         if key in flat and flat[key] not in allowed:
-            raise UsageError(f"unknown value '{flat[key]}' for --{key}; choose one of {', '.join(allowed)}")
+            raise UsageError(f"unknown value '{flat[key]}' for --{key}{did_you_mean(flat[key], allowed)}; choose one "
+                             f"of {', '.join(allowed)}")
     for key in POSITIVE:
         if key in flat and not flat[key] > 0:
             raise UsageError(f"--{key} must be positive, got {flat[key]}")

@@ -1,4 +1,5 @@
 """Errors that are the user's to fix: the CLI prints them as one line and exits with code 2."""
+import difflib
 
 
 class UsageError(Exception):
@@ -7,3 +8,9 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """Missing, unreachable or corrupt data."""
+
+
+def did_you_mean(given, known, prefix=""):
+    """' (did you mean --optimizer.lr?)' for the known name nearest a misspelt one, or ''."""
+    near = difflib.get_close_matches(str(given), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{near[0]}?)" if near else ""

@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
-from flaxlab.errors import UsageError
+from flaxlab.errors import UsageError, did_you_mean
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir,
                             remove_earlier_checkpoints, set_up, write_json)
@@ -44,7 +44,8 @@ def resolve_key(config, key):
     if matches:
         raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
     griddable = sorted(k for k in fields if k not in NOT_SWEPT and k.split(".")[0] not in NOT_SWEPT)
-    raise UsageError(f"unknown field '{key}' in --grid; fields: {', '.join(griddable)}")
+    near = did_you_mean(key, griddable + [k.rpartition(".")[2] for k in griddable])  # dropuot: dropout
+    raise UsageError(f"unknown field '{key}' in --grid{near}; fields: {', '.join(griddable)}")
 
 
 def parse_grid(config, specs):

@@ -15,9 +15,12 @@ def cli(*args, cwd):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["run", "mnist_cnnn"], "unknown experiment 'mnist_cnnn'"),
-    (["run", "mnist_cnn", "--optimiser.lr", "0.1"], "unknown option '--optimiser.lr'"),
-    (["run", "mnist_cnn", "--optimizer.name=adamw"], "unknown value 'adamw' for --optimizer.name"),
+    (["run", "mnist_cnnn"], "unknown experiment 'mnist_cnnn' (did you mean mnist_cnn?); known: ai604_cnn_bn"),
+    (["run", "mnist_cnn", "--optimiser.lr", "0.1"], "unknown option '--optimiser.lr' (did you mean --optimizer.lr?)"),
+    (["run", "mnist_cnn", "--optimizer.name=sdg"], "unknown value 'sdg' for --optimizer.name (did you mean sgd?); "
+                                                  "choose one of sgd, adam, rprop"),
+    (["sweep", "mnist_cnn", "--grid", "dropuot=0,0.1"], "unknown field 'dropuot' in --grid (did you mean dropout?)"),
+    (["run", "xyz"], "unknown experiment 'xyz'; known:"),  # nothing near: no guess
     (["run", "mnist_cnn", "--epochs", "ten"], "bad value 'ten' for epochs"),
     (["run", "mnist_cnn", "--batch-size", "0"], "--batch_size must be positive"),
     (["run", "mnist_cnn", "--batch-size", "100000"], "larger than the training set"),
