@@ -29,6 +29,8 @@ NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "s
                 "augment.crop", "augment.jitter", "patience", "checkpoint_every", "features.image", "model.dropout",
                 "devices", "model.input_size")
 BELOW_ONE = ("augment.jitter", "model.dropout", "optimizer.momentum")  # a momentum of 1 or more diverges
+NUMBERS = (*POSITIVE, *NON_NEGATIVE, "data.val_fraction", "data.test_fraction")
+SECTIONS = ("data", "model", "optimizer")  # what every config holds, as dicts
 # fields that only some values of another field use: {field: (that field, the values that use it, off)}
 USED_WITH = {"optimizer.momentum": ("optimizer.name", ("sgd",), 0.0),
              "optimizer.nesterov": ("optimizer.name", ("sgd",), False)}
@@ -74,9 +76,11 @@ def with_field(config, key, value):
     *path, leaf = key.split(".")
     node = config
     for part in path:
+        if not isinstance(node.get(part), dict):
+            raise UsageError(f"no field '{key}' in the config{did_you_mean(key, flatten(config))}")
         node = node[part]
     if leaf not in node:
-        raise KeyError(key)
+        raise UsageError(f"no field '{key}' in the config{did_you_mean(key, flatten(config))}")
     node[leaf] = value
     return config
 
@@ -113,7 +117,15 @@ def changed_fields(before, after):
 
 def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
+    missing = ([s for s in ("name", "epochs", "batch_size") if s not in config]
+               + [s for s in SECTIONS if not isinstance(config.get(s), dict)])
+    if missing:  # a config built by hand in Python
+        raise UsageError(f"the config lacks {', '.join(missing)}: start from an experiment's, "
+                         "experiments.EXPERIMENTS[name](), and change it with flaxlab.config.with_field")
     flat = flatten(config)
+    for key in NUMBERS:  # with_field(config, "optimizer.lr", "0.1") in Python: a TypeError deep in the run
+        if key in flat and (isinstance(flat[key], bool) or not isinstance(flat[key], (int, float))):
+            raise UsageError(f"--{key} must be a number, got {flat[key]!r}")
     for key, value in flat.items():  # nan passes every comparison below, and inf made a run all NaN
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{key} must be a finite number, got {value}")

@@ -40,3 +40,25 @@ def test_the_readme_python_example_trains_its_own_network(tmp_path, monkeypatch)
     assert out.returncode == 2 and out.stderr == (
         "error: runs/tiny trained a network flaxlab does not know, 'tiny_cnn' (registered from Python in "
         "models.MODELS?): register it again, then call flaxlab.runner's functions from Python\n")
+
+
+def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_path):
+    """From Python, a misspelt field was a bare KeyError, a number given as text a TypeError deep in the run, and
+    a hand-made dict a KeyError('data'): each is now one UsageError, and no run folder is made."""
+    import pytest
+    from experiments import EXPERIMENTS
+    from flaxlab.config import with_field
+    from flaxlab.errors import UsageError
+    from flaxlab.runner import run_experiment
+    config = EXPERIMENTS["mnist_cnn"]()
+    with pytest.raises(UsageError, match=r"no field 'optimiser.lr' in the config \(did you mean optimizer.lr\?\)"):
+        with_field(config, "optimiser.lr", 0.1)
+    with pytest.raises(UsageError, match=r"no field 'optimizer.learning_rate' in the config$"):  # no wrong guess
+        with_field(config, "optimizer.learning_rate", 0.1)
+    for bad, message in ((with_field(config, "optimizer.lr", "0.1"), "--optimizer.lr must be a number, got '0.1'"),
+                         (with_field(config, "epochs", True), "--epochs must be a number, got True"),
+                         ({"name": "mine", "model": {"name": "small_cnn"}},
+                          "the config lacks epochs, batch_size, data, optimizer: start from an experiment's")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            run_experiment(bad, workdir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
