@@ -40,9 +40,24 @@ def _sweep_selected_epochs(folder):
         return {}
     selected = {}
     for row in rows:
-        if row.get("selected_epoch"):
+        try:
             selected.setdefault(row["variant"], []).append(int(float(row["selected_epoch"])))
+        except (KeyError, TypeError, ValueError):  # no selection (or a damaged file): final scores only
+            return {}
     return selected
+
+
+def _history(history, folder):
+    """`history` if it holds finished epochs with train and test scores; None if none yet."""
+    keys = ("epoch", "train_loss", "test_loss", "test_accuracy")
+    if not isinstance(history, dict) or not all(isinstance(history.get(k), list) for k in keys):
+        raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
+    return history if history["epoch"] else None
+
+
+def _selected(epochs, history):
+    """The selected epochs, if every one is among the history's (a run stopped early kept only its own)."""
+    return epochs if epochs and all(e in history["epoch"] for e in epochs) else None
 
 
 def read_runs(folder):
@@ -55,15 +70,15 @@ def read_runs(folder):
         raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
     if "variants" in recorded:  # a sweep
         selected = _sweep_selected_epochs(folder)
-        return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0), selected.get(label),
-                    recorded.get("data", {}), config)
-                for label, history in recorded["variants"].items() if history["epoch"]]
-    history, info = recorded.get("history"), recorded.get("info", {})
-    if not history or not history.get("epoch"):
+        histories = {label: _history(history, folder) for label, history in dict(recorded["variants"]).items()}
+        return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0),
+                    _selected(selected.get(label), history), recorded.get("data", {}), config)
+                for label, history in histories.items() if history]
+    history, info = _history(recorded.get("history"), folder), recorded.get("info") or {}
+    if not history:
         return []
-    selected = info.get("selected_epochs")
-    selected = selected if selected and all(e in history["epoch"] for e in selected) else None
-    return [Run(folder, config["name"], history, config.get("seed", 0), selected, info.get("data", {}), config)]
+    return [Run(folder, config["name"], history, config.get("seed", 0), _selected(info.get("selected_epochs"), history),
+                info.get("data", {}), config)]
 
 
 def _labels(runs):

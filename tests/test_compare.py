@@ -60,18 +60,23 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
 
 def test_bad_input_is_one_line(folders, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((folders / "plain" / "config.json").read_text())
+    (damaged / "history.json").write_text('{"history": {"epoch": [1]}}')
     for args, message in (
             ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
             ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
             ([str(folders / "plain"), "nosuch"], "nosuch: no such folder"),
+            ([str(folders / "plain"), str(damaged)], f"{damaged}/history.json is damaged or not a flaxlab run's"),
             ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")],
              f"{folders / 'plain'} is given twice"),
             ([str(folders / "plain"), str(folders / "swept"), "--out", str(tmp_path)],
-             f"--out {tmp_path} holds files that compare did not write (notes.txt)"),
+             f"--out {tmp_path} holds files that compare did not write (damaged, notes.txt)"),
             ([str(folders / "plain"), str(folders / "swept"), "--epochs", "3"], "unexpected argument '--epochs'")):
         out = cli("compare", *args, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {message}") and out.stderr.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "notes.txt"]  # nothing written
 
 
 def test_classification_and_segmentation_are_not_compared(folders, tmp_path):
