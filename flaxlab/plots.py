@@ -126,17 +126,19 @@ def confusion_figure(counts, path, title, class_names=None):
     from flaxlab.analysis import row_normalised
     names = class_names or [str(i) for i in range(len(counts))]
     many, words = len(names) > 12, max(map(len, names)) > 3  # GTSRB's 43; class names rather than digits
+    labelled = len(names) <= 80  # past that, class numbers every few ticks: a folder set of 1,000 classes
     # 43 labels need ~0.15 inch each at 6 points (at 5.2 inches, 10 points, they overlapped)
-    side = max(5.2, 0.15 * len(names) + (1.2 if words else 0))
+    side = max(5.2, 0.15 * len(names) + (1.2 if words else 0)) if labelled else 12.0
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.6, side))
     for ax, values, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], row_normalised(counts), "share", ".2f")):
         image = ax.imshow(values, cmap="Blues", vmin=0)
         fig.colorbar(image, ax=ax, fraction=0.046, label=label)
         size = 6 if len(names) > 20 else None
-        ax.set_xticks(range(len(names)), names, rotation=90 if many else 45 if words else 0, fontsize=size,
-                      ha="right" if words else "center", rotation_mode="anchor" if words else "default",
-                      va="center" if words and many else "top")
-        ax.set_yticks(range(len(names)), names, fontsize=size)
+        if labelled:
+            ax.set_xticks(range(len(names)), names, rotation=90 if many else 45 if words else 0, fontsize=size,
+                          ha="right" if words else "center", rotation_mode="anchor" if words else "default",
+                          va="center" if words and many else "top")
+            ax.set_yticks(range(len(names)), names, fontsize=size)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if len(names) <= 12:

@@ -105,3 +105,16 @@ def test_a_diverged_run_is_said_and_drawn(tmp_path):
     plots.trial_curves({"lr=1e38": at_once}, tmp_path / "trials.png", "diverged")
     plots.sweep_comparison({"lr=1e38": at_once, "lr=0.1": history}, tmp_path / "comparison.png", "diverged")
     assert all((tmp_path / name).stat().st_size > 1000 for name in ("curves.png", "trials.png", "comparison.png"))
+
+
+def test_confusion_figures_of_many_classes_stay_readable_and_bounded(tmp_path):
+    """43 GTSRB names get room (their labels overlapped at 5.2 inches); a folder set of 500 classes gets class
+    numbers on a bounded figure rather than 500 labels on 80 inches."""
+    from PIL import Image
+    from flaxlab import image_data, plots
+    rng = np.random.default_rng(0)
+    plots.confusion_figure(rng.integers(0, 9, (43, 43)), tmp_path / "gtsrb.png", "gtsrb", image_data.GTSRB_CLASSES)
+    plots.confusion_figure(rng.integers(0, 9, (500, 500)), tmp_path / "many.png", "500 classes",
+                           [f"class {i}" for i in range(500)])
+    assert Image.open(tmp_path / "gtsrb.png").size[1] > 5.2 * 120  # taller than the 10-class figure
+    assert Image.open(tmp_path / "many.png").size[0] <= 26 * 120
