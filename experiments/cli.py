@@ -44,6 +44,18 @@ def _experiment(name):
     return EXPERIMENTS[name]()
 
 
+def _full_name(config, key):
+    """An option by its dotted name or, as --grid takes it, a unique last part: --lr is --optimizer.lr."""
+    from flaxlab import config as config_lib
+    fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
+    if key in fields or key.startswith("model."):  # model.*: a swapped-in network's options, resolved later
+        return key
+    matches = [k for k in fields if k.endswith("." + key)]
+    if len(matches) > 1:
+        raise UsageError(f"--{key} is ambiguous: {', '.join('--' + k for k in matches)}")
+    return matches[0] if matches else key  # an unknown one is override's to report
+
+
 def _apply_overrides(config, tokens):
     """`--key=value` or `--key value` for any (dotted) config field. `--model.name` comes first: the network
     it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
@@ -62,7 +74,7 @@ def _apply_overrides(config, tokens):
             i += 1
         else:
             raise UsageError(f"option {token} needs a value")
-        pairs.append((key.replace("-", "_"), value))
+        pairs.append((_full_name(config, key.replace("-", "_")), value))
         i += 1
     before, given = config, {key for key, _ in pairs}
     for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
@@ -77,7 +89,8 @@ def _apply_overrides(config, tokens):
 
 CONFIG_OPTIONS = ("Every field of the experiment's config is an option too, by its dotted name: --epochs 5, "
                   "--seeds 3, --batch-size 64, --optimizer.lr 0.05, --model.features 8,16,32, --data.val_fraction "
-                  "0.1, --augment.crop 4. `python -m experiments show NAME` prints them all with their values.")
+                  "0.1, --augment.crop 4, or by a unique last part: --lr 0.05, --dropout 0.2. "
+                  "`python -m experiments show NAME` prints them all with their values.")
 
 
 def _parser():

@@ -21,6 +21,9 @@ def cli(*args, cwd):
                                                   "choose one of sgd, adam, rprop"),
     (["sweep", "mnist_cnn", "--grid", "dropuot=0,0.1"], "unknown field 'dropuot' in --grid (did you mean dropout?)"),
     (["run", "xyz"], "unknown experiment 'xyz'; known:"),  # nothing near: no guess
+    (["run", "mnist_cnn", "--name", "adam"], "--name is ambiguous: --data.name, --model.name, --optimizer.name"),
+    (["run", "mnist_cnn", "--optimizer.name", "adam", "--momentum", "0.9"],
+     "--optimizer.momentum is for --optimizer.name sgd; adam does not use it"),  # as its full name is
     (["run", "mnist_cnn", "--epochs", "ten"], "bad value 'ten' for epochs"),
     (["run", "mnist_cnn", "--batch-size", "0"], "--batch_size must be positive"),
     (["run", "mnist_cnn", "--batch-size", "100000"], "larger than the training set"),
@@ -131,6 +134,10 @@ def test_show_applies_overrides_and_list_names_experiments(tmp_path):
     shown = json.loads(cli("show", "mnist_cnn", "--optimizer.lr=0.05", "--model.features", "4,8,16",
                            cwd=tmp_path).stdout)
     assert shown["optimizer"]["lr"] == 0.05 and shown["model"]["features"] == [4, 8, 16]
+    # a unique last part names its field, as --grid takes it: --lr, --dropout, --momentum
+    shown = json.loads(cli("show", "mnist_cnn", "--lr", "0.05", "--dropout=0.2", "--momentum", "0.9",
+                           cwd=tmp_path).stdout)
+    assert (shown["optimizer"]["lr"], shown["model"]["dropout"], shown["optimizer"]["momentum"]) == (0.05, 0.2, 0.9)
     listed = cli("list", cwd=tmp_path).stdout
     for name in ("mnist_fnn", "mnist_cnn", "mnist_cnn_pool_first", "mnist_cnn_tanh", "mnist_cnn_adam"):
         assert name in listed
