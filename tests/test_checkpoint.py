@@ -90,8 +90,8 @@ def test_resume_names_a_sweeps_folder(tmp_path):
 
 def test_a_damaged_checkpoints_abandoned_reads_are_not_logged(caplog):
     """Of the futures garbage-collected with an error never retrieved, asyncio's log loses those of TensorStore
-    reads (a damaged checkpoint's: 'ERROR:asyncio:Future exception was never retrieved', with the read's spec
-    over hundreds of characters, after the one-line error under load), and only those."""
+    reads (a damaged checkpoint's: 'ERROR:asyncio:Future exception was never retrieved', or 'Task exception ...',
+    with the read's spec over hundreds of characters, after the one-line error under load), and only those."""
     import asyncio
     import gc
     from flaxlab import checkpoint
@@ -102,9 +102,17 @@ def test_a_damaged_checkpoints_abandoned_reads_are_not_logged(caplog):
         future.set_exception(ValueError(message))
         del future
         gc.collect()
+
+    async def read(message):  # as orbax's async_deserialize: a task whose error nobody awaits
+        raise ValueError(message)
+    for message in ("OUT_OF_RANGE: Error reading [tensorstore_spec='{}']", "a task's other failure"):
+        task = loop.create_task(read(message))
+        loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails
+        del task
+        gc.collect()
     loop.close()
     logged = [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio" and r.exc_info]
-    assert logged == ["another failure"]
+    assert logged == ["another failure", "a task's other failure"]
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
