@@ -114,7 +114,8 @@ def _parser():
                             "a list field separates values with /: --grid model.features=8,16/16,32")
     for command in (run, sweep):
         command.add_argument("--resume", action="store_true",
-                             help="continue the run in --workdir from its last checkpoint (--checkpoint_every N)")
+                             help="continue the run in --workdir from its last checkpoint (--checkpoint_every N); "
+                                  "a sweep after the programs it finished")
         command.add_argument("--data-dir", help="folder with the data files (MNIST: the IDX files; CIFAR-10, "
                                                 "GTSRB: their archives or folders); default: the shipped sample")
         command.add_argument("--workdir", help="run folder (default runs/NAME-TIMESTAMP)")
@@ -175,7 +176,7 @@ def _parser():
 
 def _check_options(name, config, variants, sweep):
     """Refuses an option that the run would not honour, silently: one that every variant of a sweep sets (the
-    sweep's values replace it), one that a sweep ignores (checkpoints, feature maps), and MNIST's
+    sweep's values replace it), one that a sweep ignores (feature maps), and MNIST's
     `--data.test_fraction` (its test split is its own)."""
     from flaxlab import config as config_lib
     from flaxlab.sweep import IGNORED_BY_SWEEP
@@ -208,8 +209,6 @@ def _run(args, overrides):
     config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
     is_sweep = args.command == "sweep" or bool(variants)
-    if is_sweep and getattr(args, "resume", False):
-        raise UsageError("--resume continues one experiment's run; a sweep cannot be resumed")
     _check_options(args.experiment, config, variants, is_sweep)
     _split_cpu(config, variants)
     parallel.set_up_process(config["distributed"], config["deterministic"])
@@ -219,7 +218,7 @@ def _run(args, overrides):
     kwargs = dict(workdir=args.workdir, data_dir=args.data_dir, progress=primary and not args.quiet,
                   log=_log if primary and not args.quiet else silent, report=report if primary else silent)
     if is_sweep:
-        sweep.run_sweep(config, variants, **kwargs)
+        sweep.run_sweep(config, variants, resume=args.resume, **kwargs)
     else:
         run_experiment(config, resume=args.resume, **kwargs)
 

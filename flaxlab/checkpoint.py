@@ -63,12 +63,13 @@ def _drop_abandoned_reads():
 
 class Checkpoints:
     """`every` epochs (and on `force`: a run's last epoch), keeping the `keep` most recent; `every` 0 with `create`:
-    the last epoch's only (what every single-host run keeps, for `predict`, `evaluate` and `figures`)."""
+    the last epoch's only (what every single-host run keeps, for `predict`, `evaluate` and `figures`). `part`: a
+    subfolder of the run's checkpoints (a sweep's program keeps its own while it trains)."""
 
-    def __init__(self, workdir, every=1, keep=2, create=None):
+    def __init__(self, workdir, every=1, keep=2, create=None, part=None):
         import orbax.checkpoint as ocp
         self._ocp = ocp
-        self.directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
+        self.directory = (Path(workdir) / CHECKPOINT_DIR / (part or "")).resolve()
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "best", "progress"),

@@ -460,10 +460,10 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
     return stats, table
 
 
-def _check_resumable(config, workdir):
+def check_resumable(config, workdir):
     """The run folder to resume must exist and hold this experiment with the same settings
-    (only `epochs` may grow, and not under a learning-rate schedule, which spans them), or the resumed run
-    would not be the interrupted one continued."""
+    (only `epochs` may grow, and not under a learning-rate schedule, which spans them, nor in a sweep), or the
+    resumed run would not be the interrupted one continued. A sweep's config holds its variants."""
     if workdir is None:
         raise UsageError("--resume needs --workdir: the run folder of the interrupted run")
     saved_path = Path(workdir) / "config.json"
@@ -473,15 +473,18 @@ def _check_resumable(config, workdir):
         saved = json.loads(saved_path.read_text())
     except ValueError:
         raise UsageError(f"--resume: {saved_path} is not valid JSON") from None
-    if saved.get("sweep") and not config.get("sweep"):
-        raise UsageError(f"--resume: {workdir} is a sweep's folder, and a sweep cannot be resumed")
+    if bool(saved.get("sweep")) != bool(config.get("sweep")):
+        kinds = ("a sweep", "a single run") if saved.get("sweep") else ("a single run", "a sweep")
+        raise UsageError(f"--resume: {workdir} is {kinds[0]}'s folder, and this is {kinds[1]}: resume with the "
+                         "command and options it ran with")
     saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
-    growable = () if mine.get("optimizer.schedule", "constant") != "constant" else ("epochs",)  # a schedule spans them
+    # a schedule spans the epochs; a sweep's finished programs ran the epochs they ran
+    growable = () if mine.get("optimizer.schedule", "constant") != "constant" or mine.get("sweep") else ("epochs",)
     # a field added since the run was saved counts as unchanged
     differ = sorted(k for k in set(saved) | set(mine) if k not in growable and saved.get(k, mine.get(k)) != mine.get(k))
     if differ:
-        raise UsageError(f"--resume: {workdir} was run with other settings ({', '.join('--' + k for k in differ[:5])}); "
-                         "resume with the same options")
+        options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])  # a sweep's variants
+        raise UsageError(f"--resume: {workdir} was run with other settings ({options}); resume with the same options")
 
 
 def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints):
@@ -507,7 +510,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     config_lib.validate(config)
     check_workdir(workdir)
     if resume:
-        _check_resumable(config, workdir)
+        check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
     s = set_up(config, dataset)  # refuses images the network cannot take (`check_input`)
     convs, feature_layer = check_views(config, s.model, dataset)
@@ -608,8 +611,8 @@ def _run_config(workdir):
         raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run "
                          "folder?") from None
     if config.get("sweep"):
-        raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no checkpoints (a run of one variant, "
-                         "with its options, keeps its own)")
+        raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no states once it ends (a run of one "
+                         "variant, with its options, keeps its own)")
     from flaxlab.models import MODELS
     network = (config.get("model") or {}).get("name")
     if isinstance(network, str) and network not in MODELS:

@@ -11,25 +11,29 @@ import dataclasses
 import io
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
+from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
 from flaxlab.errors import UsageError, did_you_mean
 from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_workdir, default_workdir, fit, load_dataset, make_workdir,
-                            remove_earlier_checkpoints, set_up, write_json)
+from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, load_dataset,
+                            make_workdir, remove_earlier_checkpoints, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
 # fields a grid cannot vary, and why (a grid over any of them trained the same models under other names)
 NOT_SWEPT = {"seeds": "every variant trains --seeds N models", "distributed": "it is set once per process",
-             "deterministic": "it is set once per process", "checkpoint_every": "a sweep keeps no checkpoints",
+             "deterministic": "it is set once per process",
+             "checkpoint_every": "it says how often the sweep saves its programs, not how a model trains",
              "features": "a sweep draws no feature maps"}
-IGNORED_BY_SWEEP = {key: NOT_SWEPT[key] for key in ("checkpoint_every", "features")}  # as options, too
+IGNORED_BY_SWEEP = {"features": NOT_SWEPT["features"]}  # as options, too
 
 
 def resolve_key(config, key):
@@ -181,19 +185,63 @@ def csv_text(rows):
     return out.getvalue()
 
 
+def _finished_programs(workdir, programs, datasets):
+    """What an interrupted sweep's history.json holds of its whole programs: (histories, trials, program info,
+    seconds spent), refused when they are not these programs' variants on this data."""
+    try:
+        saved = json.loads((Path(workdir) / "history.json").read_text())
+    except FileNotFoundError:
+        return {}, [], [], 0.0  # stopped before its first epoch ended
+    except (OSError, ValueError):
+        raise UsageError(f"--resume: {Path(workdir) / 'history.json'} is not valid JSON") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("programs"), list):
+        raise UsageError(f"--resume: {Path(workdir) / 'history.json'} is not a sweep's history")
+    finished = saved["programs"]
+    if finished and "trials" not in saved:
+        raise UsageError(f"--resume: {workdir} was written by an earlier flaxlab, which kept too little to go on from")
+    same = lambda a, b: {**a, "source": None} == {**b, "source": None}  # noqa: E731 (a moved folder is the same data)
+    for info, program, data in zip(finished, programs, datasets):
+        if info.get("variants") != [label for label, _ in program.variants]:
+            raise UsageError(f"--resume: program {info.get('program')} in {workdir} trained other variants")
+        if not same(info.get("data") or {}, data.describe()):
+            raise UsageError(f"--resume: {workdir}'s program {info['program']} trained on {info['data']['source']} "
+                             f"({info['data']['train_examples']:,} train), this launch loads {data.source} "
+                             f"({len(data.train):,} train): give the --data-dir it read")
+    labels = [label for info in finished for label in info["variants"]]
+    return ({label: saved["variants"][label] for label in labels},
+            [row for row in saved.get("trials", []) if row["variant"] in labels], finished, saved.get("wall_s", 0.0))
+
+
+def _what_an_interrupted_sweep_left(workdir, program, programs, checkpoints):
+    """The line a Ctrl-C ends a sweep with: what its folder holds, and where --resume goes on."""
+    kept = sorted(int(p.name) for p in checkpoints.directory.glob("*") if p.name.isdigit()) if checkpoints else []
+    where = (f"program {program}'s checkpoint of epoch {kept[-1]}" if kept else
+             f"program {program}'s first epoch" + ("" if checkpoints else
+                                                   " (with --checkpoint_every N, from its last N-th epoch)"))
+    return (f"{workdir}/history.json holds {program - 1} of {programs} program(s) trained; run the same command "
+            f"with --resume to go on from {where}")
+
+
 def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, progress=True, log=print,
-              report=None):
+              report=None, resume=False):
     """Trains every variant x seed, program by program; writes the sweep's run folder.
 
     Writes config.json, history.json (per variant, per epoch, one value per seed; rewritten after
     every epoch), results.md and results.csv (mean ± std over seeds per variant) and comparison.png
     (test accuracy and train loss per epoch, one curve per variant). `report` (default: `log`) takes the
-    final table and warnings, what a --quiet sweep still prints.
+    final table and warnings, what a --quiet sweep still prints. With `checkpoint_every` N, the program in
+    training keeps a checkpoint every N epochs (removed when it ends); `resume` goes on in `workdir` after
+    the programs it finished, the interrupted one from its last checkpoint (or first epoch).
     """
     config_lib.validate(config)
     report = report or log
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
+    saved_config = {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]}
+    if resume:
+        check_resumable(saved_config, workdir)
+    if jax.process_count() > 1 and (resume or config["checkpoint_every"]):
+        raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0")
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
     # each program's batch size and best-model split checked against its data, loaded once per data config
@@ -210,38 +258,58 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     for program, data in zip(programs, datasets):  # every network takes its images, before anything is written
         check_input(program.config, make_model(program.config["model"], data.num_classes), data)
+    histories, trials, program_info, earlier_s = {}, [], [], 0.0
+    if resume:
+        histories, trials, program_info, earlier_s = _finished_programs(workdir, programs, datasets)
+        if program_info:
+            log(f"resuming: program(s) 1-{len(program_info)} of {len(programs)} were trained before")
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     make_workdir(workdir)
-    remove_earlier_checkpoints(workdir, log)
-    write_json(workdir / "config.json", {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]})
-    histories, rows, trials, program_info = {}, [], [], []
+    if not resume:
+        remove_earlier_checkpoints(workdir, log)
+        write_json(workdir / "config.json", saved_config)
+    rows = [variant_row(label, info["program"], histories[label]) for info in program_info
+            for label in info["variants"]]
     start = time.perf_counter()
 
     def save(partial=None):
         write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
-                                               "variants": {**histories, **(partial or {})}})
+                                               "variants": {**histories, **(partial or {})}, "trials": trials,
+                                               "wall_s": round(earlier_s + time.perf_counter() - start, 3)})
 
     for index, (program, data) in enumerate(zip(programs, datasets), 1):
+        if index <= len(program_info):
+            continue
         labels = [label for label, _ in program.variants]
         data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
                      if several else "")
-        log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
-        s = set_up(program.config, data, [overrides for _, overrides in program.variants])
-        compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
-        split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}
+        checkpoints = (Checkpoints(workdir, config["checkpoint_every"], create=True, part=f"program_{index}")
+                       if config["checkpoint_every"] else None)
         try:
-            states, best, history, best_epochs = fit(
-                s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
-                select=program.config["best_metric"] or None, patience=program.config["patience"],
-                progress=progress, log=log, on_epoch=lambda h: save(split(h)))
+            log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
+            s = set_up(program.config, data, [overrides for _, overrides in program.variants])
+            resumed = None
+            if resume and checkpoints and checkpoints.latest_epoch() is not None:
+                resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
+            compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
+            split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
+            try:
+                states, best, history, best_epochs = fit(
+                    s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+                    select=program.config["best_metric"] or None, patience=program.config["patience"],
+                    checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
+                    on_epoch=lambda h: save(split(h)))
+            finally:
+                if checkpoints is not None:
+                    checkpoints.close()
+            image_scores = None
+            if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
+                predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
+                image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{workdir}/history.json holds {index - 1} of {len(programs)} program(s) trained "
-                                    f"and the epochs run of program {index}; a sweep cannot be resumed") from None
+            raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, len(programs),
+                                                                    checkpoints)) from None
         histories.update(split(history))
-        image_scores = None
-        if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
-            predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
-            image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
         for i, label in enumerate(labels):
             trials += metrics.trial_rows(label, histories[label], program.config["seed"],
                                          best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
@@ -257,8 +325,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             if note := metrics.divergence_note(histories[label]):
                 report(f"warning: {label}: {note}")
         save()
-    wall_s = time.perf_counter() - start
-
+        if checkpoints is not None:  # the program is in history.json: its states are not needed again
+            shutil.rmtree(checkpoints.directory, ignore_errors=True)
+    if (workdir / CHECKPOINT_DIR).is_dir() and not any((workdir / CHECKPOINT_DIR).iterdir()):
+        (workdir / CHECKPOINT_DIR).rmdir()
+    wall_s = earlier_s + time.perf_counter() - start
     table = markdown_table(rows)
     score = metrics.score_name(next(iter(histories.values())))
     selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"

@@ -82,10 +82,10 @@ def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
 def test_resume_names_a_sweeps_folder(tmp_path):
     """It said the folder 'was run with other settings (--sweep)'."""
     from experiments import EXPERIMENTS
-    from flaxlab.runner import _check_resumable
+    from flaxlab.runner import check_resumable
     (tmp_path / "config.json").write_text(json.dumps({**EXPERIMENTS["mnist_cnn"](), "sweep": [{"dropout": 0.1}]}))
-    with pytest.raises(UsageError, match="is a sweep's folder, and a sweep cannot be resumed"):
-        _check_resumable(EXPERIMENTS["mnist_cnn"](), tmp_path)
+    with pytest.raises(UsageError, match="is a sweep's folder, and this is a single run: resume with the command"):
+        check_resumable(EXPERIMENTS["mnist_cnn"](), tmp_path)
 
 
 def test_a_damaged_checkpoints_abandoned_reads_are_not_logged(caplog):
@@ -129,7 +129,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     shutil.rmtree(tmp_path / "once" / "checkpoints")
     assert "no checkpoint in" in error(*once, "--resume")
     assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
-    assert "cannot be resumed" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1", "--resume")
+    assert "once is a single run's folder, and this is a sweep" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1",
+                                                                          "--resume", "--workdir", "once")
     damaged = [*RUN[:-5], "--epochs", "1", "--checkpoint_every", "1", "--workdir", "damaged"]
     finished(cli(*damaged, cwd=tmp_path))
     shutil.copytree(tmp_path / "damaged", tmp_path / "scrambled")
@@ -161,7 +162,7 @@ def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_p
     assert not (tmp_path / "used" / "checkpoints").exists()
     evaluate = cli("evaluate", "--workdir", "used", cwd=tmp_path)
     _, err = evaluate.communicate(timeout=300)
-    assert evaluate.returncode == 2 and "used is a sweep's folder; a sweep keeps no checkpoints" in err, err
+    assert evaluate.returncode == 2 and "used is a sweep's folder; a sweep keeps no states once it ends" in err, err
 
 
 def test_evaluate_reads_the_data_the_run_read(tmp_path):
@@ -180,14 +181,14 @@ def test_evaluate_reads_the_data_the_run_read(tmp_path):
 
 
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
-    from flaxlab.runner import _check_resumable
+    from flaxlab.runner import check_resumable
     from experiments import EXPERIMENTS
     config = EXPERIMENTS["glas_fcn"]()
     config["optimizer"] = {**config["optimizer"], "schedule": "cosine"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _check_resumable(config, tmp_path)
+    check_resumable(config, tmp_path)
     with pytest.raises(UsageError, match="other settings \\(--epochs\\)"):
-        _check_resumable({**config, "epochs": config["epochs"] + 10}, tmp_path)
+        check_resumable({**config, "epochs": config["epochs"] + 10}, tmp_path)
 
 
 def test_best_epochs_and_early_stopping_per_model():

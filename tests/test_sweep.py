@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import small_dataset
+from flaxlab import data
 from experiments import EXPERIMENTS, cli
 from experiments.common import variant
 from flaxlab import sweep
@@ -165,8 +166,6 @@ def test_sweep_command_errors(capsys, tmp_path):
                           [["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--optimizer.lr", "0.3"],
                            "--optimizer.lr is what the sweep varies"],
                           # options a sweep would ignore (it once did, silently)
-                          [["run", "mnist_cnn_dropout", "--checkpoint_every", "2"],
-                           "--checkpoint_every: a sweep keeps no checkpoints"],
                           [["sweep", "mnist_cnn", "--grid", "lr=0.1,0.2", "--features.image", "3"],
                            "--features.image: a sweep draws no feature maps"],
                           [["sweep", "gtsrb_cnn", "--grid", "augment.crop=2,28"], "--augment.crop 28 shifts images"]):
@@ -182,3 +181,68 @@ def test_sweep_command_trains_on_the_sample(capsys, tmp_path):
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["lr=0.1", "lr=0.05"]
     assert all(float(r["test_accuracy_mean"]) > 0.8 for r in rows)  # one epoch of the 5,000-digit sample
+
+
+def stop_at(*starts):
+    """A log that stops the sweep, as Ctrl-C would, at the first line beginning with the last of `starts` after
+    lines beginning with each of the others, in turn."""
+    waiting = list(starts)
+
+    def log(line):
+        if line.startswith(waiting[0]):
+            waiting.pop(0)
+        if not waiting:
+            raise KeyboardInterrupt
+    return log
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_end(mnist_sample, tmp_path):
+    """Stopped in its second program at epoch 2: --resume keeps the first program, trains the second from its
+    first epoch (or, with --checkpoint_every 1, from its checkpoint of epoch 2), and ends bit for bit as an
+    uninterrupted sweep, the best-validation epochs too; each program's checkpoints go when it ends."""
+    train = small_dataset(mnist_sample, 640, 128)
+    ds = data.Dataset("mnist", train.source, data.Split(train.train.images[:512], train.train.labels[:512]),
+                      train.test, 10, val=data.Split(train.train.images[512:], train.train.labels[512:]))
+    config = cnn(epochs=3, seeds=2, best_metric="val_accuracy", **{"data.val_fraction": 0.2})
+    variants = sweep.parse_grid(config, ["model.features=4/4,8", "lr=0.1,0.05"])
+    whole = sweep.run_sweep(config, variants, workdir=tmp_path / "whole", dataset=ds, progress=False, log=quiet)
+    drop_times = lambda h: {k: v for k, v in h.items() if k != "epoch_time_s"}  # noqa: E731
+    for every in (0, 1):
+        config = {**config, "checkpoint_every": every}
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            sweep.run_sweep(config, variants, workdir=tmp_path / str(every), dataset=ds, progress=True,
+                            log=stop_at("program 2/2", "epoch 2/3"))
+        where = ("program 2's checkpoint of epoch 2" if every else
+                 "program 2's first epoch (with --checkpoint_every N, from its last N-th epoch)")
+        assert str(stopped.value) == (f"{tmp_path / str(every)}/history.json holds 1 of 2 program(s) trained; run "
+                                      f"the same command with --resume to go on from {where}")
+        kept = tmp_path / str(every) / "checkpoints"
+        assert sorted(p.name for p in kept.glob("*/*")) == (["1", "2"] if every else [])
+        lines = []
+        resumed = sweep.run_sweep(config, variants, workdir=tmp_path / str(every), dataset=ds, progress=True,
+                                  log=lines.append, resume=True)
+        assert lines[1] == "resuming: program(s) 1-1 of 2 were trained before"
+        assert lines[2].startswith("program 2/2") and not any(line.startswith("program 1/2") for line in lines)
+        assert ("resumed after epoch 2" in lines) == bool(every)
+        assert [drop_times(h) for h in resumed.histories.values()] == [drop_times(h) for h in whole.histories.values()]
+        assert resumed.rows == whole.rows
+        for name in ("results.csv", "trials.csv"):
+            assert (tmp_path / str(every) / name).read_text() == (tmp_path / "whole" / name).read_text()
+        assert not kept.exists()
+    assert "selected_epoch" in (tmp_path / "whole" / "trials.csv").read_text()
+
+
+def test_resuming_a_sweep_refuses_another_sweep_or_data(mnist_sample, tmp_path):
+    config = cnn(epochs=1)
+    variants = sweep.parse_grid(config, ["model.features=4/4,8"])
+    ds = small_dataset(mnist_sample, 256, 64)
+    sweep.run_sweep(config, variants, workdir=tmp_path, dataset=ds, progress=False, log=quiet)
+    for other, message in (([config, sweep.parse_grid(config, ["model.features=4/8"])], "other settings (--grid)"),
+                           ([cnn(epochs=2), variants], "other settings (--epochs)"),
+                           ([config, None], "is a sweep's folder, and this is a single run")):
+        with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            (run_experiment(other[0], workdir=tmp_path, dataset=ds, resume=True) if other[1] is None else
+             sweep.run_sweep(*other, workdir=tmp_path, dataset=ds, resume=True, log=quiet))
+    with pytest.raises(UsageError, match=r"program 1 trained on .*\(256 train\), this launch loads .*\(512 train\)"):
+        sweep.run_sweep(config, variants, workdir=tmp_path, dataset=small_dataset(mnist_sample, 512, 64),
+                        resume=True, log=quiet)
