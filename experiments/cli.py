@@ -47,10 +47,9 @@ def _experiment(name):
 def _full_name(config, key):
     """An option by its dotted name or, as --grid takes it, a unique last part: --lr is --optimizer.lr."""
     from flaxlab import config as config_lib
-    fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
-    if key in fields or key.startswith("model."):  # model.*: a swapped-in network's options, resolved later
+    if key.startswith("model."):  # a swapped-in network's options are resolved by override
         return key
-    matches = [k for k in fields if k.endswith("." + key)]
+    matches = config_lib.fields_named(config, key)
     if len(matches) > 1:
         raise UsageError(f"--{key} is ambiguous: {', '.join('--' + k for k in matches)}")
     return matches[0] if matches else key  # an unknown one is override's to report
@@ -74,8 +73,14 @@ def _apply_overrides(config, tokens):
             i += 1
         else:
             raise UsageError(f"option {token} needs a value")
-        pairs.append((_full_name(config, key.replace("-", "_")), value))
+        pairs.append((key.replace("-", "_"), value))
         i += 1
+    network = next((value for key, value in pairs if key == "model.name"), None)
+    if network in MODELS:  # the network swapped in takes its options by their last part too: --hidden 64
+        named = {**config, "model": {**network_options(network), **config["model"]}}
+        pairs = [(_full_name(named, key), value) for key, value in pairs]
+    else:
+        pairs = [(_full_name(config, key), value) for key, value in pairs]
     before, given = config, {key for key, _ in pairs}
     for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
         name, option = config["model"].get("name"), key.partition("model.")[2]

@@ -46,6 +46,13 @@ def flatten(config, prefix=""):
     return out
 
 
+
+def fields_named(config, key):
+    """The fields `key` can mean: itself, dotted, or those it is the last part of (`lr`: optimizer.lr), as options
+    and --grid take them."""
+    fields = [k for k in flatten(config) if k not in FIXED]
+    return [key] if key in fields else [k for k in fields if k.endswith("." + key)]
+
 def parse_value(key, text, default):
     """Command-line text to a value of the default's type (a list field takes comma-separated items)."""
     def scalar(t, like):

@@ -38,15 +38,13 @@ IGNORED_BY_SWEEP = {"features": NOT_SWEPT["features"]}  # as options, too
 
 def resolve_key(config, key):
     """A dotted field by its full name or by a unique last part: `dropout` -> `model.dropout`."""
-    fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
     key = key.replace("-", "_")
-    if key in fields:
-        return key
-    matches = [k for k in fields if k.endswith("." + key)]
+    matches = config_lib.fields_named(config, key)
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
+    fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
     griddable = sorted(k for k in fields if k not in NOT_SWEPT and k.split(".")[0] not in NOT_SWEPT)
     near = did_you_mean(key, griddable + [k.rpartition(".")[2] for k in griddable])  # dropuot: dropout
     raise UsageError(f"unknown field '{key}' in --grid{near}; fields: {', '.join(griddable)}")

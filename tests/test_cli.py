@@ -138,6 +138,9 @@ def test_show_applies_overrides_and_list_names_experiments(tmp_path):
     shown = json.loads(cli("show", "mnist_cnn", "--lr", "0.05", "--dropout=0.2", "--momentum", "0.9",
                            cwd=tmp_path).stdout)
     assert (shown["optimizer"]["lr"], shown["model"]["dropout"], shown["optimizer"]["momentum"]) == (0.05, 0.2, 0.9)
+    # and a swapped-in network's options, before or after --model.name (--hidden was an unknown option)
+    shown = json.loads(cli("show", "mnist_cnn", "--hidden", "64,32", "--model.name", "mlp", cwd=tmp_path).stdout)
+    assert shown["model"] == {"name": "mlp", "activation": "relu", "hidden": [64, 32]}
     listed = cli("list", cwd=tmp_path).stdout
     for name in ("mnist_fnn", "mnist_cnn", "mnist_cnn_pool_first", "mnist_cnn_tanh", "mnist_cnn_adam"):
         assert name in listed
