@@ -46,12 +46,12 @@ def flatten(config, prefix=""):
     return out
 
 
-
 def fields_named(config, key):
     """The fields `key` can mean: itself, dotted, or those it is the last part of (`lr`: optimizer.lr), as options
     and --grid take them."""
     fields = [k for k in flatten(config) if k not in FIXED]
     return [key] if key in fields else [k for k in fields if k.endswith("." + key)]
+
 
 def parse_value(key, text, default):
     """Command-line text to a value of the default's type (a list field takes comma-separated items)."""
@@ -84,12 +84,30 @@ def with_field(config, key, value):
     node = config
     for part in path:
         if not isinstance(node.get(part), dict):
-            raise UsageError(f"no field '{key}' in the config{did_you_mean(key, flatten(config))}")
+            raise UsageError(f"no field '{key}' in the config{field_hint(key, flatten(config))}")
         node = node[part]
     if leaf not in node:
-        raise UsageError(f"no field '{key}' in the config{did_you_mean(key, flatten(config))}")
+        raise UsageError(f"no field '{key}' in the config{field_hint(key, flatten(config))}")
     node[leaf] = value
     return config
+
+
+# what other frameworks and the reports call some fields: a hint for an unknown option, never a silent rename
+OTHER_NAMES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "epoch": "epochs",
+               "batch": "batch_size", "bs": "batch_size", "wd": "weight_decay", "trials": "seeds",
+               "num_seeds": "seeds", "early_stopping": "patience", "optimizer": "optimizer.name",
+               "optim": "optimizer.name", "model": "model.name", "network": "model.name", "dataset": "data.name"}
+
+
+def field_hint(key, fields, prefix="", spellings=()):
+    """' (did you mean --optimizer.lr?)' for an unknown field: the field of its other name (learning_rate: lr), or
+    the nearest spelling among `fields` and `spellings`."""
+    section, _, leaf = key.rpartition(".")
+    other = OTHER_NAMES.get(leaf)
+    named = [k for k in fields if other and (k == other or k.endswith("." + other))
+             and (not section or k.startswith(section + "."))]
+    return (f" (did you mean {prefix}{named[0]}?)" if len(named) == 1
+            else did_you_mean(key, [*fields, *spellings], prefix))
 
 
 def override(config, key, text):
@@ -97,7 +115,7 @@ def override(config, key, text):
     key = key.replace("-", "_")
     flat = {k: v for k, v in flatten(config).items() if k not in FIXED}
     if key not in flat:
-        raise UsageError(f"unknown option '--{key}'{did_you_mean(key, flat, '--')}; options: "
+        raise UsageError(f"unknown option '--{key}'{field_hint(key, flat, '--')}; options: "
                          f"{', '.join('--' + k for k in sorted(flat))}")
     return with_field(config, key, parse_value(key, text, flat[key]))
 

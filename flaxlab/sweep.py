@@ -21,7 +21,7 @@ import numpy as np
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
-from flaxlab.errors import UsageError, did_you_mean
+from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, load_dataset,
                             make_workdir, remove_earlier_checkpoints, set_up, write_json)
@@ -46,7 +46,7 @@ def resolve_key(config, key):
         raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
     fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
     griddable = sorted(k for k in fields if k not in NOT_SWEPT and k.split(".")[0] not in NOT_SWEPT)
-    near = did_you_mean(key, griddable + [k.rpartition(".")[2] for k in griddable])  # dropuot: dropout
+    near = config_lib.field_hint(key, griddable, spellings=[k.rpartition(".")[2] for k in griddable])  # dropuot
     raise UsageError(f"unknown field '{key}' in --grid{near}; fields: {', '.join(griddable)}")
 
 

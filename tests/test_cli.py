@@ -20,6 +20,12 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--optimizer.name=sdg"], "unknown value 'sdg' for --optimizer.name (did you mean sgd?); "
                                                   "choose one of sgd, adam, rprop"),
     (["sweep", "mnist_cnn", "--grid", "dropuot=0,0.1"], "unknown field 'dropuot' in --grid (did you mean dropout?)"),
+    # what other frameworks call a field
+    (["run", "mnist_cnn", "--learning-rate", "0.1"], "unknown option '--learning_rate' (did you mean --optimizer.lr?)"),
+    (["run", "mnist_cnn", "--optimizer", "adam"], "unknown option '--optimizer' (did you mean --optimizer.name?)"),
+    (["run", "mnist_cnn", "--num_epochs", "3"], "unknown option '--num_epochs' (did you mean --epochs?)"),
+    (["sweep", "mnist_cnn", "--grid", "learning_rate=0.1,0.2"],
+     "unknown field 'learning_rate' in --grid (did you mean optimizer.lr?)"),
     (["run", "xyz"], "unknown experiment 'xyz'; known:"),  # nothing near: no guess
     (["run", "mnist_cnn", "--name", "adam"], "--name is ambiguous: --data.name, --model.name, --optimizer.name"),
     (["run", "mnist_cnn", "--optimizer.name", "adam", "--momentum", "0.9"],
