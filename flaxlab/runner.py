@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
-from flaxlab import analysis, metrics, parallel, plots, pretrained
+from flaxlab import analysis, metrics, parallel, plots, pretrained, tensorboard
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
@@ -280,12 +280,15 @@ def make_workdir(workdir):
     return workdir
 
 
-def remove_earlier_checkpoints(workdir, log):
+def remove_earlier_run(workdir, log):
     """A fresh run or sweep in a used folder: `--resume` and `evaluate` must not find an earlier run's states
-    there and read them under the new config."""
-    if (Path(workdir) / CHECKPOINT_DIR).is_dir():
-        shutil.rmtree(Path(workdir) / CHECKPOINT_DIR)
-        log(f"removed the checkpoints of the run that was in {workdir} before")
+    there and read them under the new config, nor TensorBoard its curves under the new run's name."""
+    removed = [name for name in (CHECKPOINT_DIR, tensorboard.FOLDER) if (Path(workdir) / name).is_dir()]
+    for name in removed:
+        shutil.rmtree(Path(workdir) / name)
+    if removed:
+        what = " and ".join({tensorboard.FOLDER: "TensorBoard events"}.get(name, name) for name in removed)
+        log(f"removed the {what} of the run that was in {workdir} before")
 
 
 def select_models(improved, new, kept):
@@ -550,21 +553,26 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 
     make_workdir(workdir)  # only now: bad input has been refused by this point
     if not resume:
-        remove_earlier_checkpoints(workdir, log)
+        remove_earlier_run(workdir, log)
         if config["checkpoint_every"] or jax.process_count() == 1:  # the last epoch's at least (not multi-host)
             checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
     write_json(workdir / "config.json", config)
     saved = [0]  # epochs whose history is on disk
+    board = tensorboard.Board(workdir, [f"seed_{config['seed'] + i}" for i in range(config["seeds"])])
 
     def save_history(history):
         write_json(workdir / "history.json", {"info": info, "history": history})
         saved[0] = len(history["epoch"])
+
+    def end_epoch(history):
+        save_history(history)
+        board.log_epoch(history)
     try:
         try:
             states, best, history, best_epochs = fit(
                 trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
                 patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress,
-                log=log, on_epoch=save_history)
+                log=log, on_epoch=end_epoch)
         finally:
             if checkpoints is not None:
                 checkpoints.close()

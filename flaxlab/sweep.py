@@ -19,12 +19,12 @@ import jax
 import numpy as np
 
 from flaxlab import config as config_lib
-from flaxlab import analysis, metrics, plots
+from flaxlab import analysis, metrics, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, load_dataset,
-                            make_workdir, remove_earlier_checkpoints, set_up, write_json)
+                            make_workdir, remove_earlier_run, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -264,7 +264,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     workdir = Path(workdir) if workdir else default_workdir(config["name"])
     make_workdir(workdir)
     if not resume:
-        remove_earlier_checkpoints(workdir, log)
+        remove_earlier_run(workdir, log)
         write_json(workdir / "config.json", saved_config)
     rows = [variant_row(label, info["program"], histories[label]) for info in program_info
             for label in info["variants"]]
@@ -291,12 +291,14 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                 resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
             compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
             split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
+            board = tensorboard.Board(workdir, [f"{label.replace(', ', ',').replace('/', '-')}/seed_"
+                                                f"{program.config['seed'] + i}" for label in labels for i in range(seeds)])
             try:
                 states, best, history, best_epochs = fit(
                     s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
                     select=program.config["best_metric"] or None, patience=program.config["patience"],
                     checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
-                    on_epoch=lambda h: save(split(h)))
+                    on_epoch=lambda h: (save(split(h)), board.log_epoch(h)))
             finally:
                 if checkpoints is not None:
                     checkpoints.close()

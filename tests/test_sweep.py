@@ -103,7 +103,7 @@ def test_a_sweep_writes_table_csv_and_figure(mnist_sample, tmp_path):
     result = sweep.run_sweep(config, sweep.parse_grid(config, ["model.features=4/4,8", "dropout=0,0.5"]),
                              workdir=tmp_path, dataset=ds, progress=False, log=quiet)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "results.csv",
-                                                    "comparison.png", "trials.csv", "trials.png"}
+                                                    "comparison.png", "trials.csv", "trials.png", "tensorboard"}
     trials = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert len(trials) == 8 and [t["seed"] for t in trials[:2]] == ["0", "1"]
     assert "| features=4, dropout=0.5 | mean ± std |" in (tmp_path / "results.md").read_text()

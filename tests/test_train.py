@@ -148,7 +148,7 @@ def test_every_experiment_runs_and_learns_on_the_sample(name, mnist_sample, tmp_
     convs = {"filters.png", "features.png"} if has_convs else set()
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "history.json", "results.md", "curves.png",
                                                     "confusion.json", "confusion.png", "misclassified.png",
-                                                    "checkpoints", *convs}
+                                                    "checkpoints", "tensorboard", *convs}
 
 
 def test_cnn_accuracy_on_real_mnist_after_one_epoch(mnist_full, tmp_path):

@@ -1,0 +1,106 @@
+"""TensorBoard scalars without TensorFlow: a run's curves, live while it trains (`tensorboard --logdir runs`).
+
+An events file is a TFRecord file of `Event` protocol buffers (tensorflow/core/util/event.proto): each record is
+its length, a masked CRC-32C of the length, the bytes, and their masked CRC-32C. The few fields written here are
+encoded by hand: wall_time (1, double), step (2, varint), file_version (3, string) or summary (5), whose values
+(1) each hold a tag (1, string) and a simple_value (2, float).
+"""
+import socket
+import struct
+import time
+from pathlib import Path
+
+from flaxlab import metrics
+
+FOLDER = "tensorboard"  # in a run folder: one subfolder (a TensorBoard run) per model
+
+
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+        table.append(crc)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc):
+    """TFRecord's masking of a CRC stored beside the data it covers."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def record(data):
+    """One TFRecord: length, its masked CRC, the data, its masked CRC."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked(crc32c(length))) + data + struct.pack("<I", _masked(crc32c(data)))
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number, payload):
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event(wall_time, step=0, file_version=None, scalars=None):
+    """An Event's bytes: a file_version, or a Summary of scalars {tag: value}."""
+    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
+    if file_version is not None:
+        return out + _field(3, file_version.encode())
+    values = b"".join(_field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
+                      for tag, value in scalars.items())
+    return out + _field(5, values)
+
+
+class EventsFile:
+    """Appends scalar summaries to a new events file in `folder`; each write is flushed to disk, so TensorBoard
+    shows a run's epochs as they end. A resumed run writes a second file beside the first; TensorBoard drops the
+    first file's steps from the one the second starts at (the epochs run after the checkpoint, redone)."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.time()
+        self.path = folder / f"events.out.tfevents.{stamp:.0f}.{socket.gethostname()}.flaxlab"
+        self._append(event(stamp, file_version="brain.Event:2"))
+
+    def _append(self, data):
+        with open(self.path, "ab") as f:
+            f.write(record(data))
+
+    def scalars(self, step, values):
+        self._append(event(time.time(), step, scalars=values))
+
+
+class Board:
+    """One TensorBoard run per model (`names`, e.g. 'seed_0', or a sweep's 'lr=0.1/seed_0'), under
+    `workdir`/tensorboard: every epoch's scores per split, as 'loss/train', 'accuracy/test', ...; TensorBoard
+    draws a metric's runs (seeds, variants) in one chart."""
+
+    def __init__(self, workdir, names):
+        self.files = [EventsFile(Path(workdir) / FOLDER / name) for name in names]
+
+    def log_epoch(self, history):
+        """The last epoch of a history (one value per model in each series)."""
+        epoch, keys = history["epoch"][-1], metrics.history_keys(history)
+        for model, events in enumerate(self.files):
+            values = {"{1}/{0}".format(*key.split("_", 1)): history[key][-1][model] for key in keys}
+            events.scalars(epoch, {**values, "time/epoch_s": history["epoch_time_s"][-1]})
