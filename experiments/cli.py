@@ -159,6 +159,10 @@ def _parser():
                              help="runs trained apart side by side: a table over them and their curves in one figure")
     compare.add_argument("runs", nargs="+", help="run folders (a sweep's folder adds each of its variants)")
     compare.add_argument("--out", help="where the table and figure go (default runs/compare-TIMESTAMP)")
+    runs = sub.add_parser("runs", allow_abbrev=False,
+                          help="the run folders in runs/ (or FOLDER): experiment, epochs, finished or where --resume "
+                               "goes on, final test score")
+    runs.add_argument("folder", nargs="?", default="runs", help="a folder of run folders, or one run folder")
     bench = sub.add_parser("bench", help="steps/s, images/s and compile time as JSON lines, vs the PyTorch peer",
                            epilog=CONFIG_OPTIONS,
                            allow_abbrev=False)
@@ -347,7 +351,7 @@ def _layers(args):
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
-        if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare"):
+        if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
         if args.command in ("summary", "layers", "figures", "evaluate", "predict"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
@@ -377,6 +381,9 @@ def main(argv=None):
         elif args.command == "compare":
             from flaxlab.compare import compare_runs
             compare_runs(args.runs, args.out, log=_log)
+        elif args.command == "runs":
+            from flaxlab.compare import list_runs
+            print(list_runs(args.folder))
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,12 @@
 """Runs trained apart, side by side: the TDT4265 report's task 2 net against its task 3 models, a run against
-a sweep's variants. Reads each run folder's history.json (a sweep's: every variant); trains nothing."""
+a sweep's variants; and `runs`, the run folders of a folder with how far each has come. Reads each run folder's
+history.json (a sweep's: every variant); trains nothing."""
 import csv
 import json
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from flaxlab import metrics, plots
 from flaxlab.config import flatten
@@ -168,3 +171,60 @@ def compare_runs(folders, out=None, log=print):
         log(f"note: {note.replace('**', '')}")
     log("\n".join(listing) + f"\n\n{table}\n\nwrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return rows
+
+
+def _state(folder, config, recorded):
+    """How far a run or sweep has come: 'finished', or what --resume would go on from."""
+    from flaxlab.checkpoint import CHECKPOINT_DIR
+    kept = sorted(int(p.name) for p in (Path(folder) / CHECKPOINT_DIR).glob("**/*") if p.name.isdigit())
+    resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept else ""
+    if "variants" in recorded:
+        done = sum(len(p.get("variants", [])) for p in recorded.get("programs", []))
+        total = len(config.get("sweep") or ())
+        return "finished" if done == total else f"stopped (or training): {done} of {total} variants{resume}"
+    return "finished" if "train_s" in (recorded.get("info") or {}) else f"stopped (or training){resume}"
+
+
+def list_runs(folder="runs"):
+    """The run folders in `folder` (or `folder` itself, a run folder), a row each: experiment, models, epochs,
+    state, final test score (mean ± std over seeds; a sweep's best variant). Returns the Markdown table."""
+    import datetime
+    from flaxlab.runner import is_run_folder
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
+    folders = [folder] if is_run_folder(folder) else sorted(p for p in folder.iterdir() if is_run_folder(p))
+    if not folders:
+        return f"no run folders in {folder}"
+    lines = ["| run folder | experiment | models | epochs | state | final test score | last written |",
+             "|---|---|---|---|---|---|---|"]
+    for path in folders:
+        config, recorded = _read_json(path / "config.json"), _read_json(path / "history.json")
+        newest = max(p.stat().st_mtime for p in path.iterdir())
+        cells = [str(path), config["name"]]
+        try:
+            runs = read_runs(path) if isinstance(recorded, dict) else []
+        except UsageError:
+            runs, recorded = [], "damaged"
+        if recorded is None and (path / "history.json").exists():
+            recorded = "damaged"
+        if not isinstance(recorded, dict):
+            state = ("history.json damaged" if recorded == "damaged" else "stopped (or training) before its first "
+                     "epoch ended")
+            cells += ["", "" if recorded == "damaged" else f"0 of {config.get('epochs')}", state, ""]
+        else:
+            best = max(runs, default=None, key=lambda run: float(np.mean(run.history[
+                f"test_{metrics.score_name(run.history)}"][-1])))
+            score = ""
+            if best is not None:
+                name = metrics.score_name(best.history)
+                final = {s["metric"]: s for s in metrics.final_stats(best.history)}[f"final test {name}"]
+                fmt = lambda v: metrics.format_score(name, v)  # noqa: E731
+                score = (f"{fmt(final['mean'])} {name}" if final["n"] == 1 else
+                         f"{fmt(final['mean']).rstrip('%')} ± {fmt(final['std'])} {name}")
+                score += f" ({best.label.split(': ', 1)[1]}, the best)" if len(runs) > 1 else ""
+            models = sum(len(run.history["test_loss"][-1]) for run in runs)
+            epochs = max((len(run.history["epoch"]) for run in runs), default=0)
+            cells += [str(models or ""), f"{epochs} of {config.get('epochs')}", _state(path, config, recorded), score]
+        lines.append("| " + " | ".join(cells + [f"{datetime.datetime.fromtimestamp(newest):%Y-%m-%d %H:%M}"]) + " |")
+    return "\n".join(lines)

@@ -558,7 +558,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
     write_json(workdir / "config.json", config)
     saved = [0]  # epochs whose history is on disk
-    board = tensorboard.Board(workdir, [f"seed_{config['seed'] + i}" for i in range(config["seeds"])])
+    board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]))
 
     def save_history(history):
         write_json(workdir / "history.json", {"info": info, "history": history})

@@ -90,6 +90,13 @@ class EventsFile:
         self._append(event(time.time(), step, scalars=values))
 
 
+def run_names(first_seed, seeds, labels=None):
+    """The TensorBoard run of each model, in the stacked models' order: seed_N, or a sweep's VARIANT/seed_N."""
+    names = [f"seed_{first_seed + i}" for i in range(seeds)]
+    return names if labels is None else [f"{label.replace(', ', ',').replace('/', '-')}/{name}"
+                                         for label in labels for name in names]
+
+
 class Board:
     """One TensorBoard run per model (`names`, e.g. 'seed_0', or a sweep's 'lr=0.1/seed_0'), under
     `workdir`/tensorboard: every epoch's scores per split, as 'loss/train', 'accuracy/test', ...; TensorBoard
@@ -100,7 +107,7 @@ class Board:
 
     def log_epoch(self, history):
         """The last epoch of a history (one value per model in each series)."""
-        epoch, keys = history["epoch"][-1], metrics.history_keys(history)
+        tags = {key: "{1}/{0}".format(*key.split("_", 1)) for key in metrics.history_keys(history)}  # loss/train
         for model, events in enumerate(self.files):
-            values = {"{1}/{0}".format(*key.split("_", 1)): history[key][-1][model] for key in keys}
-            events.scalars(epoch, {**values, "time/epoch_s": history["epoch_time_s"][-1]})
+            values = {tag: history[key][-1][model] for key, tag in tags.items()}
+            events.scalars(history["epoch"][-1], {**values, "time/epoch_s": history["epoch_time_s"][-1]})

@@ -272,7 +272,7 @@ def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
     ran = cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path)
     # --quiet: the final table and where it went, no header or epoch lines (it printed nothing at all)
     assert ran.returncode == 0 and ran.stdout.startswith("| metric (over 1 seed) |") and "epoch 1/1" not in ran.stdout
-    assert ran.stdout.rstrip().endswith("results.md)")
+    assert ran.stdout.rstrip().splitlines()[-1].startswith("wrote run/ (checkpoints, config.json, ")
     swept = cli("sweep", "mnist_cnn", "--grid", "lr=0.1,1e3", "--epochs", "1", "--quiet", "--workdir", "run",
                 cwd=tmp_path)
     assert swept.returncode == 0 and swept.stdout.startswith("warning: lr=1000: training diverged")

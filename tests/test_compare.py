@@ -89,3 +89,42 @@ def test_classification_and_segmentation_are_not_compared(folders, tmp_path):
     with pytest.raises(UsageError, match="classification runs or segmentation runs, not both"):
         compare_runs([folders / "plain", segmentation], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnist_sample):
+    """`runs`: finished runs and sweeps with their final score (a sweep's best variant), and where a stopped one
+    stands: the checkpoint --resume goes on from, the variants a sweep finished, no epoch yet, a damaged history."""
+    import shutil
+    from test_sweep import stop_at
+    from flaxlab.compare import list_runs
+    from flaxlab.sweep import parse_grid
+    for name in ("plain", "swept"):
+        shutil.copytree(folders / name, tmp_path / name)
+    data = small_dataset(mnist_sample, 256, 64)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cnn(epochs=3, checkpoint_every=1), tmp_path / "stopped", dataset=data, log=stop_at("epoch 2/3"))
+    config = cnn(epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, parse_grid(config, ["model.features=4/4,8"]), tmp_path / "stopped-sweep", dataset=data,
+                  log=stop_at("program 2/2"))
+    (tmp_path / "new").mkdir()
+    shutil.copy(tmp_path / "plain" / "config.json", tmp_path / "new")
+    shutil.copytree(tmp_path / "plain", tmp_path / "damaged")
+    (tmp_path / "damaged" / "history.json").write_text("{")
+    (tmp_path / "notes").mkdir()  # not a run folder: left out
+    plain = json.loads((folders / "plain" / "history.json").read_text())["history"]["test_accuracy"][-1][0]
+    swept = json.loads((folders / "swept" / "history.json").read_text())["variants"]
+    best = max(swept, key=lambda label: swept[label]["test_accuracy"][-1][0])
+    rows = [line.split(" | ")[1:-1] for line in list_runs(tmp_path).splitlines()[2:]]
+    assert rows == [
+        ["cnn", "", "", "history.json damaged", ""],
+        ["cnn", "", "0 of 2", "stopped (or training) before its first epoch ended", ""],
+        ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy"],
+        ["cnn", "1", "2 of 3", "stopped (or training); --resume goes on from epoch 2's checkpoint", rows[3][-1]],
+        ["cnn", "1", "1 of 1", "stopped (or training): 1 of 2 variants", rows[4][-1]],
+        ["cnn", "2", "2 of 2", "finished", f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy ({best}, the best)"]]
+    assert [line.split(" | ")[0] for line in list_runs(tmp_path).splitlines()[2:]] == [
+        f"| {tmp_path / name}" for name in ("damaged", "new", "plain", "stopped", "stopped-sweep", "swept")]
+    assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
+    assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
+    assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
