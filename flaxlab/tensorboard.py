@@ -10,7 +10,7 @@ import struct
 import time
 from pathlib import Path
 
-from flaxlab import metrics
+from flaxlab import metrics, parallel
 
 FOLDER = "tensorboard"  # in a run folder: one subfolder (a TensorBoard run) per model
 
@@ -103,7 +103,8 @@ class Board:
     draws a metric's runs (seeds, variants) in one chart."""
 
     def __init__(self, workdir, names):
-        self.files = [EventsFile(Path(workdir) / FOLDER / name) for name in names]
+        # process 0's only: a multi-host run's other processes would write the same curves again
+        self.files = [EventsFile(Path(workdir) / FOLDER / name) for name in names] if parallel.is_primary() else []
 
     def log_epoch(self, history):
         """The last epoch of a history (one value per model in each series)."""

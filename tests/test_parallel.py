@@ -144,6 +144,7 @@ def test_multi_host_run_writes_one_run_folder(tmp_path):
     history = json.loads((workdir / "history.json").read_text())
     assert history["info"]["devices"] == 4 and history["info"]["processes"] == 2
     assert history["history"]["test_accuracy"][-1][0] > 0.85, history["history"]["test_accuracy"]
+    assert len(list((workdir / "tensorboard" / "seed_0").iterdir())) == 1  # process 0's curves only
 
 
 def test_bfloat16_compute_keeps_fp32_parameters_and_statistics(mnist_sample):
