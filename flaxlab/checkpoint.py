@@ -61,6 +61,11 @@ def _drop_abandoned_reads():
     sys.unraisablehook = drop_abandoned_reads
 
 
+def kept_epochs(directory):
+    """The epochs whose checkpoints a folder holds (orbax names each by its step), oldest first."""
+    return sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit())
+
+
 class Checkpoints:
     """`every` epochs (and on `force`: a run's last epoch), keeping the `keep` most recent; `every` 0 with `create`:
     the last epoch's only (what every single-host run keeps, for `predict`, `evaluate` and `figures`). `part`: a

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from flaxlab import metrics, plots
 from flaxlab.config import flatten
 from flaxlab.errors import UsageError
@@ -175,14 +173,21 @@ def compare_runs(folders, out=None, log=print):
 
 def _state(folder, config, recorded):
     """How far a run or sweep has come: 'finished', or what --resume would go on from."""
-    from flaxlab.checkpoint import CHECKPOINT_DIR
-    kept = sorted(int(p.name) for p in (Path(folder) / CHECKPOINT_DIR).glob("**/*") if p.name.isdigit())
+    from flaxlab.checkpoint import CHECKPOINT_DIR, kept_epochs
+    saved = Path(folder) / CHECKPOINT_DIR
+    kept = [epoch for where in (saved, *saved.glob("program_*")) for epoch in kept_epochs(where)]  # a sweep's program
     resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept else ""
     if "variants" in recorded:
         done = sum(len(p.get("variants", [])) for p in recorded.get("programs", []))
         total = len(config.get("sweep") or ())
         return "finished" if done == total else f"stopped (or training): {done} of {total} variants{resume}"
     return "finished" if "train_s" in (recorded.get("info") or {}) else f"stopped (or training){resume}"
+
+
+def _final_test(run):
+    """(score name, the final test score's stats over the run's seeds)."""
+    name = metrics.score_name(run.history)
+    return name, next(s for s in metrics.final_stats(run.history) if s["metric"] == f"final test {name}")
 
 
 def list_runs(folder="runs"):
@@ -213,12 +218,9 @@ def list_runs(folder="runs"):
                      "epoch ended")
             cells += ["", "" if recorded == "damaged" else f"0 of {config.get('epochs')}", state, ""]
         else:
-            best = max(runs, default=None, key=lambda run: float(np.mean(run.history[
-                f"test_{metrics.score_name(run.history)}"][-1])))
-            score = ""
+            best, score = max(runs, default=None, key=lambda run: _final_test(run)[1]["mean"]), ""
             if best is not None:
-                name = metrics.score_name(best.history)
-                final = {s["metric"]: s for s in metrics.final_stats(best.history)}[f"final test {name}"]
+                name, final = _final_test(best)
                 fmt = lambda v: metrics.format_score(name, v)  # noqa: E731
                 score = (f"{fmt(final['mean'])} {name}" if final["n"] == 1 else
                          f"{fmt(final['mean']).rstrip('%')} ± {fmt(final['std'])} {name}")

@@ -22,7 +22,7 @@ from flaxlab import analysis, metrics, parallel, plots, pretrained, tensorboard
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
-from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
+from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.progress import Progress
 from flaxlab.train import STACKABLE, Trainer, steps_per_epoch, summarize
 
@@ -492,7 +492,7 @@ def check_resumable(config, workdir):
 
 def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints):
     """The line a Ctrl-C ends a run with: what its folder holds, and how (or whether) it can go on."""
-    kept = sorted(int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("*") if p.name.isdigit())
+    kept = kept_epochs(workdir / CHECKPOINT_DIR)
     how = (f"run the same command with --resume to go on from epoch {kept[-1]}'s checkpoint" if kept and checkpoints
            else "a run with --checkpoint_every N keeps checkpoints that --resume goes on from")
     return f"{workdir} holds config.json and the history of {epochs_saved} epoch(s); {how}"

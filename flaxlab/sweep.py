@@ -20,7 +20,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, plots, tensorboard
-from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints
+from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, load_dataset,
@@ -212,7 +212,7 @@ def _finished_programs(workdir, programs, datasets):
 
 def _what_an_interrupted_sweep_left(workdir, program, programs, checkpoints):
     """The line a Ctrl-C ends a sweep with: what its folder holds, and where --resume goes on."""
-    kept = sorted(int(p.name) for p in checkpoints.directory.glob("*") if p.name.isdigit()) if checkpoints else []
+    kept = kept_epochs(checkpoints.directory) if checkpoints else []
     where = (f"program {program}'s checkpoint of epoch {kept[-1]}" if kept else
              f"program {program}'s first epoch" + ("" if checkpoints else
                                                    " (with --checkpoint_every N, from its last N-th epoch)"))
