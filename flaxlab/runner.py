@@ -280,6 +280,25 @@ def make_workdir(workdir):
     return workdir
 
 
+def refuse_multi_host_checkpoints(config, resume):
+    if jax.process_count() > 1 and (config["checkpoint_every"] or resume):
+        raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0 "
+                         "and --resume off")
+
+
+def folder_of_this_process(workdir, name):
+    """`workdir`, or in a multi-host run's other processes a temporary folder (`remove_if_temporary` at the
+    end): process 0 alone writes the run folder, which processes sharing a file system would race on."""
+    if parallel.is_primary():
+        return workdir
+    return Path(tempfile.mkdtemp(prefix=f"{name}-process{jax.process_index()}-"))
+
+
+def remove_if_temporary(workdir):
+    if not parallel.is_primary():
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def remove_earlier_run(workdir, log):
     """A fresh run or sweep in a used folder: `--resume` and `evaluate` must not find an earlier run's states
     there and read them under the new config, nor TensorBoard its curves under the new run's name."""
@@ -512,6 +531,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     """
     config_lib.validate(config)
     check_workdir(workdir)
+    refuse_multi_host_checkpoints(config, resume)
     if resume:
         check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
@@ -536,11 +556,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
 
-    workdir = Path(workdir) if workdir else default_workdir(config["name"])
-    if not parallel.is_primary():  # multi-host: process 0 writes the run folder
-        if config["checkpoint_every"] or resume:
-            raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0")
-        workdir = Path(tempfile.mkdtemp(prefix=f"{config['name']}-process{jax.process_index()}-"))
+    workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])
     checkpoints, resumed = None, None
     if resume:
         checkpoints = Checkpoints(workdir, config["checkpoint_every"])
@@ -597,8 +613,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
     stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
-    if not parallel.is_primary():
-        shutil.rmtree(workdir, ignore_errors=True)
+    remove_if_temporary(workdir)
     return RunResult(workdir, history, stats, chosen, info)
 
 

@@ -15,7 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from flaxlab import config as config_lib
@@ -23,8 +22,9 @@ from flaxlab import analysis, metrics, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, load_dataset,
-                            make_workdir, remove_earlier_run, set_up, write_json)
+from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit,
+                            folder_of_this_process, load_dataset, make_workdir, refuse_multi_host_checkpoints,
+                            remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -236,10 +236,9 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     saved_config = {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]}
+    refuse_multi_host_checkpoints(config, resume)
     if resume:
         check_resumable(saved_config, workdir)
-    if jax.process_count() > 1 and (resume or config["checkpoint_every"]):
-        raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0")
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
     # each program's batch size and best-model split checked against its data, loaded once per data config
@@ -261,7 +260,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         histories, trials, program_info, earlier_s = _finished_programs(workdir, programs, datasets)
         if program_info:
             log(f"resuming: program(s) 1-{len(program_info)} of {len(programs)} were trained before")
-    workdir = Path(workdir) if workdir else default_workdir(config["name"])
+    workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])
     make_workdir(workdir)
     if not resume:
         remove_earlier_run(workdir, log)
@@ -356,4 +355,5 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     plots.sweep_comparison(histories, workdir / "comparison.png",
                            f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
+    remove_if_temporary(workdir)
     return SweepResult(workdir, rows, histories, program_info)

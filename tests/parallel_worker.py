@@ -126,6 +126,31 @@ def check_sequential_models_spread_over_devices():
     return test
 
 
+def check_dropout_on_the_mesh():
+    """Dropout where the batch is split over the devices (data parallel) and inside shard_map (--parallel
+    seeds) compiles (the Philox mask of a one-device CPU program does not lower in a partitioned one), gives
+    every example its own mask whatever the device count, and models learn through it."""
+    from flaxlab.models import Dropout
+    x = jnp.ones((64, 12, 12, 8))
+    apply = jax.jit(lambda x, key: Dropout(0.3).apply({}, x, train=True, rngs={"dropout": key}))
+
+    def on(mesh):
+        key = jax.device_put(jax.random.key(3), parallel.replicated(mesh))
+        return np.asarray(apply(jax.device_put(x, parallel.batch_sharding(mesh)), key))
+    sharded = on(parallel.make_mesh(8))
+    np.testing.assert_array_equal(sharded, on(parallel.make_mesh(2)))
+    per_example = sharded.reshape(64, -1) != 0
+    assert (per_example[1:] != per_example[0]).any(axis=1).all() and abs(per_example.mean() - 0.7) < 0.02
+    out = {}
+    for mode, seeds in (("data", 1), ("seeds", 8)):
+        config, ds = sample(seeds=seeds, parallel=mode, dropout=0.3)
+        ds = data_lib.Dataset(ds.name, ds.source, data_lib.Split(ds.train.images[:2048], ds.train.labels[:2048]),
+                              ds.test, ds.num_classes)
+        _, _, _, out[mode] = train_sample(config, ds, epochs=2)
+        assert min(out[mode]["accuracy"]) > 0.7, (mode, out[mode])
+    return out
+
+
 def check_multi_host():
     """One process of a multi-host run (JAX_COORDINATOR_ADDRESS etc. set by the test): it holds only its
     shards of the training set, and every process ends with the same replicated models."""
@@ -150,7 +175,8 @@ def main(mode):
     if mode == "devices":
         check_batch_norm_step_matches_one_device()
         out = {"8": check_trainer_on_devices(8), "vmap_scan_bf16": check_seeds_vmapped_and_scanned(),
-               "seeds_split": check_seeds_split_over_devices(), "spread": check_sequential_models_spread_over_devices()}
+               "seeds_split": check_seeds_split_over_devices(), "spread": check_sequential_models_spread_over_devices(),
+               "dropout": check_dropout_on_the_mesh()}
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out))

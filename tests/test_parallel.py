@@ -3,6 +3,7 @@
 Checks that need several devices run in fresh processes (tests/parallel_worker.py): simulated CPU
 devices must be asked for before jax starts, and this process already has its one.
 """
+import csv
 import json
 import os
 import re
@@ -51,7 +52,8 @@ def test_data_parallel_on_8_simulated_devices():
     replicates the states, moves no example between devices and learns; vmapped seeds with scan epochs
     and bf16 compute run on the mesh too; with --parallel seeds, 8 models split over the 8 devices train
     without communication and equal the same models on one device; without a mesh, models trained one
-    after another are spread over the devices and equal the same run on one (see parallel_worker.py)."""
+    after another are spread over the devices and equal the same run on one; dropout compiles and learns on
+    the mesh (see parallel_worker.py)."""
     out = subprocess.run([sys.executable, str(WORKER), "devices"], env=_env(8), capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -59,6 +61,7 @@ def test_data_parallel_on_8_simulated_devices():
     assert result["8"]["accuracy"][0] > 0.9 and min(result["vmap_scan_bf16"]["accuracy"]) > 0.8
     assert len(result["seeds_split"]["accuracy"]) == 8 and np.mean(result["seeds_split"]["accuracy"]) > 0.3
     assert len(result["spread"]["accuracy"]) == 4
+    assert len(result["dropout"]["seeds"]["accuracy"]) == 8
 
 
 SPLIT = """
@@ -132,19 +135,42 @@ def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_multi_host_run_writes_one_run_folder(tmp_path):
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_multi_host_run_writes_one_run_folder(command, tmp_path):
+    """Process 0 alone writes the folder and speaks; a sweep's variants (dropout, data parallel) as well."""
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments", "run", "mnist_cnn", "--data.source", "sample", "--epochs", "1",
+    what = ["mnist_cnn"] if command == "run" else ["mnist_cnn_dropout", "--grid", "dropout=0,0.3"]
+    cmd = [sys.executable, "-m", "experiments", command, *what, "--data.source", "sample", "--epochs", "1",
            "--workdir", str(workdir)]
     results = _two_processes(cmd)
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-    reports = [out for _, out, _ in results if "cpu x 4 devices" in out]
-    silent = [out for _, out, _ in results if "cpu x 4 devices" not in out]
+    reports = [out for _, out, _ in results if "wrote " in out]
+    silent = [out for _, out, _ in results if "wrote " not in out]
     assert len(reports) == 1 and GLOO_NOISE.sub("", silent[0]) == "", [out for _, out, _ in results]
     history = json.loads((workdir / "history.json").read_text())
+    if command == "sweep":
+        assert [(row["variant"], float(row["test_accuracy_mean"]) > 0.85) for row in csv.DictReader(
+            (workdir / "results.csv").open())] == [("dropout=0", True), ("dropout=0.3", True)]
+        assert len(list((workdir / "tensorboard" / "dropout=0.3" / "seed_0").iterdir())) == 1
+        return
+    assert "cpu x 4 devices" in reports[0]
     assert history["info"]["devices"] == 4 and history["info"]["processes"] == 2
     assert history["history"]["test_accuracy"][-1][0] > 0.85, history["history"]["test_accuracy"]
     assert len(list((workdir / "tensorboard" / "seed_0").iterdir())) == 1  # process 0's curves only
+
+
+def test_multi_host_runs_and_sweeps_refuse_checkpoints(monkeypatch, tmp_path):
+    """Before any data are loaded: the other processes hold no run folder to save into or resume from."""
+    from experiments import EXPERIMENTS
+    from flaxlab import runner, sweep
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    config = {**EXPERIMENTS["mnist_cnn"](), "checkpoint_every": 1}
+    with pytest.raises(UsageError, match="multi-host runs are not supported: leave --checkpoint_every at 0"):
+        runner.run_experiment(config, workdir=tmp_path / "run", data_dir=tmp_path / "nothing")
+    with pytest.raises(UsageError, match="multi-host runs are not supported"):
+        sweep.run_sweep({**config, "checkpoint_every": 0}, [{}], workdir=tmp_path / "sweep", resume=True,
+                        data_dir=tmp_path / "nothing")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_bfloat16_compute_keeps_fp32_parameters_and_statistics(mnist_sample):
