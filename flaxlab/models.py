@@ -17,8 +17,11 @@ from flaxlab.inits import WEIGHT_INITS, param_inits, torch_bias_init
 from flaxlab.pooling import max_pool, windows
 from flaxlab.errors import UsageError
 
+# as PyTorch's modules compute them by default (GELU exact, not flax's tanh approximation), but LeakyReLU's
+# slope: 0.2, as the VGG-19 report's; SiLU is swish
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh, "sigmoid": nn.sigmoid, "elu": nn.elu,
-               "leaky_relu": lambda x: nn.leaky_relu(x, 0.2)}
+               "leaky_relu": lambda x: nn.leaky_relu(x, 0.2), "gelu": lambda x: nn.gelu(x, approximate=False),
+               "silu": nn.silu}
 
 
 class Dense(nn.Module):

@@ -37,7 +37,7 @@ def test_init_follows_torch_default_bounds():
 def to_torch_cnn(params, torch, pool_first=False, activation="relu"):
     """The 1MD120 CNN in PyTorch (NCHW), holding our weights: conv HWIO->OIHW, linear rows from HWC to CHW order."""
     nn = torch.nn
-    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}[activation]
     convs = [nn.Conv2d(i, o, 3, 1, 1) for i, o in ((1, 8), (8, 16), (16, 32))]
     layers = []
     for i, conv in enumerate(convs):
@@ -53,7 +53,8 @@ def to_torch_cnn(params, torch, pool_first=False, activation="relu"):
     return nn.Sequential(*layers, nn.Flatten(), linear)
 
 
-@pytest.mark.parametrize("pool_first,activation", [(False, "relu"), (True, "relu"), (False, "tanh")])
+@pytest.mark.parametrize("pool_first,activation", [(False, "relu"), (True, "relu"), (False, "tanh"), (False, "gelu"),
+                                                        (False, "silu"), (False, "elu")])
 def test_cnn_forward_matches_pytorch(pool_first, activation):
     torch = pytest.importorskip("torch", reason="torch is the reference for the CNN numerics")
     model = models.make_model({"name": "small_cnn", "pool_first": pool_first, "activation": activation}, 10)
@@ -69,7 +70,7 @@ def test_unknown_model_or_activation_is_usage_error():
     with pytest.raises(UsageError, match="unknown model"):
         models.make_model({"name": "resnet9000"}, 10)
     with pytest.raises(UsageError, match="unknown activation"):
-        models.make_model({"name": "small_cnn", "activation": "swish"}, 10)
+        models.make_model({"name": "small_cnn", "activation": "mish"}, 10)
 
 
 @pytest.mark.parametrize("in_channels,kernel,strides,padding",
