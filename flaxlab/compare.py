@@ -171,17 +171,27 @@ def compare_runs(folders, out=None, log=print):
     return rows
 
 
+def _training_or_stopped(folder):
+    """'training (pid N on HOST since T)' while the process that trains in `folder` lives, else 'stopped'."""
+    from flaxlab.runner import training_process
+    found = training_process(folder)
+    if found is None:
+        return "stopped"
+    return f"training ({found[1]})" if found[0] == "alive" else f"training or stopped ({found[1]})"
+
+
 def _state(folder, config, recorded):
-    """How far a run or sweep has come: 'finished', or what --resume would go on from."""
+    """How far a run or sweep has come: 'finished', or training or stopped, and what --resume would go on from."""
     from flaxlab.checkpoint import CHECKPOINT_DIR, kept_epochs
     saved = Path(folder) / CHECKPOINT_DIR
     kept = [epoch for where in (saved, *saved.glob("program_*")) for epoch in kept_epochs(where)]  # a sweep's program
-    resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept else ""
+    state = _training_or_stopped(folder)
+    resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept and "(pid" not in state else ""
     if "variants" in recorded:
         done = sum(len(p.get("variants", [])) for p in recorded.get("programs", []))
         total = len(config.get("sweep") or ())
-        return "finished" if done == total else f"stopped (or training): {done} of {total} variants{resume}"
-    return "finished" if "train_s" in (recorded.get("info") or {}) else f"stopped (or training){resume}"
+        return "finished" if done == total else f"{state}: {done} of {total} variants{resume}"
+    return "finished" if "train_s" in (recorded.get("info") or {}) else f"{state}{resume}"
 
 
 def _final_test(run):
@@ -214,8 +224,8 @@ def list_runs(folder="runs"):
         if recorded is None and (path / "history.json").exists():
             recorded = "damaged"
         if not isinstance(recorded, dict):
-            state = ("history.json damaged" if recorded == "damaged" else "stopped (or training) before its first "
-                     "epoch ended")
+            state = ("history.json damaged" if recorded == "damaged" else
+                     f"{_training_or_stopped(path)} before its first epoch ended")
             cells += ["", "" if recorded == "damaged" else f"0 of {config.get('epochs')}", state, ""]
         else:
             best, score = max(runs, default=None, key=lambda run: _final_test(run)[1]["mean"]), ""

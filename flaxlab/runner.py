@@ -3,11 +3,13 @@
 Everything that can be wrong with the input (config values, data) is checked before the run
 folder is created, so a bad command writes nothing.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ from flaxlab.augment import make_augment
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.progress import Progress
 from flaxlab.train import STACKABLE, Trainer, steps_per_epoch, summarize
+
+TRAINING_MARKER = "training.json"  # in a run folder while a process trains there
 
 
 @dataclasses.dataclass
@@ -265,6 +269,10 @@ def check_workdir(workdir):
     why = workdir is not None and unwritable(workdir)
     if why:
         raise UsageError(f"--workdir {workdir}: {why}")
+    training = workdir is not None and training_process(workdir)
+    if training and training[0] == "alive":
+        raise UsageError(f"--workdir {workdir}: a run is training there ({training[1]}): give another folder, "
+                         "or wait for it to end (`python -m experiments runs` shows it)")
     if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
         names = sorted(p.name for p in Path(workdir).iterdir())
         raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
@@ -278,6 +286,57 @@ def make_workdir(workdir):
     except OSError as e:
         raise UsageError(f"cannot make the run folder {workdir}: {e.strerror or e}") from None
     return workdir
+
+
+def _process_start(pid):
+    """When process `pid` started (clock ticks since boot; Linux), which a later process given the same pid
+    does not share; None where unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def marked_as_training(workdir):
+    """`training.json` in the run folder while process 0 trains and writes there: `runs` tells a run in
+    training from one that stopped, and a second launch into the folder is refused while this one lives.
+    A killed process leaves it behind, naming a process that is gone."""
+    path = Path(workdir) / TRAINING_MARKER
+    if not parallel.is_primary():
+        yield
+        return
+    write_json(path, {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                      "since": datetime.datetime.now().isoformat(timespec="seconds")})
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def training_process(workdir):
+    """('alive' or 'elsewhere', 'pid N on HOST since T') for the process a run folder says trains there:
+    alive on this machine, or on another (which may have stopped); None when none does."""
+    try:
+        marker = json.loads((Path(workdir) / TRAINING_MARKER).read_text())
+        pid, host, since = int(marker["pid"]), str(marker["host"]), str(marker["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    who = f"pid {pid} on {host} since {since.replace('T', ' ')}"
+    if host != socket.gethostname():
+        return "elsewhere", who
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(pid)
+    if started is not None and marker.get("process_start") not in (None, started):
+        return None  # the pid was given to another process since
+    return "alive", who
 
 
 def refuse_multi_host_checkpoints(config, resume):
@@ -568,50 +627,51 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 
     make_workdir(workdir)  # only now: bad input has been refused by this point
-    if not resume:
-        remove_earlier_run(workdir, log)
-        if config["checkpoint_every"] or jax.process_count() == 1:  # the last epoch's at least (not multi-host)
-            checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
-    write_json(workdir / "config.json", config)
-    saved = [0]  # epochs whose history is on disk
-    board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]))
+    with marked_as_training(workdir):
+        if not resume:
+            remove_earlier_run(workdir, log)
+            if config["checkpoint_every"] or jax.process_count() == 1:  # the last epoch's at least (not multi-host)
+                checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
+        write_json(workdir / "config.json", config)
+        saved = [0]  # epochs whose history is on disk
+        board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]))
 
-    def save_history(history):
-        write_json(workdir / "history.json", {"info": info, "history": history})
-        saved[0] = len(history["epoch"])
+        def save_history(history):
+            write_json(workdir / "history.json", {"info": info, "history": history})
+            saved[0] = len(history["epoch"])
 
-    def end_epoch(history):
-        save_history(history)
-        board.log_epoch(history)
-    try:
+        def end_epoch(history):
+            save_history(history)
+            board.log_epoch(history)
         try:
-            states, best, history, best_epochs = fit(
-                trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
-                patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress,
-                log=log, on_epoch=end_epoch)
-        finally:
-            if checkpoints is not None:
-                checkpoints.close()
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_what_an_interrupted_run_left(workdir, saved[0], checkpoints)) from None
+            try:
+                states, best, history, best_epochs = fit(
+                    trainer, s.states, s.data, s.train_keys, config["epochs"], select=config["best_metric"] or None,
+                    patience=config["patience"], checkpoints=checkpoints, resumed=resumed, progress=progress,
+                    log=log, on_epoch=end_epoch)
+            finally:
+                if checkpoints is not None:
+                    checkpoints.close()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_what_an_interrupted_run_left(workdir, saved[0], checkpoints)) from None
 
-    train_s = sum(history["epoch_time_s"])
-    steps = trainer.steps_per_epoch(len(dataset.train)) * len(history["epoch"])
-    info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
-                images_per_s=round(trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"])
-                                   * config["seeds"] / train_s, 1),
-                epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
-    save_history(history)
-    report = report or log  # what a --quiet run still says
-    if note := metrics.divergence_note(history):
-        report(f"warning: {note}")
-    chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
-    predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
-    chosen = parallel.to_host(chosen)  # figures draw from one local copy
-    write_analysis_of = write_segmentation_analysis if dataset.is_segmentation else write_analysis
-    analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
-    write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
-    stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
+        train_s = sum(history["epoch_time_s"])
+        steps = trainer.steps_per_epoch(len(dataset.train)) * len(history["epoch"])
+        info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
+                    images_per_s=round(trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"])
+                                       * config["seeds"] / train_s, 1),
+                    epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
+        save_history(history)
+        report = report or log  # what a --quiet run still says
+        if note := metrics.divergence_note(history):
+            report(f"warning: {note}")
+        chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
+        predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
+        chosen = parallel.to_host(chosen)  # figures draw from one local copy
+        write_analysis_of = write_segmentation_analysis if dataset.is_segmentation else write_analysis
+        analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
+        write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
+        stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     remove_if_temporary(workdir)
     return RunResult(workdir, history, stats, chosen, info)

@@ -23,7 +23,8 @@ from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit,
-                            folder_of_this_process, load_dataset, make_workdir, refuse_multi_host_checkpoints,
+                            folder_of_this_process, load_dataset, make_workdir, marked_as_training,
+                            refuse_multi_host_checkpoints,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
@@ -262,98 +263,99 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             log(f"resuming: program(s) 1-{len(program_info)} of {len(programs)} were trained before")
     workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])
     make_workdir(workdir)
-    if not resume:
-        remove_earlier_run(workdir, log)
-        write_json(workdir / "config.json", saved_config)
-    rows = [variant_row(label, info["program"], histories[label]) for info in program_info
-            for label in info["variants"]]
-    start = time.perf_counter()
+    with marked_as_training(workdir):
+        if not resume:
+            remove_earlier_run(workdir, log)
+            write_json(workdir / "config.json", saved_config)
+        rows = [variant_row(label, info["program"], histories[label]) for info in program_info
+                for label in info["variants"]]
+        start = time.perf_counter()
 
-    def save(partial=None):
-        write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
-                                               "variants": {**histories, **(partial or {})}, "trials": trials,
-                                               "wall_s": round(earlier_s + time.perf_counter() - start, 3)})
+        def save(partial=None):
+            write_json(workdir / "history.json", {"data": dataset.describe(), "programs": program_info,
+                                                   "variants": {**histories, **(partial or {})}, "trials": trials,
+                                                   "wall_s": round(earlier_s + time.perf_counter() - start, 3)})
 
-    for index, (program, data) in enumerate(zip(programs, datasets), 1):
-        if index <= len(program_info):
-            continue
-        labels = [label for label, _ in program.variants]
-        data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
-                     if several else "")
-        checkpoints = (Checkpoints(workdir, config["checkpoint_every"], create=True, part=f"program_{index}")
-                       if config["checkpoint_every"] else None)
-        try:
-            log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
-            s = set_up(program.config, data, [overrides for _, overrides in program.variants])
-            resumed = None
-            if resume and checkpoints and checkpoints.latest_epoch() is not None:
-                resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
-            compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
-            split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
-            board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels))
+        for index, (program, data) in enumerate(zip(programs, datasets), 1):
+            if index <= len(program_info):
+                continue
+            labels = [label for label, _ in program.variants]
+            data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
+                         if several else "")
+            checkpoints = (Checkpoints(workdir, config["checkpoint_every"], create=True, part=f"program_{index}")
+                           if config["checkpoint_every"] else None)
             try:
-                states, best, history, best_epochs = fit(
-                    s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
-                    select=program.config["best_metric"] or None, patience=program.config["patience"],
-                    checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
-                    on_epoch=lambda h: (save(split(h)), board.log_epoch(h)))
-            finally:
-                if checkpoints is not None:
-                    checkpoints.close()
-            image_scores = None
-            if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
-                predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
-                image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, len(programs),
-                                                                    checkpoints)) from None
-        histories.update(split(history))
-        for i, label in enumerate(labels):
-            trials += metrics.trial_rows(label, histories[label], program.config["seed"],
-                                         best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
-                                         image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
-        train_s = sum(history["epoch_time_s"])
-        images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
-        program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
-                             "data": data.describe(), "model_axis": s.trainer.model_axis,
-                             "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
-                             "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
-        rows += [variant_row(label, index, histories[label]) for label in labels]
-        for label in labels:
-            if note := metrics.divergence_note(histories[label]):
-                report(f"warning: {label}: {note}")
-        save()
-        if checkpoints is not None:  # the program is in history.json: its states are not needed again
-            shutil.rmtree(checkpoints.directory, ignore_errors=True)
-    if (workdir / CHECKPOINT_DIR).is_dir() and not any((workdir / CHECKPOINT_DIR).iterdir()):
-        (workdir / CHECKPOINT_DIR).rmdir()
-    wall_s = earlier_s + time.perf_counter() - start
-    table = markdown_table(rows)
-    score = metrics.score_name(next(iter(histories.values())))
-    selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
-                if config["best_metric"] else "")
-    (workdir / "results.csv").write_text(csv_text(rows))
-    (workdir / "trials.csv").write_text(csv_text(trials))
-    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
-                            f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
-                            f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
-                            + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
-                               f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
-                               f"{p['data']['test_examples']:,} test" if several else "")
-                            for p in program_info)
-    (workdir / "results.md").write_text(
-        f"# {config['name']}\n\n{config.get('description', '')}\n\n"
-        f"- data: {dataset.source}, {len(dataset.train):,} train / "
-        f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
-        f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
-        f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
-        + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
-                  if (note := metrics.divergence_note(history)))
-        + f"\n{table}\n\n"
-        f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
-    plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
-    plots.sweep_comparison(histories, workdir / "comparison.png",
-                           f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
+                log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
+                s = set_up(program.config, data, [overrides for _, overrides in program.variants])
+                resumed = None
+                if resume and checkpoints and checkpoints.latest_epoch() is not None:
+                    resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
+                compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
+                split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
+                board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels))
+                try:
+                    states, best, history, best_epochs = fit(
+                        s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+                        select=program.config["best_metric"] or None, patience=program.config["patience"],
+                        checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
+                        on_epoch=lambda h: (save(split(h)), board.log_epoch(h)))
+                finally:
+                    if checkpoints is not None:
+                        checkpoints.close()
+                image_scores = None
+                if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
+                    predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
+                    image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, len(programs),
+                                                                        checkpoints)) from None
+            histories.update(split(history))
+            for i, label in enumerate(labels):
+                trials += metrics.trial_rows(label, histories[label], program.config["seed"],
+                                             best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
+                                             image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
+            train_s = sum(history["epoch_time_s"])
+            images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
+            program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
+                                 "data": data.describe(), "model_axis": s.trainer.model_axis,
+                                 "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
+                                 "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
+            rows += [variant_row(label, index, histories[label]) for label in labels]
+            for label in labels:
+                if note := metrics.divergence_note(histories[label]):
+                    report(f"warning: {label}: {note}")
+            save()
+            if checkpoints is not None:  # the program is in history.json: its states are not needed again
+                shutil.rmtree(checkpoints.directory, ignore_errors=True)
+        if (workdir / CHECKPOINT_DIR).is_dir() and not any((workdir / CHECKPOINT_DIR).iterdir()):
+            (workdir / CHECKPOINT_DIR).rmdir()
+        wall_s = earlier_s + time.perf_counter() - start
+        table = markdown_table(rows)
+        score = metrics.score_name(next(iter(histories.values())))
+        selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
+                    if config["best_metric"] else "")
+        (workdir / "results.csv").write_text(csv_text(rows))
+        (workdir / "trials.csv").write_text(csv_text(trials))
+        programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
+                                f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
+                                f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
+                                + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
+                                   f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
+                                   f"{p['data']['test_examples']:,} test" if several else "")
+                                for p in program_info)
+        (workdir / "results.md").write_text(
+            f"# {config['name']}\n\n{config.get('description', '')}\n\n"
+            f"- data: {dataset.source}, {len(dataset.train):,} train / "
+            f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
+            f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
+            f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
+            + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
+                      if (note := metrics.divergence_note(history)))
+            + f"\n{table}\n\n"
+            f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
+        plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
+        plots.sweep_comparison(histories, workdir / "comparison.png",
+                               f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     remove_if_temporary(workdir)
     return SweepResult(workdir, rows, histories, program_info)

@@ -118,13 +118,54 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     rows = [line.split(" | ")[1:-1] for line in list_runs(tmp_path).splitlines()[2:]]
     assert rows == [
         ["cnn", "", "", "history.json damaged", ""],
-        ["cnn", "", "0 of 2", "stopped (or training) before its first epoch ended", ""],
+        ["cnn", "", "0 of 2", "stopped before its first epoch ended", ""],
         ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy"],
-        ["cnn", "1", "2 of 3", "stopped (or training); --resume goes on from epoch 2's checkpoint", rows[3][-1]],
-        ["cnn", "1", "1 of 1", "stopped (or training): 1 of 2 variants", rows[4][-1]],
+        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[3][-1]],
+        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[4][-1]],
         ["cnn", "2", "2 of 2", "finished", f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy ({best}, the best)"]]
     assert [line.split(" | ")[0] for line in list_runs(tmp_path).splitlines()[2:]] == [
         f"| {tmp_path / name}" for name in ("damaged", "new", "plain", "stopped", "stopped-sweep", "swept")]
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
     assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
+
+
+def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_sample):
+    """training.json names the process while it trains (gone when the run ends, or stopped by Ctrl-C): `runs`
+    says 'training' while that process lives on this machine, 'stopped' once it is gone (killed: the file stays),
+    and a second launch into the folder is refused while it lives."""
+    import socket
+    import subprocess
+    import sys
+    from test_sweep import stop_at
+    from flaxlab.compare import list_runs
+    data = small_dataset(mnist_sample, 256, 64)
+    seen = []
+
+    def log(line):
+        if line.startswith("epoch 1/"):
+            seen.append(json.loads((tmp_path / "run" / "training.json").read_text()))
+        stop_at("epoch 2/3")(line)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cnn(epochs=3), tmp_path / "run", dataset=data, log=log)
+    assert seen[0]["host"] == socket.gethostname() and seen[0]["pid"] > 0
+    assert not (tmp_path / "run" / "training.json").exists()
+    state = lambda: list_runs(tmp_path / "run").splitlines()[2].split(" | ")[4]  # noqa: E731
+    assert state() == "stopped"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        marker = {**seen[0], "pid": alive.pid, "process_start": None}
+        (tmp_path / "run" / "training.json").write_text(json.dumps(marker))
+        assert state() == f"training (pid {alive.pid} on {socket.gethostname()} since {seen[0]['since'].replace('T', ' ')})"
+        with pytest.raises(UsageError, match=f"--workdir {tmp_path / 'run'}: a run is training there \\(pid {alive.pid} "):
+            run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=quiet)
+        with pytest.raises(UsageError, match="a run is training there"):
+            run_sweep(cnn(epochs=1), [{}], tmp_path / "run", dataset=data, log=quiet)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert state() == "stopped"  # its process is gone: killed, as a lost Colab runtime would be
+    (tmp_path / "run" / "training.json").write_text(json.dumps({**marker, "host": "elsewhere"}))
+    assert state().startswith(f"training or stopped (pid {alive.pid} on elsewhere since ")
+    run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=quiet)  # a gone process's marker: no refusal
+    assert not (tmp_path / "run" / "training.json").exists() and state() == "finished"
