@@ -22,8 +22,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def _host_copy(tree):
-    # a copy, not a view: the train step donates the device buffers of the states it is given
-    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+    # a copy, not a view: the train step donates the device buffers of the states it is given. Every process
+    # of a multi-host run makes it (models split over the processes' devices are gathered, collectively).
+    from flaxlab import parallel
+    return jax.tree.map(lambda a: np.array(a, copy=True), parallel.to_host(tree))
 
 
 def _is_abandoned_read(unraisable):
@@ -68,18 +70,29 @@ def kept_epochs(directory):
 
 class Checkpoints:
     """`every` epochs (and on `force`: a run's last epoch), keeping the `keep` most recent; `every` 0 with `create`:
-    the last epoch's only (what every single-host run keeps, for `predict`, `evaluate` and `figures`). `part`: a
-    subfolder of the run's checkpoints (a sweep's program keeps its own while it trains)."""
+    the last epoch's only (what every run keeps, for `predict`, `evaluate` and `figures`). `part`: a
+    subfolder of the run's checkpoints (a sweep's program keeps its own while it trains).
+
+    In a multi-host run, process 0 writes the host copy of the states (replicated, or gathered from every
+    process's devices) alone, as it writes the rest of the run folder; the other processes hold no folder."""
 
     def __init__(self, workdir, every=1, keep=2, create=None, part=None):
         import orbax.checkpoint as ocp
         self._ocp = ocp
         self.directory = (Path(workdir) / CHECKPOINT_DIR / (part or "")).resolve()
         self.every = every
-        self.manager = ocp.CheckpointManager(
+        create = bool(every) if create is None else create
+        options = {}
+        if jax.process_count() > 1:  # orbax would wait at barriers for every process to save its shards
+            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=0,
+                                                                                    active_processes={0})
+            if create and jax.process_index() == 0:  # orbax's `create` is not for a subset of the processes
+                self.directory.mkdir(parents=True, exist_ok=True)
+            create = False
+        self.manager = None if jax.process_index() else ocp.CheckpointManager(
             self.directory, item_names=("state", "best", "progress"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every or 1,
-                                                create=bool(every) if create is None else create))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every or 1, create=create,
+                                                 **options))
 
     def save(self, epoch, states, best, progress, force=False):
         """Saves when `epoch` is a multiple of `every` (or `force`); returns whether it did."""
@@ -89,18 +102,18 @@ class Checkpoints:
         items = {"state": args.StandardSave(_host_copy(states)), "progress": args.JsonSave(progress)}
         if best is not None:
             items["best"] = args.StandardSave(_host_copy(best))
-        return self.manager.save(epoch, force=True, args=args.Composite(**items))
+        return self.manager is None or self.manager.save(epoch, force=True, args=args.Composite(**items))
 
     def latest_epoch(self):
-        return self.manager.latest_step()
+        return None if self.manager is None else self.manager.latest_step()
 
     def restore(self, states, with_best):
         """The latest checkpoint, shaped like the given (freshly initialised) states: (states, best, progress);
         `best` is None unless `with_best`."""
         epoch = self.manager.latest_step()
         if epoch is None:
-            raise UsageError(f"no checkpoint in {self.directory}: a run keeps one when it ends (a multi-host run "
-                             f"does not), and with --checkpoint_every N one every N epochs")
+            raise UsageError(f"no checkpoint in {self.directory}: a run keeps one when it ends, and with "
+                             f"--checkpoint_every N one every N epochs")
         args = self._ocp.args
         target = lambda tree: jax.tree.map(  # noqa: E731
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
@@ -118,5 +131,6 @@ class Checkpoints:
                          f"{why}")
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()

@@ -339,10 +339,11 @@ def training_process(workdir):
     return "alive", who
 
 
-def refuse_multi_host_checkpoints(config, resume):
-    if jax.process_count() > 1 and (config["checkpoint_every"] or resume):
-        raise UsageError("checkpoints of multi-host runs are not supported: leave --checkpoint_every at 0 "
-                         "and --resume off")
+def refuse_multi_host_resume(resume):
+    """Before any data are loaded: only process 0 holds the run folder to resume from."""
+    if jax.process_count() > 1 and resume:
+        raise UsageError("--resume is not supported in a multi-host run: its checkpoints are process 0's; "
+                         "resume it on that host alone, or start it again")
 
 
 def folder_of_this_process(workdir, name):
@@ -583,14 +584,14 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     Writes config.json, history.json (per epoch, one value per seed; rewritten after every epoch),
     results.md (the trial table and the most confused classes), curves.png (loss and accuracy, train,
     val and test), confusion.png/.json, misclassified.png, and orbax checkpoints that `resume` continues from
-    and `predict` reads: the last epoch's (not in multi-host runs), and with `checkpoint_every` N, every N epochs.
+    and `predict` reads: the last epoch's, and with `checkpoint_every` N, every N epochs.
     With `best_metric`, the figures and predictions are those
     of each model's best-validation state. `log` takes the run's lines; `report` (default: `log`) its final
     table and warnings, what a --quiet run still prints.
     """
     config_lib.validate(config)
     check_workdir(workdir)
-    refuse_multi_host_checkpoints(config, resume)
+    refuse_multi_host_resume(resume)
     if resume:
         check_resumable(config, workdir)
     dataset = load_dataset(config, data_dir, dataset)
@@ -630,8 +631,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     with marked_as_training(workdir):
         if not resume:
             remove_earlier_run(workdir, log)
-            if config["checkpoint_every"] or jax.process_count() == 1:  # the last epoch's at least (not multi-host)
-                checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)
+            checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)  # the last epoch's at least
         write_json(workdir / "config.json", config)
         saved = [0]  # epochs whose history is on disk
         board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]))

@@ -24,8 +24,7 @@ from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit,
                             folder_of_this_process, load_dataset, make_workdir, marked_as_training,
-                            refuse_multi_host_checkpoints,
-                            remove_earlier_run, remove_if_temporary, set_up, write_json)
+                            refuse_multi_host_resume, remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -237,7 +236,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     saved_config = {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]}
-    refuse_multi_host_checkpoints(config, resume)
+    refuse_multi_host_resume(resume)
     if resume:
         check_resumable(saved_config, workdir)
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:

@@ -137,10 +137,14 @@ def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_multi_host_run_writes_one_run_folder(command, tmp_path):
-    """Process 0 alone writes the folder and speaks; a sweep's variants (dropout, data parallel) as well."""
+    """Process 0 alone writes the folder and speaks; a sweep's variants (dropout, data parallel) as well. The run's
+    checkpoints (of 8 seeds split over both processes' devices, gathered) hold the models it scored."""
+    from flaxlab.checkpoint import kept_epochs
+    from flaxlab.runner import evaluate_checkpoint
     workdir = tmp_path / "run"
-    what = ["mnist_cnn"] if command == "run" else ["mnist_cnn_dropout", "--grid", "dropout=0,0.3"]
-    cmd = [sys.executable, "-m", "experiments", command, *what, "--data.source", "sample", "--epochs", "1",
+    what = (["mnist_cnn", "--seeds", "8", "--parallel", "seeds", "--checkpoint_every", "1"] if command == "run" else
+            ["mnist_cnn_dropout", "--grid", "dropout=0,0.3"])
+    cmd = [sys.executable, "-m", "experiments", command, *what, "--data.source", "sample", "--epochs", "2",
            "--workdir", str(workdir)]
     results = _two_processes(cmd)
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
@@ -153,24 +157,29 @@ def test_multi_host_run_writes_one_run_folder(command, tmp_path):
             (workdir / "results.csv").open())] == [("dropout=0", True), ("dropout=0.3", True)]
         assert len(list((workdir / "tensorboard" / "dropout=0.3" / "seed_0").iterdir())) == 1
         return
-    assert "cpu x 4 devices" in reports[0]
+    assert "cpu x 4 devices (seeds parallel)" in reports[0]
     assert history["info"]["devices"] == 4 and history["info"]["processes"] == 2
-    assert history["history"]["test_accuracy"][-1][0] > 0.85, history["history"]["test_accuracy"]
-    assert len(list((workdir / "tensorboard" / "seed_0").iterdir())) == 1  # process 0's curves only
+    accuracy = history["history"]["test_accuracy"][-1]
+    assert len(accuracy) == 8 and min(accuracy) > 0.85, accuracy
+    assert len(list((workdir / "tensorboard" / "seed_7").iterdir())) == 1  # process 0's curves only
+    assert kept_epochs(workdir / "checkpoints") == [1, 2]
+    np.testing.assert_allclose(evaluate_checkpoint(workdir, log=lambda line: None)["test"]["accuracy"], accuracy,
+                               atol=1e-6)  # here, on one device
 
 
-def test_multi_host_runs_and_sweeps_refuse_checkpoints(monkeypatch, tmp_path):
-    """Before any data are loaded: the other processes hold no run folder to save into or resume from."""
+def test_multi_host_runs_and_sweeps_refuse_to_resume(monkeypatch, tmp_path):
+    """Before any data are loaded: the other processes hold no run folder to resume from."""
     from experiments import EXPERIMENTS
     from flaxlab import runner, sweep
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    config = {**EXPERIMENTS["mnist_cnn"](), "checkpoint_every": 1}
-    with pytest.raises(UsageError, match="multi-host runs are not supported: leave --checkpoint_every at 0"):
-        runner.run_experiment(config, workdir=tmp_path / "run", data_dir=tmp_path / "nothing")
-    with pytest.raises(UsageError, match="multi-host runs are not supported"):
-        sweep.run_sweep({**config, "checkpoint_every": 0}, [{}], workdir=tmp_path / "sweep", resume=True,
-                        data_dir=tmp_path / "nothing")
+    config = EXPERIMENTS["mnist_cnn"]()
+    with pytest.raises(UsageError, match="--resume is not supported in a multi-host run: its checkpoints are "
+                                         "process 0's; resume it on that host alone"):
+        runner.run_experiment(config, workdir=tmp_path / "run", data_dir=tmp_path / "nothing", resume=True)
+    with pytest.raises(UsageError, match="--resume is not supported in a multi-host run"):
+        sweep.run_sweep(config, [{}], workdir=tmp_path / "sweep", resume=True, data_dir=tmp_path / "nothing")
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
 
 
 def test_bfloat16_compute_keeps_fp32_parameters_and_statistics(mnist_sample):
