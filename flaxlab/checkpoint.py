@@ -105,18 +105,39 @@ class Checkpoints:
         return self.manager is None or self.manager.save(epoch, force=True, args=args.Composite(**items))
 
     def latest_epoch(self):
-        return None if self.manager is None else self.manager.latest_step()
+        """The latest checkpoint's epoch (None: none), in a multi-host run process 0's, in every process."""
+        from flaxlab import parallel
+        return parallel.from_process_0(lambda: self.manager.latest_step())
 
     def restore(self, states, with_best):
-        """The latest checkpoint, shaped like the given (freshly initialised) states: (states, best, progress);
-        `best` is None unless `with_best`."""
+        """The latest checkpoint, shaped and placed like the given (freshly initialised) states: (states, best,
+        progress); `best` is None unless `with_best`. In a multi-host run process 0 reads it and sends it to
+        the others."""
+        if jax.process_count() == 1:
+            return self._read(states, with_best)
+        from jax.experimental import multihost_utils
+        from flaxlab import parallel
+        host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), states)
+        read = []
+
+        def on_process_0():
+            read.append(self._read(host, with_best))
+            return read[0][2]  # the progress, JSON; the arrays go below
+        progress = parallel.from_process_0(on_process_0)
+        trees = multihost_utils.broadcast_one_to_all(read[0][:2] if read else (host, host if with_best else None))
+        place = lambda tree: jax.tree.map(  # noqa: E731
+            lambda like, a: jax.make_array_from_callback(like.shape, like.sharding, lambda index: a[index]), states, tree)
+        return place(trees[0]), place(trees[1]) if with_best else None, progress
+
+    def _read(self, states, with_best):
         epoch = self.manager.latest_step()
         if epoch is None:
             raise UsageError(f"no checkpoint in {self.directory}: a run keeps one when it ends, and with "
                              f"--checkpoint_every N one every N epochs")
         args = self._ocp.args
-        target = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+        target = lambda tree: jax.tree.map(  # noqa: E731  (host arrays are restored as host arrays)
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a,
+            tree)
         items = {"state": args.StandardRestore(target(states)), "progress": args.JsonRestore()}
         if with_best and epoch is not None:
             items["best"] = args.StandardRestore(target(states))

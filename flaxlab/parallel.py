@@ -257,6 +257,28 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
+def from_process_0(read):
+    """`read()` on process 0 alone (which alone holds the run folder), its JSON value sent to every process; a
+    UsageError it raises is raised in every process, where they would otherwise wait for process 0 forever."""
+    if jax.process_count() == 1:
+        return read()
+    import json
+    from jax.experimental import multihost_utils
+    sent = b""
+    if is_primary():
+        try:
+            sent = json.dumps({"value": read()}).encode()
+        except UsageError as e:
+            sent = json.dumps({"error": str(e)}).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(sent))))
+    data = np.zeros(size, np.uint8)
+    data[:len(sent)] = np.frombuffer(sent, np.uint8)
+    message = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode())
+    if "error" in message:
+        raise UsageError(message["error"])
+    return message["value"]
+
+
 def cast_floats(tree, dtype):
     """Floating leaves as `dtype`: bf16 compute from fp32 parameters (their gradients stay fp32)."""
     return jax.tree.map(lambda a: a.astype(dtype) if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) else a, tree)

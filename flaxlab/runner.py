@@ -339,13 +339,6 @@ def training_process(workdir):
     return "alive", who
 
 
-def refuse_multi_host_resume(resume):
-    """Before any data are loaded: only process 0 holds the run folder to resume from."""
-    if jax.process_count() > 1 and resume:
-        raise UsageError("--resume is not supported in a multi-host run: its checkpoints are process 0's; "
-                         "resume it on that host alone, or start it again")
-
-
 def folder_of_this_process(workdir, name):
     """`workdir`, or in a multi-host run's other processes a temporary folder (`remove_if_temporary` at the
     end): process 0 alone writes the run folder, which processes sharing a file system would race on."""
@@ -591,9 +584,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     """
     config_lib.validate(config)
     check_workdir(workdir)
-    refuse_multi_host_resume(resume)
-    if resume:
-        check_resumable(config, workdir)
+    if resume:  # in a multi-host run, process 0 holds the folder
+        parallel.from_process_0(lambda: check_resumable(config, workdir))
     dataset = load_dataset(config, data_dir, dataset)
     s = set_up(config, dataset)  # refuses images the network cannot take (`check_input`)
     convs, feature_layer = check_views(config, s.model, dataset)

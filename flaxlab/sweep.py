@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from flaxlab import config as config_lib
-from flaxlab import analysis, metrics, plots, tensorboard
+from flaxlab import analysis, metrics, parallel, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
 from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit,
                             folder_of_this_process, load_dataset, make_workdir, marked_as_training,
-                            refuse_multi_host_resume, remove_earlier_run, remove_if_temporary, set_up, write_json)
+                            remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
 
@@ -236,9 +236,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     check_workdir(workdir)
     programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
     saved_config = {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]}
-    refuse_multi_host_resume(resume)
-    if resume:
-        check_resumable(saved_config, workdir)
+    if resume:  # in a multi-host run, process 0 holds the folder
+        parallel.from_process_0(lambda: check_resumable(saved_config, workdir))
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
     # each program's batch size and best-model split checked against its data, loaded once per data config
@@ -257,7 +256,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         check_input(program.config, make_model(program.config["model"], data.num_classes), data)
     histories, trials, program_info, earlier_s = {}, [], [], 0.0
     if resume:
-        histories, trials, program_info, earlier_s = _finished_programs(workdir, programs, datasets)
+        histories, trials, program_info, earlier_s = parallel.from_process_0(
+            lambda: _finished_programs(workdir, programs, datasets))
         if program_info:
             log(f"resuming: program(s) 1-{len(program_info)} of {len(programs)} were trained before")
     workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_multi_host_run_writes_one_run_folder(command, tmp_path):
     """Process 0 alone writes the folder and speaks; a sweep's variants (dropout, data parallel) as well. The run's
-    checkpoints (of 8 seeds split over both processes' devices, gathered) hold the models it scored."""
+    checkpoints (of 8 seeds split over both processes' devices, gathered) hold the models it scored, and a
+    multi-host --resume from epoch 1's ends as the run did."""
     from flaxlab.checkpoint import kept_epochs
     from flaxlab.runner import evaluate_checkpoint
     workdir = tmp_path / "run"
@@ -165,20 +167,40 @@ def test_multi_host_run_writes_one_run_folder(command, tmp_path):
     assert kept_epochs(workdir / "checkpoints") == [1, 2]
     np.testing.assert_allclose(evaluate_checkpoint(workdir, log=lambda line: None)["test"]["accuracy"], accuracy,
                                atol=1e-6)  # here, on one device
+    history["history"] = {k: v[:1] for k, v in history["history"].items()}  # as if stopped after epoch 1 ...
+    (workdir / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    resumed = _two_processes([*cmd, "--resume"])  # ... and resumed, process 0 sending the others its checkpoint
+    assert [r[0] for r in resumed] == [0, 0], [r[2][-2000:] for r in resumed]
+    assert json.loads((workdir / "history.json").read_text())["history"]["test_accuracy"][-1] == accuracy
 
 
-def test_multi_host_runs_and_sweeps_refuse_to_resume(monkeypatch, tmp_path):
-    """Before any data are loaded: the other processes hold no run folder to resume from."""
+def test_multi_host_launch_resumes_a_sweep_from_process_0s_folder(tmp_path):
+    """Process 0 reads the folder (the sweep's finished programs, the stopped program's checkpoint) and sends
+    it to the others, which hold none; a folder that cannot be resumed is one line in every process."""
     from experiments import EXPERIMENTS
-    from flaxlab import runner, sweep
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    config = EXPERIMENTS["mnist_cnn"]()
-    with pytest.raises(UsageError, match="--resume is not supported in a multi-host run: its checkpoints are "
-                                         "process 0's; resume it on that host alone"):
-        runner.run_experiment(config, workdir=tmp_path / "run", data_dir=tmp_path / "nothing", resume=True)
-    with pytest.raises(UsageError, match="--resume is not supported in a multi-host run"):
-        sweep.run_sweep(config, [{}], workdir=tmp_path / "sweep", resume=True, data_dir=tmp_path / "nothing")
-    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+    from test_sweep import stop_at
+    from flaxlab.sweep import parse_grid, run_sweep
+    workdir = tmp_path / "sweep"
+    config = {**EXPERIMENTS["mnist_cnn"](), "epochs": 2, "checkpoint_every": 1}
+    config["data"] = {**config["data"], "source": "sample"}
+    with pytest.raises(KeyboardInterrupt):  # here, one process: program 2 stopped after its first epoch
+        run_sweep(config, parse_grid(config, ["model.features=4/4,8"]), workdir, log=stop_at("program 2/2", "epoch 1/2"))
+    options = ["--grid", "model.features=4/4,8", "--data.source", "sample", "--epochs", "2", "--checkpoint_every", "1",
+               "--resume"]
+    results = _two_processes([sys.executable, "-m", "experiments", "sweep", "mnist_cnn", *options,
+                              "--workdir", str(workdir)])
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    said = next(out for _, out, _ in results if "wrote " in out)
+    assert "resuming: program(s) 1-1 of 2 were trained before" in said and "resumed after epoch 1" in said, said
+    rows = list(csv.DictReader((workdir / "results.csv").open()))
+    assert [row["variant"] for row in rows] == ["features=4", "features=4-8"], rows
+    assert all(float(row["test_accuracy_mean"]) > 0.8 for row in rows), rows
+    results = _two_processes([sys.executable, "-m", "experiments", "sweep", "mnist_cnn", *options,
+                              "--workdir", str(tmp_path / "none")])
+    for rc, _, err in results:
+        assert rc == 2 and err.splitlines()[-1] == (f"error: --resume: {tmp_path / 'none'}/config.json not found; "
+                                                    f"is {tmp_path / 'none'} a run folder?"), err
 
 
 
