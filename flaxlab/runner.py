@@ -269,15 +269,19 @@ def check_workdir(workdir):
     why = workdir is not None and unwritable(workdir)
     if why:
         raise UsageError(f"--workdir {workdir}: {why}")
-    training = workdir is not None and training_process(workdir)
-    if training and training[0] == "alive":
-        raise UsageError(f"--workdir {workdir}: a run is training there ({training[1]}): give another folder, "
-                         "or wait for it to end (`python -m experiments runs` shows it)")
+    parallel.from_process_0(lambda: _refuse_if_training(workdir))  # process 0's own marker is the others' too
     if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
         names = sorted(p.name for p in Path(workdir).iterdir())
         raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''}), which a run would overwrite: "
                          f"give a new or empty folder")
+
+
+def _refuse_if_training(workdir):
+    training = workdir is not None and training_process(workdir)
+    if training and training[0] == "alive":
+        raise UsageError(f"--workdir {workdir}: a run is training there ({training[1]}): give another folder, "
+                         "or wait for it to end (`python -m experiments runs` shows it)")
 
 
 def make_workdir(workdir):
