@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from flaxlab import parallel
 from flaxlab.errors import UsageError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -24,7 +25,6 @@ CHECKPOINT_DIR = "checkpoints"
 def _host_copy(tree):
     # a copy, not a view: the train step donates the device buffers of the states it is given. Every process
     # of a multi-host run makes it (models split over the processes' devices are gathered, collectively).
-    from flaxlab import parallel
     return jax.tree.map(lambda a: np.array(a, copy=True), parallel.to_host(tree))
 
 
@@ -106,7 +106,6 @@ class Checkpoints:
 
     def latest_epoch(self):
         """The latest checkpoint's epoch (None: none), in a multi-host run process 0's, in every process."""
-        from flaxlab import parallel
         return parallel.from_process_0(lambda: self.manager.latest_step())
 
     def restore(self, states, with_best):
@@ -116,7 +115,6 @@ class Checkpoints:
         if jax.process_count() == 1:
             return self._read(states, with_best)
         from jax.experimental import multihost_utils
-        from flaxlab import parallel
         host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), states)
         read = []
 

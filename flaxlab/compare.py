@@ -171,10 +171,8 @@ def compare_runs(folders, out=None, log=print):
     return rows
 
 
-def _training_or_stopped(folder):
-    """'training (pid N on HOST since T)' while the process that trains in `folder` lives, else 'stopped'."""
-    from flaxlab.runner import training_process
-    found = training_process(folder)
+def _training_or_stopped(found):
+    """'training (pid N on HOST since T)' while the process `runner.training_process` found lives, else 'stopped'."""
     if found is None:
         return "stopped"
     return f"training ({found[1]})" if found[0] == "alive" else f"training or stopped ({found[1]})"
@@ -183,10 +181,12 @@ def _training_or_stopped(folder):
 def _state(folder, config, recorded):
     """How far a run or sweep has come: 'finished', or training or stopped, and what --resume would go on from."""
     from flaxlab.checkpoint import CHECKPOINT_DIR, kept_epochs
+    from flaxlab.runner import training_process
     saved = Path(folder) / CHECKPOINT_DIR
     kept = [epoch for where in (saved, *saved.glob("program_*")) for epoch in kept_epochs(where)]  # a sweep's program
-    state = _training_or_stopped(folder)
-    resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept and "(pid" not in state else ""
+    found = training_process(folder)
+    state = _training_or_stopped(found)
+    resume = f"; --resume goes on from epoch {kept[-1]}'s checkpoint" if kept and found is None else ""
     if "variants" in recorded:
         done = sum(len(p.get("variants", [])) for p in recorded.get("programs", []))
         total = len(config.get("sweep") or ())
@@ -204,7 +204,7 @@ def list_runs(folder="runs"):
     """The run folders in `folder` (or `folder` itself, a run folder), a row each: experiment, models, epochs,
     state, final test score (mean ± std over seeds; a sweep's best variant). Returns the Markdown table."""
     import datetime
-    from flaxlab.runner import is_run_folder
+    from flaxlab.runner import is_run_folder, training_process
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such folder")
@@ -225,7 +225,7 @@ def list_runs(folder="runs"):
             recorded = "damaged"
         if not isinstance(recorded, dict):
             state = ("history.json damaged" if recorded == "damaged" else
-                     f"{_training_or_stopped(path)} before its first epoch ended")
+                     f"{_training_or_stopped(training_process(path))} before its first epoch ended")
             cells += ["", "" if recorded == "damaged" else f"0 of {config.get('epochs')}", state, ""]
         else:
             best, score = max(runs, default=None, key=lambda run: _final_test(run)[1]["mean"]), ""
