@@ -279,6 +279,45 @@ def from_process_0(read):
     return message["value"]
 
 
+def _gather_bytes(sent):
+    """Every process's `sent` bytes, in process order."""
+    from jax.experimental import multihost_utils
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(sent)))).reshape(-1)
+    data = np.zeros(int(sizes.max()), np.uint8)
+    data[:len(sent)] = np.frombuffer(sent, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(data)).reshape(len(sizes), -1)
+    return [bytes(row[:size]) for row, size in zip(rows, sizes)]
+
+
+def in_every_process(do, config):
+    """`do()` in every process of a multi-host run, which then go on together or stop together: a UsageError
+    in one process (its data missing or different, say) is raised in all, naming the process, where the others
+    would otherwise wait for it in their next collective until jax gives up with a traceback. Every process must
+    have been given the same `config`, or they would train different programs."""
+    if jax.process_count() == 1:
+        return do()
+    import json
+    from flaxlab.config import flatten
+    value, sent = None, {"config": json.loads(json.dumps(config, default=str))}
+    try:
+        value = do()
+    except UsageError as e:
+        sent["error"] = str(e)
+    replies = [json.loads(b) for b in _gather_bytes(json.dumps(sent).encode())]
+    first = flatten(replies[0]["config"])
+    for index, reply in enumerate(replies[1:], 1):  # said first: the other options may be what errors come from
+        mine = flatten(reply["config"])
+        differ = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
+        if differ:
+            options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])
+            raise UsageError(f"process {index} of the multi-host run was given other options than process 0 "
+                             f"({options}): start every process with the same command")
+    for index, reply in enumerate(replies):
+        if "error" in reply:
+            raise UsageError(reply["error"] if index == jax.process_index() else f"process {index}: {reply['error']}")
+    return value
+
+
 def cast_floats(tree, dtype):
     """Floating leaves as `dtype`: bf16 compute from fp32 parameters (their gradients stay fp32)."""
     return jax.tree.map(lambda a: a.astype(dtype) if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) else a, tree)

@@ -158,11 +158,12 @@ def check_input(config, model, dataset):
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
 
 
-def set_up(config, dataset, variants=({},)):
+def set_up(config, dataset, variants=({},), weights=None):
     """Model, trainer, independently initialised states and the data on the device.
 
     One model per (variant, seed), variant-major; `variants` may only change STACKABLE fields, and
-    seed i of every variant starts from the same weights, as a single run with seed + i would.
+    seed i of every variant starts from the same weights, as a single run with seed + i would. A pretrained
+    model's ImageNet `weights` (pretrained.pretrained_variables) are read here unless given.
     """
     model = make_model(config["model"], dataset.num_classes)
     check_input(config, model, dataset)
@@ -184,7 +185,7 @@ def set_up(config, dataset, variants=({},)):
     keys = parallel.replicate_keys(jnp.concatenate([keys] * len(variants)), mesh)
     states = trainer.init(keys[:, 0], dataset.train.images.shape[1:], stacked_hparams(config, variants))
     if config["model"].get("pretrained"):
-        states = load_pretrained(states, config["model"])
+        states = load_pretrained(states, config["model"], weights)
     place = lambda split: parallel.replicate({"image": split.images, "label": split.labels}, mesh)
     if mesh is None:
         train_data = data_lib.to_device(dataset.train)
@@ -196,11 +197,12 @@ def set_up(config, dataset, variants=({},)):
                  place(dataset.val) if dataset.val else None)
 
 
-def load_pretrained(states, model_config):
-    """Every model's weights and batch-norm statistics from the ImageNet file, but for a head of another
-    class count, which keeps each model's own fresh init (flaxlab.pretrained)."""
+def load_pretrained(states, model_config, loaded=None):
+    """Every model's weights and batch-norm statistics from the ImageNet file (or `loaded` from it), but for a
+    head of another class count, which keeps each model's own fresh init (flaxlab.pretrained)."""
     arch = model_config["name"]
-    loaded = pretrained.pretrained_variables(arch, model_config.get("weights", ""))
+    if loaded is None:
+        loaded = pretrained.pretrained_variables(arch, model_config.get("weights", ""))
     stacked = {"params": states.params, "batch_stats": states.batch_stats}
     merged = pretrained.merge_pretrained(jax.tree.map(lambda a: a[0], stacked), loaded, arch)
     # the same tensors for every model, placed where the fresh ones were (one device, or replicated on a mesh)
@@ -590,9 +592,16 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     check_workdir(workdir)
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(config, workdir))
-    dataset = load_dataset(config, data_dir, dataset)
-    s = set_up(config, dataset)  # refuses images the network cannot take (`check_input`)
-    convs, feature_layer = check_views(config, s.model, dataset)
+
+    def checked():  # what each process reads for itself, and bad input refused before any device work
+        loaded = load_dataset(config, data_dir, dataset)
+        model = make_model(config["model"], loaded.num_classes)
+        check_input(config, model, loaded)
+        weights = (pretrained.pretrained_variables(config["model"]["name"], config["model"].get("weights", ""))
+                   if config["model"].get("pretrained") else None)
+        return loaded, check_views(config, model, loaded), weights
+    dataset, (convs, feature_layer), weights = parallel.in_every_process(checked, config)
+    s = set_up(config, dataset, weights=weights)
     trainer = s.trainer
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
     info = {"experiment": config["name"],

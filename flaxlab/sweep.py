@@ -240,9 +240,15 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         parallel.from_process_0(lambda: check_resumable(saved_config, workdir))
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
-    # each program's batch size and best-model split checked against its data, loaded once per data config
-    datasets = program_datasets(programs,
-                                lambda c, loaded: load_dataset(c, data_dir, dataset if loaded is None else loaded))
+
+    def checked():  # what each process reads for itself, and bad input refused before any device work
+        # each program's batch size and best-model split checked against its data, loaded once per data config
+        loaded = program_datasets(programs,
+                                  lambda c, done: load_dataset(c, data_dir, dataset if done is None else done))
+        for program, data in zip(programs, loaded):  # every network takes its images
+            check_input(program.config, make_model(program.config["model"], data.num_classes), data)
+        return loaded
+    datasets = parallel.in_every_process(checked, saved_config)
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
@@ -252,8 +258,6 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         f"program(s), {epochs} each; data: {dataset.source} "
         f"({len(dataset.train):,} train / {len(dataset.test):,} test{', per program below' if several else ''})")
 
-    for program, data in zip(programs, datasets):  # every network takes its images, before anything is written
-        check_input(program.config, make_model(program.config["model"], data.num_classes), data)
     histories, trials, program_info, earlier_s = {}, [], [], 0.0
     if resume:
         histories, trials, program_info, earlier_s = parallel.from_process_0(

@@ -97,9 +97,11 @@ def test_cpu_is_split_into_one_device_per_model_before_jax_starts():
     assert not parallel.split_cpu_devices(3) and jax.device_count() == 1
 
 
-def _two_processes(args, devices_each=2, timeout=600):
+def _two_processes(args, devices_each=2, timeout=600, per_process=((), ())):
+    """Both processes' (exit code, stdout, stderr); `per_process` holds arguments that only one of them gets."""
     port = _free_port()
-    procs = [subprocess.Popen(args, env=_env(devices_each, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    procs = [subprocess.Popen([*args, *per_process[i]],
+                              env=_env(devices_each, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
     try:
@@ -173,6 +175,27 @@ def test_multi_host_run_writes_one_run_folder(command, tmp_path):
     resumed = _two_processes([*cmd, "--resume"])  # ... and resumed, process 0 sending the others its checkpoint
     assert [r[0] for r in resumed] == [0, 0], [r[2][-2000:] for r in resumed]
     assert json.loads((workdir / "history.json").read_text())["history"]["test_accuracy"][-1] == accuracy
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_bad_input_in_one_process_stops_every_process_in_one_line(command, tmp_path):
+    """Data that only one process lacks, or options that differ: every process exits 2 at once with the line that
+    names the process (the others used to wait in their next collective, then die with a traceback), and no
+    folder is written."""
+    cmd = [sys.executable, "-m", "experiments", command, "mnist_cnn", "--epochs", "1", "--workdir",
+           str(tmp_path / "run"), *(["--grid", "seed=1,2"] if command == "sweep" else [])]
+    missing = tmp_path / "nowhere"
+    results = _two_processes(cmd, timeout=300, per_process=([], ["--data-dir", str(missing)]))
+    lines = [err.splitlines()[-1] for _, _, err in results]
+    assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
+    assert lines[1].startswith(f"error: --data-dir {missing} is not a folder") and lines[0] == \
+        lines[1].replace("error: ", "error: process 1: ", 1), lines
+    results = _two_processes(cmd, timeout=300, per_process=([], ["--epochs", "2", "--optimizer.lr", "0.05"]))
+    for rc, _, err in results:
+        assert rc == 2 and err.splitlines()[-1] == ("error: process 1 of the multi-host run was given other options "
+                                                    "than process 0 (--epochs, --optimizer.lr): start every process "
+                                                    "with the same command"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_multi_host_launch_resumes_a_sweep_from_process_0s_folder(tmp_path):
