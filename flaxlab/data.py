@@ -6,6 +6,7 @@ inside the jitted train step (see `flaxlab.train`).
 """
 import dataclasses
 import gzip
+import hashlib
 import os
 import socket
 import threading
@@ -77,6 +78,16 @@ class Dataset:
     @property
     def is_segmentation(self):
         return self.train.labels.ndim > 1  # one label per pixel
+
+    def checksum(self):
+        """A digest of every split's images and labels: the processes of a multi-host run must train on the same
+        examples, wherever each read its files from."""
+        digest = hashlib.blake2b(digest_size=16)
+        for split in (self.train, self.val, self.test):
+            for array in ((split.images, split.labels) if split is not None else ()):
+                digest.update(f"{array.shape} {array.dtype}".encode())
+                digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
 
     def describe(self):
         return {"name": self.name, "source": self.source, "train_examples": len(self.train),

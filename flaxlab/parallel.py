@@ -140,6 +140,29 @@ def _join(address):
     finally:
         waiting.cancel()
         give_up.cancel()
+    if jax.default_backend() == "cpu":
+        _connect_gloo_quietly()
+
+
+def _connect_gloo_quietly():
+    """Gloo prints a line on stdout from C++ ("[Gloo] Rank 0 is connected to 1 peer ranks...") for every group of
+    devices it first connects, in the middle of a run's output; connecting the groups that flaxlab's collectives
+    use (one device of each process; all devices) here, with stdout shut, keeps the run's output its own."""
+    from jax.experimental import multihost_utils
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        multihost_utils.process_allgather(np.int32(0))
+        multihost_utils.broadcast_one_to_all(np.int32(0))
+        mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+        ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA_AXIS)),
+                                                      np.ones(jax.local_device_count(), np.float32))
+        jax.block_until_ready(jax.jit(jax.numpy.sum, out_shardings=NamedSharding(mesh, P()))(ones))
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def _say(line):
@@ -289,11 +312,12 @@ def _gather_bytes(sent):
     return [bytes(row[:size]) for row, size in zip(rows, sizes)]
 
 
-def in_every_process(do, config):
+def in_every_process(do, config, fingerprint=None):
     """`do()` in every process of a multi-host run, which then go on together or stop together: a UsageError
-    in one process (its data missing or different, say) is raised in all, naming the process, where the others
-    would otherwise wait for it in their next collective until jax gives up with a traceback. Every process must
-    have been given the same `config`, or they would train different programs."""
+    in one process (its data missing, say) is raised in all, naming the process, where the others would
+    otherwise wait for it in their next collective until jax gives up with a traceback. Every process must have
+    been given the same `config`, and `fingerprint(do())` must agree (the data each read), or they would train
+    different programs, or one program on different examples."""
     if jax.process_count() == 1:
         return do()
     import json
@@ -301,6 +325,7 @@ def in_every_process(do, config):
     value, sent = None, {"config": json.loads(json.dumps(config, default=str))}
     try:
         value = do()
+        sent["fingerprint"] = fingerprint(value) if fingerprint else None
     except UsageError as e:
         sent["error"] = str(e)
     replies = [json.loads(b) for b in _gather_bytes(json.dumps(sent).encode())]
@@ -315,6 +340,10 @@ def in_every_process(do, config):
     for index, reply in enumerate(replies):
         if "error" in reply:
             raise UsageError(reply["error"] if index == jax.process_index() else f"process {index}: {reply['error']}")
+    differ = [str(i) for i, reply in enumerate(replies) if reply["fingerprint"] != replies[0]["fingerprint"]]
+    if differ:
+        raise UsageError(f"process {', '.join(differ)} of the multi-host run read other data than process 0 (other "
+                         f"examples, or the same in another order): give every host the same data files")
     return value
 
 

@@ -600,7 +600,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         weights = (pretrained.pretrained_variables(config["model"]["name"], config["model"].get("weights", ""))
                    if config["model"].get("pretrained") else None)
         return loaded, check_views(config, model, loaded), weights
-    dataset, (convs, feature_layer), weights = parallel.in_every_process(checked, config)
+    dataset, (convs, feature_layer), weights = parallel.in_every_process(
+        checked, config, fingerprint=lambda done: done[0].checksum())
     s = set_up(config, dataset, weights=weights)
     trainer = s.trainer
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)

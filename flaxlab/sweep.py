@@ -248,7 +248,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         for program, data in zip(programs, loaded):  # every network takes its images
             check_input(program.config, make_model(program.config["model"], data.num_classes), data)
         return loaded
-    datasets = parallel.in_every_process(checked, saved_config)
+    datasets = parallel.in_every_process(
+        checked, saved_config, fingerprint=lambda done: [d.checksum() for d in {id(d): d for d in done}.values()])
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
