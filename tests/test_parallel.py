@@ -6,7 +6,6 @@ devices must be asked for before jax starts, and this process already has its on
 import csv
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
