@@ -258,7 +258,7 @@ def _bench(args, overrides):
         raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
     if (args.experiment == "all" or args.markdown) and not args.peer:
         raise UsageError("bench all and --markdown compare with the peer: add --peer")
-    emit = lambda row: print(json.dumps(row), flush=True)
+    emit = lambda row: parallel.is_primary() and print(json.dumps(row), flush=True)  # a multi-host bench: once
     if variants and args.experiment != "all":
         if args.peer:
             raise UsageError("--peer compares one experiment; a sweep is benched against itself, model by model")

@@ -33,8 +33,12 @@ def shared_dir():
 
 
 def _load(config, data_dir):
-    """Benchmarks read files when given a folder, else the shipped sample: never a TFDS download."""
-    return data_lib.load(**{**config["data"], "source": "files" if data_dir else "sample"}, data_dir=data_dir)
+    """Benchmarks read files when given a folder, else the shipped sample, never a TFDS download, unless a
+    --data.source says which."""
+    source = config["data"]["source"]
+    if source == "auto":
+        source = "files" if data_dir else "sample"
+    return data_lib.load(**{**config["data"], "source": source}, data_dir=data_dir)
 
 
 def _figures(value):
@@ -95,13 +99,14 @@ def peer_workload(config):
 # with --peer, the overrides that the peer gets too, and those that change only how flaxlab runs the same workload
 PEER_TAKES = {"batch_size", "seeds", "model.width"}
 HOW_IT_RUNS = {"devices", "parallel", "distributed", "compute_dtype", "deterministic", "model_axis", "epoch_mode",
-               "scan_steps", "eval_batch_size", "seed", "data.source"}
+               "scan_steps", "eval_batch_size", "seed"}
 
 
 def check_peer_overrides(default, config):
     """Refuses an override that would change flaxlab's workload but not the peer's (a wider net, other images,
     another optimizer): the ratio would compare two different workloads."""
-    changed = [k for k in config_lib.changed_fields(default, config) if k not in PEER_TAKES | HOW_IT_RUNS]
+    changed = [k for k in config_lib.changed_fields(default, config) if k not in PEER_TAKES | HOW_IT_RUNS
+               and not (k == "data.source" and config["data"]["source"] in ("auto", "files"))]  # the peer's files
     if changed:
         raise UsageError(f"--peer runs the PyTorch workload as written; --{changed[0]} would change flaxlab's side "
                          f"only (the peer takes --batch-size, --seeds and the U-Net's --model.width)")

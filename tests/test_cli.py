@@ -78,6 +78,7 @@ def cli(*args, cwd):
     (["bench", "mnist_cnn", "--peer", "--markdown", "."], "--markdown .: it is a folder"),
     (["bench", "mnist_cnn", "--peer", "--model.features", "64,128,256"],
      "--model.features would change flaxlab's side"),
+    (["bench", "mnist_cnn", "--peer", "--data.source", "sample"], "--data.source would change flaxlab's side"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = cli(*args, cwd=tmp_path)
@@ -166,6 +167,9 @@ def test_bench_prints_peer_fields(tmp_path):
     assert out.returncode == 0, out.stderr
     line = json.loads(out.stdout.splitlines()[0])
     assert line["seeds"] == 2 and line["models_side_by_side"] == (2 if len(os.sched_getaffinity(0)) > 1 else 1)
+    # the data source asked for, even where ../shared/data is the default folder (it used to be read regardless)
+    out = cli("bench", "mnist_fnn", "--batch-size", "256", "--data.source", "sample", cwd=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout.splitlines()[0])["data"].startswith("sample:"), out.stderr
 
 
 @pytest.mark.parametrize("name", ["mnist_fnn", "mnist_cnn", "gtsrb_cnn", "bs6207_allconv", "jsrt_unet"])
