@@ -86,9 +86,12 @@ def set_up_process(distributed=False, deterministic=False):
     if deterministic:
         os.environ["XLA_FLAGS"] = with_xla_flag(os.environ.get("XLA_FLAGS", ""), DETERMINISTIC_GPU_FLAG)
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if (distributed or address) and not jax.distributed.is_initialized():
+    joining = (distributed or address) and not jax.distributed.is_initialized()
+    if joining:
         _join(address)
     check_backend()
+    if joining and jax.default_backend() == "cpu":
+        _connect_gloo_quietly()
 
 
 def check_backend():
@@ -140,8 +143,6 @@ def _join(address):
     finally:
         waiting.cancel()
         give_up.cancel()
-    if jax.default_backend() == "cpu":
-        _connect_gloo_quietly()
 
 
 def _connect_gloo_quietly():
