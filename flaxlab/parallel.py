@@ -316,19 +316,22 @@ def _gather_bytes(sent):
 def in_every_process(do, config, fingerprint=None):
     """`do()` in every process of a multi-host run, which then go on together or stop together: a UsageError
     in one process (its data missing, say) is raised in all, naming the process, where the others would
-    otherwise wait for it in their next collective until jax gives up with a traceback. Every process must have
+    otherwise wait for it in their next collective until jax gives up with a traceback (any other exception is
+    raised again in its own process, and named in the others' UsageError). Every process must have
     been given the same `config`, and `fingerprint(do())` must agree (the data each read), or they would train
     different programs, or one program on different examples."""
     if jax.process_count() == 1:
         return do()
     import json
     from flaxlab.config import flatten
-    value, sent = None, {"config": json.loads(json.dumps(config, default=str))}
+    value, failure, sent = None, None, {"config": json.loads(json.dumps(config, default=str))}
     try:
         value = do()
         sent["fingerprint"] = fingerprint(value) if fingerprint else None
     except UsageError as e:
         sent["error"] = str(e)
+    except Exception as e:  # a bug: its traceback in this process, a line in the others, and none left waiting
+        failure, sent["error"] = e, f"{type(e).__name__}: {e}".splitlines()[0]
     replies = [json.loads(b) for b in _gather_bytes(json.dumps(sent).encode())]
     first = flatten(replies[0]["config"])
     for index, reply in enumerate(replies[1:], 1):  # said first: the other options may be what errors come from
@@ -338,6 +341,8 @@ def in_every_process(do, config, fingerprint=None):
             options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])
             raise UsageError(f"process {index} of the multi-host run was given other options than process 0 "
                              f"({options}): start every process with the same command")
+    if failure is not None:
+        raise failure
     for index, reply in enumerate(replies):
         if "error" in reply:
             raise UsageError(reply["error"] if index == jax.process_index() else f"process {index}: {reply['error']}")

@@ -175,6 +175,32 @@ def test_multi_host_run_writes_one_run_folder(command, tmp_path):
     assert json.loads((workdir / "history.json").read_text())["history"]["test_accuracy"][-1] == accuracy
 
 
+def test_the_processes_go_on_together_or_stop_together(monkeypatch):
+    """parallel.in_every_process as process 0 of two, with process 1's reply made up: its error, a bug in it, its
+    other options or other data stop this process too, in a line naming process 1; a bug here keeps its traceback."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    config = {"epochs": 1, "optimizer": {"lr": 0.1}}
+
+    def process_1_says(**reply):
+        monkeypatch.setattr(parallel, "_gather_bytes", lambda mine: [mine, json.dumps(reply).encode()])
+
+    process_1_says(config=config, fingerprint="abc")
+    assert parallel.in_every_process(lambda: 7, config, fingerprint=lambda value: "abc") == 7
+    for reply, message in [
+            (dict(config=config, error="--data-dir /x is not a folder"), "process 1: --data-dir /x is not a folder"),
+            (dict(config=config, error="KeyError: 'x'"), "process 1: KeyError: 'x'"),
+            (dict(config=config, fingerprint="abd"), "process 1 of the multi-host run read other data than process 0"),
+            (dict(config={**config, "optimizer": {"lr": 0.2}}, error="anything"),  # the options first
+             "process 1 of the multi-host run was given other options than process 0 (--optimizer.lr)")]:
+        process_1_says(**reply)
+        with pytest.raises(UsageError) as raised:
+            parallel.in_every_process(lambda: 7, config, fingerprint=lambda value: "abc")
+        assert str(raised.value).startswith(message), (str(raised.value), message)
+    process_1_says(config=config, fingerprint="abc")
+    with pytest.raises(ZeroDivisionError):  # this process's own bug, as raised
+        parallel.in_every_process(lambda: 1 / 0, config)
+
+
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_bad_input_in_one_process_stops_every_process_in_one_line(command, tmp_path):
     """Data that only one process lacks or reads otherwise, or options that differ: every process exits 2 at once
