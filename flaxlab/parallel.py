@@ -283,21 +283,27 @@ def to_host(tree):
 
 def from_process_0(read):
     """`read()` on process 0 alone (which alone holds the run folder), its JSON value sent to every process; a
-    UsageError it raises is raised in every process, where they would otherwise wait for process 0 forever."""
+    UsageError it raises is raised in every process, where they would otherwise wait for process 0 forever (any
+    other exception is raised again in process 0, and named in the others' UsageError)."""
     if jax.process_count() == 1:
         return read()
     import json
     from jax.experimental import multihost_utils
-    sent = b""
+    sent, failure = b"", None
     if is_primary():
         try:
             sent = json.dumps({"value": read()}).encode()
         except UsageError as e:
             sent = json.dumps({"error": str(e)}).encode()
+        except Exception as e:  # a bug: its traceback here, a line in the others
+            failure = e
+            sent = json.dumps({"error": f"process 0: {type(e).__name__}: {e}".splitlines()[0]}).encode()
     size = int(multihost_utils.broadcast_one_to_all(np.int32(len(sent))))
     data = np.zeros(size, np.uint8)
     data[:len(sent)] = np.frombuffer(sent, np.uint8)
     message = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode())
+    if failure is not None:
+        raise failure
     if "error" in message:
         raise UsageError(message["error"])
     return message["value"]
