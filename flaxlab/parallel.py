@@ -281,6 +281,16 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
+def _gather_bytes(sent):
+    """Every process's `sent` bytes, in process order."""
+    from jax.experimental import multihost_utils
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(sent)))).reshape(-1)
+    data = np.zeros(int(sizes.max()), np.uint8)
+    data[:len(sent)] = np.frombuffer(sent, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(data)).reshape(len(sizes), -1)
+    return [bytes(row[:size]) for row, size in zip(rows, sizes)]
+
+
 def from_process_0(read):
     """`read()` on process 0 alone (which alone holds the run folder), its JSON value sent to every process; a
     UsageError it raises is raised in every process, where they would otherwise wait for process 0 forever (any
@@ -288,7 +298,6 @@ def from_process_0(read):
     if jax.process_count() == 1:
         return read()
     import json
-    from jax.experimental import multihost_utils
     sent, failure = b"", None
     if is_primary():
         try:
@@ -298,25 +307,12 @@ def from_process_0(read):
         except Exception as e:  # a bug: its traceback here, a line in the others
             failure = e
             sent = json.dumps({"error": f"process 0: {type(e).__name__}: {e}".splitlines()[0]}).encode()
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(sent))))
-    data = np.zeros(size, np.uint8)
-    data[:len(sent)] = np.frombuffer(sent, np.uint8)
-    message = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode())
+    message = json.loads(_gather_bytes(sent)[0])  # the others send nothing
     if failure is not None:
         raise failure
     if "error" in message:
         raise UsageError(message["error"])
     return message["value"]
-
-
-def _gather_bytes(sent):
-    """Every process's `sent` bytes, in process order."""
-    from jax.experimental import multihost_utils
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(sent)))).reshape(-1)
-    data = np.zeros(int(sizes.max()), np.uint8)
-    data[:len(sent)] = np.frombuffer(sent, np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(data)).reshape(len(sizes), -1)
-    return [bytes(row[:size]) for row, size in zip(rows, sizes)]
 
 
 def in_every_process(do, config, fingerprint=None):
