@@ -63,7 +63,12 @@ def parse_grid(config, specs):
         if why:
             raise UsageError(f"--grid cannot vary {key}: {why}")
         separator = "/" if isinstance(flat[key], (tuple, list)) else ","
-        parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
+        try:
+            parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
+        except UsageError as e:
+            if separator == "/":  # '8-16,16-32' for two variants: say how --grid takes a list field's values
+                raise UsageError(f"{e}; --grid separates a list field's values with /: {name.strip()}=8,16/16,32") from None
+            raise
         if len(set(map(repr, parsed))) != len(parsed):
             raise UsageError(f"--grid {key} repeats a value")
         axes.append([(key, v) for v in parsed])

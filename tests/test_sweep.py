@@ -40,7 +40,8 @@ def test_grid_resolves_short_names_and_makes_a_product():
     ("dropout=0.1,0.1", "repeats"), ("name=a,b", "ambiguous"), ("description=a", "unknown field"),
     ("seeds=1,2", "cannot vary seeds: every variant trains --seeds N models"),
     ("layer=Conv_0,Conv_1", "cannot vary features.layer: a sweep draws no feature maps"),
-    ("checkpoint_every=0,1", "cannot vary checkpoint_every")])
+    ("checkpoint_every=0,1", "cannot vary checkpoint_every"),
+    ("features=8-16,16-32", "bad value '8-16,16-32' .*separates a list field's values with /: features=8,16/16,32")])
 def test_bad_grids_are_one_clear_error(spec, message):
     with pytest.raises(UsageError, match=message):
         sweep.parse_grid(cnn(), [spec])
