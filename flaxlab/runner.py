@@ -502,14 +502,18 @@ def write_views(workdir, config, model, states, dataset, convs, layer, features_
     plots.filter_grid(kernel, workdir / "filters.png", f"{who}: first-layer filters ({convs[0]})")
     index = config["features"]["image"]
     image = dataset.test.images[index]
+    label = dataset.test.labels[index]
+    if np.ndim(label):  # a segmentation mask
+        shown = f"test image {index}"
+    else:
+        shown = f"test image {index} ({dataset.class_names[label] if dataset.class_names else f'label {label}'})"
     maps = inspect_model.layer_output(model, first.variables(), image, layer)
     if maps.ndim == 3:
-        plots.feature_maps_figure(image, maps, workdir / features_name,
-                                  f"{who}: {layer} on test image {index} (label {dataset.test.labels[index]})")
+        plots.feature_maps_figure(image, maps, workdir / features_name, f"{who}: {layer} on {shown}")
     if config["features"].get("last_conv") and convs[-1] != layer:  # what the deepest layer looks at
         maps = inspect_model.layer_output(model, first.variables(), image, convs[-1])
         plots.feature_maps_figure(image, maps, workdir / features_name.replace(".png", "-last.png"),
-                                  f"{who}: {convs[-1]} on test image {index} (label {dataset.test.labels[index]})")
+                                  f"{who}: {convs[-1]} on {shown}")
 
 
 def write_summary(workdir, config, dataset, info, history, analysis_md="", best_epochs=None, image_scores=None):

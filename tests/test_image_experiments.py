@@ -1,11 +1,12 @@
 """The CIFAR-10 and GTSRB experiments end to end on the shipped samples (and GTSRB on the real data
 when ../shared is there): run folders, splits, selected epochs, figures, and one-line errors."""
 import json
+import re
 
 import pytest
 
 from experiments import EXPERIMENTS
-from flaxlab import image_data
+from flaxlab import image_data, plots
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.runner import run_experiment
@@ -18,9 +19,14 @@ def quiet(config, tmp_path, **fields):
 
 
 @pytest.mark.parametrize("name", ["tdt4265_cnn", "tdt4265_model2", "bs6207_allconv_bn", "gtsrb_cnn_augment"])
-def test_image_experiment_writes_its_run_folder(tmp_path, name):
+def test_image_experiment_writes_its_run_folder(tmp_path, name, monkeypatch):
     eval_flip = name == "bs6207_allconv_bn"  # scored on each image and its mirror
+    titles, draw = [], plots.feature_maps_figure
+    monkeypatch.setattr(plots, "feature_maps_figure", lambda *a: titles.append(a[3]) or draw(*a))
     result = quiet(EXPERIMENTS[name](), tmp_path, epochs=2, eval_flip=eval_flip)
+    names = json.loads((result.workdir / "history.json").read_text())["info"]["data"]["class_names"]
+    assert len(titles) == 1 and re.fullmatch(rf".*: Conv_0 on test image 0 \(({'|'.join(map(re.escape, names))})\)",
+                                             titles[0]), titles
     files = {p.name for p in result.workdir.iterdir()}
     assert {"config.json", "history.json", "results.md", "curves.png", "confusion.png", "misclassified.png",
             "filters.png", "features.png"} <= files

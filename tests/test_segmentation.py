@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from experiments import EXPERIMENTS
-from flaxlab import analysis, data, models, seg_data, train
+from flaxlab import analysis, data, models, plots, seg_data, train
 from flaxlab.errors import DataError
 from flaxlab.runner import run_experiment
 from test_cli import cli
@@ -181,8 +181,11 @@ def _quiet(config, tmp_path, **fields):
     return run_experiment(config, workdir=tmp_path / config["name"], progress=False, log=lambda *a: None)
 
 
-def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path):
+def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path, monkeypatch):
+    titles, draw = [], plots.feature_maps_figure
+    monkeypatch.setattr(plots, "feature_maps_figure", lambda *a: titles.append(a[3]) or draw(*a))
     result = _quiet(EXPERIMENTS["glas_fcn2_flips"](), tmp_path, features={"layer": "", "image": 4})
+    assert titles == ["glas_fcn2_flips (seed 0): Conv_0 on test image 4"]  # a mask is no label to print
     files = {p.name for p in result.workdir.iterdir()}
     assert {"predictions.png", "overlay.png", "scores.json", "curves.png", "filters.png", "features.png"} <= files
     assert "confusion.png" not in files
