@@ -239,8 +239,10 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     config_lib.validate(config)
     report = report or log
     check_workdir(workdir)
-    programs = plan(config, list(config.get("sweep") or ()) if variants is None else variants)
-    saved_config = {**config, "sweep": [dict(v, label=l) for p in programs for l, v in p.variants]}
+    variants = list(config.get("sweep") or ()) if variants is None else list(variants)
+    programs = plan(config, variants)
+    # every field each variant sets (a program's variants differ only in STACKABLE ones; the rest is the program's)
+    saved_config = {**config, "sweep": [dict(v, label=variant_label(v)) for v in variants]}
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(saved_config, workdir))
     if dataset is not None and len({_data_key(p) for p in programs}) > 1:

@@ -2,6 +2,7 @@
 stacked variants equal to separate runs (per-model lr, weight decay, L1, dropout rate, batch norm
 statistics), and the sweep's table and figure."""
 import csv
+import json
 
 import chex
 import jax
@@ -138,6 +139,9 @@ def test_every_named_sweep_runs_on_the_sample(name, mnist_sample, tmp_path):
                              progress=False, log=quiet)
     assert len(result.rows) == len(config["sweep"])
     assert all(np.isfinite(r["test_loss_mean"]) and r["test_accuracy_mean"] > 0.05 for r in result.rows)
+    # config.json keeps every field each variant sets (it once kept only what one program stacks: Rprop read as SGD)
+    saved = json.loads((tmp_path / "config.json").read_text())["sweep"]
+    assert saved == json.loads(json.dumps([dict(v, label=sweep.variant_label(v)) for v in config["sweep"]]))
 
 
 def test_a_sweep_over_a_data_field_trains_each_program_on_its_data(mnist_sample, tmp_path):
