@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from flaxlab import metrics, plots
-from flaxlab.config import flatten
+from flaxlab.config import flatten, with_field
 from flaxlab.errors import UsageError
 from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
@@ -73,13 +73,44 @@ def read_runs(folder):
         selected = _sweep_selected_epochs(folder)
         histories = {label: _history(history, folder) for label, history in dict(recorded["variants"]).items()}
         return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0),
-                    _selected(selected.get(label), history), recorded.get("data", {}), config)
+                    _selected(selected.get(label), history), recorded.get("data", {}), _variant_config(config, label))
                 for label, history in histories.items() if history]
     history, info = _history(recorded.get("history"), folder), recorded.get("info") or {}
     if not history:
         return []
     return [Run(folder, config["name"], history, config.get("seed", 0), _selected(info.get("selected_epochs"), history),
                 info.get("data", {}), config)]
+
+
+def _variant_config(config, label):
+    """A sweep's config with the fields its variant `label` sets (as config.json lists them) set."""
+    variant = next((v for v in config.get("sweep") or () if isinstance(v, dict) and v.get("label") == label), {})
+    for key, value in variant.items():
+        if key != "label":
+            try:
+                config = with_field(config, key, value)
+            except UsageError:  # a field this flaxlab no longer has: the variant's label still says it
+                pass
+    return config
+
+
+def _listing(folders, runs):
+    """A line per folder: its experiment and how its config differs from run 1's; a sweep's variants (indented)
+    with what each sets apart from that."""
+    first, lines = _read_json(Path(folders[0]) / "config.json"), []
+    for i, folder in enumerate(folders, 1):
+        config = _read_json(Path(folder) / "config.json")
+        mine = [run for run in runs if run.folder == Path(folder)]
+        changes = [differences(run.config, first) for run in mine] if config.get("sweep") else [
+            differences(config, first)]
+        common = [c for c in changes[0] if all(c in other for other in changes)]
+        kind = f", a sweep of {len(mine)} variants" if config.get("sweep") else ""
+        lines.append(f"run {i}: {folder} ({config['name']}{kind}"
+                     + (f"; against run 1: {', '.join(common)})" if common else ")"))
+        if config.get("sweep"):
+            lines += [f"  - {run.label.split(': ', 1)[1]}: {', '.join(c for c in own if c not in common)}"
+                      for run, own in zip(mine, changes) if len(own) > len(common)]
+    return lines
 
 
 def _labels(runs):
@@ -95,7 +126,7 @@ def differences(config, reference):
     flat, base = flatten(config), flatten(reference)
     def show(value):
         if isinstance(value, (list, tuple)):
-            return ",".join(map(str, value))
+            return ",".join(map(str, value)) or "(empty)"
         return repr(value) if value == "" else str(value)
     return [f"{key} {show(base.get(key, '-'))} -> {show(flat.get(key, '-'))}" for key in sorted(set(flat) | set(base))
             if key not in ("name", "description", "sweep") and flat.get(key) != base.get(key)]
@@ -149,20 +180,17 @@ def compare_runs(folders, out=None, log=print):
     make_workdir(out)
     score = scores.pop()
     selected_note = " (test score at each model's selected epoch, and at the last)" if selecting else ""
-    configs = {Path(folder): next(run.config for run in runs if run.folder == Path(folder)) for folder in folders}
-    first = configs[Path(folders[0])]
-    listing = [f"run {i}: {folder} ({configs[Path(folder)]['name']}"
-               + (f"; against run 1: {', '.join(changes)})" if (changes := differences(configs[Path(folder)], first))
-                  else ")") for i, folder in enumerate(folders, 1)]
+    listing = _listing(folders, runs)
     (out / "results.md").write_text(
-        "# comparison\n\n" + "".join(f"- {line}\n" for line in listing)
+        "# comparison\n\n" + "".join(f"{'  ' if line.startswith(' ') else '- '}{line.strip()}\n" for line in listing)
         + (f"\n{note}\n" if note else "") + f"\n{table}\n\nEvery trial{selected_note}:\n\n"
         f"{metrics.trial_table(trials)}\n")
     (out / "results.csv").write_text(csv_text(rows))
     (out / "trials.csv").write_text(csv_text(trials))
     data = runs[0].data
     on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
-    plots.sweep_comparison(histories, out / "comparison.png", f"{len(histories)} runs{on}: test {score}, train loss",
+    plots.sweep_comparison(histories, out / "comparison.png", f"{len(folders)} runs{f' ({len(histories)} curves)' if len(histories) > len(folders) else ''}{on}: "
+                           f"test {score}, train loss",
                            legend="run")
     write_json(out / "compare.json", {"runs": [str(f) for f in folders], "labels": labels})
     if note:

@@ -8,6 +8,7 @@ from conftest import small_dataset
 from test_cli import cli
 from test_sweep import cnn, quiet
 
+from flaxlab import compare
 from flaxlab import data as data_lib
 from flaxlab.compare import compare_runs
 from flaxlab.errors import UsageError
@@ -45,7 +46,10 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
     assert lines[-1].startswith(
         f"run 1: {folders / 'plain'} (cnn)\nrun 2: {folders / 'lr0.05'} (cnn; against run 1: "
-        "best_metric '' -> val_accuracy, data.val_fraction 0.0 -> 0.1, optimizer.lr 0.1 -> 0.05)")
+        "best_metric '' -> val_accuracy, data.val_fraction 0.0 -> 0.1, optimizer.lr 0.1 -> 0.05)\n"
+        f"run 3: {folders / 'swept'} (cnn, a sweep of 2 variants)\n  - lr=0.3: optimizer.lr 0.1 -> 0.3\n\n")
+    assert f"- run 3: {folders / 'swept'} (cnn, a sweep of 2 variants)\n  - lr=0.3: optimizer.lr 0.1 -> 0.3\n" in (
+        tmp_path / "out" / "results.md").read_text()
     assert "\n| variant | run | seeds | final test accuracy" in lines[-1]
     # the run with a validation split was tested on the same test images: no note about different data
     assert not any(line.startswith("note:") for line in lines)
@@ -169,3 +173,14 @@ def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_s
     assert state().startswith(f"training or stopped (pid {alive.pid} on elsewhere since ")
     run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=quiet)  # a gone process's marker: no refusal
     assert not (tmp_path / "run" / "training.json").exists() and state() == "finished"
+
+
+def test_a_sweeps_variant_is_compared_with_every_field_it_sets():
+    config = {**cnn(), "sweep": [{"label": "SGD"}, {"label": "Rprop", "optimizer.name": "rprop", "optimizer.lr": 1e-3},
+                                 {"label": "gone", "no.such": 1}]}
+    rprop = compare._variant_config(config, "Rprop")
+    assert rprop["optimizer"]["name"] == "rprop" and config["optimizer"]["name"] == "sgd"
+    assert compare.differences(rprop, cnn()) == ["optimizer.lr 0.1 -> 0.001", "optimizer.name sgd -> rprop"]
+    assert compare.differences({**cnn(), "data": {**cnn()["data"], "size": (28, 28)}}, cnn()) == [
+        "data.size (empty) -> 28,28"]
+    assert compare._variant_config(config, "gone") == config  # a field this flaxlab lacks: the label says it
