@@ -282,10 +282,11 @@ def _bench(args, overrides):
 
 
 def _summary(args, overrides):
+    """One table, or one per distinct network of an ablation whose variants change it (ai604_cnn_bn's two
+    networks, mnist_cnn_widths' four); variants with the same table share it."""
     from experiments import EXPERIMENTS
     from flaxlab import config as config_lib
-    from flaxlab import models, summary
-    size = ()  # an experiment's --data.size, which its images are resized to on load
+    from flaxlab import models, sweep
     if args.model in EXPERIMENTS:
         config = _apply_overrides(_experiment(args.model), overrides)
         changed = config_lib.changed_fields(_experiment(args.model), config)
@@ -295,15 +296,31 @@ def _summary(args, overrides):
                                  f"--data.size (or --input-shape)")
         if "data.size" in changed and args.input_shape:
             raise UsageError("give --input-shape or --data.size, not both")
-        model_config, size = config["model"], config["data"]["size"]
-    elif args.model in models.MODELS:
-        if overrides:
-            raise UsageError(f"unexpected argument '{overrides[0]}'")
-        model_config = {"name": args.model}
-    else:
+        variants = [v for v in config["sweep"] if not set(v) & set(changed)]  # an option given beats the sweep
+        configs = {sweep.variant_label(v): sweep.variant_config(config, v) for v in variants} or {"": config}
+        tables = {}
+        for label, each in configs.items():
+            table = _summary_table(args, each["model"], each["data"]["size"],
+                                   f"{args.model} ({label})" if len(configs) > 1 else args.model)
+            tables.setdefault(table, []).append(label)
+        for table, labels in tables.items():
+            variant = f" ({'; '.join(labels)})" if len(tables) > 1 else ""
+            print(table.replace(f"{args.model}, input", f"{args.model}{variant}, input", 1))
+        return
+    if args.model not in models.MODELS:
         known = sorted(set(models.MODELS) | set(EXPERIMENTS))
         raise UsageError(f"unknown model or experiment '{args.model}'{did_you_mean(args.model, known)}; known: "
                          f"{', '.join(known)}")
+    if overrides:
+        raise UsageError(f"unexpected argument '{overrides[0]}'")
+    print(_summary_table(args, {"name": args.model}, ()))
+
+
+def _summary_table(args, model_config, size, name=None):
+    """The Keras-style table of a network on its report's input (resized to an experiment's --data.size), or
+    --input-shape; `name` is what an error calls it (an ablation's variant)."""
+    name = name or args.model
+    from flaxlab import models, summary
     input_shape, num_classes = models.REPORT_INPUTS.get(model_config["name"], (None, 10))
     if size and input_shape:
         input_shape = (*size, input_shape[2])
@@ -315,7 +332,7 @@ def _summary(args, overrides):
         except ValueError:
             raise UsageError(f"bad --input-shape '{args.input_shape}': expected H,W,C such as 32,32,3") from None
     if not input_shape:
-        raise UsageError(f"{args.model} has no report input to show it on: give --input-shape H,W,C")
+        raise UsageError(f"{name} has no report input to show it on: give --input-shape H,W,C")
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise UsageError(f"--input-shape must be H,W,C with positive sizes, got {args.input_shape}")
     if args.num_classes is not None and args.num_classes < 1:
@@ -328,8 +345,8 @@ def _summary(args, overrides):
             raise
         from flaxlab.runner import shape_error_gist, size_hint
         hint = size_hint(model, input_shape, option.split()[0], with_channels=bool(args.input_shape))
-        raise UsageError(f"{args.model} cannot take {option}: {shape_error_gist(e)}{hint}") from None
-    print(summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}"))
+        raise UsageError(f"{name} cannot take {option}: {shape_error_gist(e)}{hint}") from None
+    return summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}")
 
 
 def _layers(args):

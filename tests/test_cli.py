@@ -1,6 +1,7 @@
 """The command line as a user meets it: the main job, its files, and one-line errors with exit code 2."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,14 @@ def test_summary_prints_the_reports_counts(tmp_path):
     assert "input 14x14x1" in out.stdout and "Total params: 8,778" in out.stdout  # the dense layer takes 3x3x32
     out = cli("summary", "tdt4265_resnet18", cwd=tmp_path)  # torchvision's 11,689,512 less 1000-class fc plus 10
     assert "input 32x32x3" in out.stdout and "Trainable params: 11,181,642" in out.stdout, out.stderr
+    # an ablation over networks: a table each (it showed the sweep's base, LeNet-5, which neither variant trains)
+    out = cli("summary", "ai604_cnn_bn", cwd=tmp_path)
+    assert re.findall(r"(ai604_cnn_bn \(.*\)), input 28x28x1\n(?:.*\n)*?Trainable params: ([\d,]+)", out.stdout) == [
+        ("ai604_cnn_bn (name=ai604_cnn_bn)", "11,842"), ("ai604_cnn_bn (name=ai604_cnn_bn_pool)", "3,202")]
+    out = cli("summary", "gtsrb_trials", cwd=tmp_path)  # variants with one network share its table
+    assert out.stdout.count("Total params") == 2 and "gtsrb_trials (baseline (Adam); SGD; Rprop), input" in out.stdout
+    out = cli("summary", "ai604_cnn_bn", "--data.size", "6,6", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: ai604_cnn_bn (name=ai604_cnn_bn_pool) cannot take")
 
 
 def test_run_help_says_that_every_config_field_is_an_option(tmp_path):
