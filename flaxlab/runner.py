@@ -158,6 +158,24 @@ def check_input(config, model, dataset):
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
 
 
+# data sets whose classes a mirror image can change: flips there train or score on wrong labels
+MIRROR_CHANGES_CLASS = {"gtsrb": "a mirrored 'keep left' sign is 'keep right', and a speed limit's digits mirrored "
+                                 "are no number", "mnist": "most digits mirrored are no digit, and a 6 upside down is a 9"}
+
+
+def flip_warning(config, flips=None):
+    """A warning when a flip meets a data set whose classes a mirror changes; `flips`: the options in use
+    (default: the config's)."""
+    why = MIRROR_CHANGES_CLASS.get(config["data"]["name"])
+    if flips is None:
+        flips = [f"--{key}" for key, on in (("augment.flip_lr", config["augment"].get("flip_lr")),
+                                           ("augment.flip_ud", config["augment"].get("flip_ud")),
+                                           ("eval_flip", config.get("eval_flip"))) if on]
+    if why and flips:
+        return f"{' and '.join(flips)} on {config['data']['name']}: {why}, so the flipped images carry wrong labels"
+    return None
+
+
 def set_up(config, dataset, variants=({},), weights=None):
     """Model, trainer, independently initialised states and the data on the device.
 
@@ -625,6 +643,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
+    if warning := flip_warning(config):
+        (report or log)(f"warning: {warning}")
 
     workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])
     checkpoints, resumed = None, None
@@ -762,6 +782,8 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, eval_flip=flip)
     how = "each image and its left-right mirror" if flip else "the images as they are"
     log(f"{config['name']}: {_kept(config, progress)}, on {how}; data: {dataset.source}")
+    if warning := flip_warning(config, ["--flip"] if flip else []):
+        log(f"warning: {warning}")
     scores = {}
     for name, split in (("val", s.val_data), ("test", s.test_data)):
         if split is None:

@@ -22,7 +22,7 @@ from flaxlab import analysis, metrics, parallel, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit,
+from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, flip_warning,
                             folder_of_this_process, load_dataset, make_workdir, marked_as_training,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
@@ -67,7 +67,8 @@ def parse_grid(config, specs):
             parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
         except UsageError as e:
             if separator == "/":  # '8-16,16-32' for two variants: say how --grid takes a list field's values
-                raise UsageError(f"{e}; --grid separates a list field's values with /: {name.strip()}=8,16/16,32") from None
+                raise UsageError(f"{e}; --grid separates a list field's values with /: "
+                                 f"{name.strip()}=8,16/16,32") from None
             raise
         if len(set(map(repr, parsed))) != len(parsed):
             raise UsageError(f"--grid {key} repeats a value")
@@ -262,9 +263,12 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     total = sum(len(p.variants) for p in programs)
     epochs = sorted({p.config["epochs"] for p in programs})  # a grid over epochs gives each program its own
     epochs = f"{epochs[0]} epochs" if len(epochs) == 1 else f"{' or '.join(map(str, epochs))} epochs"
+    val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
-        f"program(s), {epochs} each; data: {dataset.source} "
-        f"({len(dataset.train):,} train / {len(dataset.test):,} test{', per program below' if several else ''})")
+        f"program(s), {epochs} each; data: {dataset.source} ({len(dataset.train):,} train{val_count} / "
+        f"{len(dataset.test):,} test{', per program below' if several else ''})")
+    for warning in dict.fromkeys(filter(None, (flip_warning(p.config) for p in programs))):
+        report(f"warning: {warning}")
 
     histories, trials, program_info, earlier_s = {}, [], [], 0.0
     if resume:

@@ -104,6 +104,21 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
     assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
     assert "is missing or not JSON" in capsys.readouterr().err
+    assert main(["evaluate", "--workdir", str(result.workdir), "--flip"]) == 0  # allowed, with a word
+    assert "warning: --flip on gtsrb: a mirrored 'keep left' sign is 'keep right'" in capsys.readouterr().out
+
+
+def test_flips_on_data_whose_classes_a_mirror_changes_are_warned_of():
+    from flaxlab.runner import flip_warning
+    gtsrb = EXPERIMENTS["gtsrb_cnn"]()
+    assert flip_warning(gtsrb) is None
+    assert flip_warning({**gtsrb, "augment": {**gtsrb["augment"], "flip_lr": True}, "eval_flip": True}).startswith(
+        "--augment.flip_lr and --eval_flip on gtsrb: a mirrored 'keep left' sign is 'keep right'")
+    cnn = EXPERIMENTS["mnist_cnn"]()
+    assert flip_warning({**cnn, "augment": {**cnn["augment"], "flip_ud": True}}).startswith(
+        "--augment.flip_ud on mnist: most digits mirrored are no digit, and a 6 upside down is a 9")
+    assert flip_warning(EXPERIMENTS["bs6207_allconv"]()) is None  # CIFAR-10's classes are mirror images of themselves
+    assert flip_warning(EXPERIMENTS["glas_fcn2_flips"]()) is None  # a mask flips with its image
 
 
 def test_evaluate_rescores_the_kept_state_with_and_without_mirrors(tmp_path, capsys):
