@@ -67,10 +67,10 @@ class BestEpochs:
 DIVERGED_LOSS = 10.0  # a mean loss above this is worse than a uniform guess among 20,000 classes
 
 
-def divergence_note(history):
+def divergence_note(history, optimizer="sgd"):
     """'' or a line naming the models whose train loss blew up (not finite, or above any guess's), and from
     which epoch: their scores are a diverged network's (predicting one class), and a lower learning rate is
-    the usual cure."""
+    the usual cure, except for Rprop, whose steps grow from it by themselves."""
     losses = np.asarray(history["train_loss"], dtype=np.float64)  # (epochs, models)
     with np.errstate(invalid="ignore"):
         bad = ~(losses <= DIVERGED_LOSS)  # NaN compares false
@@ -80,8 +80,11 @@ def divergence_note(history):
     first = history["epoch"][int(np.argmax(bad[:, diverged].any(axis=1)))]
     finite = np.isfinite(losses[-1, diverged]).any()
     what = f"ended above {DIVERGED_LOSS:g} or not finite" if finite else "is not finite"
+    cure = ("Rprop's steps grow by themselves from --optimizer.lr (up to 50), and it was made for full-batch "
+            "gradients: try a larger --batch-size, or Adam" if optimizer == "rprop" else
+            "a lower --optimizer.lr usually cures it")
     return (f"training diverged: the train loss of {len(diverged)} of {losses.shape[1]} model(s) {what} "
-            f"(from epoch {first}); a lower --optimizer.lr usually cures it")
+            f"(from epoch {first}); {cure}")
 
 
 def final_stats(history, best_epochs=None):

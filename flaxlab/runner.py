@@ -556,7 +556,7 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         + "\n"
         f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n"
-        + (f"- **{note}**\n" if (note := metrics.divergence_note(history)) else "")
+        + (f"- **{note}**\n" if (note := metrics.divergence_note(history, config["optimizer"]["name"])) else "")
         + f"\n{table}\n{trials}{analysis_md}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
@@ -693,7 +693,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
                     epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
         save_history(history)
         report = report or log  # what a --quiet run still says
-        if note := metrics.divergence_note(history):
+        if note := metrics.divergence_note(history, config["optimizer"]["name"]):
             report(f"warning: {note}")
         chosen = best if best is not None else states  # the selected (best-validation) models, when selecting
         predictions = parallel.to_host(trainer.predict(chosen, s.test_data))

@@ -337,7 +337,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                                  "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
             rows += [variant_row(label, index, histories[label]) for label in labels]
             for label in labels:
-                if note := metrics.divergence_note(histories[label]):
+                if note := metrics.divergence_note(histories[label], program.config["optimizer"]["name"]):
                     report(f"warning: {label}: {note}")
             save()
             if checkpoints is not None:  # the program is in history.json: its states are not needed again
@@ -351,6 +351,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                     if config["best_metric"] else "")
         (workdir / "results.csv").write_text(csv_text(rows))
         (workdir / "trials.csv").write_text(csv_text(trials))
+        optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
         programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
                                 f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
                                 f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
@@ -365,7 +366,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
             f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
             + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
-                      if (note := metrics.divergence_note(history)))
+                      if (note := metrics.divergence_note(history, optimizer_of[label])))
             + f"\n{table}\n\n"
             f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
         plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")

@@ -99,6 +99,9 @@ def test_a_diverged_run_is_said_and_drawn(tmp_path):
         "training diverged: the train loss of 1 of 2 model(s) ended above 10 or not finite (from epoch 1); "
         "a lower --optimizer.lr usually cures it")
     assert metrics.divergence_note({**history, "train_loss": [[12.0, 0.4], [9.0, 0.3]]}) == ""  # recovered
+    assert metrics.divergence_note({**history, "train_loss": [[0.5, 0.4], [25.0, 0.3]]}, "rprop").endswith(
+        "(from epoch 2); Rprop's steps grow by themselves from --optimizer.lr (up to 50), and it was made for "
+        "full-batch gradients: try a larger --batch-size, or Adam")
     at_once = {**history, "epoch": [1], "train_loss": [[nan, nan]], "test_loss": [[nan, nan]],
                "train_accuracy": [[0.1, 0.1]], "test_accuracy": [[0.1, 0.1]]}
     plots.learning_curves(at_once, tmp_path / "curves.png", "diverged")
