@@ -68,8 +68,9 @@ def learning_curves(history, path, title):
 def trial_curves(histories, path, title):
     """Loss per epoch of every trial (model) on its own: train solid, test (or val) dashed; one panel per variant.
     The legend names each trial's colour once and the two line styles, beside the panels: with 8 trials a
-    legend of every line covered the curves."""
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories) + 1.4, 3.8), squeeze=False)
+    legend of every line covered the curves. The panels share one loss scale: each its own made a loss of 9
+    look like one of 0.05."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories) + 1.4, 3.8), squeeze=False, sharey=True)
     trials = 0
     for ax, (label, history) in zip(axes[0], histories.items()):
         held = "val" if "val_loss" in history else "test"

@@ -106,6 +106,7 @@ def test_a_diverged_run_is_said_and_drawn(tmp_path):
                "train_accuracy": [[0.1, 0.1]], "test_accuracy": [[0.1, 0.1]]}
     plots.learning_curves(at_once, tmp_path / "curves.png", "diverged")
     plots.trial_curves({"lr=1e38": at_once}, tmp_path / "trials.png", "diverged")
+    plots.trial_curves({"lr=1e38": at_once, "lr=0.1": history}, tmp_path / "trials2.png", "one scale, one diverged")
     plots.sweep_comparison({"lr=1e38": at_once, "lr=0.1": history}, tmp_path / "comparison.png", "diverged")
     assert all((tmp_path / name).stat().st_size > 1000 for name in ("curves.png", "trials.png", "comparison.png"))
 
