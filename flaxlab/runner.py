@@ -376,15 +376,27 @@ def remove_if_temporary(workdir):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# what a run or sweep (and figures, predict) writes in its folder, besides config.json and the training marker
+RUN_OUTPUTS = ("history.json", "results.md", "results.csv", "trials.csv", "trials.png", "comparison.png", "curves.png",
+               "confusion.png", "confusion.json", "misclassified.png", "filters.png", "overlay.png", "predictions.png",
+               "scores.json", "features*.png", "predicted-masks")
+
+
 def remove_earlier_run(workdir, log):
     """A fresh run or sweep in a used folder: `--resume` and `evaluate` must not find an earlier run's states
-    there and read them under the new config, nor TensorBoard its curves under the new run's name."""
-    removed = [name for name in (CHECKPOINT_DIR, tensorboard.FOLDER) if (Path(workdir) / name).is_dir()]
+    there and read them under the new config, nor TensorBoard its curves under the new run's name; and a
+    sweep's table or a run's figures left there would pass for the new run's."""
+    workdir = Path(workdir)
+    removed = [name for name in (CHECKPOINT_DIR, tensorboard.FOLDER) if (workdir / name).is_dir()]
     for name in removed:
-        shutil.rmtree(Path(workdir) / name)
-    if removed:
-        what = " and ".join({tensorboard.FOLDER: "TensorBoard events"}.get(name, name) for name in removed)
-        log(f"removed the {what} of the run that was in {workdir} before")
+        shutil.rmtree(workdir / name)
+    outputs = sorted({path for pattern in RUN_OUTPUTS for path in workdir.glob(pattern)})
+    for path in outputs:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    what = [{tensorboard.FOLDER: "TensorBoard events"}.get(name, name) for name in removed]
+    what += ["results and figures"] if outputs else []
+    if what:
+        log(f"removed the {' and '.join(what)} of the run that was in {workdir} before")
 
 
 def select_models(improved, new, kept):

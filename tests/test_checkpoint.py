@@ -163,6 +163,12 @@ def test_a_fresh_run_in_a_used_folder_removes_the_earlier_runs_checkpoints(tmp_p
     evaluate = cli("evaluate", "--workdir", "used", cwd=tmp_path)
     _, err = evaluate.communicate(timeout=300)
     assert evaluate.returncode == 2 and "used is a sweep's folder; a sweep keeps no states once it ends" in err, err
+    # nor does one kind's results pass for the other's: the run's figures were left beside the sweep's table
+    names = {p.name for p in (tmp_path / "used").iterdir()}
+    assert "trials.csv" in names and not names & {"confusion.png", "misclassified.png", "features.png", "filters.png"}
+    finished(cli(*run, cwd=tmp_path))
+    names = {p.name for p in (tmp_path / "used").iterdir()}
+    assert "confusion.png" in names and not names & {"trials.csv", "results.csv", "comparison.png", "trials.png"}
 
 
 def test_evaluate_reads_the_data_the_run_read(tmp_path):
