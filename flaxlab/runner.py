@@ -602,6 +602,28 @@ def check_resumable(config, workdir):
         raise UsageError(f"--resume: {workdir} was run with other settings ({options}); resume with the same options")
 
 
+def data_differs(recorded, dataset):
+    """How `dataset` differs from the data a run recorded (history.json's `data`), or ''. A moved folder is the
+    same data; a field an older flaxlab did not record counts as the same."""
+    mine = dataset.describe()
+    keys = ("name", "train_examples", "val_examples", "test_examples", "image_shape", "num_classes", "class_names")
+    if all(recorded.get(key, mine.get(key)) == mine.get(key) for key in keys):
+        return ""
+    return (f"trained on {recorded.get('source')} ({recorded.get('train_examples', 0):,} train), and this launch "
+            f"loads {dataset.source} ({len(dataset.train):,} train): give the --data-dir (and --data options) it read")
+
+
+def _check_resumed_data(workdir, dataset):
+    """--resume goes on with the data the run trained on (it once took the sample where --data-dir was left out,
+    mixing full-MNIST epochs with sample ones in one history)."""
+    try:
+        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # stopped before its first epoch ended: no data recorded, nothing trained on it kept
+    if why := data_differs(recorded, dataset):
+        raise UsageError(f"--resume: {workdir} was {why}")
+
+
 def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints):
     """The line a Ctrl-C ends a run with: what its folder holds, and how (or whether) it can go on."""
     kept = kept_epochs(workdir / CHECKPOINT_DIR)
@@ -636,6 +658,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         return loaded, check_views(config, model, loaded), weights
     dataset, (convs, feature_layer), weights = parallel.in_every_process(
         checked, config, fingerprint=lambda done: done[0].checksum())
+    if resume:
+        parallel.from_process_0(lambda: _check_resumed_data(workdir, dataset))
     s = set_up(config, dataset, weights=weights)
     trainer = s.trainer
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)

@@ -22,8 +22,8 @@ from flaxlab import analysis, metrics, parallel, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_resumable, check_workdir, default_workdir, fit, flip_warning,
-                            folder_of_this_process, load_dataset, make_workdir, marked_as_training,
+from flaxlab.runner import (check_input, check_resumable, check_workdir, data_differs, default_workdir, fit,
+                            flip_warning, folder_of_this_process, load_dataset, make_workdir, marked_as_training,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
@@ -203,14 +203,11 @@ def _finished_programs(workdir, programs, datasets):
     finished = saved["programs"]
     if finished and "trials" not in saved:
         raise UsageError(f"--resume: {workdir} was written by an earlier flaxlab, which kept too little to go on from")
-    same = lambda a, b: {**a, "source": None} == {**b, "source": None}  # noqa: E731 (a moved folder is the same data)
     for info, program, data in zip(finished, programs, datasets):
         if info.get("variants") != [label for label, _ in program.variants]:
             raise UsageError(f"--resume: program {info.get('program')} in {workdir} trained other variants")
-        if not same(info.get("data") or {}, data.describe()):
-            raise UsageError(f"--resume: {workdir}'s program {info['program']} trained on {info['data']['source']} "
-                             f"({info['data']['train_examples']:,} train), this launch loads {data.source} "
-                             f"({len(data.train):,} train): give the --data-dir it read")
+        if why := data_differs(info.get("data") or {}, data):
+            raise UsageError(f"--resume: {workdir}'s program {info['program']} was {why}")
     labels = [label for info in finished for label in info["variants"]]
     return ({label: saved["variants"][label] for label in labels},
             [row for row in saved.get("trials", []) if row["variant"] in labels], finished, saved.get("wall_s", 0.0))

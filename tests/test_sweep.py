@@ -248,6 +248,11 @@ def test_resuming_a_sweep_refuses_another_sweep_or_data(mnist_sample, tmp_path):
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
             (run_experiment(other[0], workdir=tmp_path, dataset=ds, resume=True) if other[1] is None else
              sweep.run_sweep(*other, workdir=tmp_path, dataset=ds, resume=True, log=quiet))
-    with pytest.raises(UsageError, match=r"program 1 trained on .*\(256 train\), this launch loads .*\(512 train\)"):
-        sweep.run_sweep(config, variants, workdir=tmp_path, dataset=small_dataset(mnist_sample, 512, 64),
-                        resume=True, log=quiet)
+    other_data = small_dataset(mnist_sample, 512, 64)
+    with pytest.raises(UsageError, match=r"program 1 was trained on .*\(256 train\), and this launch loads .*\(512 "):
+        sweep.run_sweep(config, variants, workdir=tmp_path, dataset=other_data, resume=True, log=quiet)
+    # a single run too: it went on with other data (the sample, where --data-dir was left out), without a word
+    run_experiment({**config, "checkpoint_every": 1}, workdir=tmp_path / "run", dataset=ds, progress=False, log=quiet)
+    with pytest.raises(UsageError, match=r"run was trained on .*\(256 train\), and this launch loads .*\(512 train\)"):
+        run_experiment({**config, "epochs": 2, "checkpoint_every": 1}, workdir=tmp_path / "run", dataset=other_data,
+                       resume=True, log=quiet)
