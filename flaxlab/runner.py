@@ -192,8 +192,12 @@ def set_up(config, dataset, variants=({},), weights=None):
     steps = steps_per_epoch(len(dataset.train) // shards, max(config["batch_size"] // shards, 1),
                             config.get("drop_last", True))
     optimizer = {**config["optimizer"], "decay_steps": config["epochs"] * steps}  # for a schedule
+    # no larger than the largest split scored, in multiples of 8 (the filler of a last batch is computed too:
+    # --eval_batch_size 1000000 asked for 31 GB to score 10,000 digits)
+    largest = max(len(split) for split in (dataset.test, dataset.val) if split is not None)
+    eval_batch_size = min(config["eval_batch_size"], -(-largest // 8) * 8)
     trainer = Trainer(model, optimizer, num_models=num_models,
-                      batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
+                      batch_size=config["batch_size"], eval_batch_size=eval_batch_size,
                       epoch_mode=config["epoch_mode"], scan_steps=config.get("scan_steps") or None,
                       model_axis=config.get("model_axis", "auto"), augment=make_augment(config.get("augment")),
                       drop_last=config.get("drop_last", True), mesh=mesh,
@@ -861,7 +865,10 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
     dataset, pixel_mean = _stand_in_dataset(workdir, config)
     segmentation = dataset.is_segmentation
     if segmentation:
-        out = Path(out) if out else workdir / "predicted-masks"
+        default = workdir / "predicted-masks"
+        out = Path(out) if out else default
+        if out == default and out.is_dir() and all(p.suffix == ".png" and p.is_file() for p in out.iterdir()):
+            shutil.rmtree(out)  # an earlier predict's masks, where this one writes by default
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--out {out}: masks go to a new or empty folder, and {out} is "
                              f"{'a file' if not out.is_dir() else 'not empty'}: name another with --out DIR")

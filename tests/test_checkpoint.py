@@ -292,8 +292,10 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     assert sorted(p.name for p in masks.iterdir()) == ["one.png", "two.png"]
     two = np.asarray(Image.open(masks / "two.png"))
     assert two.shape == (70, 90) and set(np.unique(two)) <= {0, 255}
-    with pytest.raises(UsageError, match="predicted-masks is not empty: name another with --out DIR"):
-        runner.predict_images(tmp_path / "run", [tmp_path / "b"], log=lambda *a: None)
+    runner.predict_images(tmp_path / "run", [tmp_path / "b"], log=lambda *a: None)  # its masks replace the last's
+    assert sorted(p.name for p in masks.iterdir()) == ["one.png"]
+    with pytest.raises(UsageError, match="a is not empty: name another with --out DIR"):  # other files are kept
+        runner.predict_images(tmp_path / "run", [tmp_path / "b"], out=tmp_path / "a", log=lambda *a: None)
     with pytest.raises(UsageError, match="two images named one"):
         runner.predict_images(tmp_path / "run", [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o",
                               log=lambda *a: None)

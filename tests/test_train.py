@@ -122,6 +122,14 @@ def test_epochs_never_recompile(mnist_sample, monkeypatch, tmp_path):
     chex.clear_trace_counter()
 
 
+def test_the_eval_batch_is_no_larger_than_the_largest_split(mnist_sample):
+    """--eval_batch_size 1000000 once padded 10,000 test digits to a million and ran out of memory."""
+    from flaxlab.runner import set_up
+    ds = small_dataset(mnist_sample, 256, 61)
+    assert set_up(tiny_mlp_config(eval_batch_size=10**6), ds).trainer.eval_batch_size == 64  # 61 up to 8's multiple
+    assert set_up(tiny_mlp_config(eval_batch_size=16), ds).trainer.eval_batch_size == 16
+
+
 def test_model_axis_follows_backend():
     assert train.resolve_model_axis("auto", 4, "cpu") == "sequential"  # vmapped convs are grouped convs, slow there
     assert train.resolve_model_axis("auto", 4, "gpu") == "vmap"
