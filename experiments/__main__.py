@@ -1,5 +1,11 @@
+import os
 import sys
 
 from experiments.cli import main
 
-sys.exit(main())
+code = main()
+if code == 130:  # Ctrl-C: XLA may still be compiling on a thread that interpreter shutdown crashes (exit 139)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
