@@ -244,10 +244,12 @@ def write_json(path, obj):
 
 
 def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
-    """The config's dataset (unless given), checked to hold a batch of every size the run will train with,
-    and a validation split when the run selects models by one."""
+    """The config's dataset (unless given), checked to suit the network (said first: a classification net on
+    GlaS was refused for its batch size), to hold a batch of every size the run will train with, and a
+    validation split when the run selects models by one."""
     if dataset is None:
         dataset = data_lib.load(data_dir=data_dir, **config["data"])
+    check_input(config, make_model(config["model"], dataset.num_classes), dataset)
     for batch_size in batch_sizes or [config["batch_size"]]:
         if batch_size > len(dataset.train) and config.get("drop_last", True):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(dataset.train)} examples)")
@@ -654,9 +656,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         parallel.from_process_0(lambda: check_resumable(config, workdir))
 
     def checked():  # what each process reads for itself, and bad input refused before any device work
-        loaded = load_dataset(config, data_dir, dataset)
+        loaded = load_dataset(config, data_dir, dataset)  # the network checked against its images too
         model = make_model(config["model"], loaded.num_classes)
-        check_input(config, model, loaded)
         weights = (pretrained.pretrained_variables(config["model"]["name"], config["model"].get("weights", ""))
                    if config["model"].get("pretrained") else None)
         return loaded, check_views(config, model, loaded), weights

@@ -21,9 +21,8 @@ from flaxlab import config as config_lib
 from flaxlab import analysis, metrics, parallel, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
-from flaxlab.models import make_model
-from flaxlab.runner import (check_input, check_resumable, check_workdir, data_differs, default_workdir, fit,
-                            flip_warning, folder_of_this_process, load_dataset, make_workdir, marked_as_training,
+from flaxlab.runner import (check_resumable, check_workdir, data_differs, default_workdir, fit, flip_warning,
+                            folder_of_this_process, load_dataset, make_workdir, marked_as_training,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
@@ -247,12 +246,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         raise UsageError("this sweep changes data fields, so it loads its datasets itself: pass no dataset")
 
     def checked():  # what each process reads for itself, and bad input refused before any device work
-        # each program's batch size and best-model split checked against its data, loaded once per data config
-        loaded = program_datasets(programs,
-                                  lambda c, done: load_dataset(c, data_dir, dataset if done is None else done))
-        for program, data in zip(programs, loaded):  # every network takes its images
-            check_input(program.config, make_model(program.config["model"], data.num_classes), data)
-        return loaded
+        # each program's network, batch size and best-model split checked against its data, loaded once per data
+        return program_datasets(programs, lambda c, done: load_dataset(c, data_dir, dataset if done is None else done))
     datasets = parallel.in_every_process(
         checked, saved_config, fingerprint=lambda done: [d.checksum() for d in {id(d): d for d in done}.values()])
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1

@@ -64,6 +64,9 @@ def cli(*args, cwd):
     (["run", "glas_fcn", "--model.name", "small_cnn"],
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
+    (["run", "mnist_cnn", "--data.name", "glas"], "small_cnn puts out a label per image, and glas is segmentation"),
+    (["sweep", "mnist_cnn", "--grid", "data.name=mnist,glas"],  # before the batch of 32 > GlaS's 12 sample images
+     "small_cnn puts out a label per image, and glas is segmentation"),
     (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
     (["run", "mnist_cnn", "--model.hidden", "100"], "unknown option '--model.hidden'"),  # mlp's, not small_cnn's
     (["run", "mnist_fnn", "--features.last_conv", "true"], "--features.last_conv: mlp has no convolutions"),
