@@ -62,8 +62,10 @@ def parse_grid(config, specs):
         if why:
             raise UsageError(f"--grid cannot vary {key}: {why}")
         separator = "/" if isinstance(flat[key], (tuple, list)) else ","
+        if not all(v.strip() for v in values.split(separator)):  # 'lr=0.1,,0.2' or 'dropout=0,': a typo
+            raise UsageError(f"bad --grid '{spec}': an empty value between '{separator}'s")
         try:
-            parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator) if v.strip()]
+            parsed = [config_lib.parse_value(key, v.strip(), flat[key]) for v in values.split(separator)]
         except UsageError as e:
             if separator == "/":  # '8-16,16-32' for two variants: say how --grid takes a list field's values
                 raise UsageError(f"{e}; --grid separates a list field's values with /: "

@@ -42,6 +42,8 @@ def test_grid_resolves_short_names_and_makes_a_product():
     ("seeds=1,2", "cannot vary seeds: every variant trains --seeds N models"),
     ("layer=Conv_0,Conv_1", "cannot vary features.layer: a sweep draws no feature maps"),
     ("checkpoint_every=0,1", "cannot vary checkpoint_every"),
+    ("lr=0.1,,0.2", "an empty value between ','s"), ("dropout=0,", "an empty value"),
+    ("features=8,16/", "bad --grid 'features=8,16/': an empty value between '/'s"),
     ("features=8-16,16-32", "bad value '8-16,16-32' .*separates a list field's values with /: features=8,16/16,32")])
 def test_bad_grids_are_one_clear_error(spec, message):
     with pytest.raises(UsageError, match=message):
