@@ -808,6 +808,8 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
     """Filters and one layer's feature maps of a finished (or interrupted) run, from its last checkpoint:
     each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png."""
     workdir = Path(workdir)
+    if workdir.is_dir() and (why := unwritable(workdir)):  # a missing folder is _restore_run's to name
+        raise UsageError(f"--workdir {workdir}: {why}, and figures are drawn into the run folder")
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, features={"layer": layer, "image": image})
     convs, layer = check_views(config, s.model, dataset)
     if not convs:
@@ -870,6 +872,8 @@ def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
         out = Path(out) if out else default
         if out == default and out.is_dir() and all(p.suffix == ".png" and p.is_file() for p in out.iterdir()):
             shutil.rmtree(out)  # an earlier predict's masks, where this one writes by default
+        if why := unwritable(out):
+            raise UsageError(f"--out {out}: {why}")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--out {out}: masks go to a new or empty folder, and {out} is "
                              f"{'a file' if not out.is_dir() else 'not empty'}: name another with --out DIR")

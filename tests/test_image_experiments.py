@@ -106,6 +106,11 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     assert "is missing or not JSON" in capsys.readouterr().err
     assert main(["evaluate", "--workdir", str(result.workdir), "--flip"]) == 0  # allowed, with a word
     assert "warning: --flip on gtsrb: a mirrored 'keep left' sign is 'keep right'" in capsys.readouterr().out
+    from flaxlab import runner
+    with pytest.MonkeyPatch.context() as patch:  # a read-only folder (root writes anywhere, so made up here)
+        patch.setattr(runner, "unwritable", lambda folder: f"cannot write in {folder}")
+        assert main(["figures", "--workdir", str(result.workdir)]) == 2  # was PIL's traceback
+    assert "figures are drawn into the run folder" in capsys.readouterr().err
 
 
 def test_flips_on_data_whose_classes_a_mirror_changes_are_warned_of():
