@@ -159,11 +159,17 @@ def load_mnist_files(data_dir):
     if not Path(data_dir).expanduser().is_dir():
         raise DataError(f"{data_dir_option(data_dir)} is not a folder; {HOW_TO_GET_MNIST}")
     data_dir = Path(data_dir).expanduser()
+    partial = None  # a folder with some of the four files: the others are what to name
     for folder in (data_dir, data_dir / "mnist", data_dir / "MNIST" / "raw"):
         paths = {(s, k): _find_idx(folder, s, k) for s in ("train", "test") for k in ("images", "labels")}
         if all(paths.values()):
             break
+        if any(paths.values()) and partial is None:
+            partial = folder, [f"{'t10k' if s == 'test' else s}-{k}-idx{3 if k == 'images' else 1}-ubyte"
+                               for (s, k), path in paths.items() if path is None]
     else:
+        if partial:
+            raise DataError(f"{partial[0]} lacks MNIST's {', '.join(partial[1])} (or .gz); {HOW_TO_GET_MNIST}")
         raise DataError(f"no MNIST IDX files in {data_dir}; {HOW_TO_GET_MNIST}")
     splits = {}
     for s in ("train", "test"):

@@ -56,6 +56,9 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         data.load_mnist(source="files", data_dir=tmp_path / "missing")
     fake_mnist_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()  # one file missing is named, not taken for none there
+    with pytest.raises(DataError, match=f"{tmp_path} lacks MNIST's t10k-labels-idx1-ubyte \\(or .gz\\)"):
+        data.load_mnist(source="files", data_dir=tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x0a\x01\x02")  # truncated
     with pytest.raises(DataError, match="truncated or corrupt"):
         data.load_mnist(source="files", data_dir=tmp_path)
