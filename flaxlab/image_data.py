@@ -811,6 +811,8 @@ def read_images(paths, size, channels):
             with Image.open(file) as im:
                 im = ImageOps.exif_transpose(im)  # a phone's photo, upright as its viewer shows it
                 sizes.append((im.height, im.width))
+                if "A" in im.getbands() or "transparency" in im.info:  # a drawing app's ink on a clear background:
+                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))  # on paper
                 im = im.convert("L" if channels == 1 else "RGB")
                 images.append(np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
                               .reshape(size[0], size[1], channels))

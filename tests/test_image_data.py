@@ -143,6 +143,12 @@ def test_read_images_for_predict_turns_phone_photos_upright_and_sorts_naturally(
     np.testing.assert_array_equal(images[1, ..., 0], upright)
     np.testing.assert_array_equal(images[0, ..., 0], upright)
     assert image_data.read_images([tmp_path / "2.png"], (3, 2), 3)[0].shape == (1, 3, 2, 3)
+    # a drawing app's export: black ink where alpha is 255, clear (black, alpha 0) elsewhere; was all black
+    ink = np.zeros((6, 4, 4), np.uint8)
+    ink[2:4, 1:3, 3] = 255
+    Image.fromarray(ink, "RGBA").save(tmp_path / "drawn.png")
+    drawn = image_data.read_images([tmp_path / "drawn.png"], (6, 4), 1)[0][0, ..., 0]
+    assert (drawn[2:4, 1:3] == 0).all() and (drawn[:2] == 255).all() and (drawn[4:] == 255).all()
 
 
 def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):
