@@ -746,6 +746,10 @@ def _image_folder_arrays(source, size):
         raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in sorted(splits))}); "
                         f"{HOW_TO_GET_IMAGES}")
     test_split = next((s for s in IMAGE_TEST_SPLITS if s in splits), None)
+    untrained = sorted(set(splits[test_split][1]) - set(splits[train_split][1])) if test_split else []
+    if untrained:  # never learnable, scored as wrong: most likely a folder named two ways
+        raise DataError(f"{source}: {test_split}/ has class folder(s) that {train_split or 'the top'}/ lacks "
+                        f"({', '.join(untrained[:5])}): name each class's folder the same in every split")
     classes = sorted({c for s in (train_split, test_split) if s in splits for c in splits[s][1]})
     index = {c: i for i, c in enumerate(classes)}
     arrays = {"class_names": np.array(classes), "splits": np.array([train_split, test_split or ""]),

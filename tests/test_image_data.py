@@ -130,6 +130,10 @@ def test_your_own_class_folders_errors(tmp_path):
                                                 **folder_files(("a", "b"), 1, prefix="y/")})
     with pytest.raises(DataError, match="no train split in .*found 'x', 'y'"):
         data.load("images", data_dir=nested)
+    typo = write_tree(tmp_path / "typo", {**folder_files(("cat", "dog"), 2, prefix="train/"),
+                                          **folder_files(("cat", "dgo"), 1, prefix="test/")})
+    with pytest.raises(DataError, match=r"test/ has class folder\(s\) that train/ lacks \(dgo\): name each class's"):
+        data.load("images", data_dir=typo)  # was a third class, never trained, its test images all wrong
 
 
 def test_read_images_for_predict_turns_phone_photos_upright_and_sorts_naturally(tmp_path):
