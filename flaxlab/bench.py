@@ -38,7 +38,8 @@ def _load(config, data_dir):
     source = config["data"]["source"]
     if source == "auto":
         source = "files" if data_dir else "sample"
-    return data_lib.load(**{**config["data"], "source": source}, data_dir=data_dir)
+    # ../shared/data is bench's default folder, which the sample does not read
+    return data_lib.load(**{**config["data"], "source": source}, data_dir=None if source == "sample" else data_dir)
 
 
 def _figures(value):

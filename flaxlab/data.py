@@ -319,6 +319,9 @@ def equalize(images):
 def load(name, equalize_histograms=False, **kwargs):
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    if kwargs.get("data_dir") and kwargs.get("source") == "sample":  # the folder would go unread
+        raise DataError(f"--data-dir {kwargs['data_dir']} is not read with --data.source sample (the shipped "
+                        "sample): give one or the other")
     dataset = DATASETS[name](**kwargs)
     if equalize_histograms:
         splits = {k: getattr(dataset, k) for k in ("train", "val", "test") if getattr(dataset, k) is not None}

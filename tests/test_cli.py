@@ -64,6 +64,8 @@ def cli(*args, cwd):
     (["run", "glas_fcn", "--model.name", "small_cnn"],
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
+    (["run", "mnist_cnn", "--data.source", "sample", "--data-dir", "."],
+     "--data-dir . is not read with --data.source sample (the shipped sample): give one or the other"),
     (["run", "mnist_cnn", "--data.name", "glas"], "small_cnn puts out a label per image, and glas is segmentation"),
     (["sweep", "mnist_cnn", "--grid", "data.name=mnist,glas"],  # before the batch of 32 > GlaS's 12 sample images
      "small_cnn puts out a label per image, and glas is segmentation"),
