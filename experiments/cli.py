@@ -151,7 +151,7 @@ def _parser():
                              help="label your own image files with a run's kept state (classes, or masks)")
     predict.add_argument("images", nargs="+", help="image files, or folders of them")
     predict.add_argument("--workdir", required=True, help="the run folder (its last checkpoint)")
-    predict.add_argument("--top", type=int, default=3, help="classes shown per image, most probable first")
+    predict.add_argument("--top", type=int, help="classes shown per image, most probable first (default 3)")
     predict.add_argument("--invert", action="store_true",
                          help="255 - pixel: MNIST's digits are light on dark, a pen's on paper dark on light")
     predict.add_argument("--out", help="a segmentation run's masks go here (default: WORKDIR/predicted-masks)")

@@ -857,16 +857,19 @@ def _stand_in_dataset(workdir, config):
     return dataset, recorded.get("pixel_mean")
 
 
-def predict_images(workdir, paths, top=3, invert=False, out=None, log=print):
+def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
     """A run's kept state on image files: for each, its `top` classes and their probabilities (the mean over the
     run's models), or for a segmentation run the predicted mask at the image's own size, as out/NAME.png."""
     from flaxlab import image_data
     workdir = Path(workdir)
-    if top < 1:
+    if top is not None and top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     config = _run_config(workdir)
     dataset, pixel_mean = _stand_in_dataset(workdir, config)
     segmentation = dataset.is_segmentation
+    if segmentation and top is not None:
+        raise UsageError("--top is for classification runs; a segmentation run writes each image's mask")
+    top = top or 3
     if segmentation:
         default = workdir / "predicted-masks"
         out = Path(out) if out else default

@@ -300,3 +300,5 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
         runner.predict_images(tmp_path / "run", [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o",
                               log=lambda *a: None)
     assert not (tmp_path / "o").exists()
+    with pytest.raises(UsageError, match="--top is for classification runs"):  # it went unused without a word
+        runner.predict_images(tmp_path / "run", [tmp_path / "b"], top=2, out=tmp_path / "o", log=lambda *a: None)
