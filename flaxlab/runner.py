@@ -503,9 +503,11 @@ def write_segmentation_analysis(workdir, config, dataset, predictions):
             f"model:\n\n{table}\n", scores)
 
 
-def check_views(config, model, dataset):
-    """The feature-map layer and test image a run will draw, refused before training when wrong."""
+def check_views(config, model, dataset, named=None):
+    """The feature-map layer and test image a run will draw, refused before training when wrong; `named`:
+    what the errors call the options (`figures` takes --layer and --image)."""
     from flaxlab import inspect_model
+    named = {"layer": "--features.layer", "image": "--features.image", **(named or {})}
     convs = inspect_model.conv_layer_names(model, dataset.train.images.shape[1:])
     layer = config["features"]["layer"] or (convs[0] if convs else "")
     for key, off in (("last_conv", False), ("image", 0)):
@@ -513,16 +515,16 @@ def check_views(config, model, dataset):
             raise UsageError(f"--features.{key}: {config['model']['name']} has no convolutions, so a run draws "
                              f"no feature maps")
     if config["features"]["image"] >= len(dataset.test):
-        raise UsageError(f"--features.image {config['features']['image']} is beyond the test split "
+        raise UsageError(f"{named['image']} {config['features']['image']} is beyond the test split "
                          f"({len(dataset.test)} images)")
     if layer:
         names = inspect_model.layer_names(model, None, dataset.train.images.shape[1:])
         if layer not in names:
-            raise UsageError(f"--features.layer '{layer}' is not a layer of {config['model']['name']}; "
+            raise UsageError(f"{named['layer']} '{layer}' is not a layer of {config['model']['name']}; "
                              f"layers: {', '.join(names)}")
         shape = inspect_model.layer_output_shape(model, dataset.train.images.shape[1:], layer)
         if len(shape) != 3:
-            raise UsageError(f"--features.layer {layer} puts out {shape}, not feature maps (H, W, C)")
+            raise UsageError(f"{named['layer']} {layer} puts out {shape}, not feature maps (H, W, C)")
     return convs, layer
 
 
@@ -811,7 +813,7 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
     if workdir.is_dir() and (why := unwritable(workdir)):  # a missing folder is _restore_run's to name
         raise UsageError(f"--workdir {workdir}: {why}, and figures are drawn into the run folder")
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, features={"layer": layer, "image": image})
-    convs, layer = check_views(config, s.model, dataset)
+    convs, layer = check_views(config, s.model, dataset, named={"layer": "--layer", "image": "--image"})
     if not convs:
         raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     name = f"features-{layer.replace('/', '.')}-{image}.png"

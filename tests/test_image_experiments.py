@@ -102,6 +102,7 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     from PIL import Image
     assert Image.open(result.workdir / "features-Activation_1-7.png").size[0] > 300
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
+    assert "error: --layer Dense_0 puts out" in capsys.readouterr().err  # figures' option, not the run's
     assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
     assert "is missing or not JSON" in capsys.readouterr().err
     assert main(["evaluate", "--workdir", str(result.workdir), "--flip"]) == 0  # allowed, with a word
