@@ -159,8 +159,9 @@ def check_input(config, model, dataset):
 
 
 # data sets whose classes a mirror image can change: flips there train or score on wrong labels
-MIRROR_CHANGES_CLASS = {"gtsrb": "a mirrored 'keep left' sign is 'keep right', and a speed limit's digits mirrored "
-                                 "are no number", "mnist": "most digits mirrored are no digit, and a 6 upside down is a 9"}
+MIRROR_CHANGES_CLASS = {
+    "gtsrb": "a mirrored 'keep left' sign is 'keep right', and a speed limit's digits mirrored are no number",
+    "mnist": "most digits mirrored are no digit, and a 6 upside down is a 9"}
 
 
 def flip_warning(config, flips=None):
@@ -761,6 +762,9 @@ def _recorded_data_dir(workdir):
 
 
 def _run_config(workdir):
+    if not Path(workdir).is_dir():
+        what = "a file, not a run folder" if Path(workdir).exists() else "no such folder"
+        raise UsageError(f"--workdir {workdir}: {what}")
     try:
         config = json.loads((Path(workdir) / "config.json").read_text())
     except (OSError, ValueError):

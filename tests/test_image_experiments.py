@@ -104,7 +104,7 @@ def test_figures_from_a_runs_checkpoint(tmp_path, capsys):
     assert main(["figures", "--workdir", str(result.workdir), "--layer", "Dense_0"]) == 2  # not a map
     assert "error: --layer Dense_0 puts out" in capsys.readouterr().err  # figures' option, not the run's
     assert main(["figures", "--workdir", str(tmp_path / "none")]) == 2
-    assert "is missing or not JSON" in capsys.readouterr().err
+    assert f"--workdir {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
     assert main(["evaluate", "--workdir", str(result.workdir), "--flip"]) == 0  # allowed, with a word
     assert "warning: --flip on gtsrb: a mirrored 'keep left' sign is 'keep right'" in capsys.readouterr().out
     from flaxlab import runner
