@@ -114,7 +114,9 @@ def final_stats(history, best_epochs=None):
 
 def markdown_table(stats):
     def fmt(name, v):
-        return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.1f}" if name == "selected epoch" else f"{v:.4f}"
+        if name == "selected epoch":  # a whole epoch reads as one: 12, not 12.0; a mean over seeds 12.5
+            return f"{v:.1f}".rstrip("0").rstrip(".")
+        return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.4f}"
     n = stats[0]["n"]
     lines = [f"| metric (over {n} seed{'s' if n > 1 else ''}) | mean | std | min | max |", "|---|---|---|---|---|"]
     for s in stats:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlab import analysis, data, models, optim, train
+from flaxlab import analysis, data, metrics, models, optim, train
 
 
 def test_confusion_matrix_counts_and_rows():
@@ -87,7 +87,7 @@ def test_a_diverged_run_is_said_and_drawn(tmp_path):
     """Train losses that stop being finite, or end far above a guess's, are named (which models, from which
     epoch), and the figures of a run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN
     loss: a traceback)."""
-    from flaxlab import metrics, plots
+    from flaxlab import plots
     nan = float("nan")
     history = {"epoch": [1, 2], "train_loss": [[0.5, 0.4], [nan, 0.3]], "test_loss": [[0.5, 0.4], [nan, 0.3]],
                "train_accuracy": [[0.5, 0.6]] * 2, "test_accuracy": [[0.5, 0.6]] * 2}
@@ -122,3 +122,11 @@ def test_confusion_figures_of_many_classes_stay_readable_and_bounded(tmp_path):
                            [f"class {i}" for i in range(500)])
     assert Image.open(tmp_path / "gtsrb.png").size[1] > 5.2 * 120  # taller than the 10-class figure
     assert Image.open(tmp_path / "many.png").size[0] <= 26 * 120
+
+
+def test_the_stats_table_shows_whole_epochs_as_whole():
+    stats = metrics.final_stats({"epoch": [1, 2], "train_loss": [[0.5, 0.6], [0.4, 0.5]], "test_loss": [[0.5] * 2] * 2,
+                                 "train_accuracy": [[0.8] * 2] * 2, "test_accuracy": [[0.8, 0.9], [0.85, 0.9]],
+                                 "val_loss": [[0.5] * 2] * 2, "val_accuracy": [[0.8] * 2] * 2}, best_epochs=[2, 1])
+    table = metrics.markdown_table(stats)
+    assert "| selected epoch | 1.5 | 0.7 | 1 | 2 |" in table and "| final test accuracy | 87.50% |" in table
