@@ -684,7 +684,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if trainer.spread:
         where += f" ({len(trainer.spread)} models at a time, one per CPU device)"
     log(f"{config['name']}: {config['model']['name']} with {info['learnable_weights']:,} learnable weights, "
-        f"{config['seeds']} seed(s), {config['epochs']} epochs on {where} ({trainer.epoch_mode} mode)")
+        f"{config['seeds']} seed(s), {config['epochs']} epoch{'s' * (config['epochs'] != 1)} on {where} "
+        f"({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
     if warning := flip_warning(config):

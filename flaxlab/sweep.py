@@ -256,7 +256,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
     epochs = sorted({p.config["epochs"] for p in programs})  # a grid over epochs gives each program its own
-    epochs = f"{epochs[0]} epochs" if len(epochs) == 1 else f"{' or '.join(map(str, epochs))} epochs"
+    epochs = f"{' or '.join(map(str, epochs))} epoch{'s' * (epochs != [1])}"
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
         f"program(s), {epochs} each; data: {dataset.source} ({len(dataset.train):,} train{val_count} / "
