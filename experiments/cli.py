@@ -370,6 +370,9 @@ def main(argv=None):
         args, overrides = _parser().parse_known_args(argv)
         if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
+        for option in ("workdir", "data_dir", "out"):  # '--workdir=' (an unset shell variable) is no folder
+            if getattr(args, option, None) == "":
+                raise UsageError(f"--{option.replace('_', '-')} is empty: give a folder")
         if args.command in ("summary", "layers", "figures", "evaluate", "predict"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
         if args.command == "list":

@@ -64,6 +64,8 @@ def cli(*args, cwd):
     (["run", "glas_fcn", "--model.name", "small_cnn"],
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
     (["run", "glas_fcn", "--data.name", "mnist"], "fcn puts out a mask per image, and mnist is classification"),
+    (["run", "mnist_cnn", "--workdir="], "--workdir is empty: give a folder"),  # it ran in the current folder
+    (["evaluate", "--workdir", ""], "--workdir is empty: give a folder"),
     (["run", "mnist_cnn", "--data.source", "sample", "--data-dir", "."],
      "--data-dir . is not read with --data.source sample (the shipped sample): give one or the other"),
     (["run", "mnist_cnn", "--data.name", "glas"], "small_cnn puts out a label per image, and glas is segmentation"),
