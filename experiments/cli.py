@@ -319,8 +319,8 @@ def _summary(args, overrides):
 def _summary_table(args, model_config, size, name=None):
     """The Keras-style table of a network on its report's input (resized to an experiment's --data.size), or
     --input-shape; `name` is what an error calls it (an ablation's variant)."""
-    name = name or args.model
     from flaxlab import models, summary
+    name = name or args.model
     input_shape, num_classes = models.REPORT_INPUTS.get(model_config["name"], (None, 10))
     if size and input_shape:
         input_shape = (*size, input_shape[2])

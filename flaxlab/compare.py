@@ -189,9 +189,9 @@ def compare_runs(folders, out=None, log=print):
     (out / "trials.csv").write_text(csv_text(trials))
     data = runs[0].data
     on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
-    plots.sweep_comparison(histories, out / "comparison.png", f"{len(folders)} runs{f' ({len(histories)} curves)' if len(histories) > len(folders) else ''}{on}: "
-                           f"test {score}, train loss",
-                           legend="run")
+    curves = f" ({len(histories)} curves)" if len(histories) > len(folders) else ""  # a sweep's variants
+    plots.sweep_comparison(histories, out / "comparison.png", f"{len(folders)} runs{curves}{on}: test {score}, "
+                           "train loss", legend="run")
     write_json(out / "compare.json", {"runs": [str(f) for f in folders], "labels": labels})
     if note:
         log(f"note: {note.replace('**', '')}")
