@@ -131,7 +131,8 @@ class Checkpoints:
         epoch = self.manager.latest_step()
         if epoch is None:
             raise UsageError(f"no checkpoint in {self.directory}: a run keeps one when it ends, and with "
-                             f"--checkpoint_every N one every N epochs")
+                             f"--checkpoint_every N one every N epochs; this one stopped before it kept any, so "
+                             f"there is nothing to go on from or score: train it again, without --resume")
         args = self._ocp.args
         target = lambda tree: jax.tree.map(  # noqa: E731  (host arrays are restored as host arrays)
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a,
