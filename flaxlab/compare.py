@@ -236,14 +236,19 @@ def list_runs(folder="runs"):
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such folder")
-    folders = [folder] if is_run_folder(folder) else sorted(p for p in folder.iterdir() if is_run_folder(p))
+    # a folder with a history but no readable config.json is a damaged run, listed as one (it went unlisted)
+    looks_like_run = lambda p: is_run_folder(p) or (p / "history.json").is_file()  # noqa: E731
+    folders = [folder] if looks_like_run(folder) else sorted(p for p in folder.iterdir() if looks_like_run(p))
     if not folders:
         return f"no run folders in {folder}"
     lines = ["| run folder | experiment | models | epochs | state | final test score | last written |",
              "|---|---|---|---|---|---|---|"]
     for path in folders:
         config, recorded = _read_json(path / "config.json"), _read_json(path / "history.json")
-        newest = max(p.stat().st_mtime for p in path.iterdir())
+        newest = f"{datetime.datetime.fromtimestamp(max(p.stat().st_mtime for p in path.iterdir())):%Y-%m-%d %H:%M}"
+        if not is_run_folder(path):
+            lines.append("| " + " | ".join([str(path), "", "", "", "config.json damaged", "", newest]) + " |")
+            continue
         cells = [str(path), config["name"]]
         try:
             runs = read_runs(path) if isinstance(recorded, dict) else []
@@ -266,5 +271,5 @@ def list_runs(folder="runs"):
             models = sum(len(run.history["test_loss"][-1]) for run in runs)
             epochs = max((len(run.history["epoch"]) for run in runs), default=0)
             cells += [str(models or ""), f"{epochs} of {config.get('epochs')}", _state(path, config, recorded), score]
-        lines.append("| " + " | ".join(cells + [f"{datetime.datetime.fromtimestamp(newest):%Y-%m-%d %H:%M}"]) + " |")
+        lines.append("| " + " | ".join(cells + [newest]) + " |")
     return "\n".join(lines)

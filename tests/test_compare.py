@@ -115,20 +115,23 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     shutil.copy(tmp_path / "plain" / "config.json", tmp_path / "new")
     shutil.copytree(tmp_path / "plain", tmp_path / "damaged")
     (tmp_path / "damaged" / "history.json").write_text("{")
+    shutil.copytree(tmp_path / "plain", tmp_path / "damaged-config")
+    (tmp_path / "damaged-config" / "config.json").write_text("{")  # it went unlisted
     (tmp_path / "notes").mkdir()  # not a run folder: left out
     plain = json.loads((folders / "plain" / "history.json").read_text())["history"]["test_accuracy"][-1][0]
     swept = json.loads((folders / "swept" / "history.json").read_text())["variants"]
     best = max(swept, key=lambda label: swept[label]["test_accuracy"][-1][0])
     rows = [line.split(" | ")[1:-1] for line in list_runs(tmp_path).splitlines()[2:]]
     assert rows == [
-        ["cnn", "", "", "history.json damaged", ""],
+        ["cnn", "", "", "history.json damaged", ""], ["", "", "", "config.json damaged", ""],
         ["cnn", "", "0 of 2", "stopped before its first epoch ended", ""],
         ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy"],
-        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[3][-1]],
-        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[4][-1]],
+        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[4][-1]],
+        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[5][-1]],
         ["cnn", "2", "2 of 2", "finished", f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy ({best}, the best)"]]
     assert [line.split(" | ")[0] for line in list_runs(tmp_path).splitlines()[2:]] == [
-        f"| {tmp_path / name}" for name in ("damaged", "new", "plain", "stopped", "stopped-sweep", "swept")]
+        f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "new", "plain", "stopped", "stopped-sweep",
+                                             "swept")]
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
     assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
