@@ -86,6 +86,11 @@ def _apply_overrides(config, tokens):
         name, option = config["model"].get("name"), key.partition("model.")[2]
         if option and option not in config["model"] and name in MODELS and option in network_options(name):
             config = {**config, "model": {**config["model"], option: network_options(name)[option]}}
+        if option and option not in config["model"] and name in MODELS:  # another network's option
+            takers = sorted(n for n in MODELS if option in network_options(n))
+            if takers:
+                raise UsageError(f"--model.{option} is an option of {', '.join(takers[:4])}"
+                                 f"{', ...' if len(takers) > 4 else ''}, not of {name}: give --model.name too")
         config = config_lib.override(config, key, value)
         if key == "model.name":
             config_lib.validate(config)  # an unknown network is the error to report, not its options

@@ -72,7 +72,8 @@ def cli(*args, cwd):
     (["sweep", "mnist_cnn", "--grid", "data.name=mnist,glas"],  # before the batch of 32 > GlaS's 12 sample images
      "small_cnn puts out a label per image, and glas is segmentation"),
     (["run", "mnist_cnn", "--model.name", "unet"], "unet puts out a mask per image"),  # before its 28x28 misfit
-    (["run", "mnist_cnn", "--model.hidden", "100"], "unknown option '--model.hidden'"),  # mlp's, not small_cnn's
+    (["run", "mnist_cnn", "--model.hidden", "100"],  # mlp's, not small_cnn's
+     "--model.hidden is an option of mlp, vgg19, not of small_cnn: give --model.name too"),
     (["run", "mnist_fnn", "--features.last_conv", "true"], "--features.last_conv: mlp has no convolutions"),
     (["run", "mnist_cnn", "--model.x", "1", "--model.name", "nosuch"], "unknown value 'nosuch' for --model.name"),
     (["run", "mnist_cnn", "--optimizer.name", "rprop", "--optimizer.momentum", "0.9"],  # was ignored
