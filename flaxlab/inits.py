@@ -13,7 +13,7 @@ torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def torch_bias_init(fan_in):
     """PyTorch's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of the layer's weight."""
-    bound = 1 / jnp.sqrt(fan_in)
+    bound = 1 / jnp.sqrt(float(fan_in))  # a float: an int fan-in past 2**31 (a huge --input-shape) overflows
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 

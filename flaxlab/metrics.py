@@ -118,9 +118,11 @@ def markdown_table(stats):
             return f"{v:.1f}".rstrip("0").rstrip(".")
         return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.4f}"
     n = stats[0]["n"]
-    lines = [f"| metric (over {n} seed{'s' if n > 1 else ''}) | mean | std | min | max |", "|---|---|---|---|---|"]
+    columns = ("mean", "std", "min", "max") if n > 1 else ("mean",)  # one seed has no spread: a std of 0 misleads
+    head = f"| metric (over {n} seeds) | mean | std | min | max |" if n > 1 else "| metric (1 seed) | value |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for s in stats:
-        cells = " | ".join(fmt(s["metric"], s[k]) for k in ("mean", "std", "min", "max"))
+        cells = " | ".join(fmt(s["metric"], s[k]) for k in columns)
         lines.append(f"| {s['metric']} | {cells} |")
     return "\n".join(lines)
 

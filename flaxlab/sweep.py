@@ -175,8 +175,10 @@ def markdown_table(rows, first="program"):
     lines = [f"| variant | {first} | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
              "| final test loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {fmt(r[f'test_{score}_mean']).rstrip('%')} ± "
-                     f"{fmt(r[f'test_{score}_std'])} | {fmt(r[f'test_{score}_min'])} | "
+        final = fmt(r[f"test_{score}_mean"])
+        if r["seeds"] > 1:  # one seed has no spread to show
+            final = f"{final.rstrip('%')} ± {fmt(r[f'test_{score}_std'])}"
+        lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {final} | {fmt(r[f'test_{score}_min'])} | "
                      f"{fmt(r[f'test_{score}_max'])} | {fmt(r[f'best_test_{score}_mean'])} | "
                      f"{r['test_loss_mean']:.4f} |")
     return "\n".join(lines)

@@ -130,3 +130,11 @@ def test_the_stats_table_shows_whole_epochs_as_whole():
                                  "val_loss": [[0.5] * 2] * 2, "val_accuracy": [[0.8] * 2] * 2}, best_epochs=[2, 1])
     table = metrics.markdown_table(stats)
     assert "| selected epoch | 1.5 | 0.7 | 1 | 2 |" in table and "| final test accuracy | 87.50% |" in table
+
+
+def test_one_seed_shows_its_values_without_a_spread():
+    stats = metrics.final_stats({"epoch": [1], "train_loss": [[0.5]], "test_loss": [[0.4]], "train_accuracy": [[0.8]],
+                                 "test_accuracy": [[0.884]]})
+    table = metrics.markdown_table(stats)
+    assert table.startswith("| metric (1 seed) | value |\n|---|---|\n") and "| final test accuracy | 88.40% |" in table
+    assert "std" not in table and "| 0.00%" not in table

@@ -292,7 +292,7 @@ def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and "mine" in (tmp_path / "config.json").read_text()
     ran = cli("run", "mnist_cnn", "--epochs", "1", "--quiet", "--workdir", "run", cwd=tmp_path)
     # --quiet: the final table and where it went, no header or epoch lines (it printed nothing at all)
-    assert ran.returncode == 0 and ran.stdout.startswith("| metric (over 1 seed) |") and "epoch 1/1" not in ran.stdout
+    assert ran.returncode == 0 and ran.stdout.startswith("| metric (1 seed) | value |") and "epoch 1/1" not in ran.stdout
     assert ran.stdout.rstrip().splitlines()[-1].startswith("wrote run/ (checkpoints, config.json, ")
     swept = cli("sweep", "mnist_cnn", "--grid", "lr=0.1,1e3", "--epochs", "1", "--quiet", "--workdir", "run",
                 cwd=tmp_path)

@@ -40,6 +40,12 @@ def test_bs6207_bn_total_is_the_reported_one():
     assert summary_of("bs6207_allconv_bn", CIFAR).total == 296_730
 
 
+def test_counts_past_int32_from_a_huge_input():
+    # 100,000 x 100,000 digits: the dense layer's fan-in of 2e10 overflowed an int32 in its bias init
+    summary = summary_of("small_cnn", (100_000, 100_000, 3))
+    assert summary.rows[-1].trainable == 32 * 25_000 * 25_000 * 10 + 10
+
+
 def test_rows_keep_call_order_with_pooling_and_activation_rows():
     rows = summary_of("tdt4265_cnn", CIFAR).rows
     assert [row.kind.split("(")[0] for row in rows] == (

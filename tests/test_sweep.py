@@ -123,6 +123,14 @@ def test_a_sweep_writes_table_csv_and_figure(mnist_sample, tmp_path):
     assert "± " in (tmp_path / "results.md").read_text()
 
 
+def test_a_one_seed_variant_shows_no_spread():
+    row = {"variant": "lr=0.1", "program": 1, "seeds": 1, "test_accuracy_mean": 0.9889, "test_accuracy_std": 0.0,
+           "test_accuracy_min": 0.9889, "test_accuracy_max": 0.9889, "best_test_accuracy_mean": 0.99,
+           "test_loss_mean": 0.04}
+    table = sweep.markdown_table([row, {**row, "variant": "lr=0.2", "seeds": 2, "test_accuracy_std": 0.001}])
+    assert "| lr=0.1 | 1 | 1 | 98.89% | 98.89% |" in table and "| lr=0.2 | 1 | 2 | 98.89 ± 0.10% |" in table
+
+
 def test_a_grid_over_epochs_trains_and_reports_each_length(mnist_sample, tmp_path):
     config = cnn()
     result = sweep.run_sweep(config, sweep.parse_grid(config, ["epochs=1,3"]), workdir=tmp_path,
