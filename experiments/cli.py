@@ -358,7 +358,9 @@ def _layers(args):
     from flaxlab import layers
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
-    cases = [case for case in layers.comparison_cases(args.seed) if case.available()]
+    cases = layers.comparison_cases(args.seed)
+    skipped = [f"{case} (needs {case.needs})" for case in cases if not case.available()]
+    cases = [case for case in cases if case.available()]
     print(f"{'layer':28s} {'case':40s} {'max |diff|':>11s} {'grad max |diff|':>16s}")
     worst = 0.0
     for case in cases:
@@ -368,6 +370,8 @@ def _layers(args):
               f"{grad:16.2e}", flush=True)
         worst = max(worst, row["max_abs_diff"], grad)
     print(f"{len(cases)} comparisons, largest difference {worst:.2e}")
+    if skipped:
+        print(f"skipped {len(skipped)}, without their reference installed: {', '.join(skipped)}")
 
 
 def main(argv=None):

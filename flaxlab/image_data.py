@@ -792,9 +792,40 @@ def images(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.
 
 # --- loose image files, for a trained model to label (`predict`) --------------------------------
 
+def _as_network_input(im, size, channels):
+    """A PIL image as uint8 (h, w, channels) at `size` (bilinear); a clear background becomes white paper."""
+    Image = _pil()
+    if "A" in im.getbands() or "transparency" in im.info:  # a drawing app's ink on a clear background:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))  # on paper
+    im = im.convert("L" if channels == 1 else "RGB")
+    return np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), np.uint8).reshape(size[0], size[1], channels)
+
+
+def _arrays_as_images(images, size, channels):
+    """uint8 images of Python's, (N, h, w) or (N, h, w, 1|3|4), prepared as read_images prepares files."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise DataError(f"images given as an array must be uint8 pixels, 0 to 255, as image files hold them; "
+                        f"got {images.dtype} (floats in [0, 1]: (images * 255).round().astype(np.uint8))")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or 0 in images.shape:
+        raise DataError(f"images given as an array must be (N, height, width) or (N, height, width, 1, 3 or 4 "
+                        f"channels), got shape {images.shape}")
+    Image = _pil()
+    prepared = [_as_network_input(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), size, channels)
+                for im in images]
+    return np.stack(prepared), [f"image-{i}" for i in range(len(images))], [images.shape[1:3]] * len(images)
+
+
 def read_images(paths, size, channels):
     """Image files, and the images of folders (not their subfolders), as uint8 (N, h, w, channels) resized to
-    `size` (bilinear): what `predict` gives a trained network. Returns (images, file paths, original (h, w)s)."""
+    `size` (bilinear): what `predict` gives a trained network. Returns (images, file paths, original (h, w)s).
+    `paths` may be one path, or (from Python) an array of uint8 images, named image-0, image-1, ..."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    elif hasattr(paths, "shape") and hasattr(paths, "dtype"):  # numpy or jax
+        return _arrays_as_images(paths, size, channels)
     Image = _pil()
     from PIL import ImageOps
     files = []
@@ -815,11 +846,7 @@ def read_images(paths, size, channels):
             with Image.open(file) as im:
                 im = ImageOps.exif_transpose(im)  # a phone's photo, upright as its viewer shows it
                 sizes.append((im.height, im.width))
-                if "A" in im.getbands() or "transparency" in im.info:  # a drawing app's ink on a clear background:
-                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))  # on paper
-                im = im.convert("L" if channels == 1 else "RGB")
-                images.append(np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
-                              .reshape(size[0], size[1], channels))
+                images.append(_as_network_input(im, size, channels))
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...: all mean "bad file"
             raise DataError(f"cannot read {file}: {_image_error(e)}") from None
     return np.stack(images), [str(f) for f in files], sizes

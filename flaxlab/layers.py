@@ -10,6 +10,7 @@ pairs), so under jit they are static arguments. Output sizes follow PyTorch, via
 """
 import functools
 import itertools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,30 @@ from flaxlab.errors import UsageError
 
 
 def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
+    return (value, value) if isinstance(value, numbers.Integral) else tuple(value)
 
 
 def _padding_pairs(padding):
     """int p, (ph, pw) or ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
-    if isinstance(padding, int):
+    if isinstance(padding, numbers.Integral):
         return (padding, padding), (padding, padding)
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    return tuple((p, p) if isinstance(p, numbers.Integral) else tuple(p) for p in padding)
+
+
+def _named_padding(padding, kernel, stride, dilation):
+    """torch's padding="valid" (none) and "same" (stride 1; an even span's extra pixel at the bottom/right)."""
+    if padding == "valid":
+        return 0
+    if padding != "same":
+        raise UsageError(f"padding must be an int, pairs, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise UsageError("padding='same' needs stride 1 (torch refuses it for strided convolutions too)")
+    return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
+
+
+def _require_ndim(name, array, ndim, layout):
+    if jnp.ndim(array) != ndim:
+        raise UsageError(f"{name} must be {layout}, got shape {tuple(jnp.shape(array))}")
 
 
 def _windows(x, kernel, stride, dilation, out):
@@ -45,14 +62,22 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     sum over i, j, k of x_padded[n, r*s + i*d, c*s + j*d, k] * w[i, j, k, o], within each group.
 
     w is (kh, kw, C_in / groups, C_out); group g maps input channels g*C_in/groups... to output channels
-    g*C_out/groups..., as lax's feature_group_count and torch's groups.
+    g*C_out/groups..., as lax's feature_group_count and torch's groups. `padding` may also be torch's
+    "valid" or "same".
     """
-    (pt, pb), (pl, pr) = _padding_pairs(padding)
+    _require_ndim("conv2d's input", x, 4, "NHWC (batch, height, width, channels)")
+    _require_ndim("conv2d's kernel", w, 4, "HWIO (height, width, in channels / groups, out channels)")
     stride, dilation = _pair(stride), _pair(dilation)
     kh, kw, group_in, c_out = w.shape
     n, h, wd, c_in = x.shape
-    if group_in * groups != c_in or c_out % groups:
-        raise UsageError(f"kernel {w.shape} with {groups} groups does not fit {c_in} input channels")
+    if isinstance(padding, str):
+        padding = _named_padding(padding, (kh, kw), stride, dilation)
+    (pt, pb), (pl, pr) = _padding_pairs(padding)
+    if group_in * groups != c_in:
+        raise UsageError(f"kernel {w.shape} with {groups} groups does not fit {c_in} input channels "
+                         f"(it takes {group_in * groups})")
+    if c_out % groups:
+        raise UsageError(f"kernel {w.shape}: {c_out} output channels do not split into {groups} groups")
     out = (shapes.conv_output_size(h, kh, stride[0], (pt, pb), dilation[0]),
            shapes.conv_output_size(wd, kw, stride[1], (pl, pr), dilation[1]))
     padded = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -75,6 +100,8 @@ def conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, dilation=1):
     w is (kh, kw, C_in, C_out), C_in being this layer's input channels: torch's weight (C_in, C_out, kh, kw)
     transposed by (2, 3, 0, 1). It is the gradient of conv2d with that kernel taken as (kh, kw, C_out, C_in).
     """
+    _require_ndim("conv_transpose2d's input", x, 4, "NHWC (batch, height, width, channels)")
+    _require_ndim("conv_transpose2d's kernel", w, 4, "HWIO (height, width, in channels, out channels)")
     stride, dilation, padding, output_padding = map(_pair, (stride, dilation, padding, output_padding))
     kh, kw, c_in, c_out = w.shape
     n, h, wd, x_channels = x.shape
@@ -93,6 +120,7 @@ def conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, dilation=1):
 
 
 def _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode):
+    _require_ndim("a pooling layer's input", x, 4, "NHWC (batch, height, width, channels)")
     kernel, dilation, padding = _pair(kernel), _pair(dilation), _pair(padding)
     stride = kernel if stride is None else _pair(stride)
     out = tuple(shapes.pool_output_size(size, k, s, p, d, ceil_mode)
@@ -103,11 +131,20 @@ def _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode):
     return kernel, stride, dilation, tuple(zip(padding, after)), out
 
 
+def _first_max(members, axis):
+    """The maximum along `axis`, taken from its first maximal member (a NaN wins), so the gradient goes wholly
+    to that member, as in torch; a plain max() splits it between ties (common after a ReLU: zeros)."""
+    first = jnp.expand_dims(jnp.argmax(members, axis=axis), axis)
+    return jnp.squeeze(jnp.take_along_axis(members, first, axis=axis), axis)
+
+
 def max_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, dilation=1):
-    """torch.nn.MaxPool2d: the maximum over each window of the input padded with -inf (padding never wins)."""
+    """torch.nn.MaxPool2d: the maximum over each window of the input padded with -inf (padding never wins);
+    the gradient goes to the window's first maximum, in row-major order."""
     kernel, stride, dilation, pads, out = _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    return _windows(padded, kernel, stride, dilation, out).max(axis=(0, 1))
+    taps = _windows(padded, kernel, stride, dilation, out)
+    return _first_max(taps.reshape(kernel[0] * kernel[1], *taps.shape[2:]), axis=0)
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
@@ -150,8 +187,12 @@ def roi_max_pool(features, boxes, output_size):
     Each box's corners are rounded, the box (inclusive of both corners, at least 1 pixel) is cut into
     oh x ow bins of fractional size, bin (a, b) covers rows floor(a * bin_h) .. ceil((a + 1) * bin_h) - 1
     (so neighbouring bins may share a row), clipped to the image; the output is each bin's maximum, or 0
-    for a bin wholly outside the image.
+    for a bin wholly outside the image. The gradient goes to each bin's first maximum (row-major), as there.
     """
+    _require_ndim("roi_max_pool's features", features, 3, "one image's (H, W, C)")
+    if jnp.ndim(boxes) != 2 or jnp.shape(boxes)[1] != 4:
+        raise UsageError(f"roi_max_pool's boxes must be (K, 4): x1, y1, x2, y2 (no batch-index column, as "
+                         f"torchvision's (K, 5) rois have), got shape {tuple(jnp.shape(boxes))}")
     oh, ow = _pair(output_size)
     height, width, _ = features.shape
     x1, y1, x2, y2 = _round_half_away(jnp.asarray(boxes, jnp.float32)).astype(jnp.int32).T
@@ -169,9 +210,10 @@ def roi_max_pool(features, boxes, output_size):
         return (pixel >= lo[..., None]) & (pixel < hi[..., None])
 
     rows, cols = bin_masks(y1, y2, oh, height), bin_masks(x1, x2, ow, width)
-    # The bin is a rectangle, so its maximum is a maximum over columns, then over rows.
-    over_cols = jnp.where(cols[:, :, None, :, None], features[None, None], -jnp.inf).max(axis=3)  # (K, ow, H, C)
-    over_rows = jnp.where(rows[:, :, None, :, None], over_cols[:, None], -jnp.inf).max(axis=3)  # (K, oh, ow, C)
+    # The bin is a rectangle, so its maximum is a maximum over columns, then over rows; first maxima both
+    # times give torchvision's choice: the topmost row holding the maximum, its leftmost column.
+    over_cols = _first_max(jnp.where(cols[:, :, None, :, None], features[None, None], -jnp.inf), 3)  # (K, ow, H, C)
+    over_rows = _first_max(jnp.where(rows[:, :, None, :, None], over_cols[:, None], -jnp.inf), 3)  # (K, oh, ow, C)
     empty = ~(rows.any(-1)[:, :, None] & cols.any(-1)[:, None, :])
     return jnp.where(empty[..., None], 0.0, over_rows)
 
@@ -183,6 +225,9 @@ def batch_norm(x, gamma, beta, running_mean, running_var, train, momentum=0.1, e
     if train:
         axes = tuple(range(x.ndim - 1))
         count = x.size // x.shape[-1]
+        if count < 2:
+            raise UsageError(f"batch norm in training needs more than 1 value per channel (torch refuses it too), "
+                             f"got shape {x.shape}")
         mean = x.mean(axes)
         var = ((x - mean) ** 2).mean(axes)
         running_mean = (1 - momentum) * running_mean + momentum * mean
@@ -198,8 +243,25 @@ def _log_softmax(logits):
 
 
 def softmax_cross_entropy(logits, labels):
-    """Mean over the batch of -log softmax(logits)[label], for integer labels."""
-    return -jnp.take_along_axis(_log_softmax(logits), labels[:, None], axis=-1).mean()
+    """Mean over the batch (and pixels) of -log softmax(logits)[label], for integer labels: logits (..., K),
+    labels (...), as torch's cross_entropy takes (N,) or per-pixel (N, H, W) targets (with classes last here).
+
+    Labels outside 0..K-1 are refused when they are concrete; under jit they would give nonsense (jnp
+    indexing clips), so check them before."""
+    if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+        raise UsageError(f"labels of shape {jnp.shape(labels)} do not match logits of shape {jnp.shape(logits)}: "
+                         f"give one integer label per row of logits, shape {jnp.shape(logits)[:-1]}")
+    try:
+        concrete = np.asarray(labels)
+    except jax.errors.TracerArrayConversionError:  # under jit: unknown until run
+        concrete = None
+    if concrete is not None and concrete.size:
+        low, high = int(concrete.min()), int(concrete.max())
+        if low < 0 or high >= jnp.shape(logits)[-1]:
+            raise UsageError(f"labels must be in 0..{jnp.shape(logits)[-1] - 1} (one per class of the logits), "
+                             f"got {low}..{high}")
+    labels = jnp.asarray(labels)
+    return -jnp.take_along_axis(_log_softmax(logits), labels[..., None], axis=-1).mean()
 
 
 def softmax_cross_entropy_probs(logits, probs):
@@ -428,6 +490,10 @@ def comparison_cases(seed=0):
             cases.append(Case("max_pool2d", name + "-lax", max_pool2d, _lax_max_pool, inputs, options))
         cases.append(Case("max_pool2d", name + "-torch", max_pool2d, _torch_max_pool, inputs, options,
                           backend="torch"))
+    # After a ReLU many windows tie at 0: torch gives the whole gradient to the first of them
+    ties = (np.maximum(normal(2, 6, 6, 3), 0) * (rng.random((2, 6, 6, 3)) < 0.3),)
+    cases.append(Case("max_pool2d", "3x3-s1-relu-ties-torch", max_pool2d, _torch_max_pool, ties,
+                      {"kernel": 3, "stride": 1}, backend="torch"))
     for name, x_shape, options in [
             ("2x2", (2, 6, 6, 3), {"kernel": 2}),
             ("3x3-s2-p1", (1, 7, 7, 2), {"kernel": 3, "stride": 2, "padding": 1}),
@@ -450,9 +516,10 @@ def comparison_cases(seed=0):
         cases.append(Case("batch_norm", name + "-flax", batch_norm, _flax_batch_norm, inputs, options, (0, 1, 2)))
         cases.append(Case("batch_norm", name + "-torch", batch_norm, _torch_batch_norm, inputs, options, (0, 1, 2),
                           "torch"))
-    for name, logits in [("small", normal(5, 4)), ("large-logits", normal(3, 10, scale=30.0))]:
-        labels = rng.integers(0, logits.shape[1], logits.shape[0]).astype(np.int32)
-        probs = rng.dirichlet(np.ones(logits.shape[1]), logits.shape[0]).astype(np.float32)
+    for name, logits in [("small", normal(5, 4)), ("large-logits", normal(3, 10, scale=30.0)),
+                         ("per-pixel", normal(2, 3, 3, 4))]:
+        labels = rng.integers(0, logits.shape[-1], logits.shape[:-1]).astype(np.int32)
+        probs = rng.dirichlet(np.ones(logits.shape[-1]), logits.shape[:-1]).astype(np.float32)
         cases.append(Case("softmax_cross_entropy", name, softmax_cross_entropy, _optax_ce, (logits, labels)))
         cases.append(Case("softmax_cross_entropy_probs", name, softmax_cross_entropy_probs, _optax_ce_probs,
                           (logits, probs), differentiable=(0, 1)))
@@ -466,6 +533,8 @@ def comparison_cases(seed=0):
                      np.float32)
     cases.append(Case("roi_max_pool", "2x3-bins", roi_max_pool, _torchvision_roi_pool, (features, boxes),
                       {"output_size": (2, 3)}, backend="torch", needs="torchvision"))
+    cases.append(Case("roi_max_pool", "2x3-bins-relu-ties", roi_max_pool, _torchvision_roi_pool,
+                      (np.maximum(features, 0), boxes), {"output_size": (2, 3)}, backend="torch", needs="torchvision"))
     return cases
 
 

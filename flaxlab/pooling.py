@@ -33,10 +33,11 @@ def _first_maximum(members):
     The index is kept rather than found again in the backward pass by comparing members with the
     maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
     batch split over devices), and then no member would equal its maximum and the gradient be lost.
+    A NaN member wins (and stays), as in torch: a NaN activation must reach the loss, not be pooled away.
     """
     best, first = members[0], jnp.zeros(members[0].shape, jnp.int8)
     for i, member in enumerate(members[1:], 1):
-        better = member > best
+        better = (member > best) | jnp.isnan(member)
         best, first = jnp.where(better, member, best), jnp.where(better, jnp.int8(i), first)
     return best, first
 

@@ -92,14 +92,17 @@ def _output_shape(model, image_shape):
 
 
 def _sizes_that_fit(model, image_shape):
-    """The smallest power-of-two multiple whose rounded-up sides the network takes, or None."""
-    for multiple in (2 ** i for i in range(1, 9)):
-        shape = tuple(-(-side // multiple) * multiple for side in image_shape[:2]) + tuple(image_shape[2:])
+    """The smallest power-of-two multiple whose multiples the network takes (checked on the sides rounded up to
+    it and on the next multiple, one of which is an odd one), with the rounded sides, or None."""
+    def maps_to_itself(shape):
         try:
-            if _output_shape(model, shape)[1:3] == shape[:2]:
-                return multiple, shape[:2]
+            return _output_shape(model, shape)[1:3] == shape[:2]
         except _SHAPE_ERRORS:
-            continue
+            return False
+    for multiple in (2 ** i for i in range(1, 9)):
+        sides = tuple(-(-side // multiple) * multiple for side in image_shape[:2])
+        if all(maps_to_itself((*(side + step for side in sides), *image_shape[2:])) for step in (0, multiple)):
+            return multiple, sides
     return None
 
 
@@ -865,8 +868,9 @@ def _stand_in_dataset(workdir, config):
 
 
 def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
-    """A run's kept state on image files: for each, its `top` classes and their probabilities (the mean over the
-    run's models), or for a segmentation run the predicted mask at the image's own size, as out/NAME.png."""
+    """A run's kept state on image files (`paths`: files and folders, one path, or an array of uint8 images): for
+    each, its `top` classes and their probabilities (the mean over the run's models), or for a segmentation run
+    the predicted mask at the image's own size, as out/NAME.png."""
     from flaxlab import image_data
     workdir = Path(workdir)
     if top is not None and top < 1:

@@ -5,7 +5,7 @@ convolutions, `ceil_mode` for pooling, `output_padding` for transposed convoluti
 zero, a kernel larger than the padded input) is a `UsageError`; a question with no answer (no padding keeps the
 size of an even kernel) is an `ImpossibleShape`, which is also a `ValueError`.
 """
-import math
+import numbers
 
 from flaxlab.errors import UsageError
 
@@ -16,13 +16,16 @@ class ImpossibleShape(UsageError, ValueError):
 
 def _require_positive(**values):
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:  # numpy ints too
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _require_padding(padding):
     """Padding on both sides: an int, or (before, after)."""
-    before, after = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    if isinstance(padding, str):
+        raise UsageError(f"padding must be an int or (before, after), got {padding!r} (same_padding(kernel, dilation) "
+                         "gives the padding that keeps the size)")
+    before, after = (padding, padding) if isinstance(padding, numbers.Integral) else tuple(padding)
     if before < 0 or after < 0:
         raise UsageError(f"padding must not be negative, got {padding!r}")
     return before, after
@@ -49,27 +52,26 @@ def pool_output_size(size, kernel, stride=None, padding=0, dilation=1, ceil_mode
     only when it starts inside the input or the left padding (never in the right padding alone)."""
     stride = kernel if stride is None else stride
     _require_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
-    if not isinstance(padding, int) or padding < 0:
+    if not isinstance(padding, numbers.Integral) or isinstance(padding, bool) or padding < 0:
         raise UsageError(f"pooling padding must be a non-negative integer, got {padding!r}")
+    if padding > kernel // 2:  # torch's rule, on the kernel, not its dilated span
+        raise UsageError(f"pooling padding {padding} is more than half the kernel size {kernel}")
     span = effective_kernel(kernel, dilation)
-    if 2 * padding > span:
-        # torch refuses this too: a window could then hold padding only.
-        raise UsageError(f"pooling padding {padding} is more than half the kernel span {span}")
-    if size + 2 * padding < span:
-        raise UsageError(f"a pooling window spanning {span} pixels does not fit in {size} pixels padded by {padding}")
-    rounding = math.ceil if ceil_mode else math.floor
-    out = rounding((size + 2 * padding - span) / stride) + 1
+    reach = size + 2 * padding - span  # negative when the window is larger than the padded input
+    out = (-(-reach // stride) if ceil_mode else reach // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    if out < 1:  # with ceil_mode a window hanging past the padding still counts, as in torch
+        raise UsageError(f"a pooling window spanning {span} pixels does not fit in {size} pixels padded by {padding}")
     return out
 
 
 def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding=0, dilation=1):
     """(size - 1) * stride - 2 * padding + span + output_padding, as torch.nn.ConvTranspose2d."""
     _require_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
-    if not isinstance(padding, int) or padding < 0:
+    if not isinstance(padding, numbers.Integral) or padding < 0:
         raise UsageError(f"padding must be a non-negative integer, got {padding!r}")
-    if not isinstance(output_padding, int) or not 0 <= output_padding < max(stride, dilation):
+    if not isinstance(output_padding, numbers.Integral) or not 0 <= output_padding < max(stride, dilation):
         # Larger values would add rows that no input pixel reaches; torch refuses them too.
         raise UsageError(f"output_padding must be in [0, max(stride, dilation)) = [0, {max(stride, dilation)}), "
                          f"got {output_padding!r}")

@@ -113,6 +113,52 @@ def test_conv2d_rejects_kernel_that_does_not_fit_the_channels():
         layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 2, 4)), groups=1)
     with pytest.raises(UsageError):
         layers.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)))
+    with pytest.raises(UsageError, match="3 output channels do not split into 2 groups"):
+        layers.conv2d(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 1, 3)), groups=2)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: layers.conv2d(jnp.ones((5, 5, 3)), jnp.ones((3, 3, 3, 4))), r"conv2d's input must be NHWC .* \(5, 5, 3\)"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3))), "conv2d's kernel must be HWIO"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), padding="full"), "'valid' or 'same'"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), 2, "same"), "needs stride 1"),
+    (lambda: layers.conv_transpose2d(jnp.ones((5, 5, 3)), jnp.ones((3, 3, 3, 4))), "input must be NHWC"),
+    (lambda: layers.max_pool2d(jnp.ones((5, 5, 3)), 2), "pooling layer's input must be NHWC"),
+    (lambda: layers.roi_max_pool(jnp.ones((1, 5, 5, 3)), jnp.zeros((1, 4)), 2), r"features must be one image's"),
+    (lambda: layers.roi_max_pool(jnp.ones((5, 5, 3)), jnp.zeros((1, 5)), 2), r"no batch-index column"),
+    (lambda: layers.batch_norm(jnp.ones((1, 3)), *[jnp.ones(3)] * 4, train=True), "more than 1 value per channel"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 1), int)),
+     r"labels of shape \(2, 3, 3, 1\) do not match logits of shape \(2, 3, 3, 4\)"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), jnp.array([0, 4, 2, -1])), r"in 0..4 .* got -1..4"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), np.array([0, 5, 2, 1])), r"in 0..4 .* got 0..5")])
+def test_bad_input_is_one_clear_error(call, message):
+    """Shapes and values torch refuses (or that would give a silent wrong number) are UsageErrors naming them;
+    they were unpacking errors, a cross-entropy averaged over a broadcast, and a NaN running variance."""
+    with pytest.raises(UsageError, match=message):
+        call()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own speed
+def test_named_padding_is_torchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 7, 6, 2)).astype(np.float32), rng.standard_normal((4, 3, 2, 3)).astype(np.float32)
+    for padding, dilation in (("same", 1), ("same", 2), ("valid", 1)):
+        expected = torch.nn.functional.conv2d(torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(w).permute(3, 2, 0, 1),
+                                              padding=padding, dilation=dilation).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(layers.conv2d(x, w, padding=padding, dilation=dilation), expected, atol=1e-5)
+
+
+def test_max_pooling_keeps_a_nan_as_torch_does():
+    """A NaN activation must reach the loss: the training networks' pools dropped it when it was not a window's
+    first member (the comparison was `>`), so a blown-up run could show a finite loss."""
+    from flaxlab import pooling
+    x = np.random.default_rng(0).standard_normal((1, 4, 4, 1)).astype(np.float32)
+    x[0, 1, 1, 0] = np.nan
+    for pool in (lambda a: pooling.max_pool(a, 2), lambda a: pooling.max_pool_strided(a, 2, 2, 0),
+                 lambda a: layers.max_pool2d(a, 2)):
+        assert np.isnan(pool(x)[0, 0, 0, 0]) and not np.isnan(pool(x)[0, 1, 1, 0])
+        assert np.isnan(jax.vjp(pool, x)[0][0, 0, 0, 0])  # the forward pass the gradient is taken on
 
 
 def _c_round(v):
@@ -152,10 +198,14 @@ BOXES = np.array([[0, 0, 10, 8], [1.4, 2.5, 6.6, 4.4], [3, 3, 3, 3], [8, 6, 14, 
                   [-0.5, -3, 2.5, 1.5], [5, 5, 2, 1], [0.5, 1.5, 9.5, 7.49]], np.float32)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "relu-ties"])
 @pytest.mark.parametrize("output_size", [(2, 3), (3, 3), (1, 1), (4, 2), (7, 7)])
-def test_roi_max_pool_matches_torchvision_definition(output_size):
+def test_roi_max_pool_matches_torchvision_definition(output_size, ties):
+    """Values, and gradients, which go wholly to each bin's first maximum: after a ReLU many bins tie at 0
+    (a plain max split the gradient between them)."""
     rng = np.random.default_rng(5)
     features = rng.standard_normal((9, 11, 2)).astype(np.float32)
+    features = np.maximum(features - 1, 0) if ties else features
     expected, argmax = roi_pool_loop(features, BOXES, output_size)
     pool = jax.jit(layers.roi_max_pool, static_argnums=2)
     np.testing.assert_array_equal(pool(jnp.asarray(features), jnp.asarray(BOXES), output_size), expected)

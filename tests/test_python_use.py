@@ -35,6 +35,18 @@ def test_the_readme_python_example_trains_its_own_network(tmp_path, monkeypatch)
     Image.fromarray(data.load("mnist", source="sample").test.images[0, ..., 0]).save(digit)
     runner.predict_images(tmp_path / "runs/tiny", [digit], log=lines.append)
     assert lines[-1].startswith(f"{digit}: ")
+    # one path (it was read letter by letter), and arrays of one's own, (N, h, w) at any size, as the file is read
+    one = runner.predict_images(tmp_path / "runs/tiny", str(digit), log=lines.append)
+    assert lines[-1].startswith(f"{digit}: ")
+    test = data.load("mnist", source="sample").test
+    from_arrays = runner.predict_images(tmp_path / "runs/tiny", test.images[:3, ..., 0], log=lines.append)
+    assert lines[-3].startswith("image-0: ") and from_arrays.shape == (3, 10)
+    import numpy as np
+    np.testing.assert_allclose(from_arrays[0], one[0], rtol=1e-6)
+    import pytest
+    from flaxlab.errors import DataError
+    with pytest.raises(DataError, match="must be uint8 pixels, 0 to 255"):
+        runner.predict_images(tmp_path / "runs/tiny", test.images[:3] / 255.0, log=lines.append)
     # a process that has not registered it says so, in one line
     out = cli("predict", "--workdir", "runs/tiny", str(digit), cwd=tmp_path)
     assert out.returncode == 2 and out.stderr == (

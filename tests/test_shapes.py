@@ -2,6 +2,7 @@
 import itertools
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from flaxlab import layers, shapes
@@ -44,12 +45,27 @@ def test_pool_output_size_follows_torch(size, kernel, stride, padding, ceil_mode
 
 
 def test_pool_output_size_agrees_with_torch_on_a_grid():
+    """Sizes and refusals: torch's padding limit is half the kernel, not its dilated span, and with ceil_mode a
+    window larger than the padded input still gives one output."""
     torch = pytest.importorskip("torch", reason="torch is the reference for pooling sizes")
-    for size, kernel, stride, ceil_mode in itertools.product(range(3, 9), (2, 3), (1, 2, 3), (False, True)):
-        for padding in range(kernel // 2 + 1):
-            y = torch.nn.functional.max_pool2d(torch.zeros(1, 1, size, size), kernel, stride, padding,
-                                               ceil_mode=ceil_mode)
-            assert y.shape[-1] == shapes.pool_output_size(size, kernel, stride, padding, ceil_mode=ceil_mode)
+    for size, kernel, stride, dilation, ceil_mode in itertools.product(range(1, 9), (2, 3, 4), (1, 2, 3), (1, 2),
+                                                                      (False, True)):
+        for padding in range(kernel // 2 + 2):
+            try:
+                expected = torch.nn.functional.max_pool2d(torch.zeros(1, 1, size, size), kernel, stride, padding,
+                                                          dilation, ceil_mode=ceil_mode).shape[-1]
+            except RuntimeError:
+                expected = None
+            try:
+                ours = shapes.pool_output_size(size, kernel, stride, padding, dilation, ceil_mode)
+            except UsageError:
+                ours = None
+            assert ours == expected, (size, kernel, stride, padding, dilation, ceil_mode)
+
+
+def test_numpy_integers_are_sizes_too():
+    assert shapes.conv_output_size(np.int64(28), np.int32(3), padding=np.int64(1)) == 28
+    assert shapes.pool_output_size(np.int64(28), 2) == 14
 
 
 @pytest.mark.parametrize("size,kernel,stride,padding,output_padding,dilation,expected", [
@@ -98,7 +114,7 @@ def test_kernel_for_output_without_solution(in_size, out_size, stride, dilation)
     lambda: shapes.conv_transpose_output_size(3, 3, stride=2, output_padding=2),
     lambda: shapes.conv_transpose_output_size(1, 1, padding=1),
     lambda: shapes.kernel_for_output(0, 3), lambda: shapes.kernel_for_output(5, 0),
-    lambda: shapes.same_padding(0)])
+    lambda: shapes.same_padding(0), lambda: shapes.conv_output_size(5, 3, padding="same")])
 def test_nonsense_is_a_usage_error(call):
     with pytest.raises(UsageError):
         call()
