@@ -7,6 +7,8 @@ one clear error before anything runs or is written.
 import copy
 import math
 
+import numpy as np
+
 from flaxlab.errors import UsageError, did_you_mean
 
 
@@ -30,6 +32,8 @@ NON_NEGATIVE = ("l1", "optimizer.weight_decay", "optimizer.momentum", "seed", "s
                 "devices", "model.input_size")
 BELOW_ONE = ("augment.jitter", "model.dropout", "optimizer.momentum")  # a momentum of 1 or more diverges
 NUMBERS = (*POSITIVE, *NON_NEGATIVE, "data.val_fraction", "data.test_fraction")
+WHOLE = ("epochs", "batch_size", "seeds", "eval_batch_size", "model.width", "model.depth", "seed", "scan_steps",
+         "augment.crop", "patience", "checkpoint_every", "features.image", "devices", "model.input_size")
 SECTIONS = ("data", "model", "optimizer")  # what every config holds, as dicts
 # fields that only some values of another field use: {field: (that field, the values that use it, off)}
 USED_WITH = {"optimizer.momentum": ("optimizer.name", ("sgd",), 0.0),
@@ -88,7 +92,7 @@ def with_field(config, key, value):
         node = node[part]
     if leaf not in node:
         raise UsageError(f"no field '{key}' in the config{field_hint(key, flatten(config))}")
-    node[leaf] = value
+    node[leaf] = value.item() if isinstance(value, np.generic) else value  # np.int64(2): a plain 2, as JSON saves it
     return config
 
 
@@ -144,6 +148,7 @@ def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
     missing = ([s for s in ("name", "epochs", "batch_size") if s not in config]
                + [s for s in SECTIONS if not isinstance(config.get(s), dict)])
+    missing += ["model.name"] if isinstance(config.get("model"), dict) and "name" not in config["model"] else []
     if missing:  # a config built by hand in Python
         raise UsageError(f"the config lacks {', '.join(missing)}: start from an experiment's, "
                          "experiments.EXPERIMENTS[name](), and change it with flaxlab.config.with_field")
@@ -151,6 +156,9 @@ def validate(config):
     for key in NUMBERS:  # with_field(config, "optimizer.lr", "0.1") in Python: a TypeError deep in the run
         if key in flat and (isinstance(flat[key], bool) or not isinstance(flat[key], (int, float))):
             raise UsageError(f"--{key} must be a number, got {flat[key]!r}")
+    for key in WHOLE:  # epochs=2.5 or batch_size=100.0 in Python: a TypeError after the run folder was made
+        if key in flat and not isinstance(flat[key], int):
+            raise UsageError(f"--{key} must be a whole number (an int), got {flat[key]!r}")
     for key, value in flat.items():  # nan passes every comparison below, and inf made a run all NaN
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{key} must be a finite number, got {value}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flaxlab import fft_conv, onednn_conv, pretrained
 from flaxlab.inits import WEIGHT_INITS, param_inits, torch_bias_init
 from flaxlab.pooling import max_pool, windows
-from flaxlab.errors import UsageError
+from flaxlab.errors import UsageError, did_you_mean
 
 # as PyTorch's modules compute them by default (GELU exact, not flax's tanh approximation), but LeakyReLU's
 # slope: 0.2, as the VGG-19 report's; SiLU is swish
@@ -734,9 +734,11 @@ def make_model(model_config, num_classes):
         raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
     module = MODELS[name]
     foreign = sorted(set(kwargs) - set(network_options(name)))
-    if foreign:  # --model.name swapped in a network that the experiment's other model options do not fit
-        raise UsageError(f"--model.name {name}: {name} takes no {', '.join('--model.' + k for k in foreign)} "
-                         f"(options of the experiment's own network)")
+    if foreign:  # a misspelt option, or --model.name swapped in a network the experiment's options do not fit
+        takes = sorted(network_options(name))
+        hint = did_you_mean(foreign[0], takes, "--model.") if len(foreign) == 1 else ""
+        raise UsageError(f"--model.name {name}: {name} takes no {', '.join('--model.' + k for k in foreign)}{hint}; "
+                         f"its options: {', '.join('--model.' + k for k in takes) or 'none'}")
     return module(num_classes=num_classes, **kwargs)
 
 

@@ -654,7 +654,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     and `predict` reads: the last epoch's, and with `checkpoint_every` N, every N epochs.
     With `best_metric`, the figures and predictions are those
     of each model's best-validation state. `log` takes the run's lines; `report` (default: `log`) its final
-    table and warnings, what a --quiet run still prints.
+    table and warnings, what a --quiet run still prints; `progress=False` drops the per-epoch lines and the
+    step bar (--quiet), `log=lambda *a: None` everything but `report`'s.
     """
     config_lib.validate(config)
     check_workdir(workdir)

@@ -57,6 +57,7 @@ def test_the_readme_python_example_trains_its_own_network(tmp_path, monkeypatch)
 def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_path):
     """From Python, a misspelt field was a bare KeyError, a number given as text a TypeError deep in the run, and
     a hand-made dict a KeyError('data'): each is now one UsageError, and no run folder is made."""
+    import numpy as np
     import pytest
     from experiments import EXPERIMENTS
     from flaxlab.config import with_field
@@ -73,7 +74,16 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
     for bad, message in ((with_field(config, "optimizer.lr", "0.1"), "--optimizer.lr must be a number, got '0.1'"),
                          (with_field(config, "epochs", True), "--epochs must be a number, got True"),
                          ({"name": "mine", "model": {"name": "small_cnn"}},
-                          "the config lacks epochs, batch_size, data, optimizer: start from an experiment's")):
+                          "the config lacks epochs, batch_size, data, optimizer: start from an experiment's"),
+                         # whole numbers given as floats were TypeErrors after the run folder was made
+                         (with_field(config, "epochs", 2.5), "--epochs must be a whole number (an int), got 2.5"),
+                         (with_field(config, "batch_size", 100.0), "--batch_size must be a whole number"),
+                         (with_field(config, "model", {"features": (8,)}), "the config lacks model.name"),
+                         (with_field(config, "model", {"name": "small_cnn", "featurs": (8,)}),
+                          "small_cnn takes no --model.featurs (did you mean --model.features?); its options: ")):
         with pytest.raises(UsageError, match=re.escape(message)):
             run_experiment(bad, workdir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    # numpy's numbers (a loop over np.linspace) are plain numbers to a config, as JSON saves them
+    assert with_field(config, "optimizer.lr", np.float32(0.5))["optimizer"]["lr"] == 0.5
+    assert type(with_field(config, "epochs", np.int64(2))["epochs"]) is int
