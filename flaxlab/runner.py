@@ -223,6 +223,19 @@ def set_up(config, dataset, variants=({},), weights=None):
                  place(dataset.val) if dataset.val else None)
 
 
+def pretrained_weights(config, read=None):
+    """The ImageNet variables a pretrained model starts from, or None: read before a run's folder is made, so
+    a missing or unreadable file is refused with nothing written. `read`: a dict of those read before."""
+    model = config["model"]
+    if not model.get("pretrained"):
+        return None
+    key = (model["name"], model.get("weights", ""))
+    read = {} if read is None else read
+    if key not in read:
+        read[key] = pretrained.pretrained_variables(*key)
+    return read[key]
+
+
 def load_pretrained(states, model_config, loaded=None):
     """Every model's weights and batch-norm statistics from the ImageNet file (or `loaded` from it), but for a
     head of another class count, which keeps each model's own fresh init (flaxlab.pretrained)."""
@@ -665,9 +678,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     def checked():  # what each process reads for itself, and bad input refused before any device work
         loaded = load_dataset(config, data_dir, dataset)  # the network checked against its images too
         model = make_model(config["model"], loaded.num_classes)
-        weights = (pretrained.pretrained_variables(config["model"]["name"], config["model"].get("weights", ""))
-                   if config["model"].get("pretrained") else None)
-        return loaded, check_views(config, model, loaded), weights
+        return loaded, check_views(config, model, loaded), pretrained_weights(config)
     dataset, (convs, feature_layer), weights = parallel.in_every_process(
         checked, config, fingerprint=lambda done: done[0].checksum())
     if resume:

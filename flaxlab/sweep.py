@@ -22,7 +22,7 @@ from flaxlab import analysis, metrics, parallel, plots, tensorboard
 from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.runner import (check_resumable, check_workdir, data_differs, default_workdir, fit, flip_warning,
-                            folder_of_this_process, load_dataset, make_workdir, marked_as_training,
+                            folder_of_this_process, load_dataset, make_workdir, marked_as_training, pretrained_weights,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
 from flaxlab.train import STACKABLE
 
@@ -251,9 +251,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
 
     def checked():  # what each process reads for itself, and bad input refused before any device work
         # each program's network, batch size and best-model split checked against its data, loaded once per data
-        return program_datasets(programs, lambda c, done: load_dataset(c, data_dir, dataset if done is None else done))
-    datasets = parallel.in_every_process(
-        checked, saved_config, fingerprint=lambda done: [d.checksum() for d in {id(d): d for d in done}.values()])
+        loaded = program_datasets(programs, lambda c, done: load_dataset(c, data_dir, dataset if done is None else done))
+        read = {}  # a pretrained network's weights file, read once however many programs start from it
+        return loaded, [pretrained_weights(p.config, read) for p in programs]
+    datasets, weights = parallel.in_every_process(
+        checked, saved_config, fingerprint=lambda done: [d.checksum() for d in {id(d): d for d in done[0]}.values()])
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
@@ -297,7 +299,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                            if config["checkpoint_every"] else None)
             try:
                 log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
-                s = set_up(program.config, data, [overrides for _, overrides in program.variants])
+                s = set_up(program.config, data, [overrides for _, overrides in program.variants], weights[index - 1])
                 resumed = None
                 if resume and checkpoints and checkpoints.latest_epoch() is not None:
                     resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))

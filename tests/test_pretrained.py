@@ -120,6 +120,21 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "list.pth")
 
 
+@pytest.mark.parametrize("name", ["tdt4265_resnet18", "ai604_vgg19_transfer"])  # a run, a sweep
+def test_missing_weights_write_no_run_folder(tmp_path, monkeypatch, name):
+    """A sweep read its weights file once its folder held config.json, which `runs` then listed as stopped."""
+    from experiments import EXPERIMENTS
+    from flaxlab.config import with_field
+    from flaxlab.errors import UsageError
+    from flaxlab.runner import run_experiment
+    from flaxlab.sweep import run_sweep
+    config = with_field(EXPERIMENTS[name](), "model.weights", str(tmp_path / "none.pth"))
+    train = run_sweep if config.get("sweep") else run_experiment
+    with pytest.raises((DataError, UsageError), match="none.pth does not exist"):
+        train(config, workdir=tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_fine_tuning_experiment_starts_from_the_weights_file(tmp_path):
     """tdt4265_resnet18 end to end on the CIFAR-10 sample (at 32x32 instead of 224, for the CI's CPU), from a
     weights file: the trained conv1 started from the file's, and the first and last conv maps are drawn."""
