@@ -463,6 +463,7 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
         bar.begin_epoch(epoch)
         t0 = time.perf_counter()
         states, train_sums = trainer.train_epoch(states, data["train"], keys, epoch, on_step=bar.on_step)
+        bar.wait(jax.tree.leaves(train_sums))  # the queued steps run, the bar and minute lines going on meanwhile
         jax.block_until_ready(states)  # the epoch's only sync: it makes the timing honest
         seconds = time.perf_counter() - t0
         train, test = summarize(train_sums), summarize(trainer.evaluate(states, data["test"]))
