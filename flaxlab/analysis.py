@@ -44,11 +44,11 @@ def dice_per_image(predicted, masks):
 def dice_table(scores, first_seed, label="DSC"):
     """Markdown: per model (seed), the mean, std, min and max of its per-image scores over the test
     split, then the mean ± std of those means over the seeds when there are several."""
-    lines = [f"| seed | test images | mean {label} | std | min | max |", "|---|---|---|---|---|---|"]
+    lines = [f"| seed | test images | mean {label} | std (n) | min | max |", "|---|---|---|---|---|---|"]
     for i, s in enumerate(scores):
         lines.append(f"| {first_seed + i} | {len(s)} | {s.mean():.4f} | {s.std():.4f} | {s.min():.4f} | {s.max():.4f} |")
     if len(scores) > 1:
         means = np.array([s.mean() for s in scores])
-        lines.append(f"| mean ± std over seeds | | **{means.mean():.4f} ± {means.std(ddof=1):.4f}** | "
+        lines.append(f"| mean ± std (n - 1) over seeds | | **{means.mean():.4f} ± {means.std(ddof=1):.4f}** | "
                      f"{np.mean([s.std() for s in scores]):.4f} | {min(s.min() for s in scores):.4f} | |")
     return "\n".join(lines)

@@ -182,4 +182,7 @@ def trial_table(rows):
         cells += [] if selecting else [summary]
         cells += [""] if selecting else []
         lines.append("| " + " | ".join(cells) + " |")
+    if per_image:  # the reports give both kinds; say which each is
+        lines += ["", "± is the sample standard deviation over a variant's trials (n - 1); the std over test images "
+                      "is the population one over a model's images (n), numpy's default."]
     return "\n".join(lines)

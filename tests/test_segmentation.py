@@ -208,7 +208,7 @@ def test_unet_trials_table_reports_per_image_f1_std_and_min(tmp_path):
     assert len(result.programs) == 3 and all(r["seeds"] == 2 for r in result.rows)
     text = (tmp_path / "results.md").read_text()
     assert "final test dice (mean ± std)" in text and "| std over test images | min over test images |" in text
-    assert text.count("| mean ± std |") == 3
+    assert text.count("| mean ± std |") == 3 and "sample standard deviation over a variant's trials (n - 1)" in text
 
 
 @pytest.mark.parametrize("args,message", [
