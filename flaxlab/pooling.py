@@ -33,12 +33,14 @@ def _first_maximum(members):
     The index is kept rather than found again in the backward pass by comparing members with the
     maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
     batch split over devices), and then no member would equal its maximum and the gradient be lost.
-    A NaN member wins (and stays), as in torch: a NaN activation must reach the loss, not be pooled away.
+    The maxima are jnp.maximum's, which keeps a NaN, as torch does: a NaN activation must reach the loss, not
+    be pooled away (a `where(member > best)` dropped it). A step of the 1MD120 CNN ran no slower this way
+    (188 against 183 steps/s, medians of 6 alternating rounds, 2-core EPYC); an isnan() test cost ~5%.
     """
     best, first = members[0], jnp.zeros(members[0].shape, jnp.int8)
     for i, member in enumerate(members[1:], 1):
-        better = (member > best) | jnp.isnan(member)
-        best, first = jnp.where(better, member, best), jnp.where(better, jnp.int8(i), first)
+        first = jnp.where(member > best, jnp.int8(i), first)
+        best = jnp.maximum(best, member)
     return best, first
 
 
