@@ -89,7 +89,9 @@ def trial_curves(histories, path, title):
     # ten colours, named once each: a legend of 100 trials is taller than the figure
     handles = [Line2D([], [], color=plt.get_cmap("tab10")(i), label=f"trial {i + 1}" + (
         f", {i + 11}, ..." if trials > 10 else "")) for i in range(min(trials, 10))]
-    handles += [Line2D([], [], color="black", label="train"), Line2D([], [], color="black", linestyle="--", label=held)]
+    point = "o" if any(len(history["epoch"]) == 1 for history in histories.values()) else None  # as drawn
+    handles += [Line2D([], [], color="black", marker=point, label="train"),
+                Line2D([], [], color="black", linestyle="--", marker=point, fillstyle="none", label=held)]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     fig.tight_layout()
