@@ -264,9 +264,7 @@ def list_runs(folder="runs"):
             best, score = max(runs, default=None, key=lambda run: _final_test(run)[1]["mean"]), ""
             if best is not None:
                 name, final = _final_test(best)
-                fmt = lambda v: metrics.format_score(name, v)  # noqa: E731
-                score = (f"{fmt(final['mean'])} {name}" if final["n"] == 1 else
-                         f"{fmt(final['mean']).rstrip('%')} ± {fmt(final['std'])} {name}")
+                score = f"{metrics.format_mean_std(name, final['mean'], final['std'], final['n'])} {name}"
                 score += f" ({best.label.split(': ', 1)[1]}, the best)" if len(runs) > 1 else ""
             models = sum(len(run.history["test_loss"][-1]) for run in runs)
             epochs = max((len(run.history["epoch"]) for run in runs), default=0)

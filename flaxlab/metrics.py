@@ -136,6 +136,13 @@ def format_score(name, value):
     return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4f}"
 
 
+def format_mean_std(name, mean, std, n):
+    """'98.89 ± 0.10%' over several models; '98.89%' for one, which has no spread to show."""
+    if n == 1:
+        return format_score(name, mean)
+    return f"{format_score(name, mean).rstrip('%')} ± {format_score(name, std)}"
+
+
 def trial_rows(label, history, first_seed, best_epochs=None, image_scores=None):
     """One row per model (trial) of a variant: its final test score, with `best_epochs` its selected
     epoch and the scores there (the reports' per-trial tables), with `image_scores` (per model, the

@@ -175,9 +175,7 @@ def markdown_table(rows, first="program"):
     lines = [f"| variant | {first} | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
              "| final test loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        final = fmt(r[f"test_{score}_mean"])
-        if r["seeds"] > 1:  # one seed has no spread to show
-            final = f"{final.rstrip('%')} ± {fmt(r[f'test_{score}_std'])}"
+        final = metrics.format_mean_std(score, r[f"test_{score}_mean"], r[f"test_{score}_std"], r["seeds"])
         lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {final} | {fmt(r[f'test_{score}_min'])} | "
                      f"{fmt(r[f'test_{score}_max'])} | {fmt(r[f'best_test_{score}_mean'])} | "
                      f"{r['test_loss_mean']:.4f} |")
