@@ -139,7 +139,8 @@ def _parser():
                             help="check every from-scratch layer against the framework (max abs difference)")
     layers.add_argument("--seed", type=int, default=0)
     figures = sub.add_parser("figures", allow_abbrev=False,
-                             help="draw a run's first-layer filters and a layer's feature maps from its checkpoint")
+                             help="draw a run's first-layer filters and a layer's feature maps (and, for "
+                                  "segmentation, the predicted mask) from its checkpoint")
     figures.add_argument("--workdir", required=True, help="the run folder (its last checkpoint)")
     figures.add_argument("--layer", default="", help="e.g. Conv_1 or Activation_2 (default: the first conv)")
     figures.add_argument("--image", type=int, default=0, help="index of the test image")

@@ -401,7 +401,7 @@ def remove_if_temporary(workdir):
 
 # what a run or sweep (and figures, predict) writes in its folder, besides config.json and the training marker
 RUN_OUTPUTS = ("history.json", "results.md", "results.csv", "trials.csv", "trials.png", "comparison.png", "curves.png",
-               "confusion.png", "confusion.json", "misclassified.png", "filters.png", "overlay.png", "predictions.png",
+               "confusion.png", "confusion.json", "misclassified.png", "filters.png", "overlay*.png", "predictions.png",
                "scores.json", "features*.png", "predicted-masks")
 
 
@@ -502,23 +502,33 @@ def write_analysis(workdir, config, dataset, predictions):
     return f"\nMost confused classes (seed {config['seed']}, test split):\n\n{pairs}\n", None
 
 
+def dice_label(dataset):
+    return {"jsrt": "F1"}.get(dataset.name, "DSC")  # what each report calls the per-image Dice
+
+
 def write_segmentation_analysis(workdir, config, dataset, predictions):
     """Per-image Dice of every model on the test split (scores.json), its mean/std/min table, and for the
     first seed the best and worst three test predictions (predictions.png) and one test image with its
     predicted mask (overlay.png, --features.image). Returns the table as Markdown, and the scores."""
-    label = {"jsrt": "F1"}.get(dataset.name, "DSC")  # what each report calls the per-image Dice
+    label = dice_label(dataset)
     scores = [analysis.dice_per_image(p, dataset.test.labels) for p in predictions]
     write_json(workdir / "scores.json", {"metric": f"{label} (Dice of the foreground) per test image",
                                          "per_seed": [s.round(6).tolist() for s in scores]})
     who = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
     plots.segmentation_extremes(dataset.test.images, dataset.test.labels, predictions[0], scores[0],
                                 workdir / "predictions.png", f"{who}: best and worst {label}", label=label)
-    index = config["features"]["image"]
-    plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], predictions[0][index],
-                       workdir / "overlay.png", f"{who}: image {index}", scores[0][index], label)
+    draw_overlay(workdir / "overlay.png", config, dataset, predictions[0], scores[0], config["features"]["image"])
     table = analysis.dice_table(scores, config["seed"], label)
     return (f"\nPer-image {label} on the test split ({len(dataset.test)} images), each seed's final or selected "
             f"model:\n\n{table}\n", scores)
+
+
+def draw_overlay(path, config, dataset, prediction, scores, index):
+    """One test image with its true and predicted masks, and their Dice, from the first model."""
+    label = dice_label(dataset)
+    plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], prediction[index], path,
+                       f"{config['name']} (seed {config['seed']}), {dataset.name} test: image {index}",
+                       scores[index], label)
 
 
 def check_views(config, model, dataset, named=None):
@@ -839,7 +849,13 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
         raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     name = f"features-{layer.replace('/', '.')}-{image}.png"
     write_views(workdir, config, s.model, states, dataset, convs, layer, name)
-    log(f"drew {workdir}/filters.png and {workdir}/{name} from {_kept(config, progress)}")
+    drawn = [f"{workdir}/filters.png", f"{workdir}/{name}"]
+    if dataset.is_segmentation:  # the mask the first model predicts for the same image
+        prediction = np.asarray(parallel.to_host(s.trainer.predict(states, s.test_data)))[0]
+        drawn.append(f"{workdir}/overlay-{image}.png")
+        draw_overlay(Path(drawn[-1]), config, dataset, prediction,
+                     analysis.dice_per_image(prediction, dataset.test.labels), image)
+    log(f"drew {', '.join(drawn[:-1])} and {drawn[-1]} from {_kept(config, progress)}")
 
 
 def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):

@@ -13,7 +13,7 @@ from PIL import Image
 from experiments import EXPERIMENTS
 from flaxlab import analysis, data, models, plots, seg_data, train
 from flaxlab.errors import DataError
-from flaxlab.runner import run_experiment
+from flaxlab.runner import draw_from_checkpoint, run_experiment
 from test_cli import cli
 
 
@@ -197,6 +197,15 @@ def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path
     assert len(history["val_dice"]) == 2 and np.mean(scores[0]) == pytest.approx(
         history["test_dice"][history["epoch"].index(result.info["selected_epochs"][0])][0], abs=1e-5)
     assert Image.open(result.workdir / "predictions.png").size[1] > 1000  # six rows
+    overlays, overlay = [], plots.mask_overlay  # `figures --image 2` redraws the mask too, from the checkpoint
+    monkeypatch.setattr(plots, "mask_overlay", lambda *a: overlays.append(a) or overlay(*a))
+    said = []
+    draw_from_checkpoint(result.workdir, image=2, log=said.append)
+    (image, mask, prediction, path, title, score, label), = overlays
+    assert path == result.workdir / "overlay-2.png" and path.exists() and title.endswith("test: image 2")
+    assert score == pytest.approx(scores[0][2], abs=1e-6) and label == "DSC" and prediction.shape == mask.shape
+    assert said[0].startswith(f"drew {result.workdir}/filters.png, {result.workdir}/features-Conv_0-2.png and "
+                              f"{result.workdir}/overlay-2.png from the best-validation state")
 
 
 def test_unet_trials_table_reports_per_image_f1_std_and_min(tmp_path):
