@@ -29,6 +29,7 @@ HOW_TO_GET_MNIST = (
 class Split:
     images: np.ndarray  # uint8, NHWC
     labels: np.ndarray  # int32
+    names: tuple = None  # each example's file name, where a data set has them (segmentation): figures name it
 
     def __len__(self):
         return len(self.labels)
@@ -48,6 +49,16 @@ class Split:
             raise DataError(f"labels must be integer class indices; these are {labels_dtype or type(self.labels)}")
         if len(self.labels) != shape[0]:
             raise DataError(f"{shape[0]} images but {len(self.labels)} labels")
+        if self.names is not None and len(self.names) != shape[0]:
+            raise DataError(f"{shape[0]} images but {len(self.names)} names")
+
+    def name(self, i):
+        """How figures and tables call example i: its index, and its file name when known."""
+        return f"{i} ({self.names[i]})" if self.names is not None else str(i)
+
+    def take(self, index):
+        return Split(self.images[index], self.labels[index],
+                     None if self.names is None else tuple(self.names[i] for i in index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +336,8 @@ def load(name, equalize_histograms=False, **kwargs):
     dataset = DATASETS[name](**kwargs)
     if equalize_histograms:
         splits = {k: getattr(dataset, k) for k in ("train", "val", "test") if getattr(dataset, k) is not None}
-        dataset = dataclasses.replace(dataset, **{k: Split(equalize(s.images), s.labels) for k, s in splits.items()})
+        dataset = dataclasses.replace(dataset, **{k: dataclasses.replace(s, images=equalize(s.images))
+                                                for k, s in splits.items()})
     return dataset
 
 

@@ -274,13 +274,14 @@ def _show(ax, image, title=None, mask=None):
         ax.set_title(title, fontsize=9)
 
 
-def segmentation_extremes(images, masks, predictions, scores, path, title, count=3, label="DSC"):
-    """The `count` best and worst test images by score: image, ground truth, prediction in each row."""
+def segmentation_extremes(images, masks, predictions, scores, path, title, count=3, label="DSC", name=str):
+    """The `count` best and worst test images by score: image, ground truth, prediction in each row;
+    `name(i)`: how the row calls test image i."""
     order = np.argsort(scores, kind="stable")
     picks = [("best", i) for i in order[::-1][:count]] + [("worst", i) for i in order[:count]]
     fig, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.5 * len(picks)), squeeze=False)
     for row, (kind, i) in zip(axes, picks):
-        _show(row[0], images[i], f"{kind}: test image {i}")
+        _show(row[0], images[i], f"{kind}: test image {name(i)}")
         _show(row[1], masks[i][..., None] * 255, "ground truth")
         _show(row[2], predictions[i][..., None] * 255, f"prediction, {label} {scores[i]:.3f}")
     fig.suptitle(title)

@@ -512,11 +512,13 @@ def write_segmentation_analysis(workdir, config, dataset, predictions):
     predicted mask (overlay.png, --features.image). Returns the table as Markdown, and the scores."""
     label = dice_label(dataset)
     scores = [analysis.dice_per_image(p, dataset.test.labels) for p in predictions]
+    names = {"test_images": list(dataset.test.names)} if dataset.test.names is not None else {}
     write_json(workdir / "scores.json", {"metric": f"{label} (Dice of the foreground) per test image",
-                                         "per_seed": [s.round(6).tolist() for s in scores]})
+                                         **names, "per_seed": [s.round(6).tolist() for s in scores]})
     who = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
     plots.segmentation_extremes(dataset.test.images, dataset.test.labels, predictions[0], scores[0],
-                                workdir / "predictions.png", f"{who}: best and worst {label}", label=label)
+                                workdir / "predictions.png", f"{who}: best and worst {label}", label=label,
+                                name=dataset.test.name)
     draw_overlay(workdir / "overlay.png", config, dataset, predictions[0], scores[0], config["features"]["image"])
     table = analysis.dice_table(scores, config["seed"], label)
     return (f"\nPer-image {label} on the test split ({len(dataset.test)} images), each seed's final or selected "
@@ -526,8 +528,8 @@ def write_segmentation_analysis(workdir, config, dataset, predictions):
 def draw_overlay(path, config, dataset, prediction, scores, index):
     """One test image with its true and predicted masks, and their Dice, from the first model."""
     label = dice_label(dataset)
-    plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], prediction[index], path,
-                       f"{config['name']} (seed {config['seed']}), {dataset.name} test: image {index}",
+    title = f"{config['name']} (seed {config['seed']}), {dataset.name} test: image {dataset.test.name(index)}"
+    plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], prediction[index], path, title,
                        scores[index], label)
 
 
@@ -570,7 +572,7 @@ def write_views(workdir, config, model, states, dataset, convs, layer, features_
     image = dataset.test.images[index]
     label = dataset.test.labels[index]
     if np.ndim(label):  # a segmentation mask
-        shown = f"test image {index}"
+        shown = f"test image {dataset.test.name(index)}"
     else:
         shown = f"test image {index} ({dataset.class_names[label] if dataset.class_names else f'label {label}'})"
     maps = inspect_model.layer_output(model, first.variables(), image, layer)

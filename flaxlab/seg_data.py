@@ -141,7 +141,7 @@ def random_hold_out(split, fraction, seed, what="val"):
                          f"{'nothing to hold out' if held < 1 else 'nothing to train on'}")
     order = np.random.default_rng(seed).permutation(n)
     rest, out = np.sort(order[held:]), np.sort(order[:held])
-    return Split(split.images[rest], split.labels[rest]), Split(split.images[out], split.labels[out])
+    return split.take(rest), split.take(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +182,13 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
     def compute():  # every split, so that the choice of train and test below is not cached
         splits = _with_how_to(layout.how_to, read_pairs, source, size)
         arrays = {"splits": np.array(list(splits))}
-        for i, (images, masks, _) in enumerate(splits.values()):
-            arrays.update({f"images_{i}": images, f"masks_{i}": masks})
+        for i, (images, masks, names) in enumerate(splits.values()):
+            arrays.update({f"images_{i}": images, f"masks_{i}": masks, f"names_{i}": np.array(names)})
         return arrays
 
-    arrays = _cached(f"segmentation-{layout.name}", size, [source], compute, cache)
-    splits = {str(name): Split(arrays[f"images_{i}"], arrays[f"masks_{i}"]) for i, name in enumerate(arrays["splits"])}
+    arrays = _cached(f"segmentation-{layout.name}-named", size, [source], compute, cache)
+    splits = {str(name): Split(arrays[f"images_{i}"], arrays[f"masks_{i}"], tuple(map(str, arrays[f"names_{i}"])))
+              for i, name in enumerate(arrays["splits"])}
     train_split = next((s for s in layout.train if s in splits), None)
     if train_split is None:
         raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in splits)}); {layout.how_to}")

@@ -73,6 +73,14 @@ def test_each_layout_takes_another_layouts_test_split_and_the_choice_is_not_cach
             ds = seg_data.load_segmentation(layout, tmp_path / folder, size=(8, 12))
             assert (len(ds.train), len(ds.test)) == (4, tests) and f"test = its {test_split} split" in ds.source
             assert "unused" not in ds.source
+            assert ds.test.names == tuple(f"case{i}" for i in range(tests))  # the figures' names, cached too
+    held = seg_data.load_segmentation("glas", tmp_path / "glas", size=(20, 30), val_fraction=0.5)
+    assert len(held.val) == 2 and set(held.train.names + held.val.names) == {f"case{i}" for i in range(4)}
+    for split in (held.train, held.val):  # a held-out image keeps its name: case i's mask is i + 1 columns wide
+        assert [int(n[4:]) + 1 for n in split.names] == [int(m[0].sum()) for m in split.labels]
+    assert held.val.name(1) == f"1 ({held.val.names[1]})" and data.Split(held.val.images, held.val.labels).name(1) == "1"
+    with pytest.raises(DataError, match="2 images but 1 names"):
+        data.Split(held.val.images, held.val.labels, ("case0",))
 
 
 def test_bad_segmentation_data_is_one_clear_error(tmp_path):
@@ -185,12 +193,13 @@ def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path
     titles, draw = [], plots.feature_maps_figure
     monkeypatch.setattr(plots, "feature_maps_figure", lambda *a: titles.append(a[3]) or draw(*a))
     result = _quiet(EXPERIMENTS["glas_fcn2_flips"](), tmp_path, features={"layer": "", "image": 4})
-    assert titles == ["glas_fcn2_flips (seed 0): Conv_0 on test image 4"]  # a mask is no label to print
+    assert titles == ["glas_fcn2_flips (seed 0): Conv_0 on test image 4 (testA_5)"]  # a mask is no label to print
     files = {p.name for p in result.workdir.iterdir()}
     assert {"predictions.png", "overlay.png", "scores.json", "curves.png", "filters.png", "features.png"} <= files
     assert "confusion.png" not in files
-    scores = json.loads((result.workdir / "scores.json").read_text())["per_seed"]
-    assert len(scores) == 1 and len(scores[0]) == 6
+    written = json.loads((result.workdir / "scores.json").read_text())
+    scores = written["per_seed"]
+    assert len(scores) == 1 and len(scores[0]) == 6 and written["test_images"] == [f"testA_{i}" for i in range(1, 7)]
     text = (result.workdir / "results.md").read_text()
     assert "Per-image DSC on the test split (6 images)" in text and "val dice at selected epoch" in text
     history = result.history
@@ -202,7 +211,7 @@ def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path
     said = []
     draw_from_checkpoint(result.workdir, image=2, log=said.append)
     (image, mask, prediction, path, title, score, label), = overlays
-    assert path == result.workdir / "overlay-2.png" and path.exists() and title.endswith("test: image 2")
+    assert path == result.workdir / "overlay-2.png" and path.exists() and title.endswith("test: image 2 (testA_3)")
     assert score == pytest.approx(scores[0][2], abs=1e-6) and label == "DSC" and prediction.shape == mask.shape
     assert said[0].startswith(f"drew {result.workdir}/filters.png, {result.workdir}/features-Conv_0-2.png and "
                               f"{result.workdir}/overlay-2.png from the best-validation state")
