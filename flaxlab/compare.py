@@ -222,15 +222,20 @@ def _state(folder, config, recorded):
     return "finished" if "train_s" in (recorded.get("info") or {}) else f"{state}{resume}"
 
 
-def _final_test(run):
-    """(score name, the final test score's stats over the run's seeds)."""
+def _kept_test(run):
+    """(score name, the test score's stats over the run's seeds, at which epoch): the kept models' score,
+    at each one's selected epoch when the run selected models by validation (results.md's headline), else
+    the final one."""
     name = metrics.score_name(run.history)
-    return name, next(s for s in metrics.final_stats(run.history) if s["metric"] == f"final test {name}")
+    metric, when = (f"test {name} at selected epoch", "selected epoch") if run.selected_epochs else \
+        (f"final test {name}", "final")
+    return name, next(s for s in metrics.final_stats(run.history, run.selected_epochs) if s["metric"] == metric), when
 
 
 def list_runs(folder="runs"):
     """The run folders in `folder` (or `folder` itself, a run folder), a row each: experiment, models, epochs,
-    state, final test score (mean ± std over seeds; a sweep's best variant). Returns the Markdown table."""
+    state, test score of the kept models (mean ± std over seeds; a sweep's best variant). Returns the Markdown
+    table."""
     import datetime
     from flaxlab.runner import is_run_folder, training_process
     folder = Path(folder)
@@ -241,7 +246,7 @@ def list_runs(folder="runs"):
     folders = [folder] if looks_like_run(folder) else sorted(p for p in folder.iterdir() if looks_like_run(p))
     if not folders:
         return f"no run folders in {folder}"
-    lines = ["| run folder | experiment | models | epochs | state | final test score | last written |",
+    lines = ["| run folder | experiment | models | epochs | state | test score | last written |",
              "|---|---|---|---|---|---|---|"]
     for path in folders:
         config, recorded = _read_json(path / "config.json"), _read_json(path / "history.json")
@@ -261,10 +266,10 @@ def list_runs(folder="runs"):
                      f"{_training_or_stopped(training_process(path))} before its first epoch ended")
             cells += ["", "" if recorded == "damaged" else f"0 of {config.get('epochs')}", state, ""]
         else:
-            best, score = max(runs, default=None, key=lambda run: _final_test(run)[1]["mean"]), ""
+            best, score = max(runs, default=None, key=lambda run: _kept_test(run)[1]["mean"]), ""
             if best is not None:
-                name, final = _final_test(best)
-                score = f"{metrics.format_mean_std(name, final['mean'], final['std'], final['n'])} {name}"
+                name, kept, when = _kept_test(best)
+                score = f"{metrics.format_mean_std(name, kept['mean'], kept['std'], kept['n'])} {name}, {when}"
                 score += f" ({best.label.split(': ', 1)[1]}, the best)" if len(runs) > 1 else ""
             models = sum(len(run.history["test_loss"][-1]) for run in runs)
             epochs = max((len(run.history["epoch"]) for run in runs), default=0)

@@ -102,7 +102,7 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     from test_sweep import stop_at
     from flaxlab.compare import list_runs
     from flaxlab.sweep import parse_grid
-    for name in ("plain", "swept"):
+    for name in ("plain", "swept", "lr0.05"):
         shutil.copytree(folders / name, tmp_path / name)
     data = small_dataset(mnist_sample, 256, 64)
     with pytest.raises(KeyboardInterrupt):
@@ -121,17 +121,21 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     plain = json.loads((folders / "plain" / "history.json").read_text())["history"]["test_accuracy"][-1][0]
     swept = json.loads((folders / "swept" / "history.json").read_text())["variants"]
     best = max(swept, key=lambda label: swept[label]["test_accuracy"][-1][0])
+    selecting = json.loads((folders / "lr0.05" / "history.json").read_text())
+    selected = selecting["history"]["test_accuracy"][selecting["info"]["selected_epochs"][0] - 1][0]
     rows = [line.split(" | ")[1:-1] for line in list_runs(tmp_path).splitlines()[2:]]
     assert rows == [
         ["cnn", "", "", "history.json damaged", ""], ["", "", "", "config.json damaged", ""],
+        ["cnn", "1", "2 of 2", "finished", f"{100 * selected:.2f}% accuracy, selected epoch"],  # results.md's
         ["cnn", "", "0 of 2", "stopped before its first epoch ended", ""],
-        ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy"],
-        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[4][-1]],
-        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[5][-1]],
-        ["cnn", "2", "2 of 2", "finished", f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy ({best}, the best)"]]
+        ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy, final"],
+        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[5][-1]],
+        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[6][-1]],
+        ["cnn", "2", "2 of 2", "finished",
+         f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy, final ({best}, the best)"]]
     assert [line.split(" | ")[0] for line in list_runs(tmp_path).splitlines()[2:]] == [
-        f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "new", "plain", "stopped", "stopped-sweep",
-                                             "swept")]
+        f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "lr0.05", "new", "plain", "stopped",
+                                             "stopped-sweep", "swept")]
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
     assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
