@@ -48,10 +48,29 @@ def _sweep_selected_epochs(folder):
     return selected
 
 
-def _history(history, folder):
-    """`history` if it holds finished epochs with train and test scores; None if none yet."""
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _well_formed(history):
+    """Train and test scores, a list per key with an entry per epoch: a number, or one per model."""
     keys = ("epoch", "train_loss", "test_loss", "test_accuracy")
     if not isinstance(history, dict) or not all(isinstance(history.get(k), list) for k in keys):
+        return False
+    for values in history.values():
+        if not isinstance(values, list) or len(values) != len(history["epoch"]):
+            return False
+        for value in values:
+            row = value if isinstance(value, list) else [value]
+            if not all(map(_is_number, row)) or len(row) != len(values[0] if isinstance(values[0], list) else [0]):
+                return False
+    return True
+
+
+def _history(history, folder):
+    """`history` if it holds finished epochs with train and test scores; None if none yet. An edited file
+    (scores as strings, a list cut short) failed deep inside the table or figure."""
+    if not _well_formed(history):
         raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
     return history if history["epoch"] else None
 
@@ -69,6 +88,9 @@ def read_runs(folder):
     recorded, config = _read_json(folder / "history.json"), _read_json(folder / "config.json")
     if not isinstance(recorded, dict) or not isinstance(config, dict) or "name" not in config:
         raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
+    if not isinstance(recorded.get("info", {}), dict) or not isinstance(recorded.get("data", {}), dict) or not \
+            isinstance((recorded.get("info") or {}).get("data", {}), dict):
+        raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
     if "variants" in recorded:  # a sweep
         selected = _sweep_selected_epochs(folder)
         histories = {label: _history(history, folder) for label, history in dict(recorded["variants"]).items()}
@@ -240,7 +262,7 @@ def list_runs(folder="runs"):
     from flaxlab.runner import is_run_folder, training_process
     folder = Path(folder)
     if not folder.is_dir():
-        raise UsageError(f"{folder}: no such folder")
+        raise UsageError(f"{folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}")
     # a folder with a history but no readable config.json is a damaged run, listed as one (it went unlisted)
     looks_like_run = lambda p: is_run_folder(p) or (p / "history.json").is_file()  # noqa: E731
     folders = [folder] if looks_like_run(folder) else sorted(p for p in folder.iterdir() if looks_like_run(p))
@@ -259,7 +281,7 @@ def list_runs(folder="runs"):
             runs = read_runs(path) if isinstance(recorded, dict) else []
         except UsageError:
             runs, recorded = [], "damaged"
-        if recorded is None and (path / "history.json").exists():
+        if (recorded is None and (path / "history.json").exists()) or not isinstance(recorded, (dict, type(None))):
             recorded = "damaged"
         if not isinstance(recorded, dict):
             state = ("history.json damaged" if recorded == "damaged" else

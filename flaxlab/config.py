@@ -6,6 +6,7 @@ one clear error before anything runs or is written.
 """
 import copy
 import math
+import numbers
 
 import numpy as np
 
@@ -172,6 +173,10 @@ def validate(config):
     for key in NON_NEGATIVE:
         if key in flat and flat[key] < 0:
             raise UsageError(f"--{key} must not be negative, got {flat[key]}")
+    for key in (*POSITIVE_EACH, "data.size"):  # "8,16,32" in an edited config.json: a TypeError in a comparison
+        if key in flat and (not isinstance(flat[key], (list, tuple))
+                            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in flat[key])):
+            raise UsageError(f"--{key} must be a list of whole numbers, got {flat[key]!r}")
     for key in POSITIVE_EACH:
         if key in flat and not all(value > 0 for value in flat[key]):
             raise UsageError(f"--{key} must be positive sizes, got {','.join(map(str, flat[key]))}")

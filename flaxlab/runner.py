@@ -455,7 +455,9 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
             tracker = metrics.BestEpochs(select, trainer.num_models, patience, progress_state["best_epochs"])
         else:
             best = None
-        log(f"resumed after epoch {progress_state['epoch']}")
+        finished = "stopped early" if done else "all its epochs" if first > epochs else ""
+        log(f"resumed after epoch {progress_state['epoch']}" + (f": the run had finished ({finished}), so its results "
+                                                                 "and figures are written again" if finished else ""))
     bar = Progress(epochs, enabled=progress, log=log, first_epoch=first)
     for epoch in range(first, epochs + 1):
         if done:
@@ -781,11 +783,15 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 
 
 def _recorded_data_dir(workdir):
-    """Where a run read its files ('files:PATH' in history.json), or None (the shipped sample, TFDS)."""
+    """Where a run read its files ('files:PATH' in history.json), or None (the shipped sample, TFDS); refused
+    without a record (scoring the shipped sample instead of what the run read went unsaid)."""
     try:
         source = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        source = None
+    if not isinstance(source, str):
+        raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no record of the data the run "
+                         "read: pass --data-dir")
     kind, _, rest = source.partition(":")
     return rest.split(" (")[0] if kind == "files" else None
 
@@ -799,6 +805,9 @@ def _run_config(workdir):
     except (OSError, ValueError):
         raise UsageError(f"{Path(workdir) / 'config.json'} is missing or not JSON; is {workdir} a run "
                          "folder?") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{Path(workdir) / 'config.json'} holds no run's config (a JSON object); is {workdir} a "
+                         "run folder?")
     if config.get("sweep"):
         raise UsageError(f"{workdir} is a sweep's folder; a sweep keeps no states once it ends (a run of one "
                          "variant, with its options, keeps its own)")
@@ -807,7 +816,10 @@ def _run_config(workdir):
     if isinstance(network, str) and network not in MODELS:
         raise UsageError(f"{workdir} trained a network flaxlab does not know, '{network}' (registered from Python "
                          "in models.MODELS?): register it again, then call flaxlab.runner's functions from Python")
-    return config
+    try:  # an edited file: its message names the file, not an option nobody passed
+        return config_lib.validate(config)
+    except UsageError as e:
+        raise UsageError(f"{Path(workdir) / 'config.json'} is damaged: {e}") from None
 
 
 def _restore_run(workdir, data_dir, dataset=None, **fields):
@@ -816,11 +828,11 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
     `data_dir`, the data the run read (it scored the shipped sample instead, whatever the run trained on);
     a `dataset` given (one of the run's shapes) is used instead."""
     workdir = Path(workdir)
+    config = config_lib.validate({**_run_config(workdir), **fields})
     if data_dir is None and dataset is None:
         data_dir = _recorded_data_dir(workdir)
         if data_dir and not Path(data_dir).exists():
             raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
-    config = config_lib.validate({**_run_config(workdir), **fields})
     dataset = load_dataset(config, data_dir, dataset)
     s = set_up(config, dataset)
     checkpoints = Checkpoints(workdir, every=0)

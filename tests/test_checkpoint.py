@@ -2,6 +2,7 @@
 uninterrupted one; best-validation states and early stopping per model."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from conftest import REPO
 from flaxlab import metrics
 from flaxlab.errors import DataError, UsageError
-from flaxlab.runner import select_models
+from flaxlab.runner import evaluate_checkpoint, predict_images, select_models
 
 # two seeds of the GTSRB CNN on the shipped sample, a checkpoint every epoch, each model's best val state kept
 RUN = ["run", "gtsrb_cnn", "--data.source", "sample", "--seeds", "2", "--epochs", "5", "--checkpoint_every", "1",
@@ -184,6 +185,27 @@ def test_evaluate_reads_the_data_the_run_read(tmp_path):
     evaluate = cli("evaluate", "--workdir", "run", cwd=tmp_path)
     _, err = evaluate.communicate(timeout=300)
     assert evaluate.returncode == 2 and "which is not there now: pass --data-dir" in err, err
+    recorded = json.loads((tmp_path / "run" / "history.json").read_text())
+    del recorded["info"]  # no record of the data: it scored the shipped sample, and said nothing
+    (tmp_path / "run" / "history.json").write_text(json.dumps(recorded))
+    with pytest.raises(UsageError, match="history.json is missing or holds no record of the data the run read: "
+                                         "pass --data-dir"):
+        evaluate_checkpoint(tmp_path / "run")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: [1, 2, 3], "config.json holds no run's config (a JSON object)"),
+    (lambda c: {**c, "model": {**c["model"], "features": "8,16,32"}},
+     "config.json is damaged: --model.features must be a list of whole numbers, got '8,16,32'"),
+    (lambda c: {**c, "batch_size": "abc"}, "config.json is damaged: --batch_size must be a number, got 'abc'")])
+def test_predict_and_evaluate_name_a_damaged_config(tmp_path, edit, message):
+    """An edited config.json: a TypeError deep in predict (evaluate's error blamed an option nobody passed)."""
+    from experiments import EXPERIMENTS
+    config = EXPERIMENTS["mnist_cnn"]()
+    (tmp_path / "config.json").write_text(json.dumps(edit(config)))
+    for call in (lambda: evaluate_checkpoint(tmp_path), lambda: predict_images(tmp_path, np.zeros((1, 28, 28), np.uint8))):
+        with pytest.raises(UsageError, match=re.escape(f"{tmp_path}/{message}")):
+            call()
 
 
 def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):

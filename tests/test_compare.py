@@ -68,7 +68,18 @@ def test_bad_input_is_one_line(folders, tmp_path):
     damaged.mkdir()
     (damaged / "config.json").write_text((folders / "plain" / "config.json").read_text())
     (damaged / "history.json").write_text('{"history": {"epoch": [1]}}')
+    plain = json.loads((folders / "plain" / "history.json").read_text())
+    edits = {"longer": lambda h: h["history"]["epoch"].append(3),  # a list cut or grown: matplotlib's traceback
+             "strings": lambda h: h["history"]["test_accuracy"].__setitem__(0, ["0.88"]),  # numpy's
+             "data": lambda h: h["info"].__setitem__("data", "oops")}  # an AttributeError
+    for name, edit in edits.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((folders / "plain" / "config.json").read_text())
+        edit(edited := json.loads(json.dumps(plain)))
+        (tmp_path / name / "history.json").write_text(json.dumps(edited))
     for args, message in (
+            *[([str(folders / "plain"), str(tmp_path / name)], f"{tmp_path / name}/history.json is damaged or not a "
+               "flaxlab run's") for name in edits],
             ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
             ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
             ([str(folders / "plain"), "nosuch"], "nosuch: no such folder"),
@@ -76,11 +87,11 @@ def test_bad_input_is_one_line(folders, tmp_path):
             ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")],
              f"{folders / 'plain'} is given twice"),
             ([str(folders / "plain"), str(folders / "swept"), "--out", str(tmp_path)],
-             f"--out {tmp_path} holds files that compare did not write (damaged, notes.txt)"),
+             f"--out {tmp_path} holds files that compare did not write (damaged, data, longer)"),
             ([str(folders / "plain"), str(folders / "swept"), "--epochs", "3"], "unexpected argument '--epochs'")):
         out = cli("compare", *args, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {message}") and out.stderr.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "notes.txt"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["damaged", *edits, "notes.txt"])  # nothing written
 
 
 def test_classification_and_segmentation_are_not_compared(folders, tmp_path):
@@ -137,6 +148,10 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
         f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "lr0.05", "new", "plain", "stopped",
                                              "stopped-sweep", "swept")]
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
+    (tmp_path / "damaged" / "history.json").write_text("[]")  # JSON, but no run's record: no "stopped" run
+    assert list_runs(tmp_path / "damaged").splitlines()[2].split(" | ")[4] == "history.json damaged"
+    with pytest.raises(UsageError, match="config.json: a file, not a folder"):
+        list_runs(tmp_path / "plain" / "config.json")
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
     assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
 
