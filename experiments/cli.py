@@ -220,8 +220,12 @@ def _split_cpu(config, variants):
 def _run(args, overrides):
     """`run` trains one experiment; an experiment that defines variants, or `sweep`, trains a sweep."""
     from flaxlab import sweep
+    from flaxlab.compare import differences
     from flaxlab.runner import run_experiment
-    config = _apply_overrides(_experiment(args.experiment), overrides)
+    experiment = _experiment(args.experiment)
+    config = _apply_overrides(experiment, overrides)
+    if changed := differences(config, experiment):  # results.md repeats the description, which told the defaults
+        config = {**config, "description": f"{config['description']} Changed here: {', '.join(changed)}."}
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
     is_sweep = args.command == "sweep" or bool(variants)
     _check_options(args.experiment, config, variants, is_sweep)

@@ -490,13 +490,19 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
     return states, best, history, (tracker.epoch if tracker else None)
 
 
-def write_analysis(workdir, config, dataset, predictions):
+def model_name(config, selected=None):
+    """How figures name the model they show, the first seed's: with its epoch when the run kept its
+    best-validation state (a figure of it went by the last epoch's curves and title)."""
+    return f"{config['name']} (seed {config['seed']}{f', selected epoch {selected}' if selected else ''})"
+
+
+def write_analysis(workdir, config, dataset, predictions, selected=None):
     """For the first seed: confusion.png (counts and row-normalised), misclassified.png; returns the
     most confused pairs as Markdown. The matrices of every seed go to confusion.json."""
     labels = dataset.test.labels
     matrices = [analysis.confusion_matrix(labels, p, dataset.num_classes) for p in predictions]
     write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})
-    title = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
+    title = f"{model_name(config, selected)}, {dataset.name} test"
     names = dataset.class_names
     plots.confusion_figure(matrices[0], workdir / "confusion.png", title, names)
     plots.misclassified_grid(dataset.test.images, labels, predictions[0], workdir / "misclassified.png", title, names)
@@ -508,7 +514,7 @@ def dice_label(dataset):
     return {"jsrt": "F1"}.get(dataset.name, "DSC")  # what each report calls the per-image Dice
 
 
-def write_segmentation_analysis(workdir, config, dataset, predictions):
+def write_segmentation_analysis(workdir, config, dataset, predictions, selected=None):
     """Per-image Dice of every model on the test split (scores.json), its mean/std/min table, and for the
     first seed the best and worst three test predictions (predictions.png) and one test image with its
     predicted mask (overlay.png, --features.image). Returns the table as Markdown, and the scores."""
@@ -517,20 +523,21 @@ def write_segmentation_analysis(workdir, config, dataset, predictions):
     names = {"test_images": list(dataset.test.names)} if dataset.test.names is not None else {}
     write_json(workdir / "scores.json", {"metric": f"{label} (Dice of the foreground) per test image",
                                          **names, "per_seed": [s.round(6).tolist() for s in scores]})
-    who = f"{config['name']} (seed {config['seed']}), {dataset.name} test"
+    who = f"{model_name(config, selected)}, {dataset.name} test"
     plots.segmentation_extremes(dataset.test.images, dataset.test.labels, predictions[0], scores[0],
                                 workdir / "predictions.png", f"{who}: best and worst {label}", label=label,
                                 name=dataset.test.name)
-    draw_overlay(workdir / "overlay.png", config, dataset, predictions[0], scores[0], config["features"]["image"])
+    draw_overlay(workdir / "overlay.png", config, dataset, predictions[0], scores[0], config["features"]["image"],
+                 selected)
     table = analysis.dice_table(scores, config["seed"], label)
     return (f"\nPer-image {label} on the test split ({len(dataset.test)} images), each seed's final or selected "
             f"model:\n\n{table}\n", scores)
 
 
-def draw_overlay(path, config, dataset, prediction, scores, index):
+def draw_overlay(path, config, dataset, prediction, scores, index, selected=None):
     """One test image with its true and predicted masks, and their Dice, from the first model."""
     label = dice_label(dataset)
-    title = f"{config['name']} (seed {config['seed']}), {dataset.name} test: image {dataset.test.name(index)}"
+    title = f"{model_name(config, selected)}, {dataset.name} test: image {dataset.test.name(index)}"
     plots.mask_overlay(dataset.test.images[index], dataset.test.labels[index], prediction[index], path, title,
                        scores[index], label)
 
@@ -560,14 +567,14 @@ def check_views(config, model, dataset, named=None):
     return convs, layer
 
 
-def write_views(workdir, config, model, states, dataset, convs, layer, features_name="features.png"):
+def write_views(workdir, config, model, states, dataset, convs, layer, features_name="features.png", selected=None):
     """filters.png (the first conv's filters) and features.png (the chosen layer's maps for the chosen test
     image), both of the first model; nothing for a net without convolutions."""
     from flaxlab import inspect_model
     if not convs:
         return
     first = jax.tree.map(lambda a: np.asarray(a[0]), states)
-    who = f"{config['name']} (seed {config['seed']})"
+    who = model_name(config, selected)
     kernel = inspect_model.first_conv_kernel(first.params, convs)
     plots.filter_grid(kernel, workdir / "filters.png", f"{who}: first-layer filters ({convs[0]})")
     index = config["features"]["image"]
@@ -635,8 +642,9 @@ def check_resumable(config, workdir):
     saved, mine = config_lib.flatten(saved), config_lib.flatten(json.loads(json.dumps(config)))  # tuples as lists
     # a schedule spans the epochs; a sweep's finished programs ran the epochs they ran
     growable = () if mine.get("optimizer.schedule", "constant") != "constant" or mine.get("sweep") else ("epochs",)
-    # a field added since the run was saved counts as unchanged
-    differ = sorted(k for k in set(saved) | set(mine) if k not in growable and saved.get(k, mine.get(k)) != mine.get(k))
+    # a field added since the run was saved counts as unchanged; the description names the options changed
+    differ = sorted(k for k in set(saved) | set(mine)
+                    if k not in (*growable, "description") and saved.get(k, mine.get(k)) != mine.get(k))
     if differ:
         options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])  # a sweep's variants
         raise UsageError(f"--resume: {workdir} was run with other settings ({options}); resume with the same options")
@@ -774,8 +782,9 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         predictions = parallel.to_host(trainer.predict(chosen, s.test_data))
         chosen = parallel.to_host(chosen)  # figures draw from one local copy
         write_analysis_of = write_segmentation_analysis if dataset.is_segmentation else write_analysis
-        analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions)
-        write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer)
+        selected = best_epochs[0] if best_epochs else None  # the first model's, which the figures show
+        analysis_md, image_scores = write_analysis_of(workdir, config, dataset, predictions, selected)
+        write_views(workdir, config, s.model, chosen, dataset, convs, feature_layer, selected=selected)
         stats, table = write_summary(workdir, config, dataset, info, history, analysis_md, best_epochs, image_scores)
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     remove_if_temporary(workdir)
@@ -862,13 +871,15 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
     if not convs:
         raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     name = f"features-{layer.replace('/', '.')}-{image}.png"
-    write_views(workdir, config, s.model, states, dataset, convs, layer, name)
+    best = (progress.get("best_epochs") or {}).get("epoch") if config["best_metric"] else None
+    selected = best[0] if best else None  # the first model's, which the figures show
+    write_views(workdir, config, s.model, states, dataset, convs, layer, name, selected)
     drawn = [f"{workdir}/filters.png", f"{workdir}/{name}"]
     if dataset.is_segmentation:  # the mask the first model predicts for the same image
         prediction = np.asarray(parallel.to_host(s.trainer.predict(states, s.test_data)))[0]
         drawn.append(f"{workdir}/overlay-{image}.png")
         draw_overlay(Path(drawn[-1]), config, dataset, prediction,
-                     analysis.dice_per_image(prediction, dataset.test.labels), image)
+                     analysis.dice_per_image(prediction, dataset.test.labels), image, selected)
     log(f"drew {', '.join(drawn[:-1])} and {drawn[-1]} from {_kept(config, progress)}")
 
 

@@ -142,6 +142,7 @@ def test_main_job_on_the_shipped_sample(tmp_path):
     assert history["history"]["epoch"] == [1, 2] and len(history["history"]["test_accuracy"][-1]) == 2
     assert min(history["history"]["test_accuracy"][-1]) > 0.85
     assert "| final test accuracy |" in (run / "results.md").read_text() and "over 2 seeds" in out.stdout
+    assert "(report: 99%). Changed here: epochs 20 -> 2, seeds 1 -> 2.\n" in (run / "results.md").read_text()
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "config.json").read_text())["seeds"] == 2
 

@@ -34,6 +34,7 @@ def test_image_experiment_writes_its_run_folder(tmp_path, name, monkeypatch):
     assert len(history["history"]["val_accuracy"]) == 2 and history["info"]["data"]["val_examples"] > 0
     assert history["info"]["data"]["source"].startswith("sample:")
     assert result.info["selected_epochs"][0] in (1, 2)
+    assert titles[0].startswith(f"{name} (seed 0, selected epoch {result.info['selected_epochs'][0]}): Conv_0")
     assert "at selected epoch" in (result.workdir / "results.md").read_text()
     assert ("left-right mirror (logits averaged)" in (result.workdir / "results.md").read_text()) == eval_flip
     names = image_data.CIFAR10_CLASSES if name != "gtsrb_cnn_augment" else image_data.GTSRB_CLASSES

@@ -193,7 +193,8 @@ def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path
     titles, draw = [], plots.feature_maps_figure
     monkeypatch.setattr(plots, "feature_maps_figure", lambda *a: titles.append(a[3]) or draw(*a))
     result = _quiet(EXPERIMENTS["glas_fcn2_flips"](), tmp_path, features={"layer": "", "image": 4})
-    assert titles == ["glas_fcn2_flips (seed 0): Conv_0 on test image 4 (testA_5)"]  # a mask is no label to print
+    selected = result.info["selected_epochs"][0]  # the state the figures show
+    assert titles == [f"glas_fcn2_flips (seed 0, selected epoch {selected}): Conv_0 on test image 4 (testA_5)"]
     files = {p.name for p in result.workdir.iterdir()}
     assert {"predictions.png", "overlay.png", "scores.json", "curves.png", "filters.png", "features.png"} <= files
     assert "confusion.png" not in files
