@@ -191,9 +191,10 @@ def compare_runs(folders, out=None, log=print):
     rows, trials = [], []
     number = {Path(folder): i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
     for label, run in zip(labels, runs):
-        rows.append({**variant_row(label, number[run.folder], run.history), "epochs": len(run.history["epoch"]),
+        mine = metrics.trial_rows(label, run.history, run.first_seed, run.selected_epochs if selecting else None)
+        rows.append({**variant_row(label, number[run.folder], run.history, mine), "epochs": len(run.history["epoch"]),
                      "folder": str(run.folder)})
-        trials += metrics.trial_rows(label, run.history, run.first_seed, run.selected_epochs if selecting else None)
+        trials += mine
     tested_on = {(run.data.get("source"), run.data.get("test_examples")) for run in runs}
     note = ("" if len(tested_on) == 1 else
             "**the runs were tested on different data**: " + "; ".join(f"{s} ({n} test)" for s, n in sorted(

@@ -579,14 +579,15 @@ def make_splits(train, test, val_fraction, test_fraction, seed, groups=None, how
 
     Returns the splits and a note on where test and val came from, for `Dataset.source`.
     """
-    note = ""
-    if test is None:
+    note, test_held = "", test is None
+    if test_held:
         train, test, groups = _hold_out(train, test_fraction, seed, groups)
         note += f" (test = {test_fraction:.0%} of train, {how}, seed {seed})"
     val = None
     if val_fraction:
         train, val, _ = _hold_out(train, val_fraction, seed + 1, groups, "val")
-        note += f" (val = {val_fraction:.0%} of the rest of train, {how})"
+        rest = "the rest of train" if test_held else "train"  # "the rest" only where test was held out first
+        note += f" (val = {val_fraction:.0%} of {rest}, {how})"
     return train, val, test, note
 
 

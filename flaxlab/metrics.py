@@ -99,7 +99,8 @@ def final_stats(history, best_epochs=None):
     if best_epochs:
         at = [history["epoch"].index(e) for e in best_epochs]
         rows.append(("selected epoch", np.asarray(best_epochs, float)))
-        for key in ("val_accuracy", "val_dice", "test_loss", "test_accuracy", "test_dice"):
+        # val loss too: what --best_metric val_loss selects by
+        for key in ("val_loss", "val_accuracy", "val_dice", "test_loss", "test_accuracy", "test_dice"):
             if key not in history:
                 continue
             rows.append((f"{key.replace('_', ' ')} at selected epoch",

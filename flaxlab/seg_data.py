@@ -207,7 +207,7 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
     val = None
     if val_fraction:
         train, val = random_hold_out(train, val_fraction, seed + 1)
-        where += f" (val = {val_fraction:.0%} of the rest of train)"
+        where += f" (val = {val_fraction:.0%} of {'train' if test_split else 'the rest of train'})"
     return Dataset(layout.name, where, train, test, num_classes=2, val=val)
 
 

@@ -156,12 +156,16 @@ def _split_history(history, index, seeds):
     return out
 
 
-def variant_row(label, program_index, history):
-    """A variant's final test score (accuracy, or Dice for segmentation) over its seeds."""
+def variant_row(label, program_index, history, trials=()):
+    """A variant's final test score (accuracy, or Dice for segmentation) over its seeds; with `trials` (rows
+    of metrics.trial_rows) that selected epochs, first the score at them, the state each model kept."""
     score = metrics.score_name(history)
     stats = {s["metric"]: s for s in metrics.final_stats(history)}
     final, best = stats[f"final test {score}"], stats[f"best test {score}"]
-    return {"variant": label, "program": program_index, "seeds": final["n"],
+    kept = [t[f"test_{score}"] for t in trials if t["variant"] == label and f"test_{score}" in t]
+    selected = {f"selected_test_{score}_mean": float(np.mean(kept)),
+                f"selected_test_{score}_std": float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0} if kept else {}
+    return {"variant": label, "program": program_index, "seeds": final["n"], **selected,
             f"test_{score}_mean": final["mean"], f"test_{score}_std": final["std"], f"test_{score}_min": final["min"],
             f"test_{score}_max": final["max"], f"best_test_{score}_mean": best["mean"],
             "test_loss_mean": stats["final test loss"]["mean"],
@@ -172,10 +176,15 @@ def markdown_table(rows, first="program"):
     """`first`: what the second column numbers (a sweep's programs; compare's runs)."""
     score = "dice" if "test_dice_mean" in rows[0] else "accuracy"
     fmt = lambda v: metrics.format_score(score, v)  # noqa: E731
-    lines = [f"| variant | {first} | seeds | final test {score} (mean ± std) | min | max | best test {score} (mean) "
-             "| final test loss |", "|---|---|---|---|---|---|---|---|"]
+    selecting = f"selected_test_{score}_mean" in rows[0]  # the kept models' score leads, as in results.md
+    lines = [f"| variant | {first} | seeds | " + (f"test {score} at selected epoch (mean ± std) | " if selecting else "")
+             + f"final test {score} (mean ± std) | min | max | best test {score} (mean) | final test loss |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if selecting else "")]
     for r in rows:
         final = metrics.format_mean_std(score, r[f"test_{score}_mean"], r[f"test_{score}_std"], r["seeds"])
+        if selecting:
+            final = metrics.format_mean_std(score, r[f"selected_test_{score}_mean"], r[f"selected_test_{score}_std"],
+                                            r["seeds"]) + f" | {final}"
         lines.append(f"| {r['variant']} | {r['program']} | {r['seeds']} | {final} | {fmt(r[f'test_{score}_min'])} | "
                      f"{fmt(r[f'test_{score}_max'])} | {fmt(r[f'best_test_{score}_mean'])} | "
                      f"{r['test_loss_mean']:.4f} |")
@@ -278,7 +287,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         if not resume:
             remove_earlier_run(workdir, log)
             write_json(workdir / "config.json", saved_config)
-        rows = [variant_row(label, info["program"], histories[label]) for info in program_info
+        rows = [variant_row(label, info["program"], histories[label], trials) for info in program_info
                 for label in info["variants"]]
         start = time.perf_counter()
 
@@ -331,7 +340,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                                  "data": data.describe(), "model_axis": s.trainer.model_axis,
                                  "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
                                  "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
-            rows += [variant_row(label, index, histories[label]) for label in labels]
+            rows += [variant_row(label, index, histories[label], trials) for label in labels]
             for label in labels:
                 if note := metrics.divergence_note(histories[label], program.config["optimizer"]["name"]):
                     report(f"warning: {label}: {note}")

@@ -423,8 +423,10 @@ def test_shipped_samples_load_with_train_val_test():
     assert cifar.source.startswith("sample:flaxlab/assets/cifar10-sample")
     assert (len(cifar.train), len(cifar.val), len(cifar.test)) == (540, 60, 200)
     assert cifar.train.images.shape[1:] == (32, 32, 3) and np.bincount(cifar.val.labels).tolist() == [6] * 10
+    assert cifar.source.endswith(" (val = 10% of train, stratified by class)")  # it has a test split of its own
     gtsrb = data.load("gtsrb", source="sample", size=(28, 28), val_fraction=0.2, test_fraction=0.2)
     assert (len(gtsrb.train), len(gtsrb.val), len(gtsrb.test)) == (516, 172, 172)
+    assert gtsrb.source.endswith(" (test = 20% of train, by track, seed 0) (val = 20% of the rest of train, by track)")
     assert gtsrb.num_classes == 43 and gtsrb.train.images.shape[1:] == (28, 28, 3)
     resized = data.load("cifar10", source="sample", size=(16, 16))
     assert resized.train.images.shape[1:] == (16, 16, 3) and resized.val is None

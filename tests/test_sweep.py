@@ -245,6 +245,14 @@ def test_an_interrupted_sweep_resumes_to_the_same_end(mnist_sample, tmp_path):
             assert (tmp_path / str(every) / name).read_text() == (tmp_path / "whole" / name).read_text()
         assert not kept.exists()
     assert "selected_epoch" in (tmp_path / "whole" / "trials.csv").read_text()
+    # the variant table leads with the kept models' score, the per-trial table's mean ± std
+    trial_rows = list(csv.DictReader(open(tmp_path / "whole" / "trials.csv")))
+    for row in csv.DictReader(open(tmp_path / "whole" / "results.csv")):
+        kept = [float(t["test_accuracy"]) for t in trial_rows if t["variant"] == row["variant"]]
+        assert float(row["selected_test_accuracy_mean"]) == pytest.approx(np.mean(kept))
+        assert float(row["selected_test_accuracy_std"]) == pytest.approx(np.std(kept, ddof=1))
+    assert "| seeds | test accuracy at selected epoch (mean ± std) | final test accuracy (mean ± std) |" in (
+        tmp_path / "whole" / "results.md").read_text()
 
 
 def test_resuming_a_sweep_refuses_another_sweep_or_data(mnist_sample, tmp_path):
