@@ -177,7 +177,8 @@ def markdown_table(rows, first="program"):
     score = "dice" if "test_dice_mean" in rows[0] else "accuracy"
     fmt = lambda v: metrics.format_score(score, v)  # noqa: E731
     selecting = f"selected_test_{score}_mean" in rows[0]  # the kept models' score leads, as in results.md
-    lines = [f"| variant | {first} | seeds | " + (f"test {score} at selected epoch (mean ± std) | " if selecting else "")
+    kept = f"test {score} at selected epoch (mean ± std) | " if selecting else ""
+    lines = [f"| variant | {first} | seeds | {kept}"
              + f"final test {score} (mean ± std) | min | max | best test {score} (mean) | final test loss |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if selecting else "")]
     for r in rows:

@@ -127,7 +127,8 @@ def test_confusion_figures_of_many_classes_stay_readable_and_bounded(tmp_path):
 def test_the_stats_table_shows_whole_epochs_as_whole():
     stats = metrics.final_stats({"epoch": [1, 2], "train_loss": [[0.5, 0.6], [0.4, 0.5]], "test_loss": [[0.5] * 2] * 2,
                                  "train_accuracy": [[0.8] * 2] * 2, "test_accuracy": [[0.8, 0.9], [0.85, 0.9]],
-                                 "val_loss": [[0.5, 0.3], [0.4, 0.6]], "val_accuracy": [[0.8] * 2] * 2}, best_epochs=[2, 1])
+                                 "val_loss": [[0.5, 0.3], [0.4, 0.6]], "val_accuracy": [[0.8] * 2] * 2},
+                                best_epochs=[2, 1])
     table = metrics.markdown_table(stats)
     assert "| selected epoch | 1.5 | 0.7 | 1 | 2 |" in table and "| final test accuracy | 87.50% |" in table
     assert "| val loss at selected epoch | 0.3500 |" in table  # what --best_metric val_loss chose by

@@ -203,7 +203,8 @@ def test_predict_and_evaluate_name_a_damaged_config(tmp_path, edit, message):
     from experiments import EXPERIMENTS
     config = EXPERIMENTS["mnist_cnn"]()
     (tmp_path / "config.json").write_text(json.dumps(edit(config)))
-    for call in (lambda: evaluate_checkpoint(tmp_path), lambda: predict_images(tmp_path, np.zeros((1, 28, 28), np.uint8))):
+    image = np.zeros((1, 28, 28), np.uint8)
+    for call in (lambda: evaluate_checkpoint(tmp_path), lambda: predict_images(tmp_path, image)):
         with pytest.raises(UsageError, match=re.escape(f"{tmp_path}/{message}")):
             call()
 
