@@ -88,8 +88,9 @@ def read_runs(folder):
     recorded, config = _read_json(folder / "history.json"), _read_json(folder / "config.json")
     if not isinstance(recorded, dict) or not isinstance(config, dict) or "name" not in config:
         raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
-    if not isinstance(recorded.get("info", {}), dict) or not isinstance(recorded.get("data", {}), dict) or not \
-            isinstance((recorded.get("info") or {}).get("data", {}), dict):
+    info = recorded.get("info") or {}
+    data = (recorded.get("data", {}), info.get("data", {}) if isinstance(info, dict) else None)  # a sweep's, a run's
+    if not all(isinstance(d, dict) for d in data):
         raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
     if "variants" in recorded:  # a sweep
         selected = _sweep_selected_epochs(folder)
@@ -97,7 +98,7 @@ def read_runs(folder):
         return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0),
                     _selected(selected.get(label), history), recorded.get("data", {}), _variant_config(config, label))
                 for label, history in histories.items() if history]
-    history, info = _history(recorded.get("history"), folder), recorded.get("info") or {}
+    history = _history(recorded.get("history"), folder)
     if not history:
         return []
     return [Run(folder, config["name"], history, config.get("seed", 0), _selected(info.get("selected_epochs"), history),
@@ -145,7 +146,7 @@ def _labels(runs):
 
 def differences(config, reference):
     """'field old -> new' for each option in which `config` differs from `reference` (names and sweeps aside)."""
-    flat, base = flatten(config), flatten(reference)
+    flat, base = (flatten(json.loads(json.dumps(c))) for c in (config, reference))  # a tuple is its list
     def show(value):
         if isinstance(value, (list, tuple)):
             return ",".join(map(str, value)) or "(empty)"

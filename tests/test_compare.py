@@ -206,3 +206,11 @@ def test_a_sweeps_variant_is_compared_with_every_field_it_sets():
     assert compare.differences({**cnn(), "data": {**cnn()["data"], "size": (28, 28)}}, cnn()) == [
         "data.size (empty) -> 28,28"]
     assert compare._variant_config(config, "gone") == config  # a field this flaxlab lacks: the label says it
+
+
+def test_differences_name_only_changed_options():
+    """`run mnist_cnn --model.features 8,16,32` (the default, parsed as a list) changed nothing to name."""
+    from experiments import EXPERIMENTS
+    experiment = EXPERIMENTS["mnist_cnn"]()
+    config = {**experiment, "epochs": 3, "model": {**experiment["model"], "features": [8, 16, 32]}}
+    assert compare.differences(config, experiment) == ["epochs 20 -> 3"]
