@@ -338,7 +338,8 @@ def in_every_process(do, config, fingerprint=None):
     first = flatten(replies[0]["config"])
     for index, reply in enumerate(replies[1:], 1):  # said first: the other options may be what errors come from
         mine = flatten(reply["config"])
-        differ = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
+        # the description names the options changed from the experiment's: they are named themselves
+        differ = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k) and k != "description")
         if differ:
             options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])
             raise UsageError(f"process {index} of the multi-host run was given other options than process 0 "
