@@ -60,10 +60,9 @@ def _well_formed(history):
     for values in history.values():
         if not isinstance(values, list) or len(values) != len(history["epoch"]):
             return False
-        for value in values:
-            row = value if isinstance(value, list) else [value]
-            if not all(map(_is_number, row)) or len(row) != len(values[0] if isinstance(values[0], list) else [0]):
-                return False
+        rows = [value if isinstance(value, list) else [value] for value in values]
+        if len({len(row) for row in rows}) > 1 or not all(_is_number(v) for row in rows for v in row):
+            return False
     return True
 
 

@@ -852,9 +852,14 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
     return config, dataset, s, (best if best is not None else states), progress
 
 
+def _selected_epochs(config, progress):
+    """Each model's selected epoch in a checkpoint's progress record, or None when the run selected none."""
+    return (progress.get("best_epochs") or {}).get("epoch") if config["best_metric"] else None
+
+
 def _kept(config, progress):
-    best = (progress.get("best_epochs") or {}).get("epoch")
-    if config["best_metric"] and best:
+    best = _selected_epochs(config, progress)
+    if best:
         return (f"the best-validation state (epoch {', '.join(map(str, best))}) kept in epoch "
                 f"{progress['epoch']}'s checkpoint")
     return f"the state of epoch {progress['epoch']}'s checkpoint"
@@ -871,7 +876,7 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
     if not convs:
         raise UsageError(f"{config['model']['name']} has no convolutions to draw")
     name = f"features-{layer.replace('/', '.')}-{image}.png"
-    best = (progress.get("best_epochs") or {}).get("epoch") if config["best_metric"] else None
+    best = _selected_epochs(config, progress)
     selected = best[0] if best else None  # the first model's, which the figures show
     write_views(workdir, config, s.model, states, dataset, convs, layer, name, selected)
     drawn = [f"{workdir}/filters.png", f"{workdir}/{name}"]
