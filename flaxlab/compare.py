@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from flaxlab import metrics, plots
-from flaxlab.config import flatten, with_field
+from flaxlab.config import check_sweep, flatten, with_field
 from flaxlab.errors import UsageError
 from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
@@ -87,6 +87,10 @@ def read_runs(folder):
     recorded, config = _read_json(folder / "history.json"), _read_json(folder / "config.json")
     if not isinstance(recorded, dict) or not isinstance(config, dict) or "name" not in config:
         raise UsageError(f"{folder} has no readable history.json and config.json: is it a run folder?")
+    try:
+        check_sweep(config)
+    except UsageError as e:
+        raise UsageError(f"{folder}/config.json is damaged: {e}") from None
     info = recorded.get("info") or {}
     data = (recorded.get("data", {}), info.get("data", {}) if isinstance(info, dict) else None)  # a sweep's, a run's
     if not all(isinstance(d, dict) for d in data):
@@ -214,7 +218,9 @@ def compare_runs(folders, out=None, log=print):
     on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
     curves = f" ({len(histories)} curves)" if len(histories) > len(folders) else ""  # a sweep's variants
     plots.sweep_comparison(histories, out / "comparison.png", f"{len(folders)} runs{curves}{on}: test {score}, "
-                           "train loss", legend="run")
+                           "train loss", legend="run",
+                           selected_epochs={label: run.selected_epochs for label, run in zip(labels, runs)} if selecting
+                           else None)
     write_json(out / "compare.json", {"runs": [str(f) for f in folders], "labels": labels})
     if note:
         log(f"note: {note.replace('**', '')}")
@@ -255,6 +261,14 @@ def _kept_test(run):
     return name, next(s for s in metrics.final_stats(run.history, run.selected_epochs) if s["metric"] == metric), when
 
 
+def _sweep_readable(config):
+    try:
+        check_sweep(config)
+    except UsageError:
+        return False
+    return True
+
+
 def list_runs(folder="runs"):
     """The run folders in `folder` (or `folder` itself, a run folder), a row each: experiment, models, epochs,
     state, test score of the kept models (mean ± std over seeds; a sweep's best variant). Returns the Markdown
@@ -274,7 +288,7 @@ def list_runs(folder="runs"):
     for path in folders:
         config, recorded = _read_json(path / "config.json"), _read_json(path / "history.json")
         newest = f"{datetime.datetime.fromtimestamp(max(p.stat().st_mtime for p in path.iterdir())):%Y-%m-%d %H:%M}"
-        if not is_run_folder(path):
+        if not is_run_folder(path) or not _sweep_readable(config):
             lines.append("| " + " | ".join([str(path), "", "", "", "config.json damaged", "", newest]) + " |")
             continue
         cells = [str(path), config["name"]]

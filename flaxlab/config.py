@@ -145,6 +145,14 @@ def changed_fields(before, after):
     return sorted(k for k in after if after[k] != before.get(k) and k not in FIXED)
 
 
+def check_sweep(config):
+    """A sweep's variants are a list of {field: value} ("sweep": "dropout" in an edited config.json was listed
+    as 7 variants, and dict("dropout") raised)."""
+    sweep = config.get("sweep") or ()
+    if not isinstance(sweep, (list, tuple)) or not all(isinstance(v, dict) for v in sweep):
+        raise UsageError(f"the sweep must be a list of variants, each {{field: value, ...}}, got {sweep!r}")
+
+
 def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
     missing = ([s for s in ("name", "epochs", "batch_size") if s not in config]
@@ -153,6 +161,7 @@ def validate(config):
     if missing:  # a config built by hand in Python
         raise UsageError(f"the config lacks {', '.join(missing)}: start from an experiment's, "
                          "experiments.EXPERIMENTS[name](), and change it with flaxlab.config.with_field")
+    check_sweep(config)
     flat = flatten(config)
     for key in NUMBERS:  # with_field(config, "optimizer.lr", "0.1") in Python: a TypeError deep in the run
         if key in flat and (isinstance(flat[key], bool) or not isinstance(flat[key], (int, float))):

@@ -72,6 +72,12 @@ class Dataset:
     class_names: tuple = None  # what label i is, for figures and tables; None: the digits 0, 1, ...
 
     def __post_init__(self):
+        for name, split in (("train", self.train), ("test", self.test), ("val", self.val)):
+            if not isinstance(split, Split) and not (name == "val" and split is None):
+                raise DataError(f"{self.name}: {name} must be a flaxlab.data.Split(images, labels), got "
+                                f"{type(split).__name__}")
+            if name != "val" and not len(split):  # scored nothing, then failed on a figure's image
+                raise DataError(f"{self.name}: the {name} split is empty")
         splits = {"train": self.train, "val": self.val, "test": self.test}
         for name, split in splits.items():
             if split is None or not len(split):

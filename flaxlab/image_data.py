@@ -808,6 +808,10 @@ def _arrays_as_images(images, size, channels):
     if images.dtype != np.uint8:
         raise DataError(f"images given as an array must be uint8 pixels, 0 to 255, as image files hold them; "
                         f"got {images.dtype} (floats in [0, 1]: (images * 255).round().astype(np.uint8))")
+    if images.ndim == 3 and images.shape[-1] in (1, 3, 4):  # one image, read as N narrow ones
+        raise DataError(f"an array of shape {images.shape} is one image (height, width, channels), or {len(images)} "
+                        f"images {images.shape[1]}x{images.shape[2]} pixels: give one image as image[None], (1, "
+                        f"height, width, channels)")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or 0 in images.shape:
@@ -827,6 +831,10 @@ def read_images(paths, size, channels):
         paths = [paths]
     elif hasattr(paths, "shape") and hasattr(paths, "dtype"):  # numpy or jax
         return _arrays_as_images(paths, size, channels)
+    paths = list(paths)
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):  # [] or a list of arrays
+        raise DataError("give image files or folders (paths), or the images as one uint8 array (N, height, width"
+                        "[, channels]): np.stack a list of them")
     Image = _pil()
     from PIL import ImageOps
     files = []

@@ -6,6 +6,7 @@ rates (SGD lr 1 for the FNN) were tuned for that start.
 """
 import dataclasses
 import functools
+import inspect
 from typing import Sequence
 
 import flax.linen as nn
@@ -733,6 +734,13 @@ def make_model(model_config, num_classes):
     if kwargs.get("upsample", "bilinear") not in UPSAMPLING:
         raise UsageError(f"unknown upsampling '{kwargs['upsample']}'; known: {', '.join(UPSAMPLING)}")
     module = MODELS[name]
+    cls = getattr(module, "func", module)  # a functools.partial fixes some fields
+    if not dataclasses.is_dataclass(cls) or "num_classes" not in {f.name for f in dataclasses.fields(cls)}:
+        raise UsageError(f"{name} has no num_classes field: a network flaxlab trains is a linen module with "
+                         "`num_classes: int` (set from the data set) whose __call__ takes `train`")
+    if "train" not in inspect.signature(cls.__call__).parameters:  # said as "cannot take 28x28 images"
+        raise UsageError(f"{name}.__call__ takes no `train` argument: flaxlab calls it with train=True while "
+                         "training (dropout, batch norm) and train=False to score")
     foreign = sorted(set(kwargs) - set(network_options(name)))
     if foreign:  # a misspelt option, or --model.name swapped in a network the experiment's options do not fit
         takes = sorted(network_options(name))

@@ -38,9 +38,16 @@ def _curve(ax, epochs, values, label, color):
 SPLIT_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:orange"}
 
 
-def learning_curves(history, path, title):
+def _at_selected(epochs, values, selected_epochs):
+    """The mean over models of each model's value at its own selected epoch."""
+    values = np.asarray(values)
+    return float(np.mean([values[list(epochs).index(epoch), i] for i, epoch in enumerate(selected_epochs)]))
+
+
+def learning_curves(history, path, title, selected_epochs=None):
     """Loss and accuracy (and Dice, for segmentation), train vs (val and) test; with several seeds the mean
-    and a min-max band."""
+    and a min-max band. A run that kept its best-validation states marks their epochs (the figures of the
+    run show those states, not the last epoch's) and gives their test scores beside the final ones."""
     epochs = history["epoch"]
     n = np.asarray(history["test_loss"]).shape[1]
     panels = ("loss", "accuracy") + (("dice",) if "test_dice" in history else ())
@@ -50,14 +57,22 @@ def learning_curves(history, path, title):
         for split, color in SPLIT_COLORS.items():
             if f"{split}_{metric}" in history:
                 _curve(ax, epochs, history[f"{split}_{metric}"], split, color)
+        for i, epoch in enumerate(sorted(set(selected_epochs or ()))):
+            ax.axvline(epoch, color="grey", linestyle=":", label="selected epoch" if i == 0 else None)
         _epoch_axis(ax, epochs)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
     _log_scale(loss_ax)
-    acc_ax.set_title(f"final test accuracy {100 * np.mean(history['test_accuracy'][-1]):.2f}%", fontsize=10)
+    titles = [("test accuracy", "test_accuracy", lambda v: f"{100 * v:.2f}%")]
     if "test_dice" in history:
-        axes[2].set_title(f"final test Dice (per-image mean) {np.mean(history['test_dice'][-1]):.4f}", fontsize=10)
+        titles.append(("test Dice (per-image mean)", "test_dice", lambda v: f"{v:.4f}"))
+    for ax, (name, key, show) in zip(axes[1:], titles):
+        text = f"final {name} {show(np.mean(history[key][-1]))}"
+        if selected_epochs:
+            kept = _at_selected(epochs, history[key], selected_epochs)
+            text += f", at selected epoch{'s' if n > 1 else ''} {show(kept)}"
+        ax.set_title(text, fontsize=10)
     fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -100,16 +115,19 @@ def trial_curves(histories, path, title):
     return path
 
 
-def sweep_comparison(histories, path, title, legend="variant"):
+def sweep_comparison(histories, path, title, legend="variant", selected_epochs=None):
     """One curve per variant (mean over seeds, min-max band): test accuracy (Dice, for segmentation) and
-    train loss per epoch."""
+    train loss per epoch. With `selected_epochs` ({label: each model's}), the legend gives the test score at
+    the selected epochs beside the final one (the tables lead with it)."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20")
     score = "dice" if "test_dice" in next(iter(histories.values())) else "accuracy"
+    show = (lambda v: f"{100 * v:.2f}%") if score == "accuracy" else (lambda v: f"{v:.4f}")
     for i, (label, history) in enumerate(histories.items()):
-        final = np.mean(history[f"test_{score}"][-1])
-        final = f"{100 * final:.2f}%" if score == "accuracy" else f"{final:.4f}"
-        _curve(acc_ax, history["epoch"], history[f"test_{score}"], f"{label} ({final})", colors(i))
+        scores = show(np.mean(history[f"test_{score}"][-1]))
+        if selected_epochs:
+            scores += f", {show(_at_selected(history['epoch'], history[f'test_{score}'], selected_epochs[label]))}"
+        _curve(acc_ax, history["epoch"], history[f"test_{score}"], f"{label} ({scores})", colors(i))
         _curve(loss_ax, history["epoch"], history["train_loss"], label, colors(i))
     acc_ax.set_ylabel(f"test {score}")
     loss_ax.set_ylabel("train loss")
@@ -118,7 +136,8 @@ def sweep_comparison(histories, path, title, legend="variant"):
     for ax in (acc_ax, loss_ax):
         _epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8, title=f"{legend} (final mean)", title_fontsize=8)
+    means = "final mean, at selected epochs" if selected_epochs else "final mean"
+    acc_ax.legend(fontsize=8, title=f"{legend} ({means})", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

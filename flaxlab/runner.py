@@ -159,6 +159,10 @@ def check_input(config, model, dataset):
     if problem:
         hint = size_hint(model, image_shape, taken=taken)
         raise UsageError(f"{config['model']['name']} {problem}{hint}")
+    if out[-1] != dataset.num_classes:  # a network of one's own: the other classes could never be predicted
+        raise UsageError(f"{config['model']['name']} puts out {out[-1]} scores per "
+                         f"{'pixel' if dataset.is_segmentation else 'image'}, and {dataset.name} has "
+                         f"{dataset.num_classes} classes: size its last layer by its num_classes field")
 
 
 # data sets whose classes a mirror image can change: flips there train or score on wrong labels
@@ -266,6 +270,9 @@ def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
     validation split when the run selects models by one."""
     if dataset is None:
         dataset = data_lib.load(data_dir=data_dir, **config["data"])
+    elif not isinstance(dataset, data_lib.Dataset):  # (images, labels) or a dict: an AttributeError
+        raise UsageError(f"dataset must be a flaxlab.data.Dataset(name, source, train, test, num_classes), got "
+                         f"{type(dataset).__name__}")
     check_input(config, make_model(config["model"], dataset.num_classes), dataset)
     for batch_size in batch_sizes or [config["batch_size"]]:
         if batch_size > len(dataset.train) and config.get("drop_last", True):
@@ -618,7 +625,7 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         + (f"- **{note}**\n" if (note := metrics.divergence_note(history, config["optimizer"]["name"])) else "")
         + f"\n{table}\n{trials}{analysis_md}")
     plots.learning_curves(history, workdir / "curves.png",
-                          f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})")
+                          f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})", best_epochs)
     return stats, table
 
 
@@ -791,21 +798,28 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     return RunResult(workdir, history, stats, chosen, info)
 
 
-def _recorded_data_dir(workdir):
-    """Where a run read its files ('files:PATH' in history.json), or None (the shipped sample, TFDS); refused
-    without a record (scoring the shipped sample instead of what the run read went unsaid)."""
+def _recorded_data(workdir):
+    """The data record of a run's history.json, and where the run read its files ('files:PATH'), or None (the
+    shipped sample, TFDS); refused without a record (scoring the shipped sample instead of what the run read
+    went unsaid), and for arrays given from Python (the config names MNIST: they were scored on its sample)."""
     try:
-        source = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]["source"]
+        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
+        source = recorded["source"]
     except (OSError, ValueError, KeyError, TypeError):
         source = None
     if not isinstance(source, str):
         raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no record of the data the run "
                          "read: pass --data-dir")
     kind, _, rest = source.partition(":")
-    return rest.split(" (")[0] if kind == "files" else None
+    if kind not in ("files", "sample", "tfds"):
+        raise UsageError(f"{workdir} trained on data given from Python ('{source}'): pass that flaxlab.data.Dataset "
+                         "again, as dataset=")
+    return recorded, rest.split(" (")[0] if kind == "files" else None
 
 
 def _run_config(workdir):
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise UsageError(f"a run folder is a path, got {type(workdir).__name__} {workdir!r}")
     if not Path(workdir).is_dir():
         what = "a file, not a run folder" if Path(workdir).exists() else "no such folder"
         raise UsageError(f"--workdir {workdir}: {what}")
@@ -838,11 +852,14 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
     a `dataset` given (one of the run's shapes) is used instead."""
     workdir = Path(workdir)
     config = config_lib.validate({**_run_config(workdir), **fields})
+    recorded = None
     if data_dir is None and dataset is None:
-        data_dir = _recorded_data_dir(workdir)
+        recorded, data_dir = _recorded_data(workdir)
         if data_dir and not Path(data_dir).exists():
             raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
     dataset = load_dataset(config, data_dir, dataset)
+    if recorded and (why := data_differs(recorded, dataset)):  # the files changed since
+        raise UsageError(f"{workdir} was {why}")
     s = set_up(config, dataset)
     checkpoints = Checkpoints(workdir, every=0)
     try:
@@ -865,13 +882,15 @@ def _kept(config, progress):
     return f"the state of epoch {progress['epoch']}'s checkpoint"
 
 
-def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
+def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print, dataset=None):
     """Filters and one layer's feature maps of a finished (or interrupted) run, from its last checkpoint:
-    each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png."""
+    each model's best-validation state when the run kept one. Writes features-LAYER-IMAGE.png. `dataset`: the
+    flaxlab.data.Dataset a run from Python trained on."""
     workdir = Path(workdir)
     if workdir.is_dir() and (why := unwritable(workdir)):  # a missing folder is _restore_run's to name
         raise UsageError(f"--workdir {workdir}: {why}, and figures are drawn into the run folder")
-    config, dataset, s, states, progress = _restore_run(workdir, data_dir, features={"layer": layer, "image": image})
+    config, dataset, s, states, progress = _restore_run(workdir, data_dir, dataset,
+                                                        features={"layer": layer, "image": image})
     convs, layer = check_views(config, s.model, dataset, named={"layer": "--layer", "image": "--image"})
     if not convs:
         raise UsageError(f"{config['model']['name']} has no convolutions to draw")
@@ -888,10 +907,11 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print):
     log(f"drew {', '.join(drawn[:-1])} and {drawn[-1]} from {_kept(config, progress)}")
 
 
-def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print):
+def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print, dataset=None):
     """Val and test scores of a run's kept state, optionally averaged over each image and its mirror
-    (--eval_flip): a finished run rescored without training it again. Returns {split: summarize(...)}."""
-    config, dataset, s, states, progress = _restore_run(workdir, data_dir, eval_flip=flip)
+    (--eval_flip): a finished run rescored without training it again. Returns {split: summarize(...)}.
+    `dataset`: the flaxlab.data.Dataset a run from Python trained on (or others of its shapes)."""
+    config, dataset, s, states, progress = _restore_run(workdir, data_dir, dataset, eval_flip=flip)
     how = "each image and its left-right mirror" if flip else "the images as they are"
     log(f"{config['name']}: {_kept(config, progress)}, on {how}; data: {dataset.source}")
     if warning := flip_warning(config, ["--flip"] if flip else []):
@@ -924,6 +944,72 @@ def _stand_in_dataset(workdir, config):
     dataset = data_lib.Dataset(recorded.get("name", config["data"]["name"]), recorded.get("source", ""), split, split,
                                num_classes, val=split, class_names=tuple(names) if names else None)
     return dataset, recorded.get("pixel_mean")
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished (or interrupted) run's network and each model's kept variables, for use from Python:
+    `model.apply(variables[i], images / 255)` is model i's logits, as `predict` computes them in float32 (a run
+    with --eval_flip also averages each image's mirror's; one with --data.equalize_histograms takes images
+    equalised by flaxlab.data.equalize, as `logits` does)."""
+    config: dict
+    model: object  # the linen module
+    variables: list  # per model (seed order): {"params": ..., "batch_stats": ...} as numpy arrays
+    epoch: int  # of the checkpoint read
+    selected_epochs: list  # each model's, when the run kept its best-validation states; else None
+    class_names: tuple
+    image_shape: tuple  # (height, width, channels) of the images the run trained on
+
+    def logits(self, images, model=None):
+        """uint8 images (N, h, w, channels) at the run's size -> logits, (models, N, ...) or model `model`'s.
+        Images of other sizes or files: `predict_images` resizes them."""
+        from flaxlab.train import preprocess
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != tuple(self.image_shape):
+            raise UsageError(f"logits takes uint8 images shaped (N, {', '.join(map(str, self.image_shape))}), as the "
+                             f"run trained on; got {images.dtype} {images.shape} (predict_images resizes images)")
+        if model is not None and not 0 <= model < len(self.variables):
+            count = len(self.variables)
+            raise UsageError(f"model {model}: the run has {count} model(s), 0 to {count - 1}")
+        if self.config["data"].get("equalize_histograms"):
+            images = data_lib.equalize(images)
+        chosen = self.variables if model is None else [self.variables[model]]
+        out = np.stack([np.asarray(self.model.apply(v, preprocess(jnp.asarray(images)), train=False)) for v in chosen])
+        return out if model is None else out[0]
+
+
+def load_run(workdir):
+    """A run folder's network and kept variables (`LoadedRun`), read without its data: each model's
+    best-validation state when the run kept one, else its last checkpoint's."""
+    config = _run_config(workdir)
+    dataset, _ = _stand_in_dataset(workdir, config)
+    config, _, s, states, progress = _restore_run(workdir, None, dataset)
+    variables = parallel.to_host(states.variables())
+    count = len(jax.tree.leaves(variables)[0])
+    return LoadedRun(config, s.model, [jax.tree.map(lambda a: a[i], variables) for i in range(count)],
+                     progress["epoch"], _selected_epochs(config, progress),
+                     dataset.class_names or tuple(map(str, range(dataset.num_classes))), dataset.train.images.shape[1:])
+
+
+def _inversion_notes(images, files, pixel_mean, invert):
+    """A note for images whose dark and light look swapped against the training images' (ink on paper against
+    MNIST's light on dark), decided image by image, so that a folder mixing both names the swapped ones. Only
+    where the training images are clearly dark or light: a bright photo of a traffic sign is not inverted."""
+    if pixel_mean is None or abs(pixel_mean - 127.5) < 64:
+        return []
+    means = images.reshape(len(images), -1).mean(1)
+    swapped = [i for i, mean in enumerate(means)
+               if abs(mean - pixel_mean) > 64 and abs(255 - mean - pixel_mean) < abs(mean - pixel_mean)]
+    flag = "without" if invert else "with"
+    if len(swapped) == len(images):
+        mean = float(means.mean())
+        return [f"note: these images' mean pixel is {mean:.0f} of 255, the training images' {pixel_mean:.0f}; "
+                f"{flag} --invert they would be nearer (dark and light swapped?)"]
+    if swapped:
+        named = ", ".join(str(files[i]) for i in swapped[:5]) + (", ..." if len(swapped) > 5 else "")
+        return [f"note: {len(swapped)} of {len(images)} images ({named}) look dark and light swapped against the "
+                f"training images (mean pixel {pixel_mean:.0f} of 255): predict them again {flag} --invert"]
+    return []
 
 
 def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
@@ -970,11 +1056,8 @@ def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
     models = f", the mean of {config['seeds']} models' probabilities" if config["seeds"] > 1 else ""
     log(f"{config['name']}: {_kept(config, progress)}{models}; images resized to "
         f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
-    mean = float(images.mean())
-    far = pixel_mean is not None and abs(mean - pixel_mean) > 64
-    if far and abs(255 - mean - pixel_mean) < abs(mean - pixel_mean):
-        log(f"note: these images' mean pixel is {mean:.0f} of 255, the training images' {pixel_mean:.0f}; "
-            f"{'without' if invert else 'with'} --invert they would be nearer (dark and light swapped?)")
+    for line in _inversion_notes(images, files, pixel_mean, invert):
+        log(line)
     if not segmentation:
         names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
         for file, p in zip(files, probabilities):

@@ -248,6 +248,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     config_lib.validate(config)
     report = report or log
     check_workdir(workdir)
+    if variants is not None:  # {"optimizer.lr": [0.1, 0.2]} from Python: an AttributeError
+        config_lib.check_sweep({"sweep": variants})
     variants = list(config.get("sweep") or ()) if variants is None else list(variants)
     programs = plan(config, variants)
     # every field each variant sets (a program's variants differ only in STACKABLE ones; the rest is the program's)
@@ -376,8 +378,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             + f"\n{table}\n\n"
             f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
         plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
+        selected_epochs = {label: [row["selected_epoch"] for row in trials if row["variant"] == label]
+                           for label in histories} if config["best_metric"] else None
         plots.sweep_comparison(histories, workdir / "comparison.png",
-                               f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each")
+                               f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each",
+                               selected_epochs=selected_epochs)
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     remove_if_temporary(workdir)
     return SweepResult(workdir, rows, histories, program_info)

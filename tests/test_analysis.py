@@ -83,6 +83,36 @@ def test_epoch_axes_show_whole_epochs_of_every_curve(tmp_path, monkeypatch):
         close(figure)
 
 
+def test_learning_curves_mark_the_selected_epochs_and_give_their_test_scores(tmp_path, monkeypatch):
+    """A run that kept its best-validation states drew only the last epoch's test accuracy, while its other
+    figures showed the kept states: the selected epochs are marked, and their mean test score is in the title."""
+    import matplotlib.pyplot as plt
+    from flaxlab import plots
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    accuracy = [[0.90, 0.80], [0.95, 0.85], [0.93, 0.88]]
+    history = {"epoch": [1, 2, 3], "train_loss": [[0.5, 0.6], [0.3, 0.4], [0.2, 0.3]], "test_loss": [[0.4] * 2] * 3,
+               "val_loss": [[0.4] * 2] * 3, "train_accuracy": accuracy, "val_accuracy": accuracy,
+               "test_accuracy": accuracy}
+    plots.learning_curves(history, tmp_path / "kept.png", "kept", selected_epochs=[2, 3])
+    plots.learning_curves(history, tmp_path / "last.png", "last")
+    kept, last = figures
+    assert kept.axes[1].get_title() == "final test accuracy 90.50%, at selected epochs 91.50%"  # (95 + 88) / 2
+    assert last.axes[1].get_title() == "final test accuracy 90.50%"
+    for ax in kept.axes:
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert sorted(line.get_xdata()[0] for line in marks) == [2, 3]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "val", "test", "selected epoch"]
+    assert not [line for line in last.axes[0].get_lines() if line.get_linestyle() == ":"]
+    plots.sweep_comparison({"a": history, "b": history}, tmp_path / "sweep.png", "sweep",
+                           selected_epochs={"a": [2, 3], "b": [1, 1]})  # a sweep's, compare's: in the legend
+    legend = figures[-1].axes[0].get_legend()
+    assert legend.get_title().get_text() == "variant (final mean, at selected epochs)"
+    assert [t.get_text() for t in legend.get_texts()] == ["a (90.50%, 91.50%)", "b (90.50%, 85.00%)"]
+    for figure in figures:
+        close(figure)
+
+
 def test_a_diverged_run_is_said_and_drawn(tmp_path):
     """Train losses that stop being finite, or end far above a guess's, are named (which models, from which
     epoch), and the figures of a run that diverged at once are drawn (matplotlib refused to log-scale an all-NaN

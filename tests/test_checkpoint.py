@@ -10,6 +10,7 @@ import sys
 import time
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -280,6 +281,20 @@ def test_predict_labels_your_own_image_files_with_a_runs_kept_state(tmp_path):
     np.testing.assert_allclose(probabilities.sum(-1), 1, rtol=1e-5)
     assert (probabilities.argmax(-1) == np.array(top)).sum() >= 16
     assert "note:" not in cli("predict", "--workdir", "run", "paper", "--invert", cwd=tmp_path).communicate()[0]
+    for i in range(3):  # a folder mixing both: the note names the swapped ones
+        shutil.copy(tmp_path / "paper" / f"{i}.jpg", tmp_path / "digits" / f"paper-{i}.jpg")
+    out, _ = finished(cli("predict", "--workdir", "run", "digits", cwd=tmp_path))
+    assert ("note: 3 of 23 images (digits/paper-0.jpg, digits/paper-1.jpg, digits/paper-2.jpg) look dark and light "
+            "swapped against the training images (mean pixel 33 of 255): predict them again with --invert") in out
+    for i in range(3):
+        (tmp_path / "digits" / f"paper-{i}.jpg").unlink()
+    loaded = runner.load_run(tmp_path / "run")  # from Python: the network and each model's variables
+    assert len(loaded.variables) == 2 and loaded.epoch == 2 and loaded.selected_epochs is None
+    assert loaded.class_names == tuple(map(str, range(10))) and loaded.config["seeds"] == 2
+    logits = loaded.logits(test.images[:20])
+    predicted = runner.predict_images(tmp_path / "run", test.images[:20], log=lambda *a: None)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)).mean(0), predicted, atol=1e-6)
+    np.testing.assert_array_equal(loaded.logits(test.images[:20], model=1), logits[1])
 
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty").mkdir()

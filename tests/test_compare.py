@@ -150,6 +150,11 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
     (tmp_path / "damaged" / "history.json").write_text("[]")  # JSON, but no run's record: no "stopped" run
     assert list_runs(tmp_path / "damaged").splitlines()[2].split(" | ")[4] == "history.json damaged"
+    sweep = json.loads((tmp_path / "swept" / "config.json").read_text())
+    (tmp_path / "swept" / "config.json").write_text(json.dumps({**sweep, "sweep": "dropout"}))  # listed 7 variants
+    assert list_runs(tmp_path / "swept").splitlines()[2].split(" | ")[4] == "config.json damaged"
+    with pytest.raises(UsageError, match=f"{tmp_path / 'swept'}/config.json is damaged: the sweep must be a list"):
+        compare_runs([tmp_path / "plain", tmp_path / "swept"], tmp_path / "out")
     with pytest.raises(UsageError, match="config.json: a file, not a folder"):
         list_runs(tmp_path / "plain" / "config.json")
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"

@@ -87,3 +87,84 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
     # numpy's numbers (a loop over np.linspace) are plain numbers to a config, as JSON saves them
     assert with_field(config, "optimizer.lr", np.float32(0.5))["optimizer"]["lr"] == 0.5
     assert type(with_field(config, "epochs", np.int64(2))["epochs"]) is int
+
+
+def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored_on_themselves(tmp_path):
+    """Found by a test user in a notebook: a run trained on arrays of one's own was rescored, silently, on the
+    shipped MNIST sample (4.6% accuracy); one image given to predict_images was read as 28 images; a network
+    without `num_classes` or `train`, or of 5 outputs on 10 classes, a tuple as `dataset` and a dict as a sweep's
+    variants ended in TypeErrors, AttributeErrors or a run that could never predict half the classes."""
+    import flax.linen as nn
+    import pytest
+    from experiments import EXPERIMENTS
+    from flaxlab import data
+    from flaxlab.config import with_field
+    from flaxlab.errors import DataError, UsageError
+    from flaxlab.sweep import run_sweep
+
+    class Five(nn.Module):  # 5 outputs, whatever num_classes says
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(5)(x.reshape(len(x), -1))
+
+    class NoClasses(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(10)(x.reshape(len(x), -1))
+
+    class NoTrain(nn.Module):
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.num_classes)(x.reshape(len(x), -1))
+
+    registered = dict(models.MODELS)
+    try:
+        models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain)
+        config = with_field(EXPERIMENTS["mnist_cnn"](), "epochs", 1)
+        for name, message in (("five", "five puts out 5 scores per image, and mnist has 10 classes"),
+                              ("no_classes", "no_classes has no num_classes field"),
+                              ("no_train", "no_train.__call__ takes no `train` argument")):
+            with pytest.raises(UsageError, match=re.escape(message)):
+                runner.run_experiment(with_field(config, "model", {"name": name}), workdir=tmp_path / "bad")
+    finally:
+        models.MODELS.clear()
+        models.MODELS.update(registered)
+    sample = data.load("mnist", source="sample")
+    flipped = data.Split(255 - sample.test.images[:300], sample.test.labels[:300])
+    with pytest.raises(UsageError, match="dataset must be a flaxlab.data.Dataset"):
+        runner.run_experiment(config, workdir=tmp_path / "bad", dataset=(flipped.images, flipped.labels))
+    with pytest.raises(DataError, match="mine: test must be a flaxlab.data.Split"):
+        data.Dataset("mine", "my arrays", flipped, None, 10)
+    with pytest.raises(DataError, match="mine: the test split is empty"):
+        data.Dataset("mine", "my arrays", flipped, flipped.take([]), 10)
+    with pytest.raises(UsageError, match="the sweep must be a list of variants"):
+        run_sweep(config, {"optimizer.lr": [0.1, 0.2]}, workdir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+    mine = data.Dataset("inverted", "my inverted digits", flipped, flipped, 10)
+    result = runner.run_experiment(config, workdir=tmp_path / "own", dataset=mine, log=lambda *a: None)
+    with pytest.raises(UsageError, match="trained on data given from Python .'my inverted digits'.: pass that "
+                                         "flaxlab.data.Dataset again, as dataset="):
+        runner.evaluate_checkpoint(tmp_path / "own", log=lambda *a: None)
+    scores = runner.evaluate_checkpoint(tmp_path / "own", dataset=mine, log=lambda *a: None)
+    assert scores["test"]["accuracy"] == pytest.approx(result.history["test_accuracy"][-1], abs=1e-6)
+
+    loaded = runner.load_run(tmp_path / "own")
+    images = flipped.images[:4]
+    assert loaded.logits(images).shape == (1, 4, 10)
+    for bad, message in ((images / 255.0, "logits takes uint8 images shaped (N, 28, 28, 1)"),
+                         (images[..., 0], "got uint8 (4, 28, 28)")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            loaded.logits(bad)
+    with pytest.raises(UsageError, match="model 1: the run has 1 model"):
+        loaded.logits(images, model=1)
+    for bad, message in ((images[0], "an array of shape (28, 28, 1) is one image"),
+                         ([images[0], images[1]], "give image files or folders"), ([], "give image files")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            runner.predict_images(tmp_path / "own", bad, log=lambda *a: None)
+    with pytest.raises(UsageError, match="a run folder is a path, got int 3"):
+        runner.load_run(3)
