@@ -89,12 +89,20 @@ def with_field(config, key, value):
     node = config
     for part in path:
         if not isinstance(node.get(part), dict):
-            raise UsageError(f"no field '{key}' in the config{field_hint(key, flatten(config))}")
+            raise UsageError(f"no field '{key}' in the config{_with_field_hint(config, key)}")
         node = node[part]
     if leaf not in node:
-        raise UsageError(f"no field '{key}' in the config{field_hint(key, flatten(config))}")
+        raise UsageError(f"no field '{key}' in the config{_with_field_hint(config, key)}")
     node[leaf] = value.item() if isinstance(value, np.generic) else value  # np.int64(2): a plain 2, as JSON saves it
     return config
+
+
+def _with_field_hint(config, key):
+    """with_field takes full dotted names: `lr` is `optimizer.lr` (as an option, `--lr` is)."""
+    named = [k for k in fields_named(config, key) if k != key]
+    if len(named) == 1:
+        return f" (did you mean {named[0]}? with_field takes the whole dotted name)"
+    return field_hint(key, flatten(config))
 
 
 # what other frameworks and the reports call some fields: a hint for an unknown option, never a silent rename

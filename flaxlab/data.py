@@ -41,6 +41,9 @@ class Split:
         if len(shape) != 4:
             raise DataError(f"images must be (examples, height, width, channels); these are {tuple(shape)}"
                             + (": add a channel axis, images[..., None]" if len(shape) == 3 else ""))
+        if shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):  # (N, 1, 28, 28): "cannot take 1x28 images"
+            raise DataError(f"images must be channels-last, (examples, height, width, channels); these look "
+                            f"channels-first, {tuple(shape)}: images.transpose(0, 2, 3, 1)")
         if dtype != np.uint8:
             raise DataError(f"images must be uint8 pixels, 0 to 255, as the loaders give them (the train step "
                             f"scales them to [0, 1]); these are {dtype}")
@@ -49,6 +52,10 @@ class Split:
             raise DataError(f"labels must be integer class indices; these are {labels_dtype or type(self.labels)}")
         if len(self.labels) != shape[0]:
             raise DataError(f"{shape[0]} images but {len(self.labels)} labels")
+        if self.labels.ndim != 1 and self.labels.shape[1:] != shape[1:3]:  # one-hot: "... is segmentation"
+            raise DataError(f"labels must be class indices, (examples,), or masks of the images' size, (examples, "
+                            f"{shape[1]}, {shape[2]}); these are {self.labels.shape}"
+                            + (" (one-hot? labels.argmax(-1))" if self.labels.ndim == 2 else ""))
         if self.names is not None and len(self.names) != shape[0]:
             raise DataError(f"{shape[0]} images but {len(self.names)} names")
 

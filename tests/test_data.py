@@ -113,7 +113,9 @@ def test_arrays_of_ones_own_are_checked_as_the_loaders_are(mnist_sample):
             (train.images[..., 0], train.labels, "these are (5000, 28, 28): add a channel axis, images[..., None]"),
             (train.images / 255.0, train.labels, "images must be uint8 pixels, 0 to 255"),
             (train.images, train.labels.astype(np.float32), "labels must be integer class indices; these are float32"),
-            (train.images, train.labels[:10], "5000 images but 10 labels")):
+            (train.images, train.labels[:10], "5000 images but 10 labels"),
+            (train.images, np.eye(10, dtype=np.int32)[train.labels], "these are (5000, 10) (one-hot? labels.argmax(-1))"),
+            (train.images.transpose(0, 3, 1, 2), train.labels, "these look channels-first, (5000, 1, 28, 28)")):
         with pytest.raises(DataError, match=re.escape(message)):
             data.Split(images, labels)
     with pytest.raises(DataError, match="mine: train labels run from 0 to 9, outside 0 to 4"):

@@ -69,6 +69,9 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
     with pytest.raises(UsageError, match=r"no field 'optimizer.learning_rate' in the config \(did you mean "
                                          r"optimizer.lr\?\)"):  # what other frameworks call it
         with_field(config, "optimizer.learning_rate", 0.1)
+    with pytest.raises(UsageError, match=r"no field 'lr' in the config \(did you mean optimizer.lr\? with_field "
+                                         r"takes the whole dotted name\)"):  # as the command line's --lr
+        with_field(config, "lr", 0.1)
     with pytest.raises(UsageError, match=r"no field 'model.learning_rate' in the config$"):  # no wrong guess
         with_field(config, "model.learning_rate", 0.1)
     for bad, message in ((with_field(config, "optimizer.lr", "0.1"), "--optimizer.lr must be a number, got '0.1'"),
