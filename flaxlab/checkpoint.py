@@ -144,7 +144,8 @@ class Checkpoints:
         try:
             restored = self.manager.restore(epoch, args=args.Composite(**items))
         except Exception as e:  # a checkpoint of another model, or damaged files
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:200]
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
+            why = why.split(". ")[0][:200]  # orbax's advice on its own restore options went on, cut mid-word
         else:
             return restored.state, restored.get("best") if with_best else None, restored.progress
         raise UsageError(f"cannot read the checkpoint {self.directory / str(epoch)} (another model's, or damaged): "

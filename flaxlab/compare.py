@@ -199,10 +199,13 @@ def compare_runs(folders, out=None, log=print):
         rows.append({**variant_row(label, number[run.folder], run.history, mine), "epochs": len(run.history["epoch"]),
                      "folder": str(run.folder)})
         trials += mine
-    tested_on = {(run.data.get("source"), run.data.get("test_examples")) for run in runs}
+    # the same files at another --data.size are other data too (Dice on downsampled masks)
+    tested_on = {(run.data.get("source"), run.data.get("test_examples"),
+                  "x".join(map(str, (run.data.get("image_shape") or [])[:2]))) for run in runs}
     note = ("" if len(tested_on) == 1 else
-            "**the runs were tested on different data**: " + "; ".join(f"{s} ({n} test)" for s, n in sorted(
-                tested_on, key=str)) + ", so their scores do not compare exactly")
+            "**the runs were tested on different data**: " + "; ".join(
+                f"{s} ({n} test{f', {size}' if size else ''})" for s, n, size in sorted(tested_on, key=str))
+            + ", so their scores do not compare exactly")
     table = markdown_table(rows, first="run")
     make_workdir(out)
     score = scores.pop()

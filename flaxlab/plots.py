@@ -1,4 +1,6 @@
 """Figures as in the reports: train vs test loss and accuracy per epoch."""
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -222,6 +224,13 @@ def _min_max(values):
     return np.full_like(values, 0.5) if high == low else (values - low) / (high - low)
 
 
+def _wrapped(text, width_inches):
+    """A title broken into lines that fit a figure `width_inches` wide at 10 points (a narrow grid of 8 maps cut
+    "glas_fcn2_flips (seed 0, ...): Conv_0 on test image 44 (testA_45)" off at both ends)."""
+    chars = max(int(width_inches * 11), 20)
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.splitlines())
+
+
 def filter_grid(kernel_hwio, path, title):
     """One tile per output filter of a conv kernel (HWIO): RGB for 3 input channels, grayscale for 1,
     grayscale of the mean over input channels otherwise; each tile min-max normalised on its own."""
@@ -232,7 +241,10 @@ def filter_grid(kernel_hwio, path, title):
     kh, kw, cin, cout = kernel.shape
     shown = {3: "RGB", 1: "grayscale"}.get(cin, f"mean of {cin} input channels")
     rows, cols = _square_grid(cout)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(0.9 * cols + 0.4, 4.5), 0.9 * rows + 0.8), squeeze=False)
+    width = max(0.9 * cols + 0.4, 4.5)
+    text = _wrapped(f"{title}\n{cout} filters {kh}x{kw}, {shown}, each scaled to its own min-max", width)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 0.9 * rows + 0.3 + 0.25 * len(text.splitlines())),
+                             squeeze=False)
     for ax in axes.ravel()[cout:]:
         ax.axis("off")
     for i, ax in enumerate(axes.ravel()[:cout]):
@@ -243,7 +255,7 @@ def filter_grid(kernel_hwio, path, title):
             ax.imshow(_min_max(tile), interpolation="nearest")
         else:
             ax.imshow(_min_max(tile.mean(axis=-1)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    fig.suptitle(f"{title}\n{cout} filters {kh}x{kw}, {shown}, each scaled to its own min-max", fontsize=10)
+    fig.suptitle(text, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -259,7 +271,12 @@ def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
         raise UsageError(f"feature_maps_figure takes (H, W, C) maps, got shape {maps.shape}")
     count = min(maps.shape[-1], max_maps)
     rows, cols = _square_grid(count + 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(1.3 * cols + 0.4, 4.5), 1.4 * rows + 0.8), squeeze=False)
+    h, w, c = maps.shape
+    shown = f"{c} maps {h}x{w}" if count == c else f"first {count} of {c} maps {h}x{w}"
+    width = max(1.3 * cols + 0.4, 4.5)
+    text = _wrapped(f"{title}\n{shown}, each on its own colour scale", width)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.4 * rows + 0.3 + 0.25 * len(text.splitlines())),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     panels = axes.ravel()
@@ -274,9 +291,7 @@ def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
     for channel, ax in enumerate(panels[1:count + 1]):
         ax.imshow(maps[..., channel], cmap="viridis", interpolation="nearest")
         ax.set_title(str(channel), fontsize=7)
-    h, w, c = maps.shape
-    shown = f"{c} maps {h}x{w}" if count == c else f"first {count} of {c} maps {h}x{w}"
-    fig.suptitle(f"{title}\n{shown}, each on its own colour scale", fontsize=10)
+    fig.suptitle(text, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -798,23 +798,27 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     return RunResult(workdir, history, stats, chosen, info)
 
 
-def _recorded_data(workdir):
-    """The data record of a run's history.json, and where the run read its files ('files:PATH'), or None (the
-    shipped sample, TFDS); refused without a record (scoring the shipped sample instead of what the run read
-    went unsaid), and for arrays given from Python (the config names MNIST: they were scored on its sample)."""
+def _data_record(workdir):
+    """history.json's record of the data a run read (its source, counts and shapes), or None."""
     try:
         recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
-        source = recorded["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        source = None
-    if not isinstance(source, str):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("source"), str) else None
+
+
+def _recorded_data_dir(workdir, recorded):
+    """Where a run read its files ('files:PATH'), or None (the shipped sample, TFDS); refused without a record
+    (scoring the shipped sample instead of what the run read went unsaid), and for arrays given from Python
+    (the config names MNIST: they were scored on its sample)."""
+    if recorded is None:
         raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no record of the data the run "
                          "read: pass --data-dir")
-    kind, _, rest = source.partition(":")
+    kind, _, rest = recorded["source"].partition(":")
     if kind not in ("files", "sample", "tfds"):
-        raise UsageError(f"{workdir} trained on data given from Python ('{source}'): pass that flaxlab.data.Dataset "
-                         "again, as dataset=")
-    return recorded, rest.split(" (")[0] if kind == "files" else None
+        raise UsageError(f"{workdir} trained on data given from Python ('{recorded['source']}'): pass that "
+                         "flaxlab.data.Dataset again, as dataset=")
+    return rest.split(" (")[0] if kind == "files" else None
 
 
 def _run_config(workdir):
@@ -852,14 +856,24 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
     a `dataset` given (one of the run's shapes) is used instead."""
     workdir = Path(workdir)
     config = config_lib.validate({**_run_config(workdir), **fields})
-    recorded = None
+    recorded = _data_record(workdir)
     if data_dir is None and dataset is None:
-        recorded, data_dir = _recorded_data(workdir)
+        data_dir = _recorded_data_dir(workdir, recorded)
         if data_dir and not Path(data_dir).exists():
             raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
-    dataset = load_dataset(config, data_dir, dataset)
-    if recorded and (why := data_differs(recorded, dataset)):  # the files changed since
-        raise UsageError(f"{workdir} was {why}")
+        dataset = load_dataset(config, data_dir)
+        if why := data_differs(recorded, dataset):  # the files changed since
+            raise UsageError(f"{workdir} was {why}")
+    else:
+        dataset = load_dataset(config, data_dir, dataset)
+    # other data of the run's kind are fine; of other shapes the checkpoint was blamed ("another model's")
+    given = (list(dataset.train.images.shape[1:]), dataset.num_classes)
+    trained = given if recorded is None else (recorded.get("image_shape", given[0]),
+                                              recorded.get("num_classes", given[1]))
+    if trained != given:
+        show = lambda shape, classes: f"{'x'.join(map(str, shape))} images of {classes} classes"  # noqa: E731
+        raise UsageError(f"{workdir} trained on {recorded['source']}, {show(*trained)}, and the data given is "
+                         f"{show(*given)} ({dataset.source})")
     s = set_up(config, dataset)
     checkpoints = Checkpoints(workdir, every=0)
     try:
@@ -889,6 +903,8 @@ def draw_from_checkpoint(workdir, data_dir=None, layer="", image=0, log=print, d
     workdir = Path(workdir)
     if workdir.is_dir() and (why := unwritable(workdir)):  # a missing folder is _restore_run's to name
         raise UsageError(f"--workdir {workdir}: {why}, and figures are drawn into the run folder")
+    if image < 0:  # else the config's check named --features.image, which `figures` does not take
+        raise UsageError(f"--image must not be negative, got {image}")
     config, dataset, s, states, progress = _restore_run(workdir, data_dir, dataset,
                                                         features={"layer": layer, "image": image})
     convs, layer = check_views(config, s.model, dataset, named={"layer": "--layer", "image": "--image"})

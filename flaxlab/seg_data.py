@@ -153,13 +153,16 @@ class Layout:
     train: tuple = ("train", "")
     test: tuple = ("test", "testA", "val")
     default_size: tuple = None
+    channels: int = None  # what its images hold: another data set's archive trained without a word
 
 
 LAYOUTS = {
-    "glas": Layout("glas", GLAS_CANDIDATES, HOW_TO_GET_GLAS, test=("testA", "test", "val"), default_size=(128, 128)),
+    "glas": Layout("glas", GLAS_CANDIDATES, HOW_TO_GET_GLAS, test=("testA", "test", "val"), default_size=(128, 128),
+                   channels=3),
     # JSRT's own `val` split is what the ADL report evaluates on: it is the test split here, and
     # --data.val_fraction holds a validation split out of train for early stopping
-    "jsrt": Layout("jsrt", JSRT_CANDIDATES, HOW_TO_GET_JSRT, test=("val", "test", "testA"), default_size=(256, 256)),
+    "jsrt": Layout("jsrt", JSRT_CANDIDATES, HOW_TO_GET_JSRT, test=("val", "test", "testA"), default_size=(256, 256),
+                   channels=1),
     "paired": Layout("paired", (), HOW_TO_GET_PAIRED),
 }
 
@@ -194,6 +197,12 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
         raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in splits)}); {layout.how_to}")
     test_split = next((s for s in layout.test if s in splits and s != train_split), None)
     train = splits[train_split]
+    channels = train.images.shape[-1]
+    if layout.channels and channels != layout.channels:
+        kinds = {1: "greyscale", 3: "colour"}
+        raise DataError(f"{source} holds {kinds.get(channels, f'{channels}-channel')} images, and {layout.name}'s are "
+                        f"{kinds[layout.channels]}: is it another data set's? (--data.name paired takes any pairs "
+                        "of images and masks)")
     where = f"files:{Path(source).resolve()}"
     if test_split is not None:
         test = splits[test_split]

@@ -62,6 +62,19 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     assert "| cnn: lr=0.3 | 2 |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_runs_scored_at_another_size_are_noted_as_tested_on_different_data(folders, tmp_path):
+    """The same test files at another --data.size (Dice on downsampled masks) went unnoted."""
+    import shutil
+    shutil.copytree(folders / "plain", tmp_path / "small")
+    recorded = json.loads((tmp_path / "small" / "history.json").read_text())
+    recorded["info"]["data"]["image_shape"] = [14, 14, 1]
+    (tmp_path / "small" / "history.json").write_text(json.dumps(recorded))
+    lines = []
+    compare_runs([folders / "plain", tmp_path / "small"], tmp_path / "out", log=lines.append)
+    note = next(line for line in lines if line.startswith("note:"))
+    assert "tested on different data" in note and "300 test, 14x14)" in note and "300 test, 28x28)" in note
+
+
 def test_bad_input_is_one_line(folders, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     damaged = tmp_path / "damaged"

@@ -12,8 +12,8 @@ from PIL import Image
 
 from experiments import EXPERIMENTS
 from flaxlab import analysis, data, models, plots, seg_data, train
-from flaxlab.errors import DataError
-from flaxlab.runner import draw_from_checkpoint, run_experiment
+from flaxlab.errors import DataError, UsageError
+from flaxlab.runner import draw_from_checkpoint, evaluate_checkpoint, run_experiment
 from test_cli import cli
 
 
@@ -60,20 +60,32 @@ def test_glas_release_layout_marks_every_gland_id_as_foreground(tmp_path):
 
 
 def test_each_layout_takes_another_layouts_test_split_and_the_choice_is_not_cached(tmp_path, monkeypatch):
-    """The U-Net pointed at GlaS scores on GlaS's testA (it held 10% of train out instead), the FCN pointed at JSRT on
-    JSRT's val; a cache written by one layout does not decide another's splits."""
+    """JSRT radiographs whose test split is named testA are tested on it (it held 10% of train out instead), GlaS
+    images in a val split on that; a cache written by one layout does not decide another's splits. A data set's
+    archive given to another's experiment (GlaS's colour images to the JSRT U-Net) is refused."""
     monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "cache"))
     _pairs(tmp_path / "glas", "train", 4)
     _pairs(tmp_path / "glas", "testA", 2)
+    _pairs(tmp_path / "glas", "val", 3)
     _pairs(tmp_path / "jsrt", "train", 4, grey=True)
     _pairs(tmp_path / "jsrt", "val", 3, grey=True)
-    for layout, folder, test_split, tests in (("jsrt", "glas", "testA", 2), ("glas", "jsrt", "val", 3),
-                                              ("glas", "glas", "testA", 2), ("jsrt", "jsrt", "val", 3)):
-        for _ in range(2):  # the second load reads the cache
-            ds = seg_data.load_segmentation(layout, tmp_path / folder, size=(8, 12))
+    _pairs(tmp_path / "jsrt", "testA", 2, grey=True)
+    for layout, test_split, tests in (("glas", "testA", 2), ("jsrt", "val", 3), ("paired", "testA", 2)):
+        for _ in range(2):  # the second load reads the cache; paired's of the JSRT folder, written by jsrt's
+            folder = tmp_path / ("glas" if layout == "glas" else "jsrt")
+            ds = seg_data.load_segmentation(layout, folder, size=(8, 12))
             assert (len(ds.train), len(ds.test)) == (4, tests) and f"test = its {test_split} split" in ds.source
-            assert "unused" not in ds.source
             assert ds.test.names == tuple(f"case{i}" for i in range(tests))  # the figures' names, cached too
+    (tmp_path / "jsrt" / "val").rename(tmp_path / "jsrt-val")
+    (tmp_path / "glas" / "testA").rename(tmp_path / "glas-testA")
+    for layout, test_split, tests in (("jsrt", "testA", 2), ("glas", "val", 3)):
+        ds = seg_data.load_segmentation(layout, tmp_path / layout, size=(8, 12), cache=False)
+        assert (len(ds.train), len(ds.test)) == (4, tests) and f"test = its {test_split} split" in ds.source
+        assert "unused" not in ds.source
+    with pytest.raises(DataError, match="holds colour images, and jsrt's are greyscale: is it another data set's"):
+        seg_data.load_segmentation("jsrt", tmp_path / "glas", size=(8, 12))
+    with pytest.raises(DataError, match="holds greyscale images, and glas's are colour"):
+        seg_data.load_segmentation("glas", tmp_path / "jsrt", size=(8, 12))
     held = seg_data.load_segmentation("glas", tmp_path / "glas", size=(20, 30), val_fraction=0.5)
     assert len(held.val) == 2 and set(held.train.names + held.val.names) == {f"case{i}" for i in range(4)}
     for split in (held.train, held.val):  # a held-out image keeps its name: case i's mask is i + 1 columns wide
@@ -216,6 +228,14 @@ def test_glas_fcn2_with_flips_writes_dice_tables_and_prediction_figures(tmp_path
     assert score == pytest.approx(scores[0][2], abs=1e-6) and label == "DSC" and prediction.shape == mask.shape
     assert said[0].startswith(f"drew {result.workdir}/filters.png, {result.workdir}/features-Conv_0-2.png and "
                               f"{result.workdir}/overlay-2.png from the best-validation state")
+    with pytest.raises(UsageError, match="^--image must not be negative, got -1$"):  # not --features.image
+        draw_from_checkpoint(result.workdir, image=-1)
+    glas = data.load("glas", source="sample", size=tuple(result.info["data"]["image_shape"][:2]))
+    train, test = (data.Split(s.images[..., :1], s.labels) for s in (glas.train, glas.test))
+    grey = data.Dataset("grey", "greyscale", train, test, num_classes=2, val=test)
+    with pytest.raises(UsageError, match=r"trained on sample:.*, \d+x\d+x3 images of 2 classes, and the data given is "
+                                         r"\d+x\d+x1 images of 2 classes \(greyscale\)"):  # "the checkpoint is damaged"
+        evaluate_checkpoint(result.workdir, dataset=grey, log=lambda *a: None)
 
 
 def test_unet_trials_table_reports_per_image_f1_std_and_min(tmp_path):
