@@ -87,6 +87,11 @@ def divergence_note(history, optimizer="sgd"):
             f"(from epoch {first}); {cure}")
 
 
+def at_selected(history, key, best_epochs):
+    """Each model's `key` value at its own selected epoch (best_epochs: per model)."""
+    return np.array([history[key][history["epoch"].index(epoch)][i] for i, epoch in enumerate(best_epochs)])
+
+
 def final_stats(history, best_epochs=None):
     """Rows of (metric, mean, std, min, max) over models, for the last epoch and the best test epoch;
     with `best_epochs` (per model), also the figures at each model's selected (best validation) epoch."""
@@ -97,14 +102,11 @@ def final_stats(history, best_epochs=None):
     if "test_dice" in history:
         rows.append(("best test dice", np.asarray(history["test_dice"]).max(axis=0)))
     if best_epochs:
-        at = [history["epoch"].index(e) for e in best_epochs]
         rows.append(("selected epoch", np.asarray(best_epochs, float)))
         # val loss too: what --best_metric val_loss selects by
         for key in ("val_loss", "val_accuracy", "val_dice", "test_loss", "test_accuracy", "test_dice"):
-            if key not in history:
-                continue
-            rows.append((f"{key.replace('_', ' ')} at selected epoch",
-                         np.array([history[key][j][i] for i, j in enumerate(at)])))
+            if key in history:
+                rows.append((f"{key.replace('_', ' ')} at selected epoch", at_selected(history, key, best_epochs)))
     out = []
     for name, values in rows:
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0

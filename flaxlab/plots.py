@@ -9,6 +9,8 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from flaxlab.metrics import at_selected  # noqa: E402
+
 
 def _epoch_axis(ax, epochs):
     """Whole epochs on the x axis; a one-epoch run gets one tick, not 0.945 to 1.055 in fractions. Set once
@@ -40,12 +42,6 @@ def _curve(ax, epochs, values, label, color):
 SPLIT_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:orange"}
 
 
-def _at_selected(epochs, values, selected_epochs):
-    """The mean over models of each model's value at its own selected epoch."""
-    values = np.asarray(values)
-    return float(np.mean([values[list(epochs).index(epoch), i] for i, epoch in enumerate(selected_epochs)]))
-
-
 def learning_curves(history, path, title, selected_epochs=None):
     """Loss and accuracy (and Dice, for segmentation), train vs (val and) test; with several seeds the mean
     and a min-max band. A run that kept its best-validation states marks their epochs (the figures of the
@@ -72,7 +68,7 @@ def learning_curves(history, path, title, selected_epochs=None):
     for ax, (name, key, show) in zip(axes[1:], titles):
         text = f"final {name} {show(np.mean(history[key][-1]))}"
         if selected_epochs:
-            kept = _at_selected(epochs, history[key], selected_epochs)
+            kept = at_selected(history, key, selected_epochs).mean()
             text += f", at selected epoch{'s' if n > 1 else ''} {show(kept)}"
         ax.set_title(text, fontsize=10)
     fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
@@ -128,7 +124,7 @@ def sweep_comparison(histories, path, title, legend="variant", selected_epochs=N
     for i, (label, history) in enumerate(histories.items()):
         scores = show(np.mean(history[f"test_{score}"][-1]))
         if selected_epochs:
-            scores += f", {show(_at_selected(history['epoch'], history[f'test_{score}'], selected_epochs[label]))}"
+            scores += f", {show(at_selected(history, f'test_{score}', selected_epochs[label]).mean())}"
         _curve(acc_ax, history["epoch"], history[f"test_{score}"], f"{label} ({scores})", colors(i))
         _curve(loss_ax, history["epoch"], history["train_loss"], label, colors(i))
     acc_ax.set_ylabel(f"test {score}")
