@@ -55,11 +55,8 @@ def _full_name(config, key):
     return matches[0] if matches else key  # an unknown one is override's to report
 
 
-def _apply_overrides(config, tokens):
-    """`--key=value` or `--key value` for any (dotted) config field. `--model.name` comes first: the network
-    it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
-    are dropped (unless given: make_model refuses those)."""
-    from flaxlab import config as config_lib
+def _override_pairs(config, tokens):
+    """(dotted field, value) for each `--key=value` or `--key value`, the key by its full name."""
     from flaxlab.models import MODELS, network_options
     pairs, i = [], 0
     while i < len(tokens):
@@ -81,6 +78,16 @@ def _apply_overrides(config, tokens):
         pairs = [(_full_name(named, key), value) for key, value in pairs]
     else:
         pairs = [(_full_name(config, key), value) for key, value in pairs]
+    return pairs
+
+
+def _apply_overrides(config, tokens):
+    """`--key=value` or `--key value` for any (dotted) config field. `--model.name` comes first: the network
+    it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
+    are dropped (unless given: make_model refuses those)."""
+    from flaxlab import config as config_lib
+    from flaxlab.models import MODELS, network_options
+    pairs = _override_pairs(config, tokens)
     before, given = config, {key for key, _ in pairs}
     for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
         name, option = config["model"].get("name"), key.partition("model.")[2]
@@ -300,7 +307,7 @@ def _summary(args, overrides):
     if args.model in EXPERIMENTS:
         config = _apply_overrides(_experiment(args.model), overrides)
         changed = config_lib.changed_fields(_experiment(args.model), config)
-        for key in changed:
+        for key, _ in _override_pairs(_experiment(args.model), overrides):  # given, if only its default
             if not key.startswith("model.") and key != "data.size":
                 raise UsageError(f"--{key} does not change the model: summary takes --model.* options and "
                                  f"--data.size (or --input-shape)")
@@ -335,7 +342,7 @@ def _summary_table(args, model_config, size, name=None):
     if size and input_shape:
         input_shape = (*size, input_shape[2])
     option = f"--data.size {','.join(map(str, size))}" if size else ""  # what to name in an error
-    if args.input_shape:
+    if args.input_shape is not None:
         option = f"--input-shape {args.input_shape}"
         try:
             input_shape = tuple(int(d) for d in args.input_shape.split(","))

@@ -10,6 +10,7 @@ pairs), so under jit they are static arguments. Output sizes follow PyTorch, via
 """
 import functools
 import itertools
+import math
 import numbers
 
 import jax
@@ -20,15 +21,29 @@ from flaxlab import shapes
 from flaxlab.errors import UsageError
 
 
-def _pair(value):
-    return (value, value) if isinstance(value, numbers.Integral) else tuple(value)
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
+
+
+def _pair(value, name):
+    """An int, or (height, width) ints, as torch takes sizes: anything else (a float, a third entry that
+    would be dropped) is refused, naming `name`."""
+    pair = (value, value) if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(map(_is_int, pair)):
+        raise UsageError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+    return pair
 
 
 def _padding_pairs(padding):
     """int p, (ph, pw) or ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
-    if isinstance(padding, numbers.Integral):
+    if _is_int(padding):
         return (padding, padding), (padding, padding)
-    return tuple((p, p) if isinstance(p, numbers.Integral) else tuple(p) for p in padding)
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        pairs = tuple((p, p) if _is_int(p) else tuple(p) if isinstance(p, (tuple, list)) else () for p in padding)
+        if all(len(pair) == 2 and all(map(_is_int, pair)) for pair in pairs):
+            return pairs
+    raise UsageError(f"padding must be an int, (height, width) or ((top, bottom), (left, right)) ints, 'valid' or "
+                     f"'same', got {padding!r}")
 
 
 def _named_padding(padding, kernel, stride, dilation):
@@ -67,7 +82,9 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     """
     _require_ndim("conv2d's input", x, 4, "NHWC (batch, height, width, channels)")
     _require_ndim("conv2d's kernel", w, 4, "HWIO (height, width, in channels / groups, out channels)")
-    stride, dilation = _pair(stride), _pair(dilation)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if not _is_int(groups) or groups <= 0:
+        raise UsageError(f"groups must be a positive integer, got {groups!r}")
     kh, kw, group_in, c_out = w.shape
     n, h, wd, c_in = x.shape
     if isinstance(padding, str):
@@ -102,7 +119,8 @@ def conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, dilation=1):
     """
     _require_ndim("conv_transpose2d's input", x, 4, "NHWC (batch, height, width, channels)")
     _require_ndim("conv_transpose2d's kernel", w, 4, "HWIO (height, width, in channels, out channels)")
-    stride, dilation, padding, output_padding = map(_pair, (stride, dilation, padding, output_padding))
+    stride, dilation, padding, output_padding = (_pair(value, name) for value, name in (
+        (stride, "stride"), (dilation, "dilation"), (padding, "padding"), (output_padding, "output_padding")))
     kh, kw, c_in, c_out = w.shape
     n, h, wd, x_channels = x.shape
     if x_channels != c_in:
@@ -121,8 +139,10 @@ def conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, dilation=1):
 
 def _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode):
     _require_ndim("a pooling layer's input", x, 4, "NHWC (batch, height, width, channels)")
-    kernel, dilation, padding = _pair(kernel), _pair(dilation), _pair(padding)
-    stride = kernel if stride is None else _pair(stride)
+    kernel, dilation, padding = _pair(kernel, "kernel"), _pair(dilation, "dilation"), _pair(padding, "padding")
+    stride = kernel if stride is None else _pair(stride, "stride")
+    if not isinstance(ceil_mode, (bool, np.bool_)):  # a value meant for another argument
+        raise UsageError(f"ceil_mode must be True or False, got {ceil_mode!r}")
     out = tuple(shapes.pool_output_size(size, k, s, p, d, ceil_mode)
                 for size, k, s, p, d in zip(x.shape[1:3], kernel, stride, padding, dilation))
     # ceil_mode's last window may reach past the right padding: pad that far too.
@@ -138,9 +158,9 @@ def _first_max(members, axis):
     return jnp.squeeze(jnp.take_along_axis(members, first, axis=axis), axis)
 
 
-def max_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, dilation=1):
-    """torch.nn.MaxPool2d: the maximum over each window of the input padded with -inf (padding never wins);
-    the gradient goes to the window's first maximum, in row-major order."""
+def max_pool2d(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """torch.nn.MaxPool2d, its arguments in its order: the maximum over each window of the input padded with
+    -inf (padding never wins); the gradient goes to the window's first maximum, in row-major order."""
     kernel, stride, dilation, pads, out = _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     taps = _windows(padded, kernel, stride, dilation, out)
@@ -166,7 +186,9 @@ def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include
 
 def flatten(x):
     """(N, ...) -> (N, features), in NHWC order (not torch's CHW order)."""
-    return x.reshape(x.shape[0], -1)
+    if jnp.ndim(x) == 0:
+        raise UsageError("flatten's input must be a batch (N, ...), got a scalar")
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 cannot be inferred for an empty batch
 
 
 def sigmoid(x):
@@ -180,6 +202,20 @@ def _round_half_away(v):
     return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
 
 
+def _roi_bin_edges(extent, bins):
+    """torchvision's bin edges, floor(k * b) and ceil((k + 1) * b) for b = float32(extent) / bins, in its float32
+    arithmetic: (K, bins) offsets from the box's start. Computed by numpy: XLA:CPU's float32 division is not
+    IEEE's (for extents 1-5,000, a third of its quotients by 3 differ in the last bit), and torchvision's
+    rounding puts 57 rows in 7 bins at rows 0-8, ..., 48-57 (7 * float32(57 / 7) = 57.000004)."""
+    def edges(extent):
+        size = np.asarray(extent).astype(np.float32)[..., None] / np.float32(bins)
+        k = np.arange(bins + 1, dtype=np.float32)
+        return np.floor(k[:-1] * size).astype(np.int32), np.ceil(k[1:] * size).astype(np.int32)
+
+    shape = jax.ShapeDtypeStruct((*jnp.shape(extent), bins), jnp.int32)
+    return jax.pure_callback(edges, (shape, shape), jax.lax.stop_gradient(extent), vmap_method="sequential")
+
+
 def roi_max_pool(features, boxes, output_size):
     """torchvision.ops.roi_pool with spatial_scale=1: (H, W, C) features, (K, 4) boxes (x1, y1, x2, y2)
     -> (K, oh, ow, C).
@@ -188,28 +224,30 @@ def roi_max_pool(features, boxes, output_size):
     oh x ow bins of fractional size, bin (a, b) covers rows floor(a * bin_h) .. ceil((a + 1) * bin_h) - 1
     (so neighbouring bins may share a row), clipped to the image; the output is each bin's maximum, or 0
     for a bin wholly outside the image. The gradient goes to each bin's first maximum (row-major), as there.
+    Bin edges are computed in float32 as torchvision's are (on the host: see _roi_bin_edges).
     """
     _require_ndim("roi_max_pool's features", features, 3, "one image's (H, W, C)")
     if jnp.ndim(boxes) != 2 or jnp.shape(boxes)[1] != 4:
         raise UsageError(f"roi_max_pool's boxes must be (K, 4): x1, y1, x2, y2 (no batch-index column, as "
                          f"torchvision's (K, 5) rois have), got shape {tuple(jnp.shape(boxes))}")
-    oh, ow = _pair(output_size)
+    oh, ow = _pair(output_size, "output_size")
+    if oh <= 0 or ow <= 0:
+        raise UsageError(f"output_size must be positive, got {output_size!r}")
     height, width, _ = features.shape
     x1, y1, x2, y2 = _round_half_away(jnp.asarray(boxes, jnp.float32)).astype(jnp.int32).T
 
     def bin_masks(start, end, bins, size):
         """(K, bins, size): which pixels each bin covers."""
-        # floor(k * extent / bins) and ceil((k + 1) * extent / bins) in integers: torchvision computes them in
-        # float32, which agrees for any real feature map, whereas XLA may turn float32 division by a constant
-        # into an inexact multiply by its reciprocal (3 * (7 / 3) = 7.0000005, and a bin gains a column).
-        extent = jnp.maximum(end - start + 1, 1)[:, None]
-        k = jnp.arange(bins)
-        lo = jnp.clip(k * extent // bins + start[:, None], 0, size)
-        hi = jnp.clip(-(-(k + 1) * extent // bins) + start[:, None], 0, size)
+        lo, hi = _roi_bin_edges(jnp.maximum(end - start + 1, 1), bins)
+        lo, hi = jnp.clip(lo + start[:, None], 0, size), jnp.clip(hi + start[:, None], 0, size)
         pixel = jnp.arange(size)
         return (pixel >= lo[..., None]) & (pixel < hi[..., None])
 
     rows, cols = bin_masks(y1, y2, oh, height), bin_masks(x1, x2, ow, width)
+    # torchvision keeps a pixel that beats the bin's maximum so far, which starts at -FLT_MAX: never a NaN or
+    # -inf, and a bin of those gives -FLT_MAX and no gradient.
+    lowest = jnp.finfo(jnp.float32).min
+    features = jnp.where(features > lowest, features, lowest)
     # The bin is a rectangle, so its maximum is a maximum over columns, then over rows; first maxima both
     # times give torchvision's choice: the topmost row holding the maximum, its leftmost column.
     over_cols = _first_max(jnp.where(cols[:, :, None, :, None], features[None, None], -jnp.inf), 3)  # (K, ow, H, C)
@@ -222,6 +260,13 @@ def batch_norm(x, gamma, beta, running_mean, running_var, train, momentum=0.1, e
     """torch.nn.BatchNorm: normalise each channel (last axis) by the batch's mean and biased variance in
     training, by the running ones in inference. Returns (y, new_running_mean, new_running_var); the running
     variance is updated with the unbiased batch variance, as torch does."""
+    if jnp.ndim(x) < 2:
+        raise UsageError(f"batch_norm's input must be (N, ..., C), channels last, got shape {jnp.shape(x)}")
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        if jnp.shape(value) != x.shape[-1:]:  # broadcasting would give every channel another's numbers
+            raise UsageError(f"batch_norm's {name} must have one value per channel, shape {x.shape[-1:]} for input "
+                             f"{x.shape} (channels last), got shape {jnp.shape(value)}")
     if train:
         axes = tuple(range(x.ndim - 1))
         count = x.size // x.shape[-1]
@@ -261,11 +306,17 @@ def softmax_cross_entropy(logits, labels):
             raise UsageError(f"labels must be in 0..{jnp.shape(logits)[-1] - 1} (one per class of the logits), "
                              f"got {low}..{high}")
     labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise UsageError(f"labels must be integer class indices, got {labels.dtype} (for probabilities, or one-hot "
+                         f"rows, use softmax_cross_entropy_probs)")
     return -jnp.take_along_axis(_log_softmax(logits), labels[..., None], axis=-1).mean()
 
 
 def softmax_cross_entropy_probs(logits, probs):
     """Mean over the batch of -sum_k probs_k log softmax(logits)_k, for soft (probability) targets."""
+    if jnp.shape(probs) != jnp.shape(logits):
+        raise UsageError(f"probs of shape {jnp.shape(probs)} do not match logits of shape {jnp.shape(logits)}: give "
+                         f"a probability per class (integer labels go to softmax_cross_entropy)")
     return -(probs * _log_softmax(logits)).sum(-1).mean()
 
 
@@ -289,15 +340,17 @@ def _torch():
 
 def _lax_conv(x, w, stride=1, padding=0, dilation=1, groups=1, lhs_dilation=1):
     return jax.lax.conv_general_dilated(
-        x, w, _pair(stride), _padding_pairs(padding), lhs_dilation=_pair(lhs_dilation), rhs_dilation=_pair(dilation),
+        x, w, _pair(stride, "stride"), _padding_pairs(padding), lhs_dilation=_pair(lhs_dilation, "lhs_dilation"),
+        rhs_dilation=_pair(dilation, "dilation"),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
 
 
 def _lax_conv_transpose(x, w, stride=1, padding=0, output_padding=0, dilation=1):
     """Transposed conv as lax computes gradients: dilate the input by the stride, pad by span - 1 - padding
     (plus output_padding after), and correlate with the spatially flipped kernel."""
-    spans = [d * (k - 1) for k, d in zip(w.shape[:2], _pair(dilation))]
-    pads = [(s - p, s - p + op) for s, p, op in zip(spans, _pair(padding), _pair(output_padding))]
+    spans = [d * (k - 1) for k, d in zip(w.shape[:2], _pair(dilation, "dilation"))]
+    paddings = _pair(padding, "padding"), _pair(output_padding, "output_padding")
+    pads = [(s - p, s - p + op) for s, p, op in zip(spans, *paddings)]
     return _lax_conv(x, w[::-1, ::-1], 1, pads, dilation, lhs_dilation=stride)
 
 
@@ -307,14 +360,14 @@ def _reduce_window_pool(x, kernel, stride, padding, ceil_mode, dilation, init, o
                                  window_dilation=(1, *dilation, 1))
 
 
-def _lax_max_pool(x, kernel, stride=None, padding=0, ceil_mode=False, dilation=1):
+def _lax_max_pool(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     return _reduce_window_pool(x, kernel, stride, padding, ceil_mode, dilation, -jnp.inf, jax.lax.max)
 
 
 def _flax_avg_pool(x, kernel, stride=None, padding=0, count_include_pad=True):
     import flax.linen as nn
-    kernel, padding = _pair(kernel), _pair(padding)
-    return nn.avg_pool(x, kernel, kernel if stride is None else _pair(stride), [(p, p) for p in padding],
+    kernel, padding = _pair(kernel, "kernel"), _pair(padding, "padding")
+    return nn.avg_pool(x, kernel, kernel if stride is None else _pair(stride, "stride"), [(p, p) for p in padding],
                        count_include_pad)
 
 
@@ -355,13 +408,12 @@ def _nhwc(t):
 
 
 def _torch_conv_transpose(torch, x, w, stride=1, padding=0, output_padding=0, dilation=1):
-    y = torch.nn.functional.conv_transpose2d(_nchw(x), w.permute(2, 3, 0, 1).contiguous(), stride=_pair(stride),
-                                             padding=_pair(padding), output_padding=_pair(output_padding),
-                                             dilation=_pair(dilation))
+    y = torch.nn.functional.conv_transpose2d(_nchw(x), w.permute(2, 3, 0, 1).contiguous(), stride=stride,
+                                             padding=padding, output_padding=output_padding, dilation=dilation)
     return _nhwc(y)
 
 
-def _torch_max_pool(torch, x, kernel, stride=None, padding=0, ceil_mode=False, dilation=1):
+def _torch_max_pool(torch, x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     return _nhwc(torch.nn.functional.max_pool2d(_nchw(x), kernel, stride, padding, dilation, ceil_mode))
 
 
@@ -378,7 +430,7 @@ def _torch_batch_norm(torch, x, gamma, beta, running_mean, running_var, train, m
 def _torchvision_roi_pool(torch, features, boxes, output_size):
     from torchvision.ops import roi_pool
     rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)  # batch index 0
-    return _nhwc(roi_pool(features.permute(2, 0, 1)[None], rois, _pair(output_size), 1.0))
+    return _nhwc(roi_pool(features.permute(2, 0, 1)[None], rois, _pair(output_size, "output_size"), 1.0))
 
 
 class Case:

@@ -114,7 +114,7 @@ def smallest_sides_that_fit(model, image_shape):
             return True
         except _SHAPE_ERRORS:
             return False
-    low, high = max(image_shape[:2]), 2 * max(image_shape[:2])
+    low, high = min(image_shape[:2]), 2 * min(image_shape[:2])  # (40, 15) may fit at (40, 16)
     while not fits(high):
         low, high = high, 2 * high
         if high > 4096:

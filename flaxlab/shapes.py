@@ -25,7 +25,11 @@ def _require_padding(padding):
     if isinstance(padding, str):
         raise UsageError(f"padding must be an int or (before, after), got {padding!r} (same_padding(kernel, dilation) "
                          "gives the padding that keeps the size)")
-    before, after = (padding, padding) if isinstance(padding, numbers.Integral) else tuple(padding)
+    pair = (padding, padding) if isinstance(padding, numbers.Integral) else tuple(padding) if isinstance(
+        padding, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in pair):
+        raise UsageError(f"padding must be an int or (before, after) ints, got {padding!r}")
+    before, after = pair
     if before < 0 or after < 0:
         raise UsageError(f"padding must not be negative, got {padding!r}")
     return before, after

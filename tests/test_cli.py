@@ -59,6 +59,9 @@ def cli(*args, cwd):
     (["summary", "jsrt_unet", "--input-shape", "100,100,1"],  # a U-Net takes multiples of 16, not all sides >= 112
      "; sides that are multiples of 16 fit, e.g. --input-shape 112,112,1"),
     (["summary", "mnist_cnn", "--epochs", "3"], "--epochs does not change the model"),
+    (["summary", "mnist_cnn", "--optimizer.lr", "0.1"], "--optimizer.lr does not change the model"),  # its default
+    (["summary", "gtsrb_cnn", "--input-shape", "40,15,3"], "it takes e.g. --input-shape 40,16,3"),  # not 41,41
+    (["summary", "mnist_cnn", "--input-shape="], "bad --input-shape ''"),
     (["summary", "layer_stack"], "layer_stack has no report input to show it on: give --input-shape H,W,C"),
     (["list", "mnist"], "unexpected argument 'mnist'"),
     (["run", "glas_fcn", "--model.name", "small_cnn"],

@@ -130,7 +130,23 @@ def test_conv2d_rejects_kernel_that_does_not_fit_the_channels():
     (lambda: layers.softmax_cross_entropy(jnp.ones((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 1), int)),
      r"labels of shape \(2, 3, 3, 1\) do not match logits of shape \(2, 3, 3, 4\)"),
     (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), jnp.array([0, 4, 2, -1])), r"in 0..4 .* got -1..4"),
-    (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), np.array([0, 5, 2, 1])), r"in 0..4 .* got 0..5")])
+    (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), np.array([0, 5, 2, 1])), r"in 0..4 .* got 0..5"),
+    # sizes that were dropped, turned the answer into a float, or ended in an unpacking or indexing error
+    (lambda: layers.conv_transpose2d(jnp.ones((1, 3, 3, 2)), jnp.ones((3, 3, 2, 4)), stride=(2, 2, 5)),
+     r"stride must be an int or a pair of ints \(height, width\), got \(2, 2, 5\)"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 4, 2)), stride=1.0), "stride must be an int"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 4, 2)), padding=((1, 2), (3, 4), (5, 6))),
+     r"padding must be an int, \(height, width\) or \(\(top, bottom\), \(left, right\)\)"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 4, 2)), groups=0), "groups must be a positive"),
+    (lambda: layers.max_pool2d(jnp.ones((1, 6, 6, 2)), 3, padding=(1, 1, 1)), r"padding must .* got \(1, 1, 1\)"),
+    (lambda: layers.avg_pool2d(jnp.ones((1, 6, 6, 2)), 2, padding="same"), "padding must .* got 'same'"),
+    (lambda: layers.max_pool2d(jnp.ones((1, 7, 7, 1)), 3, 1, 0, 1, 2), "ceil_mode must be True or False, got 2"),
+    (lambda: layers.roi_max_pool(jnp.ones((5, 5, 1)), jnp.zeros((1, 4)), 0), "output_size must be positive"),
+    (lambda: layers.batch_norm(jnp.ones((2, 4, 4, 3)), jnp.ones(1), *[jnp.ones(3)] * 3, train=True),
+     r"gamma must have one value per channel, shape \(3,\) for input \(2, 4, 4, 3\)"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), jnp.array([0.0, 1, 2, 3])), "integer class indices"),
+    (lambda: layers.softmax_cross_entropy_probs(jnp.ones((4, 5)), jnp.array([0, 1, 2, 3])),
+     r"probs of shape \(4,\) do not match logits of shape \(4, 5\)")])
 def test_bad_input_is_one_clear_error(call, message):
     """Shapes and values torch refuses (or that would give a silent wrong number) are UsageErrors naming them;
     they were unpacking errors, a cross-entropy averaged over a broadcast, and a NaN running variance."""
@@ -185,7 +201,7 @@ def roi_pool_loop(features, boxes, output_size):
                 wend = min(max(int(np.ceil(np.float32(pw + 1) * bin_w)) + start_w, 0), width)
                 empty = hend <= hstart or wend <= wstart
                 for c in range(channels):
-                    best, where = (0.0, -1) if empty else (-np.inf, -1)
+                    best, where = (0.0, -1) if empty else (np.finfo(np.float32).min, -1)  # -FLT_MAX
                     for h in range(hstart, hend):
                         for w in range(wstart, wend):
                             if features[h, w, c] > best:
@@ -216,6 +232,34 @@ def test_roi_max_pool_matches_torchvision_definition(output_size, ties):
         if where >= 0:
             expected_grad[where, c] += weights[k, ph, pw, c]
     np.testing.assert_allclose(grad, expected_grad.reshape(features.shape), atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("bins", [7, 14])
+def test_roi_bins_are_torchvisions_float32_ones(bins):
+    """torchvision computes a bin's rows in float32: 57 rows in 7 bins end at row 57 (7 * float32(57 / 7) is
+    57.000004), one more than exact arithmetic gives; 16 of the extents 1-512 differ so in 7 bins."""
+    features = np.random.default_rng(1).standard_normal((600, 1, 1)).astype(np.float32)
+    boxes = np.array([[0, 0, 0, extent - 1] for extent in range(1, 513)], np.float32)
+    expected, _ = roi_pool_loop(features, boxes, (bins, 1))
+    np.testing.assert_array_equal(jax.jit(layers.roi_max_pool, static_argnums=2)(features, boxes, (bins, 1)), expected)
+
+
+def test_roi_max_pool_passes_over_nan_and_minus_inf_as_torchvision():
+    """torchvision keeps a pixel only if it beats the maximum so far, which starts at -FLT_MAX."""
+    features = np.array([[1, np.nan], [3, 2], [-np.inf, -np.inf]], np.float32)[..., None]
+    boxes = np.array([[0, 0, 1, 1], [0, 2, 1, 2]], np.float32)
+    expected, argmax = roi_pool_loop(features, boxes, (1, 1))
+    np.testing.assert_array_equal(layers.roi_max_pool(features, boxes, 1), expected)
+    np.testing.assert_array_equal(expected.ravel(), [3, np.finfo(np.float32).min])
+    grad = jax.grad(lambda f: layers.roi_max_pool(f, boxes, 1).sum())(jnp.asarray(features))
+    np.testing.assert_array_equal(grad.ravel(), [0, 0, 1, 0, 0, 0])  # none for the -FLT_MAX bin (argmax -1)
+
+
+def test_max_pool2d_takes_torchs_positional_order():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).standard_normal((1, 7, 7, 1)).astype(np.float32)
+    expected = torch.nn.functional.max_pool2d(torch.tensor(x).permute(0, 3, 1, 2), 3, 1, 0, 2, True)
+    np.testing.assert_array_equal(layers.max_pool2d(x, 3, 1, 0, 2, True), expected.permute(0, 2, 3, 1).numpy())
 
 
 def test_batch_norm_inference_uses_running_stats_and_keeps_them():
