@@ -216,4 +216,6 @@ def validate(config):
     for key, (owner, users, off) in USED_WITH.items():
         if flat.get(key, off) != off and flat[owner] not in users:
             raise UsageError(f"--{key} is for --{owner} {' or '.join(users)}; {flat[owner]} does not use it")
+    if flat.get("optimizer.nesterov") and not flat.get("optimizer.momentum"):  # plain SGD: torch refuses it
+        raise UsageError("--optimizer.nesterov needs --optimizer.momentum above 0 (without momentum it is plain SGD)")
     return config

@@ -136,7 +136,8 @@ def sweep_comparison(histories, path, title, legend="variant", selected_epochs=N
         ax.grid(alpha=0.3)
     means = "final mean, at selected epochs" if selected_epochs else "final mean"
     acc_ax.legend(fontsize=8, title=f"{legend} ({means})", title_fontsize=8)
-    fig.suptitle(title)
+    seeds = max(len(history[f"test_{score}"][-1]) for history in histories.values())
+    fig.suptitle(title + (" (mean over seeds, band = min-max)" if seeds > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

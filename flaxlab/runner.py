@@ -440,8 +440,15 @@ def _scores(split):
     return f"loss {loss:.4f} acc {acc:.2f}%" + (f" dice {np.mean(split['dice']):.4f}" if "dice" in split else "")
 
 
+def _by_variant(split, variants):
+    """Each variant's mean score: a sweep program's epoch line is otherwise one mean over different models."""
+    key, form = ("dice", "{:.4f}") if "dice" in split else ("accuracy", "{:.2%}")
+    means = np.asarray(split[key]).reshape(len(variants), -1).mean(1)
+    return f"{key} by variant: " + ", ".join(f"{label} {form.format(m)}" for label, m in zip(variants, means))
+
+
 def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpoints=None, resumed=None,
-        progress=True, log=print, on_epoch=None):
+        progress=True, log=print, on_epoch=None, variants=()):
     """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end (and, when
     the output is not a terminal, once a minute inside a longer epoch for a progress line).
 
@@ -449,6 +456,7 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
     metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),
     and with `patience` training stops once no model has improved for that many epochs.
     `resumed` = (states, best, progress) from a checkpoint continues that run at its next epoch.
+    `variants`: a sweep program's labels (its models variant-major), whose test scores the epoch line gives.
     Returns (states, best or None, history, best epochs or None).
     """
     val = data.get("val")
@@ -480,6 +488,8 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
         metrics.append_epoch(history, epoch, seconds, train, test, val_scores)
         line = f"train {_scores(train)}  " + (f"val {_scores(val_scores)}  " if val_scores else "") + \
             f"test {_scores(test)}"
+        if len(variants) > 1:
+            line += f"  (test {_by_variant(test, variants)})"
         if tracker:
             improved = tracker.update(epoch, val_scores[select.split("_", 1)[1]])
             best = jax.tree.map(jnp.copy, states) if best is None else select_models(improved, states, best)
@@ -655,6 +665,10 @@ def check_resumable(config, workdir):
     if differ:
         options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])  # a sweep's variants
         raise UsageError(f"--resume: {workdir} was run with other settings ({options}); resume with the same options")
+    kept = kept_epochs(Path(workdir) / CHECKPOINT_DIR)  # a run's, whose latest --resume goes on from
+    if not config.get("sweep") and kept and kept[-1] > config["epochs"]:  # the results would say N of M < N epochs
+        raise UsageError(f"--resume: {workdir} has run {kept[-1]} epochs already; --epochs {config['epochs']} would "
+                         f"not continue it: give --epochs {kept[-1]} or more")
 
 
 def data_differs(recorded, dataset):
@@ -741,9 +755,6 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:
         checkpoints = Checkpoints(workdir, config["checkpoint_every"])
         resumed = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))
-        if resumed[2]["epoch"] > config["epochs"]:  # it would rewrite the results as an M-epoch run of N > M epochs
-            raise UsageError(f"--resume: {workdir} has run {resumed[2]['epoch']} epochs already; --epochs "
-                             f"{config['epochs']} would not continue it: give --epochs {resumed[2]['epoch']} or more")
     info["compile_s"] = round(trainer.compile(s.states, s.train_data, s.test_data, s.val_data), 3)
     log(f"compiled in {info['compile_s']:.1f} s (not counted in epoch times)")
 

@@ -321,7 +321,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                         s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
                         select=program.config["best_metric"] or None, patience=program.config["patience"],
                         checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
-                        on_epoch=lambda h: (save(split(h)), board.log_epoch(h)))
+                        on_epoch=lambda h: (save(split(h)), board.log_epoch(h)), variants=labels)
                 finally:
                     if checkpoints is not None:
                         checkpoints.close()

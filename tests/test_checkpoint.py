@@ -149,6 +149,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     config = (tmp_path / "two" / "config.json").read_text()
     shorter = [*two[:-6], "--epochs", "1", *two[-4:], "--resume"]  # once rewrote it as "2 of 1 epochs"
     assert "two has run 2 epochs already; --epochs 1 would not continue it: give --epochs 2 or more" in error(*shorter)
+    assert cli(*shorter, cwd=tmp_path).communicate(timeout=300)[0] == ""  # refused before the run's first line
     assert (tmp_path / "two" / "config.json").read_text() == config
 
 

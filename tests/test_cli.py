@@ -82,6 +82,7 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--optimizer.name", "rprop", "--optimizer.momentum", "0.9"],  # was ignored
      "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
     (["run", "gtsrb_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov is for --optimizer.name sgd"),
+    (["run", "mnist_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov needs --optimizer.momentum above 0"),
     (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
      "--model.name lenet5_bn: lenet5_bn takes no --model.features"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),

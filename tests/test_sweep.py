@@ -191,11 +191,15 @@ def test_sweep_command_errors(capsys, tmp_path):
 
 
 def test_sweep_command_trains_on_the_sample(capsys, tmp_path):
-    argv = ["sweep", "mnist_cnn", "--grid", "lr=0.1,0.05", "--epochs", "1", "--workdir", str(tmp_path), "--quiet"]
+    argv = ["sweep", "mnist_cnn", "--grid", "lr=0.1,0.05", "--epochs", "1", "--workdir", str(tmp_path)]
     assert cli.main(argv) == 0
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["lr=0.1", "lr=0.05"]
     assert all(float(r["test_accuracy_mean"]) > 0.8 for r in rows)  # one epoch of the 5,000-digit sample
+    # the epoch line's scores are means over the program's models: it gives each variant's too
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    by_variant = ", ".join(f"{r['variant']} {float(r['test_accuracy_mean']):.2%}" for r in rows)
+    assert f"(test accuracy by variant: {by_variant})" in line, line
 
 
 def stop_at(*starts):
