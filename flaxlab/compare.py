@@ -251,7 +251,10 @@ def _state(folder, config, recorded):
         done = sum(len(p.get("variants", [])) for p in recorded.get("programs", []))
         total = len(config.get("sweep") or ())
         return "finished" if done == total else f"{state}: {done} of {total} variants{resume}"
-    return "finished" if "train_s" in (recorded.get("info") or {}) else f"{state}{resume}"
+    if "train_s" not in (recorded.get("info") or {}):
+        return f"{state}{resume}"
+    ran = len((recorded.get("history") or {}).get("epoch") or ())
+    return "finished, stopped early" if ran < config.get("epochs", ran) else "finished"  # by --patience
 
 
 def _kept_test(run):

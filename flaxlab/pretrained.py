@@ -206,6 +206,18 @@ def convert_state_dict(state_dict, arch="resnet18"):
     return {"params": params, "batch_stats": stats} if stats else {"params": params}
 
 
+def _torch_load_failure(error):
+    """Why torch.load refused a file, in words: its messages advise unpickling the file (advice not to follow
+    for a weights file, with terminal colour codes), stop mid-sentence, or are a bare number."""
+    text = str(error)
+    if "weights only load failed" in text.lower() or "weights_only" in text:
+        return ("it holds pickled Python objects (a whole model, saved with torch.save(model)?), not only tensors: "
+                "save model.state_dict() instead")
+    if "zip archive" in text or "central directory" in text:
+        return "not a whole file of torch.save's (cut short or damaged)"
+    return "not a file torch.save wrote, or a damaged one"
+
+
 def read_state_dict(path):
     """A state_dict from a .pth (torch.save; needs torch), .npz or .safetensors file, as numpy arrays."""
     path = Path(path)
@@ -229,7 +241,10 @@ def read_state_dict(path):
                 import torch
             except ImportError:
                 raise UsageError(f"reading {path.name} needs torch (`pip install torch`), or convert it to .npz") from None
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch's own errors: its unpickler's, a zip reader's, a bare KeyError
+                raise DataError(f"cannot read weights from {path}: {_torch_load_failure(e)}") from None
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise DataError(f"cannot read weights from {path}: it holds a {type(state).__name__}, not a "
@@ -237,9 +252,7 @@ def read_state_dict(path):
             return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as e:
         why = str(e).splitlines()[0][:200]
-        if "weights_only" in why:  # torch's advice (load with weights_only=False) is not one to follow for a file
-            why = "not a file of tensors that torch.save wrote (torch.load with weights_only=True refused it)"
-        elif "allow_pickle" in why:  # numpy's advice (allow_pickle=True) neither
+        if "allow_pickle" in why:  # numpy's advice (allow_pickle=True) neither
             why = "it holds pickled objects, not arrays"
         raise DataError(f"cannot read weights from {path}: {why}") from None
     raise UsageError(f"weights file {path}: expected .pth, .npz or .safetensors")

@@ -81,6 +81,16 @@ def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
     assert f"the history of {epochs} epoch(s)" in err and 2 <= epochs < 500
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    """It said 'a run with --checkpoint_every N keeps checkpoints' to a run given --checkpoint_every 1."""
+    from flaxlab.runner import _what_an_interrupted_run_left
+    line = _what_an_interrupted_run_left(tmp_path, 0, object(), 1)
+    assert line.endswith("it stopped before its first checkpoint (one every 1 epoch(s)), so there is nothing to go "
+                         "on from: run it again, without --resume"), line
+    assert _what_an_interrupted_run_left(tmp_path, 0, object(), 0).endswith("a run with --checkpoint_every N keeps "
+                                                                            "checkpoints that --resume goes on from")
+
+
 def test_resume_names_a_sweeps_folder(tmp_path):
     """It said the folder 'was run with other settings (--sweep)'."""
     from experiments import EXPERIMENTS
@@ -187,6 +197,12 @@ def test_evaluate_reads_the_data_the_run_read(tmp_path):
     evaluate = cli("evaluate", "--workdir", "run", cwd=tmp_path)
     _, err = evaluate.communicate(timeout=300)
     assert evaluate.returncode == 2 and "which is not there now: pass --data-dir" in err, err
+    out, _ = finished(cli("evaluate", "--workdir", "run", "--data-dir", "moved", cwd=tmp_path))
+    assert "test (16 examples)" in out and "note:" not in out, out  # the same files, moved
+    (tmp_path / "other").mkdir()  # other data: their test split may hold the run's training images
+    other = fake_mnist_dir(tmp_path / "other", n_train=48, n_test=16)
+    out, _ = finished(cli("evaluate", "--workdir", "run", "--data-dir", str(other), cwd=tmp_path))
+    assert f"note: run trained on files:{data.resolve()} (64 train), and these are other data (48 train)" in out, out
     recorded = json.loads((tmp_path / "run" / "history.json").read_text())
     del recorded["info"]  # no record of the data: it scored the shipped sample, and said nothing
     (tmp_path / "run" / "history.json").write_text(json.dumps(recorded))

@@ -142,6 +142,9 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     shutil.copytree(tmp_path / "plain", tmp_path / "damaged-config")
     (tmp_path / "damaged-config" / "config.json").write_text("{")  # it went unlisted
     (tmp_path / "notes").mkdir()  # not a run folder: left out
+    shutil.copytree(tmp_path / "plain", tmp_path / "early")  # as if --patience had stopped it after 2 of 5 epochs
+    early = json.loads((tmp_path / "early" / "config.json").read_text())
+    (tmp_path / "early" / "config.json").write_text(json.dumps({**early, "epochs": 5}))
     plain = json.loads((folders / "plain" / "history.json").read_text())["history"]["test_accuracy"][-1][0]
     swept = json.loads((folders / "swept" / "history.json").read_text())["variants"]
     best = max(swept, key=lambda label: swept[label]["test_accuracy"][-1][0])
@@ -150,15 +153,16 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
     rows = [line.split(" | ")[1:-1] for line in list_runs(tmp_path).splitlines()[2:]]
     assert rows == [
         ["cnn", "", "", "history.json damaged", ""], ["", "", "", "config.json damaged", ""],
+        ["cnn", "1", "2 of 5", "finished, stopped early", f"{100 * plain:.2f}% accuracy, final"],
         ["cnn", "1", "2 of 2", "finished", f"{100 * selected:.2f}% accuracy, selected epoch"],  # results.md's
         ["cnn", "", "0 of 2", "stopped before its first epoch ended", ""],
         ["cnn", "1", "2 of 2", "finished", f"{100 * plain:.2f}% accuracy, final"],
-        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[5][-1]],
-        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[6][-1]],
+        ["cnn", "1", "2 of 3", "stopped; --resume goes on from epoch 2's checkpoint", rows[6][-1]],
+        ["cnn", "1", "1 of 1", "stopped: 1 of 2 variants", rows[7][-1]],
         ["cnn", "2", "2 of 2", "finished",
          f"{100 * swept[best]['test_accuracy'][-1][0]:.2f}% accuracy, final ({best}, the best)"]]
     assert [line.split(" | ")[0] for line in list_runs(tmp_path).splitlines()[2:]] == [
-        f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "lr0.05", "new", "plain", "stopped",
+        f"| {tmp_path / name}" for name in ("damaged", "damaged-config", "early", "lr0.05", "new", "plain", "stopped",
                                              "stopped-sweep", "swept")]
     assert len(list_runs(tmp_path / "plain").splitlines()) == 3  # a run folder itself
     (tmp_path / "damaged" / "history.json").write_text("[]")  # JSON, but no run's record: no "stopped" run

@@ -272,6 +272,9 @@ def test_split_random_is_stratified_disjoint_and_deterministic():
     assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], val_idx)
     assert not np.array_equal(image_data.split_random(labels, 0.2, seed=4)[1], val_idx)
     assert len(image_data.split_random(50, 0.1)[1]) == 5  # a count: unstratified
+    # 45 per class: 4.5 each, rounded alone to 4, held out 40 of 450 for 10%
+    val_labels = np.repeat(np.arange(10), 45)[image_data.split_random(np.repeat(np.arange(10), 45), 0.1)[1]]
+    assert len(val_labels) == 45 and set(np.bincount(val_labels)) == {4, 5}
     with pytest.raises(UsageError, match="val_fraction"):
         image_data.split_random(labels, 1.0)
 

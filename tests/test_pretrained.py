@@ -118,6 +118,19 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")  # an AttributeError's traceback once
     with pytest.raises(DataError, match="list.pth: it holds a list, not a state dict"):
         pretrained.read_state_dict(tmp_path / "list.pth")
+    # torch's own messages: advice to unpickle (with terminal colour codes), a cut sentence, a bare KeyError number
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    whole_model = (r"module.pth: it holds pickled Python objects \(a whole model, saved with torch.save\(model\)\?\), "
+                   r"not only tensors: save model.state_dict\(\) instead$")
+    with pytest.raises(DataError, match=whole_model):
+        pretrained.read_state_dict(tmp_path / "module.pth")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "cut.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "cut.pth").read_bytes()[:300])
+    with pytest.raises(DataError, match=r"cut.pth: not a whole file of torch.save's \(cut short or damaged\)$"):
+        pretrained.read_state_dict(tmp_path / "cut.pth")
+    (tmp_path / "junk.pth").write_text("junk\n")
+    with pytest.raises(DataError, match="junk.pth: not a file torch.save wrote, or a damaged one$"):
+        pretrained.read_state_dict(tmp_path / "junk.pth")
 
 
 @pytest.mark.parametrize("name", ["tdt4265_resnet18", "ai604_vgg19_transfer"])  # a run, a sweep
