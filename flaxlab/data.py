@@ -10,6 +10,7 @@ import hashlib
 import os
 import socket
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def read_idx(path):
     try:
         with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib's: a damaged .gz (a traceback, exit code 1)
         raise DataError(f"cannot read {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")

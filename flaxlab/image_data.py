@@ -607,12 +607,11 @@ def _cifar10_arrays(source, size, pickled):
     if tuple(classes) != CIFAR10_CLASSES:
         raise DataError(f"{source} has class folders {', '.join(classes[:12])}, not CIFAR-10's "
                         f"{', '.join(CIFAR10_CLASSES)}")
-    train_split = "train" if "train" in splits else "" if "" in splits else None
-    if train_split is None:
-        raise DataError(f"no train/ split in {source} (found {', '.join(sorted(splits))})")
+    # a val/ folder beside train/ was left out unsaid, and a top folder above the classes refused
+    splits, train_split, test_split, unused = _tree_splits(splits, source, HOW_TO_GET_CIFAR10)
     index = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
-    arrays = {}
-    for key, split in (("train", train_split), ("test", "test")):
+    arrays = {"splits": np.array([train_split, test_split or ""]), "unused": np.array(unused, dtype=str)}
+    for key, split in (("train", train_split), ("test", test_split)):
         if split in splits:
             images, names = splits[split]
             order = np.random.default_rng(0).permutation(len(names))  # folders come sorted by class
@@ -637,8 +636,9 @@ def load_cifar10(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=
     def compute():
         return _with_how_to(HOW_TO_GET_CIFAR10, _cifar10_arrays, source, size, pickled)
 
-    arrays = _cached("cifar10", size, [source], compute, cache)
-    where = f"files:{source.resolve()}"
+    # image trees cached apart from the pickles: caches from before split folders were named lack that record
+    arrays = _cached("cifar10" if pickled else "cifar10-images", size, [source], compute, cache)
+    where = f"files:{source.resolve()}" + ("" if pickled else _split_note(arrays))
     train = Split(arrays["train_images"], arrays["train_labels"])
     test = Split(arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed)
@@ -743,16 +743,29 @@ HOW_TO_GET_IMAGES = ("pass a folder or archive of [train/]CLASS/IMAGE (and, if i
 IMAGE_TEST_SPLITS = ("test", "val", "valid", "validation")  # the first one present is the test split
 
 
-def _image_folder_arrays(source, size):
-    splits = _read_image_tree(source, size)
+def _tree_splits(splits, source, how_to):
+    """(splits, train split, test split, unused splits) of a class-folder tree: an archive's one top folder is a
+    prefix, not a split, and test is the first of IMAGE_TEST_SPLITS present."""
     known = {"", "train", *IMAGE_TEST_SPLITS}
     if len(splits) == 1 and not known.intersection(splits):  # an archive's top folder: a prefix, not a split
         splits = {"": next(iter(splits.values()))}
     train_split = "train" if "train" in splits else "" if "" in splits else None
     if train_split is None:
         raise DataError(f"no train split in {source} (found {', '.join(repr(s) for s in sorted(splits))}); "
-                        f"{HOW_TO_GET_IMAGES}")
+                        f"{how_to}")
     test_split = next((s for s in IMAGE_TEST_SPLITS if s in splits), None)
+    return splits, train_split, test_split, sorted(set(splits) - {train_split, test_split})
+
+
+def _split_note(arrays):
+    """What a tree's test split was, and which split folders went unused, for `Dataset.source`."""
+    test = arrays["splits"][1] if "test_images" in arrays else ""
+    return ((f" (test = its {test}/ split)" if test else "")
+            + (f" ({', '.join(f'{s}/' for s in arrays['unused'])} unused)" if len(arrays["unused"]) else ""))
+
+
+def _image_folder_arrays(source, size):
+    splits, train_split, test_split, unused = _tree_splits(_read_image_tree(source, size), source, HOW_TO_GET_IMAGES)
     untrained = sorted(set(splits[test_split][1]) - set(splits[train_split][1])) if test_split else []
     if untrained:  # never learnable, scored as wrong: most likely a folder named two ways
         raise DataError(f"{source}: {test_split}/ has class folder(s) that {train_split or 'the top'}/ lacks "
@@ -760,7 +773,7 @@ def _image_folder_arrays(source, size):
     classes = sorted({c for s in (train_split, test_split) if s in splits for c in splits[s][1]})
     index = {c: i for i, c in enumerate(classes)}
     arrays = {"class_names": np.array(classes), "splits": np.array([train_split, test_split or ""]),
-              "unused": np.array(sorted(set(splits) - {train_split, test_split}), dtype=str)}
+              "unused": np.array(unused, dtype=str)}
     for key, split in (("train", train_split), ("test", test_split)):
         if split in splits:
             images, names = splits[split]
@@ -781,9 +794,7 @@ def load_image_folder(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, 
                         f"({', '.join(classes)}); a classifier needs two or more; {HOW_TO_GET_IMAGES}")
     train = Split(arrays["train_images"], arrays["train_labels"])
     test = Split(arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
-    where = f"files:{source.resolve()}" + (f" (test = its {arrays['splits'][1]}/ split)" if test else "")
-    if len(arrays["unused"]):
-        where += f" ({', '.join(f'{s}/' for s in arrays['unused'])} unused)"
+    where = f"files:{source.resolve()}" + _split_note(arrays)
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed)
     return Dataset("images", where + note, train, test, num_classes=len(classes), val=val, class_names=classes)
 

@@ -65,6 +65,12 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not an idx file")
     with pytest.raises(DataError, match="bad magic"):
         data.load_mnist(source="files", data_dir=tmp_path)
+    packed = bytearray(gzip.compress(bytes(range(256)) * 64, mtime=0))
+    packed[40:100] = bytes(b ^ 0xFF for b in packed[40:100])  # damaged inside the deflate stream: zlib's error
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(packed))
+    with pytest.raises(DataError, match="cannot read .*t10k-labels-idx1-ubyte.gz"):
+        data.load_mnist(source="files", data_dir=tmp_path)
     with pytest.raises(DataError, match="unknown data source"):
         data.load_mnist(source="kaggle")
 

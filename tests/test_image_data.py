@@ -246,7 +246,7 @@ def test_cifar_image_tar_holds_out_stratified_val_and_caches(tmp_path, private_c
     # JPEG of a solid colour: close to 10 * class + index
     assert np.abs(ds.train.images[:, 16, 16, 0].astype(int) - (ds.train.labels * 10 + 0)).max() <= 12
 
-    assert (private_cache / "cifar10-native.npz").is_file()
+    assert (private_cache / "cifar10-images-native.npz").is_file()
     monkeypatch.setattr(image_data, "_decode", lambda *a: pytest.fail("decoded despite the cache"))
     again = image_data.load_cifar10(tmp_path, test_fraction=0.2, seed=1)
     assert np.array_equal(again.train.images, ds.train.images) and np.array_equal(again.test.labels, ds.test.labels)
@@ -391,8 +391,16 @@ def test_cifar_image_folder_with_its_own_test_split(tmp_path):
     files = {**folder_files(image_data.CIFAR10_CLASSES, 2, prefix="train/"),
              **folder_files(image_data.CIFAR10_CLASSES, 1, prefix="test/")}
     ds = image_data.load_cifar10(write_tree(tmp_path / "cifar10.tar.gz", files), size=(8, 8))
-    assert ds.source == f"files:{(tmp_path / 'cifar10.tar.gz').resolve()}"
+    assert ds.source == f"files:{(tmp_path / 'cifar10.tar.gz').resolve()} (test = its test/ split)"
     assert len(ds.train) == 20 and sorted(ds.test.labels.tolist()) == list(range(10))
+    # a val/ folder is the test split, as for --data.name images (it went unused, unsaid), and one folder above
+    # the classes is a prefix (it was refused as 'no train/ split')
+    renamed = {name.replace("test/", "val/"): data for name, data in files.items()}
+    ds = image_data.load_cifar10(write_tree(tmp_path / "val.tar", renamed), size=(8, 8), cache=False)
+    assert ds.source.endswith("(test = its val/ split)") and len(ds.test) == 10
+    prefixed = {name.replace("train/", "cifar10-images/"): data for name, data in files.items() if "test/" not in name}
+    ds = image_data.load_cifar10(write_tree(tmp_path / "prefix.tar", prefixed), size=(8, 8), cache=False)
+    assert len(ds.train) + len(ds.test) == 20 and "test = 10% of train" in ds.source
 
 
 def test_real_gtsrb_splits_by_track(shared_data):

@@ -105,10 +105,22 @@ def test_bad_segmentation_data_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="cannot decode .*case1.png"):
         seg_data.read_pairs(tmp_path)
     _png(np.zeros((5, 5, 3), np.uint8), tmp_path / "train" / "images" / "case1.png")
-    with pytest.raises(DataError, match="differ in size"):
-        seg_data.read_pairs(tmp_path)
+    for size in (None, (8, 8)):  # resized alike, a swapped mask went unsaid
+        with pytest.raises(DataError, match="masks/case1.png is 30x20 and its image train/images/case1.png 5x5: a "
+                                            r"mask is its image's size \(swapped or mismatched files\?\)"):
+            seg_data.read_pairs(tmp_path, size)
     with pytest.raises(DataError, match="no images with masks"):
         seg_data.read_pairs(tmp_path / "train" / "images")
+
+
+def test_a_jpeg_masks_compression_noise_is_not_foreground(tmp_path):
+    """Any non-zero value is foreground, but JPEG smears a mask's edges into in-between values."""
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 10:30] = 255
+    _png(np.zeros((32, 48, 3), np.uint8), tmp_path / "train" / "images" / "case0.png")
+    _png(mask, tmp_path / "train" / "masks" / "case0.jpg", "JPEG")
+    assert (np.asarray(Image.open(tmp_path / "train" / "masks" / "case0.jpg")) > 0).sum() > (mask > 0).sum()
+    np.testing.assert_array_equal(seg_data.read_pairs(tmp_path)["train"][1][0], mask > 0)
 
 
 def test_shipped_samples_load_as_the_experiments_want_them():
