@@ -275,6 +275,10 @@ def _bench(args, overrides):
         raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
     if (args.experiment == "all" or args.markdown) and not args.peer:
         raise UsageError("bench all and --markdown compare with the peer: add --peer")
+    if args.peer:  # before flaxlab's side runs and prints its rows
+        bench.check_peer_data(args.data_dir, shared)
+        for config in configs.values():
+            bench.peer_script(bench.peer_workload(config)[0], shared)
     emit = lambda row: parallel.is_primary() and print(json.dumps(row), flush=True)  # a multi-host bench: once
     if variants and args.experiment != "all":
         if args.peer:

@@ -99,8 +99,8 @@ def peer_workload(config):
 
 # with --peer, the overrides that the peer gets too, and those that change only how flaxlab runs the same workload
 PEER_TAKES = {"batch_size", "seeds", "model.width"}
-HOW_IT_RUNS = {"devices", "parallel", "distributed", "compute_dtype", "deterministic", "model_axis", "epoch_mode",
-               "scan_steps", "eval_batch_size", "seed"}
+HOW_IT_RUNS = {"devices", "parallel", "distributed", "deterministic", "model_axis", "epoch_mode", "scan_steps",
+               "eval_batch_size", "seed"}  # not compute_dtype: bfloat16 against the peer's float32 is other work
 
 
 def check_peer_overrides(default, config):
@@ -113,8 +113,8 @@ def check_peer_overrides(default, config):
                          f"only (the peer takes --batch-size, --seeds and the U-Net's --model.width)")
 
 
-def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
-    """Runs the peer as a subprocess; returns its JSON lines as dicts (one per seed)."""
+def peer_script(workload, shared):
+    """The peer's script, refused when missing or without torch: checked before flaxlab's side runs."""
     script = UNET_PEER if workload == "unet" else shared / "peers" / "torch_reference.py"
     if not script.is_file():
         raise UsageError(f"no PyTorch peer at {script}")
@@ -122,6 +122,20 @@ def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
         import torch  # noqa: F401
     except ImportError:
         raise UsageError("the PyTorch peer needs torch: `pip install torch==2.13.0`") from None
+    return script
+
+
+def check_peer_data(data_dir, shared):
+    """The peer reads its data from ../shared/data: a --data-dir elsewhere would change flaxlab's side only."""
+    peers = (shared / "data").resolve()
+    if data_dir and not Path(data_dir).resolve().is_relative_to(peers):
+        raise UsageError(f"--peer: the PyTorch peer reads its data from {peers}; --data-dir {data_dir} would change "
+                         f"flaxlab's side only (leave it out, or give that folder)")
+
+
+def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
+    """Runs the peer as a subprocess; returns its JSON lines as dicts (one per seed)."""
+    script = peer_script(workload, shared)
     cmd = [sys.executable, str(script), workload, "--epochs", str(epochs), "--batch-size", str(batch_size),
            "--seeds", str(seeds), *extra]
     env = {**os.environ, "SHARED_DATA": str(shared / "data")}
@@ -138,9 +152,12 @@ def compare(ours, peers):
     peer_images = sum(p["steps"] * p["batch_size"] for p in peers)
     return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
                 flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=_figures(peer_images / peer_train_s),
+                # every seed's steps over every seed's time, as the ratio takes them (seed 0's alone disagreed)
+                flaxlab_steps_per_s=ours["steps_per_s"],
+                peer_steps_per_s=_figures(sum(p["steps"] for p in peers) / peer_train_s),
                 ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
-                ratio_steps_per_s=(round(ours["steps_per_s"] / peers[0]["steps_per_s"], 2)
-                                   if ours["seeds"] == 1 else None),
+                ratio_steps_per_s=round(ours["steps_per_s"] * peer_train_s / sum(p["steps"] for p in peers), 2)
+                if ours["seeds"] == 1 else None,
                 flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
 
 
@@ -154,7 +171,7 @@ def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not rows:
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
-        raise UsageError(f"flaxlab's bench of {name} failed: {why}")
+        raise UsageError(f"flaxlab's bench of {name} failed: {why.removeprefix('error: ')}")
     return json.loads(rows[-1])
 
 
@@ -172,8 +189,7 @@ def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repe
         for row in peers:
             emit(row)
         comparison = compare(ours, peers)
-        comparison.update(flaxlab_steps_per_s=ours["steps_per_s"], peer_steps_per_s=peers[0]["steps_per_s"],
-                          compile_s=ours["compile_s"], device=ours["device"], peer_device=peers[0]["device"])
+        comparison.update(compile_s=ours["compile_s"], device=ours["device"], peer_device=peers[0]["device"])
         emit(comparison)
         comparisons.append(comparison)
     if repeat > 1:

@@ -298,7 +298,10 @@ def unwritable(folder):
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a file written and gone: os.access says yes to root everywhere, /proc included
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
         return f"cannot write in {existing}"
     return None
 

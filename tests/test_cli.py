@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -207,6 +208,26 @@ def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
     assert ratio["ratio_images_per_s"] > 0 and ours["test_accuracy"] > 0.85
     table = (tmp_path / "docs/bench.md").read_text()
     assert "cores; cpu (" in table and f"| `mnist_fnn` vs `mnist_fnn` | 1 | {ratio['flaxlab_steps_per_s']:.3g} |" in table
+    assert ratio["peer_steps_per_s"] == pytest.approx(peer["steps_per_s"], rel=0.01)
+
+
+def test_bench_refuses_before_running_what_would_not_compare(tmp_path, shared_data):
+    """Each was found only after flaxlab's side had run (the --markdown one as a traceback), or not at all
+    (flaxlab trained on other data than the peer read, or in bfloat16 against its float32)."""
+    refused = [(["--data-dir", str(tmp_path)], "the PyTorch peer reads its data from"),
+               (["--compute_dtype", "bfloat16"], "--compute_dtype would change flaxlab's side only")]
+    if Path("/proc/self").is_dir():  # where root may write anywhere else
+        refused.append((["--markdown", "/proc/x/table.md"], "--markdown /proc/x/table.md: cannot write in /proc"))
+    for args, message in refused:
+        out = cli("bench", "mnist_fnn", "--peer", *args, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        assert out.stdout == ""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data)  # data, but no peers/
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "mnist_fnn", "--peer"], cwd=tmp_path,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "FLAXLAB_SHARED": str(tmp_path / "shared")})
+    assert out.returncode == 2 and "no PyTorch peer at" in out.stderr and out.stdout == "", out.stderr
 
 
 def test_unet_peer_is_flaxlabs_unet():
