@@ -45,6 +45,7 @@ EXPERIMENTS = {
     "ai604_vgg19": lambda: variant(
         {**bs6207_allconv(), "model": {"name": "ai604_vgg19", "activation": "leaky_relu", "weight_init": "vgg"}},
         "ai604_vgg19", "AI604: VGG-19 from scratch, conv blocks 64-128-256-512-512 with LeakyReLU 0.2, head "
-        "512-128-10 (on the 512 maps of the last block, 1x1 at 32x32), torchvision's VGG weight initialisation (from PyTorch's default it stays at chance); Adam "
-        "1e-4, batch 64, crop and flip; the best-val-accuracy state of 20 epochs kept (report: 69%).", **{"optimizer.lr": 1e-4, "batch_size": 64}),
+        "512-128-10 (on the 512 maps of the last block, 1x1 at 32x32), torchvision's VGG weight initialisation "
+        "(from PyTorch's default it stays at chance); Adam 1e-4, batch 64, crop and flip; the best-val-accuracy "
+        "state of 20 epochs kept (report: 69%).", **{"optimizer.lr": 1e-4, "batch_size": 64}),
 }
