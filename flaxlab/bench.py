@@ -149,15 +149,14 @@ def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
 def compare(ours, peers):
     """Ratio of flaxlab to the peer in throughput; with N seeds, N vmapped models vs N sequential runs."""
     peer_train_s = sum(p["train_s"] for p in peers)
+    peer_steps = sum(p["steps"] for p in peers)  # every seed's over every seed's time (seed 0's alone disagreed)
     peer_images = sum(p["steps"] * p["batch_size"] for p in peers)
     return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
                 flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=_figures(peer_images / peer_train_s),
-                # every seed's steps over every seed's time, as the ratio takes them (seed 0's alone disagreed)
-                flaxlab_steps_per_s=ours["steps_per_s"],
-                peer_steps_per_s=_figures(sum(p["steps"] for p in peers) / peer_train_s),
+                flaxlab_steps_per_s=ours["steps_per_s"], peer_steps_per_s=_figures(peer_steps / peer_train_s),
                 ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
-                ratio_steps_per_s=round(ours["steps_per_s"] * peer_train_s / sum(p["steps"] for p in peers), 2)
-                if ours["seeds"] == 1 else None,
+                ratio_steps_per_s=round(ours["steps_per_s"] * peer_train_s / peer_steps, 2) if ours["seeds"] == 1
+                else None,
                 flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
 
 
