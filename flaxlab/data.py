@@ -131,8 +131,9 @@ def read_idx(path):
     """Reads an IDX file, gzipped or not, and checks its header against its size."""
     path = Path(path)
     try:
-        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
-            raw = f.read()
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzipped, whatever the name says (a browser may drop or keep the .gz)
+            raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:  # zlib's: a damaged .gz (a traceback, exit code 1)
         raise DataError(f"cannot read {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -201,6 +202,9 @@ def load_mnist_files(data_dir):
         images, labels = read_idx(paths[s, "images"]), read_idx(paths[s, "labels"])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"MNIST {s} files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+        for path, array in ((paths[s, "images"], images), (paths[s, "labels"], labels)):
+            if array.dtype != np.uint8:
+                raise DataError(f"{path} holds {array.dtype.name} values; MNIST's IDX files hold unsigned bytes")
         if labels.max(initial=0) > 9:
             raise DataError(f"MNIST {s} labels in {folder} go beyond 9: corrupt file?")
         splits[s] = Split(np.ascontiguousarray(images[..., None]), labels.astype(np.int32))

@@ -75,6 +75,21 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
         data.load_mnist(source="kaggle")
 
 
+def test_idx_files_are_read_by_content_not_name(tmp_path):
+    """A gzipped file without .gz (or a plain one with it) reads as what it holds; float pixels are named."""
+    fake_mnist_dir(tmp_path, gz=True)
+    expected = data.load_mnist(source="files", data_dir=tmp_path).train
+    for f in tmp_path.glob("train-*.gz"):
+        f.rename(f.with_suffix(""))
+    again = data.load_mnist(source="files", data_dir=tmp_path).train
+    np.testing.assert_array_equal(again.images, expected.images)
+    np.testing.assert_array_equal(again.labels, expected.labels)
+    header = struct.pack(">BBBB", 0, 0, 0x0D, 3) + struct.pack(">III", 10, 28, 28)  # 0x0D: big-endian float32
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(header + np.zeros((10, 28, 28), ">f4").tobytes())
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz holds float32 values; MNIST's IDX files hold unsigned"):
+        data.load_mnist(source="files", data_dir=tmp_path)
+
+
 def test_full_mnist_from_shared_data(mnist_full):
     assert len(mnist_full.train) == 60000 and len(mnist_full.test) == 10000
     assert np.bincount(mnist_full.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
