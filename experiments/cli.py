@@ -405,7 +405,9 @@ def main(argv=None):
             for name, make in sorted(EXPERIMENTS.items()):
                 print(f"{name:24s} {make()['description']}")
         elif args.command == "show":
-            print(json.dumps(_apply_overrides(_experiment(args.experiment), overrides), indent=1))
+            config = _apply_overrides(_experiment(args.experiment), overrides)
+            _check_options(args.experiment, config, list(config["sweep"]), sweep=bool(config["sweep"]))  # as `run`
+            print(json.dumps(config, indent=1))
         elif args.command in ("run", "sweep"):
             _run(args, overrides)
         elif args.command == "bench":
