@@ -83,7 +83,17 @@ def parse_value(key, text, default):
 
 
 def with_field(config, key, value):
-    """A copy of `config` with the existing dotted field `key` set to `value`."""
+    """A copy of `config` with the existing dotted field `key` set to `value`; a new `model.name` drops the old
+    network's options that the new one does not take, as `--model.name` does."""
+    changed = _set_field(config, key, value)
+    if key == "model.name" and isinstance(config["model"], dict):
+        from flaxlab.models import MODELS, swap_network
+        if value in MODELS:  # an unknown name is validate's to report
+            changed["model"] = swap_network(changed["model"], config["model"].get("name"))
+    return changed
+
+
+def _set_field(config, key, value):
     config = copy.deepcopy(config)
     *path, leaf = key.split(".")
     node = config
@@ -130,7 +140,7 @@ def override(config, key, text):
     if key not in flat:
         raise UsageError(f"unknown option '--{key}'{field_hint(key, flat, '--')}; options: "
                          f"{', '.join('--' + k for k in sorted(flat))}")
-    return with_field(config, key, parse_value(key, text, flat[key]))
+    return _set_field(config, key, parse_value(key, text, flat[key]))  # drop_unused swaps the network's options
 
 
 def drop_unused(config, before, given=()):

@@ -774,7 +774,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)  # the last epoch's at least
         write_json(workdir / "config.json", config)
         saved = [0]  # epochs whose history is on disk
-        board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]))
+        board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]),
+                                  first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
 
         def save_history(history):
             write_json(workdir / "history.json", {"info": info, "history": history})

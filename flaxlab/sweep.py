@@ -315,7 +315,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                     resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
                 compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
                 split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
-                board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels))
+                board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels),
+                                          first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
                 try:
                     states, best, history, best_epochs = fit(
                         s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],

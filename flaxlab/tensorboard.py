@@ -2,8 +2,8 @@
 
 An events file is a TFRecord file of `Event` protocol buffers (tensorflow/core/util/event.proto): each record is
 its length, a masked CRC-32C of the length, the bytes, and their masked CRC-32C. The few fields written here are
-encoded by hand: wall_time (1, double), step (2, varint), file_version (3, string) or summary (5), whose values
-(1) each hold a tag (1, string) and a simple_value (2, float).
+encoded by hand: wall_time (1, double), step (2, varint), file_version (3, string), summary (5), whose values
+(1) each hold a tag (1, string) and a simple_value (2, float), or session_log (7) with its status (1, START = 1).
 """
 import socket
 import struct
@@ -60,11 +60,13 @@ def _field(number, payload):
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def event(wall_time, step=0, file_version=None, scalars=None):
-    """An Event's bytes: a file_version, or a Summary of scalars {tag: value}."""
+def event(wall_time, step=0, file_version=None, scalars=None, start=False):
+    """An Event's bytes: a file_version, a SessionLog START, or a Summary of scalars {tag: value}."""
     out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
     if file_version is not None:
         return out + _field(3, file_version.encode())
+    if start:
+        return out + _field(7, _varint(1 << 3) + _varint(1))
     values = b"".join(_field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
                       for tag, value in scalars.items())
     return out + _field(5, values)
@@ -72,15 +74,17 @@ def event(wall_time, step=0, file_version=None, scalars=None):
 
 class EventsFile:
     """Appends scalar summaries to a new events file in `folder`; each write is flushed to disk, so TensorBoard
-    shows a run's epochs as they end. A resumed run writes a second file beside the first; TensorBoard drops the
-    first file's steps from the one the second starts at (the epochs run after the checkpoint, redone)."""
+    shows a run's epochs as they end. A resumed run writes a second file beside the first, which opens with a
+    SessionLog START at `first_step`: TensorBoard then drops the earlier files' steps from there on (the epochs
+    run after the checkpoint, redone), as it does for TensorFlow's restarted runs; without it, both were drawn."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, first_step=1):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.time()
         self.path = folder / f"events.out.tfevents.{stamp:.0f}.{socket.gethostname()}.flaxlab"
         self._append(event(stamp, file_version="brain.Event:2"))
+        self._append(event(stamp, first_step, start=True))
 
     def _append(self, data):
         with open(self.path, "ab") as f:
@@ -102,9 +106,10 @@ class Board:
     `workdir`/tensorboard: every epoch's scores per split, as 'loss/train', 'accuracy/test', ...; TensorBoard
     draws a metric's runs (seeds, variants) in one chart."""
 
-    def __init__(self, workdir, names):
+    def __init__(self, workdir, names, first_epoch=1):
         # process 0's only: a multi-host run's other processes would write the same curves again
-        self.files = [EventsFile(Path(workdir) / FOLDER / name) for name in names] if parallel.is_primary() else []
+        self.files = ([EventsFile(Path(workdir) / FOLDER / name, first_epoch) for name in names]
+                      if parallel.is_primary() else [])
 
     def log_epoch(self, history):
         """The last epoch of a history (one value per model in each series)."""

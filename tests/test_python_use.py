@@ -90,6 +90,8 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
     # numpy's numbers (a loop over np.linspace) are plain numbers to a config, as JSON saves them
     assert with_field(config, "optimizer.lr", np.float32(0.5))["optimizer"]["lr"] == 0.5
     assert type(with_field(config, "epochs", np.int64(2))["epochs"]) is int
+    # another network drops the old one's options, as --model.name does (mlp was refused 'features')
+    assert with_field(config, "model.name", "mlp")["model"] == {"name": "mlp", "activation": "relu"}
 
 
 def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored_on_themselves(tmp_path):

@@ -52,12 +52,30 @@ def test_events_read_back_by_tensorboard(tmp_path):
     events = tensorboard.EventsFile(tmp_path / "run")
     for step in (1, 2, 300):
         events.scalars(step, {"loss/train": 1 / step, "accuracy/test": 0.5 + step / 1000})
-    assert len(read_records(events.path)) == 4  # the file version, then one event per step
+    assert len(read_records(events.path)) == 5  # the file version, a SessionLog START, then one event per step
     assert read_records(events.path)[0].endswith(b"brain.Event:2")
     read = scalars(tmp_path / "run")
     assert [s for s, _ in read["loss/train"]] == [1, 2, 300]
     np.testing.assert_allclose([v for _, v in read["loss/train"]], [1, 0.5, 1 / 300], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in read["accuracy/test"]], [0.501, 0.502, 0.8], rtol=1e-6)
+
+
+def test_a_resumed_runs_redone_epochs_replace_the_interrupted_ones(tmp_path):
+    """A run stopped after epoch 3, resumed from epoch 2's checkpoint, logs epoch 3 again: TensorBoard drew both
+    (steps 1, 2, 3, 3, 4; a sweep, which redoes its program, every step twice) until the new file said where the
+    session starts."""
+    interrupted = tensorboard.EventsFile(tmp_path / "run")
+    for step in (1, 2, 3):
+        interrupted.scalars(step, {"loss/train": float(step)})
+    resumed = tensorboard.EventsFile(tmp_path / "run", first_step=3)
+    for step in (3, 4):
+        resumed.scalars(step, {"loss/train": 10.0 * step})
+    assert scalars(tmp_path / "run")["loss/train"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    multiplexer = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_multiplexer")
+    web = multiplexer.EventMultiplexer({"run": str(tmp_path / "run")})  # what the web app reads
+    web.Reload()
+    assert [(e.step, e.tensor_proto.float_val[0]) for e in web.Tensors("run", "loss/train")] == \
+        [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 def test_a_run_writes_each_seeds_curves_and_a_resumed_run_goes_on(mnist_sample, tmp_path):
