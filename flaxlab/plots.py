@@ -295,12 +295,20 @@ def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
     return path
 
 
-def _show(ax, image, title=None, mask=None):
+def _show(ax, image, title=None, mask=None, value_range=None):
+    """`value_range` (low, high) pins a grey image's black and white: a mask all foreground is white, not black
+    (imshow scales a constant image's one value to black)."""
     image = np.asarray(image)
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
-    if mask is not None:  # foreground in translucent red
+    low, high = value_range or (None, None)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+              vmin=low, vmax=high)
+    if mask is not None:  # foreground in translucent yellow (autumn's top; red is lost on H&E's pinks)
         ax.imshow(np.ma.masked_where(np.asarray(mask) == 0, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
-    ax.axis("off")
+    if value_range:  # a frame, so that a white mask is not lost on the white page
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)
 
@@ -313,10 +321,10 @@ def segmentation_extremes(images, masks, predictions, scores, path, title, count
     fig, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.5 * len(picks)), squeeze=False)
     for row, (kind, i) in zip(axes, picks):
         _show(row[0], images[i], f"{kind}: test image {name(i)}")
-        _show(row[1], masks[i][..., None] * 255, "ground truth")
-        _show(row[2], predictions[i][..., None] * 255, f"prediction, {label} {scores[i]:.3f}")
+        _show(row[1], masks[i][..., None], "ground truth", value_range=(0, 1))
+        _show(row[2], predictions[i][..., None], f"prediction, {label} {scores[i]:.3f}", value_range=(0, 1))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.15 / fig.get_figheight()))  # tight_layout alone let it touch row 1
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
