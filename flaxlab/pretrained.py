@@ -12,6 +12,7 @@ torchvision's (`weights=None`), so a from-scratch run starts where the reports' 
 """
 import os
 import pickle
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -245,11 +246,17 @@ def read_state_dict(path):
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch's own errors: its unpickler's, a zip reader's, a bare KeyError
                 raise DataError(f"cannot read weights from {path}: {_torch_load_failure(e)}") from None
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            for wrapper in ("state_dict", "model_state_dict", "model"):  # a training script's checkpoint
+                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
             if not isinstance(state, dict):
                 raise DataError(f"cannot read weights from {path}: it holds a {type(state).__name__}, not a "
                                 f"state dict (names to tensors)")
-            return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
+            if state and all(k.startswith("module.") for k in state):  # saved from nn.DataParallel
+                state = {k[len("module."):]: v for k, v in state.items()}
+            # bfloat16 has no numpy dtype (a TypeError's traceback): every float tensor as float32
+            return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()
+                    if hasattr(v, "numpy")}
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as e:
         why = str(e).splitlines()[0][:200]
         if "allow_pickle" in why:  # numpy's advice (allow_pickle=True) neither
@@ -261,7 +268,7 @@ def read_state_dict(path):
 def fetch_weights(arch, weights=""):
     """The weights file: `weights` when given, else torchvision's published file, downloaded into the cache once."""
     if weights:
-        return Path(weights)
+        return Path(weights).expanduser()
     url = WEIGHT_URLS[arch]
     target = cache_dir() / "weights" / url.rsplit("/", 1)[1]
     if target.is_file():
@@ -290,15 +297,27 @@ def merge_pretrained(variables, pretrained, arch):
     fresh init when the class count differs. Raises when anything else does not fit."""
     head = HEADS[arch]
 
+    def names(keys, path):
+        keys = sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])  # 2 < 10
+        return ", ".join("/".join(path + (k,)) for k in keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6
+                                                                     else "")
+
     def merge(fresh, loaded, path=()):
         if not isinstance(fresh, dict):
-            if fresh.shape != loaded.shape:
+            if not hasattr(loaded, "shape") or fresh.shape != loaded.shape:
                 if path[0] == head:
                     return fresh
-                raise DataError(f"pretrained {'/'.join(path)} has shape {loaded.shape}, the model {fresh.shape}")
+                shape = loaded.shape if hasattr(loaded, "shape") else "of its own (a module's tensors)"
+                raise DataError(f"pretrained {'/'.join(path)} has shape {shape}, the model {fresh.shape}")
             return loaded.astype(fresh.dtype)
-        missing = set(fresh) - set(loaded)
-        if missing:
-            raise DataError(f"the {arch} weights lack {', '.join('/'.join(path + (m,)) for m in sorted(missing))}")
+        if not isinstance(loaded, dict):  # a 3-D 'weight', stored as a batch norm's scale
+            raise DataError(f"pretrained {'/'.join(path)} is one tensor of shape {loaded.shape}, where the model "
+                            f"has {names(fresh, path)}")
+        missing, extra = set(fresh) - set(loaded), set(loaded) - set(fresh)
+        if missing or extra:  # extra: ResNet-34's blocks beyond ResNet-18's went unused, unsaid
+            raise DataError(f"the {arch} weights " + "; ".join(
+                ([f"lack {names(missing, path)}"] if missing else [])
+                + ([f"hold {names(extra, path)}, which {arch} has not"] if extra else []))
+                + ": a file of another network?")
         return {k: merge(v, loaded[k], path + (k,)) for k, v in fresh.items()}
     return {collection: merge(dict(tree), pretrained.get(collection, {})) for collection, tree in variables.items()}

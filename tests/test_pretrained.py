@@ -133,6 +133,31 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
         pretrained.read_state_dict(tmp_path / "junk.pth")
 
 
+def test_weights_files_of_another_network_are_refused_and_wrapped_ones_read(tmp_path, monkeypatch):
+    """A ResNet-34's file filled a ResNet-18 and its extra blocks went unused, unsaid; a bfloat16 file was a
+    TypeError's traceback; a DataParallel or training-script checkpoint, a list of every module as missing."""
+    torch.manual_seed(0)
+    state = torch_models.ResNet18(1000).state_dict()
+    model = pretrained.ResNet18(10, input_size=0)
+    fresh = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+
+    def merged(saved):
+        torch.save(saved, tmp_path / "w.pth")
+        return pretrained.merge_pretrained(fresh, pretrained.pretrained_variables("resnet18", tmp_path / "w.pth"),
+                                           "resnet18")
+    deeper = {**state, **{k.replace("layer1.1.", "layer1.2."): v for k, v in state.items() if "layer1.1." in k}}
+    with pytest.raises(DataError, match="the resnet18 weights hold layer1_2, which resnet18 has not: a file of "
+                                        "another network"):
+        merged(deeper)
+    expected = merged(state)
+    wrapped = {"epoch": 3, "model": {f"module.{k}": v for k, v in state.items()}}
+    jax.tree.map(np.testing.assert_array_equal, merged(wrapped), expected)
+    half = merged({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()})
+    np.testing.assert_allclose(half["params"]["conv1"]["kernel"], expected["params"]["conv1"]["kernel"], rtol=1e-2)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pretrained.fetch_weights("resnet18", "~/w.pth") == tmp_path / "w.pth"
+
+
 @pytest.mark.parametrize("name", ["tdt4265_resnet18", "ai604_vgg19_transfer"])  # a run, a sweep
 def test_missing_weights_write_no_run_folder(tmp_path, monkeypatch, name):
     """A sweep read its weights file once its folder held config.json, which `runs` then listed as stopped."""
@@ -168,3 +193,8 @@ def test_fine_tuning_experiment_starts_from_the_weights_file(tmp_path):
     result = run_experiment(config, workdir=tmp_path / "run", dataset=dataset, progress=False, log=lambda *a: None)
     assert {"features.png", "features-last.png", "filters.png", "confusion.png"} <= {p.name for p in result.workdir.iterdir()}
     assert result.history["test_accuracy"][-1][0] > 0.1
+    # the trained run needs its checkpoint, not the file it started from (evaluate and predict read it again)
+    from flaxlab.runner import evaluate_checkpoint
+    (tmp_path / "r.pth").rename(tmp_path / "moved.pth")
+    scores = evaluate_checkpoint(tmp_path / "run", dataset=dataset, log=lambda *a: None)
+    assert scores["test"]["accuracy"] == pytest.approx(result.history["test_accuracy"][-1], abs=1e-6)
