@@ -211,6 +211,10 @@ def _check_options(name, config, variants, sweep):
         if sweep and why:
             raise UsageError(f"--{key}: {why}; set it on a single run of the variant you want (`run` of an "
                              f"experiment without variants, with the variant's options)")
+    if ("model.weights" in given and not config["model"].get("pretrained")
+            and not any(v.get("model.pretrained") for v in variants)):  # it trained from random weights, unsaid
+        raise UsageError("--model.weights: this run starts from random weights (--model.pretrained false), so it "
+                         "would not read them; leave one of the two out")
     if "data.test_fraction" in set(given).union(*variants) and config["data"]["name"] == "mnist":
         raise UsageError("--data.test_fraction: MNIST has its own test split, so nothing is held out of train as "
                          "test (--data.val_fraction holds out a validation split)")
@@ -227,12 +231,8 @@ def _split_cpu(config, variants):
 def _run(args, overrides):
     """`run` trains one experiment; an experiment that defines variants, or `sweep`, trains a sweep."""
     from flaxlab import sweep
-    from flaxlab.compare import differences
     from flaxlab.runner import run_experiment
-    experiment = _experiment(args.experiment)
-    config = _apply_overrides(experiment, overrides)
-    if changed := differences(config, experiment):  # results.md repeats the description, which told the defaults
-        config = {**config, "description": f"{config['description']} Changed here: {', '.join(changed)}."}
+    config = _apply_overrides(_experiment(args.experiment), overrides)
     variants = sweep.parse_grid(config, args.grid) if getattr(args, "grid", None) else list(config["sweep"])
     is_sweep = args.command == "sweep" or bool(variants)
     _check_options(args.experiment, config, variants, is_sweep)

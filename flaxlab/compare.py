@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from flaxlab import metrics, plots
-from flaxlab.config import check_sweep, flatten, with_field
+from flaxlab.config import check_sweep, differences, with_field
 from flaxlab.errors import UsageError
 from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
@@ -131,7 +131,9 @@ def _listing(folders, runs):
             differences(config, first)]
         common = [c for c in changes[0] if all(c in other for other in changes)]
         kind = f", a sweep of {len(mine)} variants" if config.get("sweep") else ""
-        lines.append(f"run {i}: {folder} ({config['name']}{kind}"
+        state = _state(folder, config, _read_json(Path(folder) / "history.json") or {}).split(";")[0]
+        unfinished = "" if state.startswith("finished") else f"; unfinished, {state}: scores of its last epoch"
+        lines.append(f"run {i}: {folder} ({config['name']}{kind}{unfinished}"
                      + (f"; against run 1: {', '.join(common)})" if common else ")"))
         if config.get("sweep"):
             lines += [f"  - {run.label.split(': ', 1)[1]}: {', '.join(c for c in own if c not in common)}"
@@ -145,17 +147,6 @@ def _labels(runs):
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
     return [run.label if counts[run.label] == 1 else f"{run.label} ({run.folder})" for run in runs]
-
-
-def differences(config, reference):
-    """'field old -> new' for each option in which `config` differs from `reference` (names and sweeps aside)."""
-    flat, base = (flatten(json.loads(json.dumps(c))) for c in (config, reference))  # a tuple is its list
-    def show(value):
-        if isinstance(value, (list, tuple)):
-            return ",".join(map(str, value)) or "(empty)"
-        return repr(value) if value == "" else str(value)
-    return [f"{key} {show(base.get(key, '-'))} -> {show(flat.get(key, '-'))}" for key in sorted(set(flat) | set(base))
-            if key not in ("name", "description", "sweep") and flat.get(key) != base.get(key)]
 
 
 def check_out(out):

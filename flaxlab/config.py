@@ -5,6 +5,7 @@ the default, and every string field with a fixed set of values is checked agains
 one clear error before anything runs or is written.
 """
 import copy
+import json
 import math
 import numbers
 
@@ -155,6 +156,42 @@ def drop_unused(config, before, given=()):
     if config["model"].get("name") in MODELS:  # an unknown name is validate's to report
         config = {**config, "model": swap_network(config["model"], before["model"].get("name"), given)}
     return config
+
+
+# an experiment's name -> the function that gives its config (the `experiments` package registers its own)
+EXPERIMENT_DEFAULTS = {}
+
+
+def differences(config, reference):
+    """'field old -> new' for each option in which `config` differs from `reference` (names and sweeps aside)."""
+    flat, base = (flatten(json.loads(json.dumps(c))) for c in (config, reference))  # a tuple is its list
+
+    def show(value):
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value)) or "(empty)"
+        return repr(value) if value == "" else str(value)
+    keys = [key for key in sorted(set(flat) | set(base))
+            if key not in ("name", "description", "sweep") and flat.get(key) != base.get(key)]
+    out = [f"{key} {show(base.get(key, '-'))} -> {show(flat.get(key, '-'))}" for key in keys]
+    if "model.name" in keys:  # another network: its options, not each of the old one's as gone
+        options = ", ".join(f"{key[6:]}={show(value)}" for key, value in flat.items()
+                            if key.startswith("model.") and key != "model.name")
+        out = [line for line, key in zip(out, keys) if not key.startswith("model.")] + [
+            f"model.name {show(base.get('model.name', '-'))} -> {show(flat['model.name'])}"
+            + (f" ({options})" if options else "")]
+    return sorted(out)
+
+
+def note_changes(config):
+    """The config with its description ending in 'Changed here: ...', the fields in which it differs from its
+    experiment's: results.md repeats the description, which told the defaults (a run from Python, 3 epochs of
+    one's own network, was described as the report's 20 epochs of its CNN)."""
+    make = EXPERIMENT_DEFAULTS.get(config.get("name"))
+    if make is None or not isinstance(config.get("description"), str):
+        return config
+    description = config["description"].split(" Changed here: ")[0]  # a config.json read back: noted afresh
+    changed = differences(config, make())
+    return {**config, "description": description + (f" Changed here: {', '.join(changed)}." if changed else "")}
 
 
 def changed_fields(before, after):

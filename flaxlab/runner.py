@@ -88,7 +88,11 @@ def _output_shape(model, image_shape):
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     init = lambda x: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(1)},  # noqa: E731
                                            x, train=False)[0]
-    return jax.eval_shape(init, x).shape
+    out = jax.eval_shape(init, x)
+    if not isinstance(out, jax.ShapeDtypeStruct):  # (logits, features): an AttributeError in the train step
+        raise UsageError(f"{type(model).__name__} returns a {type(out).__name__}, not one array of scores: "
+                         "return the logits alone")
+    return out.shape
 
 
 def _sizes_that_fit(model, image_shape):
@@ -148,10 +152,17 @@ def check_input(config, model, dataset):
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
     except _SHAPE_ERRORS as e:
+        if "must be passed to the constructor or at call time" in str(e):  # not the images' size at all
+            raise UsageError(f"{config['model']['name']}: {str(e).split(' to the constructor')[0]}: set it from "
+                             "`train`, e.g. nn.Dropout(rate, deterministic=not train), "
+                             "nn.BatchNorm(use_running_average=not train)") from None
         why = shape_error_gist(e)
         problem = f"cannot take {size} images: {why}"
         taken = smallest_sides_that_fit(model, image_shape)  # what it puts out, at a size it takes
         out = _output_shape(model, (*taken, *image_shape[2:])) if taken else None
+    if out is not None and len(out) not in (2, 4):  # (N, 1, classes): an axis error inside the loss
+        raise UsageError(f"{config['model']['name']} puts out scores of shape (N, {', '.join(map(str, out[1:]))}): "
+                         "a classification network's are (N, classes), a segmentation network's (N, H, W, classes)")
     if out is not None and dataset.is_segmentation != (len(out) == 4):  # said first: no --data.size fixes it
         task = "segmentation" if dataset.is_segmentation else "classification"
         raise UsageError(f"{config['model']['name']} puts out {'a mask' if len(out) == 4 else 'a label'} per "
@@ -225,6 +236,13 @@ def set_up(config, dataset, variants=({},), weights=None):
         train_data = parallel.shard_training_set(dataset.train, mesh, config["seed"])
     return Setup(model, trainer, states, keys[:, 1], train_data, place(dataset.test),
                  place(dataset.val) if dataset.val else None)
+
+
+def restored_from_checkpoint(config):
+    """The config to set up states that a checkpoint then replaces: no ImageNet weights read (a finished run's
+    `predict`, `evaluate`, `figures` and `--resume` wanted the weights file it started from, or a download)."""
+    return {**config, "model": {**config["model"], "pretrained": False}} if config["model"].get("pretrained") \
+        else config
 
 
 def pretrained_weights(config, read=None):
@@ -669,6 +687,10 @@ def check_resumable(config, workdir):
         options = ", ".join("--grid" if k == "sweep" else f"--{k}" for k in differ[:5])  # a sweep's variants
         raise UsageError(f"--resume: {workdir} was run with other settings ({options}); resume with the same options")
     kept = kept_epochs(Path(workdir) / CHECKPOINT_DIR)  # a run's, whose latest --resume goes on from
+    if not config.get("sweep") and not kept:  # said before its data are loaded and its program compiled
+        raise UsageError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}: a run keeps one when it ends, and with "
+                         "--checkpoint_every N one every N epochs; this one stopped before it kept any, so there is "
+                         "nothing to go on from: train it again, without --resume")
     if not config.get("sweep") and kept and kept[-1] > config["epochs"]:  # the results would say N of M < N epochs
         raise UsageError(f"--resume: {workdir} has run {kept[-1]} epochs already; --epochs {config['epochs']} would "
                          f"not continue it: give --epochs {kept[-1]} or more")
@@ -723,7 +745,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     table and warnings, what a --quiet run still prints; `progress=False` drops the per-epoch lines and the
     step bar (--quiet), `log=lambda *a: None` everything but `report`'s.
     """
-    config_lib.validate(config)
+    config = config_lib.note_changes(config_lib.validate(config))
     check_workdir(workdir)
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(config, workdir))
@@ -731,12 +753,12 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     def checked():  # what each process reads for itself, and bad input refused before any device work
         loaded = load_dataset(config, data_dir, dataset)  # the network checked against its images too
         model = make_model(config["model"], loaded.num_classes)
-        return loaded, check_views(config, model, loaded), pretrained_weights(config)
+        return loaded, check_views(config, model, loaded), None if resume else pretrained_weights(config)
     dataset, (convs, feature_layer), weights = parallel.in_every_process(
         checked, config, fingerprint=lambda done: done[0].checksum())
     if resume:
         parallel.from_process_0(lambda: _check_resumed_data(workdir, dataset))
-    s = set_up(config, dataset, weights=weights)
+    s = set_up(restored_from_checkpoint(config) if resume else config, dataset, weights=weights)
     trainer = s.trainer
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
     info = {"experiment": config["name"],
@@ -896,7 +918,7 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
         show = lambda shape, classes: f"{'x'.join(map(str, shape))} images of {classes} classes"  # noqa: E731
         raise UsageError(f"{workdir} trained on {recorded['source']}, {show(*trained)}, and the data given is "
                          f"{show(*given)} ({dataset.source})")
-    s = set_up(config, dataset)
+    s = set_up(restored_from_checkpoint(config), dataset)
     checkpoints = Checkpoints(workdir, every=0)
     try:
         states, best, progress = checkpoints.restore(s.states, with_best=bool(config["best_metric"]))

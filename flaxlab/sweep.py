@@ -245,12 +245,16 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     training keeps a checkpoint every N epochs (removed when it ends); `resume` goes on in `workdir` after
     the programs it finished, the interrupted one from its last checkpoint (or first epoch).
     """
-    config_lib.validate(config)
+    config = config_lib.note_changes(config_lib.validate(config))
     report = report or log
     check_workdir(workdir)
     if variants is not None:  # {"optimizer.lr": [0.1, 0.2]} from Python: an AttributeError
         config_lib.check_sweep({"sweep": variants})
     variants = list(config.get("sweep") or ()) if variants is None else list(variants)
+    for key in {key for v in variants for key in v if key != "label"}:  # from Python: --grid refuses these
+        why = NOT_SWEPT.get(key) or NOT_SWEPT.get(key.split(".")[0])
+        if why:  # {"seeds": 2} was ignored, then an IndexError once the first epoch ended
+            raise UsageError(f"a sweep cannot vary {key}: {why}")
     programs = plan(config, variants)
     # every field each variant sets (a program's variants differ only in STACKABLE ones; the rest is the program's)
     saved_config = {**config, "sweep": [dict(v, label=variant_label(v)) for v in variants]}

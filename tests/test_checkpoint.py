@@ -140,6 +140,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert sorted(p.name for p in (tmp_path / "once" / "checkpoints").iterdir()) == ["1"]
     shutil.rmtree(tmp_path / "once" / "checkpoints")
     assert "no checkpoint in" in error(*once, "--resume")
+    assert cli(*once, "--resume", cwd=tmp_path).communicate(timeout=300)[0] == ""  # before the data and the program
     assert "other settings (--optimizer.lr)" in error(*once, "--resume", "--optimizer.lr", "0.1")
     assert "once is a single run's folder, and this is a sweep" in error("sweep", "mnist_cnn", "--grid", "dropout=0,0.1",
                                                                           "--resume", "--workdir", "once")

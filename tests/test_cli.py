@@ -84,6 +84,8 @@ def cli(*args, cwd):
      "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
     (["run", "gtsrb_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov is for --optimizer.name sgd"),
     (["run", "mnist_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov needs --optimizer.momentum above 0"),
+    (["run", "ai604_vgg19_scratch", "--model.weights", "w.pth"],  # trained from random weights, the file unread
+     "--model.weights: this run starts from random weights (--model.pretrained false), so it would not read them"),
     (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
      "--model.name lenet5_bn: lenet5_bn takes no --model.features"),
     (["summary", "gtsrb_cnn", "--input-shape", "28x28"], "bad --input-shape"),

@@ -62,6 +62,20 @@ def test_runs_and_a_sweeps_variants_side_by_side(folders, tmp_path):
     assert "| cnn: lr=0.3 | 2 |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_an_unfinished_run_is_said_to_be_scored_at_its_last_epoch(folders, tmp_path):
+    """A run stopped after 1 of 2 epochs was ranked by that epoch's scores as if it had finished."""
+    import shutil
+    shutil.copytree(folders / "plain", tmp_path / "stopped")
+    recorded = json.loads((tmp_path / "stopped" / "history.json").read_text())
+    del recorded["info"]["train_s"]  # written when a run ends
+    recorded["history"] = {key: values[:1] for key, values in recorded["history"].items()}
+    (tmp_path / "stopped" / "history.json").write_text(json.dumps(recorded))
+    lines = []
+    compare_runs([folders / "plain", tmp_path / "stopped"], tmp_path / "out", log=lines.append)
+    assert f"run 1: {folders / 'plain'} (cnn)\nrun 2: {tmp_path / 'stopped'} (cnn; unfinished, stopped: scores of " \
+           "its last epoch)\n" in lines[-1]
+
+
 def test_runs_scored_at_another_size_are_noted_as_tested_on_different_data(folders, tmp_path):
     """The same test files at another --data.size (Dice on downsampled masks) went unnoted."""
     import shutil
@@ -236,3 +250,6 @@ def test_differences_name_only_changed_options():
     experiment = EXPERIMENTS["mnist_cnn"]()
     config = {**experiment, "epochs": 3, "model": {**experiment["model"], "features": [8, 16, 32]}}
     assert compare.differences(config, experiment) == ["epochs 20 -> 3"]
+    # another network is one entry with its options, not every option of the old one as gone
+    mlp = {**experiment, "model": {"name": "mlp", "hidden": [64]}}
+    assert compare.differences(mlp, experiment) == ["model.name small_cnn -> mlp (hidden=64)"]

@@ -1,5 +1,6 @@
 """The README's Python example (a notebook's use: a network of one's own, a run, a sweep) runs as written."""
 import contextlib
+import functools
 import io
 import re
 
@@ -26,6 +27,9 @@ def test_the_readme_python_example_trains_its_own_network(tmp_path, monkeypatch)
     assert result.info["learnable_weights"] == 16 * 9 + 16 + 16 * 14 * 14 * 10 + 10  # the module the user wrote
     assert [row["variant"] for row in swept.rows] == ["lr=0.05", "lr=0.2"]
     assert (tmp_path / "runs/tiny/results.md").is_file() and (tmp_path / "runs/tiny-lr/results.md").is_file()
+    # results.md says what was changed, as after the command line's options (it told mnist_cnn's defaults alone)
+    assert "(report: 99%). Changed here: epochs 20 -> 3, model.name small_cnn -> tiny_cnn (width=16).\n" in \
+        (tmp_path / "runs/tiny/results.md").read_text()
     assert "final test accuracy" in out.getvalue()
     # and, with the module registered, the run's checkpoint serves predict in the same session
     lines = []
@@ -126,13 +130,27 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
         def __call__(self, x):
             return nn.Dense(self.num_classes)(x.reshape(len(x), -1))
 
+    class Extra(nn.Module):  # (N, 1, classes); (logits, features); a Dropout not told `train`
+        num_classes: int
+        out: str
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            logits = nn.Dense(self.num_classes)(nn.Dropout(0.5)(x) if self.out == "dropout" else x).mean((1, 2))
+            return {"axis": logits[:, None, :], "tuple": (logits, x), "dropout": logits}[self.out]
+
     registered = dict(models.MODELS)
     try:
-        models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain)
+        models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain,
+                             **{out: functools.partial(Extra, out=out) for out in ("axis", "tuple", "dropout")})
         config = with_field(EXPERIMENTS["mnist_cnn"](), "epochs", 1)
         for name, message in (("five", "five puts out 5 scores per image, and mnist has 10 classes"),
                               ("no_classes", "no_classes has no num_classes field"),
-                              ("no_train", "no_train.__call__ takes no `train` argument")):
+                              ("no_train", "no_train.__call__ takes no `train` argument"),
+                              ("axis", "axis puts out scores of shape (N, 1, 10): a classification network's are "
+                                       "(N, classes)"),
+                              ("tuple", "Extra returns a tuple, not one array of scores: return the logits alone"),
+                              ("dropout", 'dropout: Parameter "deterministic" must be passed: set it from `train`')):
             with pytest.raises(UsageError, match=re.escape(message)):
                 runner.run_experiment(with_field(config, "model", {"name": name}), workdir=tmp_path / "bad")
     finally:
@@ -148,6 +166,9 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
         data.Dataset("mine", "my arrays", flipped, flipped.take([]), 10)
     with pytest.raises(UsageError, match="the sweep must be a list of variants"):
         run_sweep(config, {"optimizer.lr": [0.1, 0.2]}, workdir=tmp_path / "bad")
+    for key in ("seeds", "checkpoint_every"):  # as --grid refuses them (seeds: an IndexError after an epoch)
+        with pytest.raises(UsageError, match=f"a sweep cannot vary {key}: "):
+            run_sweep(config, [{key: 1}, {key: 2}], workdir=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
     mine = data.Dataset("inverted", "my inverted digits", flipped, flipped, 10)
