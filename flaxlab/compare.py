@@ -209,7 +209,8 @@ def compare_runs(folders, out=None, log=print):
     (out / "results.csv").write_text(csv_text(rows))
     (out / "trials.csv").write_text(csv_text(trials))
     data = runs[0].data
-    on = "" if note else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)"
+    on = (" (tested on different data)" if note  # a slide of the figure alone would not say so
+          else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)")
     curves = f" ({len(histories)} curves)" if len(histories) > len(folders) else ""  # a sweep's variants
     plots.sweep_comparison(histories, out / "comparison.png", f"{len(folders)} runs{curves}{on}: test {score}, "
                            "train loss", legend="run",

@@ -184,8 +184,10 @@ def trial_table(rows):
             cells.append(fmt(r[f"final_test_{score}"]))
             lines.append("| " + " | ".join(cells) + " |")
         values = np.array([r[key] for r in mine])
-        std = values.std(ddof=1) if len(values) > 1 else 0.0
-        summary = f"**{fmt(values.mean()).rstrip('%')} ± {fmt(std)}**"
+        if len(values) > 1:
+            summary = f"**{fmt(values.mean()).rstrip('%')} ± {fmt(values.std(ddof=1))}**"
+        else:  # one trial has no sample std (± 0 read as a spread measured to be none)
+            summary = f"**{fmt(values.mean())}** (one trial: no std)"
         cells = [label, "mean ± std", ""] + (["", "", summary] if selecting else [])
         if per_image:
             cells += [fmt(np.mean([r["test_images_std"] for r in mine])), fmt(min(r["test_images_min"] for r in mine))]

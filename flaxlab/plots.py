@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from flaxlab.metrics import at_selected  # noqa: E402
 
@@ -28,6 +28,11 @@ def _log_scale(ax):
     values = [np.asarray(line.get_ydata(), np.float64) for line in ax.get_lines()]
     if any((np.isfinite(v) & (v > 0)).any() for v in values):
         ax.set_yscale("log")
+        shown = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values])
+        plain = FuncFormatter(lambda value, _: f"{value:.3g}")  # 0.725, not 7.25x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        # within a decade the ticks labelled are minor ones; across decades those would crowd the axis
+        ax.yaxis.set_minor_formatter(plain if shown.max() < 10 * shown.min() else NullFormatter())
     else:
         ax.text(0.5, 0.5, "not finite: training diverged", transform=ax.transAxes, ha="center", va="center")
 
@@ -49,6 +54,8 @@ def learning_curves(history, path, title, selected_epochs=None):
     epochs = history["epoch"]
     n = np.asarray(history["test_loss"]).shape[1]
     panels = ("loss", "accuracy") + (("dice",) if "test_dice" in history else ())
+    # a segmentation's accuracy is of pixels; its Dice is the per-image F1 (the JSRT report's name, GlaS's DSC)
+    names = {"accuracy": "pixel accuracy", "dice": "Dice (F1)"} if "test_dice" in history else {}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     loss_ax, acc_ax = axes[:2]
     for ax, metric in zip(axes, panels):
@@ -58,13 +65,13 @@ def learning_curves(history, path, title, selected_epochs=None):
         for i, epoch in enumerate(sorted(set(selected_epochs or ()))):
             ax.axvline(epoch, color="grey", linestyle=":", label="selected epoch" if i == 0 else None)
         _epoch_axis(ax, epochs)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(names.get(metric, metric))
         ax.grid(alpha=0.3)
         ax.legend()
     _log_scale(loss_ax)
-    titles = [("test accuracy", "test_accuracy", lambda v: f"{100 * v:.2f}%")]
+    titles = [(f"test {names.get('accuracy', 'accuracy')}", "test_accuracy", lambda v: f"{100 * v:.2f}%")]
     if "test_dice" in history:
-        titles.append(("test Dice (per-image mean)", "test_dice", lambda v: f"{v:.4f}"))
+        titles.append(("test Dice = F1 (per-image mean)", "test_dice", lambda v: f"{v:.4f}"))
     for ax, (name, key, show) in zip(axes[1:], titles):
         text = f"final {name} {show(np.mean(history[key][-1]))}"
         if selected_epochs:

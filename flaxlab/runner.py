@@ -621,7 +621,8 @@ def write_views(workdir, config, model, states, dataset, convs, layer, features_
     if np.ndim(label):  # a segmentation mask
         shown = f"test image {dataset.test.name(index)}"
     else:
-        shown = f"test image {index} ({dataset.class_names[label] if dataset.class_names else f'label {label}'})"
+        name = dataset.class_names[label] if dataset.class_names else "label\u00a0" + str(label)  # kept on one line
+        shown = f"test image {index} ({name})"
     maps = inspect_model.layer_output(model, first.variables(), image, layer)
     if maps.ndim == 3:
         plots.feature_maps_figure(image, maps, workdir / features_name, f"{who}: {layer} on {shown}")

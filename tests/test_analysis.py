@@ -170,3 +170,13 @@ def test_one_seed_shows_its_values_without_a_spread():
     table = metrics.markdown_table(stats)
     assert table.startswith("| metric (1 seed) | value |\n|---|---|\n") and "| final test accuracy | 88.40% |" in table
     assert "std" not in table and "| 0.00%" not in table
+
+
+def test_a_trial_table_of_one_trial_gives_no_spread():
+    """One trial's '± 0.0000' read as a spread measured to be none; its sample std is undefined."""
+    history = {"epoch": [1, 2], "test_loss": [[1.0], [0.5]], "test_accuracy": [[0.5], [0.8125]],
+               "train_loss": [[1.0], [0.6]], "train_accuracy": [[0.4], [0.7]]}
+    table = metrics.trial_table(metrics.trial_rows("base", history, 0))
+    assert table.endswith("| base | mean ± std |  | **81.25%** (one trial: no std) |")
+    two = {k: [v * 2 for v in values] if k != "epoch" else values for k, values in history.items()}
+    assert "**81.25 ± 0.00%**" in metrics.trial_table(metrics.trial_rows("base", two, 0))

@@ -234,6 +234,7 @@ def test_a_scheduled_run_resumes_only_with_its_own_epochs(tmp_path):
     config = EXPERIMENTS["glas_fcn"]()
     config["optimizer"] = {**config["optimizer"], "schedule": "cosine"}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # epoch 1's (without one, --resume has nothing to go on from)
     check_resumable(config, tmp_path)
     with pytest.raises(UsageError, match="other settings \\(--epochs\\)"):
         check_resumable({**config, "epochs": config["epochs"] + 10}, tmp_path)
