@@ -29,10 +29,12 @@ def _log_scale(ax):
     if any((np.isfinite(v) & (v > 0)).any() for v in values):
         ax.set_yscale("log")
         shown = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values])
-        plain = FuncFormatter(lambda value, _: f"{value:.3g}")  # 0.725, not 7.25x10^-1
+        low, high = shown.min(), shown.max()  # digits enough to tell ticks 0.6935 and 0.694 apart
+        digits = 3 if high >= 2 * low else max(3, int(np.ceil(np.log10(high / max(high - low, 1e-12 * high)))) + 2)
+        plain = FuncFormatter(lambda value, _: f"{value:.{digits}g}")  # 0.725, not 7.25x10^-1
         ax.yaxis.set_major_formatter(plain)
         # within a decade the ticks labelled are minor ones; across decades those would crowd the axis
-        ax.yaxis.set_minor_formatter(plain if shown.max() < 10 * shown.min() else NullFormatter())
+        ax.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
     else:
         ax.text(0.5, 0.5, "not finite: training diverged", transform=ax.transAxes, ha="center", va="center")
 

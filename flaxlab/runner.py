@@ -652,7 +652,9 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
         + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
         + "\n"
-        f"- {info['backend']} ({info['device']}), jax {info['jax']}: compile {info['compile_s']} s, "
+        f"- {info['backend']} ({info['device']}"
+        + (f" x {info['devices']} devices, {info['parallel']} parallel" if (info.get("devices") or 1) > 1 else "")
+        + f"), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n"
         + (f"- **{note}**\n" if (note := metrics.divergence_note(history, config["optimizer"]["name"])) else "")
         + f"\n{table}\n{trials}{analysis_md}")
@@ -719,6 +721,21 @@ def _check_resumed_data(workdir, dataset):
         raise UsageError(f"--resume: {workdir} was {why}")
 
 
+def resumed_devices_warning(workdir, trainer):
+    """A data-parallel run resumed on another device count goes on with other batches (each device permutes its
+    own shard of the training set): not the interrupted run continued, as --devices N would be refused."""
+    try:
+        info = json.loads((Path(workdir) / "history.json").read_text())["info"]
+        shards = 1 if info.get("parallel") == "seeds" else int(info.get("devices") or 1)  # parts of each batch
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if shards == trainer.shards:
+        return None
+    return (f"{workdir} split its batches over {shards} device(s), and this launch over {trainer.shards}: each "
+            "device draws its part from its own shard of the training set, so from here on the batches hold other "
+            "examples than the uninterrupted run's (give it the devices it had: JAX_NUM_CPU_DEVICES, XLA_FLAGS)")
+
+
 def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints, every):
     """The line a Ctrl-C ends a run with: what its folder holds, and how (or whether) it can go on. `every`:
     the run's --checkpoint_every."""
@@ -780,6 +797,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
     if warning := flip_warning(config):
+        (report or log)(f"warning: {warning}")
+    if resume and (warning := parallel.from_process_0(lambda: resumed_devices_warning(workdir, trainer))):
         (report or log)(f"warning: {warning}")
 
     workdir = folder_of_this_process(Path(workdir) if workdir else default_workdir(config["name"]), config["name"])

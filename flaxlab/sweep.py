@@ -24,7 +24,7 @@ from flaxlab.errors import UsageError
 from flaxlab.runner import (check_resumable, check_workdir, data_differs, default_workdir, fit, flip_warning,
                             folder_of_this_process, load_dataset, make_workdir, marked_as_training, pretrained_weights,
                             remove_earlier_run, remove_if_temporary, set_up, write_json)
-from flaxlab.train import STACKABLE
+from flaxlab.train import STACKABLE, check_split
 
 
 # fields a grid cannot vary, and why (a grid over any of them trained the same models under other names)
@@ -256,6 +256,10 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         if why:  # {"seeds": 2} was ignored, then an IndexError once the first epoch ended
             raise UsageError(f"a sweep cannot vary {key}: {why}")
     programs = plan(config, variants)
+    for program in programs:  # the devices split each program's models or batches; said before any trains
+        check_split(parallel.num_shards(parallel.make_mesh(program.config.get("devices", 0))),
+                    program.config.get("parallel", "data"), len(program.variants) * program.config["seeds"],
+                    program.config["batch_size"], variants=len(program.variants))
     # every field each variant sets (a program's variants differ only in STACKABLE ones; the rest is the program's)
     saved_config = {**config, "sweep": [dict(v, label=variant_label(v)) for v in variants]}
     if resume:  # in a multi-host run, process 0 holds the folder
@@ -346,6 +350,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
             program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
                                  "data": data.describe(), "model_axis": s.trainer.model_axis,
+                                 "devices": s.trainer.devices, "parallel": program.config.get("parallel", "data"),
                                  "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
                                  "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
             rows += [variant_row(label, index, histories[label], trials) for label in labels]
@@ -366,8 +371,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         (workdir / "trials.csv").write_text(csv_text(trials))
         optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
         programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
-                                f"({p['model_axis']}), compile {p['compile_s']} s, train {p['train_s']} s "
-                                f"({p['epochs_run']} epochs, {p['images_per_s']} images/s)"
+                                f"({p['model_axis']}"
+                                + (f", {p['devices']} devices, {p.get('parallel', 'data')} parallel"
+                                   if p.get("devices", 1) > 1 else "")
+                                + f"), compile {p['compile_s']} s, train {p['train_s']} s "
+                                f"({p['epochs_run']} epoch{'s' * (p['epochs_run'] != 1)}, {p['images_per_s']} images/s)"
                                 + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
                                    f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
                                    f"{p['data']['test_examples']:,} test" if several else "")

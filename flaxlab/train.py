@@ -358,6 +358,19 @@ def steps_per_epoch(num_examples, batch_size, drop_last=True):
 STACKABLE = {"optimizer.lr": "optimizer", "optimizer.weight_decay": "optimizer", "l1": "l1", "model.dropout": "dropout"}
 
 
+def check_split(devices, parallel_mode, num_models, batch_size, variants=1):
+    """Refuses models (`--parallel seeds`) or a batch that `devices` cannot split evenly; a sweep asks it of each
+    program before any trains (its second program's batch was refused after the first had trained)."""
+    if devices > 1 and parallel_mode == "seeds":
+        if num_models % devices:
+            count = "--seeds times the variants" if variants > 1 else "--seeds"
+            raise UsageError(f"--parallel seeds: {num_models} model{'s' if num_models > 1 else ''} do not split over "
+                             f"{devices} devices; train a multiple of {devices} ({count})")
+    elif batch_size % devices:
+        raise UsageError(f"--batch-size {batch_size} does not split over {devices} devices: "
+                         f"use a multiple of {devices}")
+
+
 class Trainer:
     """Compiled functions for training `num_models` stacked models of one architecture.
 
@@ -381,16 +394,11 @@ class Trainer:
         self.mesh, self.devices = mesh, parallel.num_shards(mesh)
         self.models_sharded = mesh is not None and parallel_mode == "seeds"
         self.shards = 1 if self.models_sharded else self.devices  # parts of each batch
+        check_split(self.devices, parallel_mode, num_models, batch_size)
         if self.models_sharded:
-            if num_models % self.devices:
-                raise UsageError(f"--parallel seeds: {num_models} models do not split over {self.devices} devices; "
-                                 f"train a multiple of {self.devices} (--seeds)")
             if model_axis == "sequential":
                 raise UsageError("--parallel seeds vmaps the models on each device: use --model_axis auto or vmap")
             model_axis = "vmap"
-        if batch_size % self.shards:
-            raise UsageError(f"--batch-size {batch_size} does not split over {self.shards} devices: "
-                             f"use a multiple of {self.shards}")
         if compute_dtype not in parallel.COMPUTE_DTYPES:
             raise UsageError(f"unknown compute dtype '{compute_dtype}'; known: {', '.join(parallel.COMPUTE_DTYPES)}")
         self.compute_dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)

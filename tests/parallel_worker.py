@@ -106,6 +106,20 @@ def check_seeds_split_over_devices():
         raise AssertionError("3 models were split over 8 devices")
     except UsageError as e:
         assert "3 models do not split over 8 devices" in str(e), e
+    import tempfile
+    from flaxlab.sweep import run_sweep
+    with tempfile.TemporaryDirectory() as tmp:  # a sweep's programs, each refused before any trains
+        for fields, variants, message in (
+                ({"seeds": 1}, [{"model.dropout": 0.0}, {"model.dropout": 0.3}],
+                 "2 models do not split over 8 devices; train a multiple of 8 (--seeds times the variants)"),
+                ({"seeds": 1, "parallel": "data"}, [{"batch_size": 32}, {"batch_size": 30}],
+                 "--batch-size 30 does not split over 8 devices")):
+            try:
+                run_sweep({**config, **fields}, variants, workdir=Path(tmp) / "sweep", dataset=ds, log=lambda *a: None)
+                raise AssertionError(f"{variants} ran")
+            except UsageError as e:
+                assert message in str(e), e
+            assert not (Path(tmp) / "sweep").exists()
     return test
 
 

@@ -359,3 +359,15 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError, match="--top is for classification runs"):  # it went unused without a word
         runner.predict_images(tmp_path / "run", [tmp_path / "b"], top=2, out=tmp_path / "o", log=lambda *a: None)
+
+
+def test_a_data_parallel_run_resumed_on_other_devices_is_warned_of(tmp_path):
+    """A run on 4 devices resumed with JAX_NUM_CPU_DEVICES=1 went on with other batches, unsaid (--devices 1 is
+    refused as another setting): each device permutes its own shard of the training set."""
+    from types import SimpleNamespace
+    from flaxlab.runner import resumed_devices_warning
+    for info, shards, warned in (({"devices": 4, "parallel": "data"}, 1, True), ({"devices": 4, "parallel": "data"}, 4,
+                                 False), ({"devices": 4, "parallel": "seeds"}, 1, False), ({"devices": 1}, 2, True)):
+        (tmp_path / "history.json").write_text(json.dumps({"info": info}))
+        warning = resumed_devices_warning(tmp_path, SimpleNamespace(shards=shards))
+        assert bool(warning) == warned and (not warned or f"over {shards}: each device draws" in warning)

@@ -123,6 +123,16 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, command):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("setting", [{"JAX_NUM_CPU_DEVICES": "abc"}, {"JAX_NUM_CPU_DEVICES": "0"},
+                                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=two"}])
+def test_a_device_count_jax_cannot_use_is_one_line(tmp_path, setting):
+    """jax raised a ValueError's traceback when imported (XLA: 94 lines of its flags; on 0, it blamed a plugin)."""
+    out = subprocess.run([sys.executable, "-m", "experiments", "list"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **setting})
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.endswith("give a whole number of CPU devices, 1 or more\n")
+
+
 def test_another_network_drops_the_experiments_own_network_options(tmp_path):
     """`--model.name` swaps the network and keeps the rest of the experiment (data, optimizer, epochs);
     `--optimizer.name` likewise drops SGD's momentum."""

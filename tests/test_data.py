@@ -86,7 +86,7 @@ def test_idx_files_are_read_by_content_not_name(tmp_path):
     np.testing.assert_array_equal(again.labels, expected.labels)
     header = struct.pack(">BBBB", 0, 0, 0x0D, 3) + struct.pack(">III", 10, 28, 28)  # 0x0D: big-endian float32
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(header + np.zeros((10, 28, 28), ">f4").tobytes())
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz holds float32 values; MNIST's IDX files hold unsigned"):
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz holds float32 values; MNIST's IDX files hold"):
         data.load_mnist(source="files", data_dir=tmp_path)
 
 
