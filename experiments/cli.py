@@ -214,7 +214,7 @@ def _check_options(name, config, variants, sweep):
     if ("model.weights" in given and not config["model"].get("pretrained")
             and not any(v.get("model.pretrained") for v in variants)):  # it trained from random weights, unsaid
         raise UsageError("--model.weights: this run starts from random weights (--model.pretrained false), so it "
-                         "would not read them; leave one of the two out")
+                         "would not read them: give --model.pretrained true too, or leave --model.weights out")
     if "data.test_fraction" in set(given).union(*variants) and config["data"]["name"] == "mnist":
         raise UsageError("--data.test_fraction: MNIST has its own test split, so nothing is held out of train as "
                          "test (--data.val_fraction holds out a validation split)")
