@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -77,6 +78,8 @@ def parse_value(key, text, default):
             if not all(items):  # '8,,16' or ',': a typo, not a list of two or none
                 raise UsageError(f"bad value '{text}' for {key}: an empty item between commas")
             return tuple(scalar(t, like) for t in items)
+        if key == "model.weights" and text.startswith("~"):  # config.json keeps the file, not the HOME it meant
+            return os.path.expanduser(text)
         return scalar(text, default)
     except ValueError:
         kind = "comma-separated list" if isinstance(default, (tuple, list)) else type(default).__name__

@@ -84,14 +84,16 @@ def shape_error_gist(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]
 
 
-def _output_shape(model, image_shape):
+def _output_shape(model, image_shape, name=None):
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     init = lambda x: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(1)},  # noqa: E731
                                            x, train=False)[0]
     out = jax.eval_shape(init, x)
+    name = name or type(model).__name__
     if not isinstance(out, jax.ShapeDtypeStruct):  # (logits, features): an AttributeError in the train step
-        raise UsageError(f"{type(model).__name__} returns a {type(out).__name__}, not one array of scores: "
-                         "return the logits alone")
+        raise UsageError(f"{name} returns a {type(out).__name__}, not one array of scores: return the logits alone")
+    if not jnp.issubdtype(out.dtype, jnp.floating):  # a TypeError inside optax's loss
+        raise UsageError(f"{name} puts out {out.dtype} scores: return float logits")
     return out.shape
 
 
@@ -148,7 +150,7 @@ def check_input(config, model, dataset):
     size = "x".join(map(str, image_shape[:2]))
     taken = None  # the least sides the network takes, when it cannot take these
     try:
-        out = _output_shape(model, image_shape)
+        out = _output_shape(model, image_shape, config["model"]["name"])
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
     except _SHAPE_ERRORS as e:

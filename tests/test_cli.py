@@ -175,6 +175,9 @@ def test_show_applies_overrides_and_list_names_experiments(tmp_path):
     # and a swapped-in network's options, before or after --model.name (--hidden was an unknown option)
     shown = json.loads(cli("show", "mnist_cnn", "--hidden", "64,32", "--model.name", "mlp", cwd=tmp_path).stdout)
     assert shown["model"] == {"name": "mlp", "activation": "relu", "hidden": [64, 32]}
+    # a weights file under ~ is kept as the file it named (config.json kept '~', another HOME's on resume)
+    shown = json.loads(cli("show", "tdt4265_resnet18", "--model.weights", "~/w.pth", cwd=tmp_path).stdout)
+    assert shown["model"]["weights"] == str(Path.home() / "w.pth")
     # what `run` would refuse, `show` refuses too (it used to print such a config as if it would run)
     refused = cli("show", "mnist_cnn", "--data.test_fraction", "0.2", cwd=tmp_path)
     assert refused.returncode == 2 and "MNIST has its own test split" in refused.stderr and not refused.stdout

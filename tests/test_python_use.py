@@ -137,19 +137,21 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
         @nn.compact
         def __call__(self, x, train=False):
             logits = nn.Dense(self.num_classes)(nn.Dropout(0.5)(x) if self.out == "dropout" else x).mean((1, 2))
-            return {"axis": logits[:, None, :], "tuple": (logits, x), "dropout": logits}[self.out]
+            return {"axis": logits[:, None, :], "tuple": (logits, x), "dropout": logits,
+                    "int": logits.astype(int)}[self.out]
 
     registered = dict(models.MODELS)
     try:
         models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain,
-                             **{out: functools.partial(Extra, out=out) for out in ("axis", "tuple", "dropout")})
+                             **{out: functools.partial(Extra, out=out) for out in ("axis", "tuple", "dropout", "int")})
         config = with_field(EXPERIMENTS["mnist_cnn"](), "epochs", 1)
         for name, message in (("five", "five puts out 5 scores per image, and mnist has 10 classes"),
                               ("no_classes", "no_classes has no num_classes field"),
                               ("no_train", "no_train.__call__ takes no `train` argument"),
                               ("axis", "axis puts out scores of shape (N, 1, 10): a classification network's are "
                                        "(N, classes)"),
-                              ("tuple", "Extra returns a tuple, not one array of scores: return the logits alone"),
+                              ("tuple", "tuple returns a tuple, not one array of scores: return the logits alone"),
+                              ("int", "int puts out int32 scores: return float logits"),
                               ("dropout", 'dropout: Parameter "deterministic" must be passed: set it from `train`')):
             with pytest.raises(UsageError, match=re.escape(message)):
                 runner.run_experiment(with_field(config, "model", {"name": name}), workdir=tmp_path / "bad")
