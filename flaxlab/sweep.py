@@ -35,6 +35,11 @@ NOT_SWEPT = {"seeds": "every variant trains --seeds N models", "distributed": "i
 IGNORED_BY_SWEEP = {"features": NOT_SWEPT["features"]}  # as options, too
 
 
+def why_not_swept(key):
+    """Why a sweep cannot vary the dotted field `key` (itself or its section is in NOT_SWEPT), or None."""
+    return NOT_SWEPT.get(key) or NOT_SWEPT.get(key.split(".")[0])
+
+
 def resolve_key(config, key):
     """A dotted field by its full name or by a unique last part: `dropout` -> `model.dropout`."""
     key = key.replace("-", "_")
@@ -44,7 +49,7 @@ def resolve_key(config, key):
     if matches:
         raise UsageError(f"--grid {key} is ambiguous: {', '.join(matches)}")
     fields = [k for k in config_lib.flatten(config) if k not in config_lib.FIXED]
-    griddable = sorted(k for k in fields if k not in NOT_SWEPT and k.split(".")[0] not in NOT_SWEPT)
+    griddable = sorted(k for k in fields if not why_not_swept(k))
     near = config_lib.field_hint(key, griddable, spellings=[k.rpartition(".")[2] for k in griddable])  # dropuot
     raise UsageError(f"unknown field '{key}' in --grid{near}; fields: {', '.join(griddable)}")
 
@@ -58,8 +63,7 @@ def parse_grid(config, specs):
         if not sep or not values.strip():
             raise UsageError(f"bad --grid '{spec}': expected field=value1,value2,...")
         key = resolve_key(config, name.strip())
-        why = NOT_SWEPT.get(key) or NOT_SWEPT.get(key.split(".")[0])
-        if why:
+        if why := why_not_swept(key):
             raise UsageError(f"--grid cannot vary {key}: {why}")
         separator = "/" if isinstance(flat[key], (tuple, list)) else ","
         if not all(v.strip() for v in values.split(separator)):  # 'lr=0.1,,0.2' or 'dropout=0,': a typo
@@ -252,8 +256,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         config_lib.check_sweep({"sweep": variants})
     variants = list(config.get("sweep") or ()) if variants is None else list(variants)
     for key in {key for v in variants for key in v if key != "label"}:  # from Python: --grid refuses these
-        why = NOT_SWEPT.get(key) or NOT_SWEPT.get(key.split(".")[0])
-        if why:  # {"seeds": 2} was ignored, then an IndexError once the first epoch ended
+        if why := why_not_swept(key):  # {"seeds": 2} was ignored, then an IndexError once the first epoch ended
             raise UsageError(f"a sweep cannot vary {key}: {why}")
     programs = plan(config, variants)
     for program in programs:  # the devices split each program's models or batches; said before any trains
