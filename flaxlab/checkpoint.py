@@ -9,6 +9,7 @@ orbax writes into a temporary folder and renames it when complete, so a killed s
 previous checkpoint intact.
 """
 import inspect
+import json
 import logging
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ class Checkpoints:
         if not force and not (self.every and epoch % self.every == 0):
             return False
         args = self._ocp.args
+        # a snapshot: orbax writes the JSON in a thread after save() returns, when the caller's next epoch has
+        # appended to the history it holds
+        progress = json.loads(json.dumps(progress))
         items = {"state": args.StandardSave(_host_copy(states)), "progress": args.JsonSave(progress)}
         if best is not None:
             items["best"] = args.StandardSave(_host_copy(best))
@@ -138,7 +142,7 @@ class Checkpoints:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a,
             tree)
         items = {"state": args.StandardRestore(target(states)), "progress": args.JsonRestore()}
-        if with_best and epoch is not None:
+        if with_best:
             items["best"] = args.StandardRestore(target(states))
         _drop_abandoned_reads()
         try:

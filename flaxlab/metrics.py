@@ -48,7 +48,9 @@ class BestEpochs:
         """Takes this epoch's values (one per model); returns which models improved."""
         improved = []
         for i, v in enumerate(values):
-            better = self.value[i] is None or self.sign * v > self.sign * self.value[i]
+            # a NaN kept as the best (a first epoch that diverged) is beaten by any number
+            better = self.value[i] is None or np.isfinite(v) and (
+                not np.isfinite(self.value[i]) or self.sign * v > self.sign * self.value[i])
             if better:
                 self.value[i], self.epoch[i], self.stale[i] = float(v), epoch, 0
             else:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPO
 from flaxlab import metrics
+from flaxlab.checkpoint import Checkpoints
 from flaxlab.errors import DataError, UsageError
 from flaxlab.runner import evaluate_checkpoint, predict_images, select_models
 
@@ -251,6 +252,33 @@ def test_best_epochs_and_early_stopping_per_model():
     assert again.should_stop() and again.epoch == [2, 1]
     accuracy = metrics.BestEpochs("val_accuracy", 1)
     assert accuracy.update(1, [0.5]).tolist() == [True] and not accuracy.update(2, [0.4])[0]
+    diverged = metrics.BestEpochs("val_loss", 1, patience=2)  # a NaN first epoch is beaten by any number
+    assert [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)] == [True, False, True, True]
+    assert diverged.epoch == [4] and not diverged.should_stop()
+
+
+def test_checkpoint_holds_the_progress_of_its_own_epoch(tmp_path, monkeypatch):
+    """orbax serialises the progress JSON in a thread after save() returns; the next epoch appends to the same
+    history meanwhile (here: json.dumps made slow, as a busy CPU may)."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    real_dumps = json.dumps
+
+    class SlowJson:
+        @staticmethod
+        def dumps(x, *a, **k):
+            time.sleep(0.3)
+            return real_dumps(x, *a, **k)
+    monkeypatch.setattr(json_checkpoint_handler, "json", SlowJson)
+    checkpoints = Checkpoints(tmp_path, every=1, create=True)
+    history, stale = {"epoch": [1], "train_loss": [[0.5]]}, [0]
+    checkpoints.save(1, {"w": jnp.ones(3)}, None, {"epoch": 1, "history": history, "stopped": False,
+                                                   "best_epochs": {"stale": stale}})
+    history["epoch"].append(2), history["train_loss"].append([0.4])  # fit's next epoch
+    stale[0] = 1
+    checkpoints.close()
+    monkeypatch.undo()
+    _, _, progress = Checkpoints(tmp_path).restore({"w": jnp.zeros(3)}, with_best=False)
+    assert progress["history"]["epoch"] == [1] and progress["best_epochs"]["stale"] == [0]
 
 
 def test_select_models_takes_improved_models_state():
