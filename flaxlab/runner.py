@@ -383,12 +383,44 @@ def marked_as_training(workdir):
     if not parallel.is_primary():
         yield
         return
-    write_json(path, {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-                      "since": datetime.datetime.now().isoformat(timespec="seconds")})
+    _claim(path, {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                  "since": datetime.datetime.now().isoformat(timespec="seconds")})
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        if _marker_pid(path) == os.getpid():
+            path.unlink(missing_ok=True)
+
+
+def _claim(path, marker):
+    """Writes the training marker unless a live process's is there (two launches into one folder passed
+    check_workdir while neither had marked it, then both trained and wiped each other's files): the marker
+    appears whole or not at all (a hard link of a written file), and only where none is."""
+    written = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    written.write_text(json.dumps(marker, indent=1))
+    try:
+        for attempt in range(2):
+            try:
+                os.link(written, path)
+                return
+            except FileExistsError:
+                _refuse_if_training(path.parent)
+                if attempt:
+                    raise UsageError(f"--workdir {path.parent}: another run has just started training there: "
+                                     "give another folder") from None
+                path.unlink(missing_ok=True)  # a stopped run's
+            except OSError:  # a file system without hard links
+                os.replace(written, path)
+                return
+    finally:
+        written.unlink(missing_ok=True)
+
+
+def _marker_pid(path):
+    try:
+        return int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def training_process(workdir):

@@ -262,7 +262,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     for program in programs:  # the devices split each program's models or batches; said before any trains
         check_split(parallel.num_shards(parallel.make_mesh(program.config.get("devices", 0))),
                     program.config.get("parallel", "data"), len(program.variants) * program.config["seeds"],
-                    program.config["batch_size"], variants=len(program.variants))
+                    program.config["batch_size"], variants=len(program.variants),
+                    model_axis=program.config.get("model_axis", "auto"))
     # every field each variant sets (a program's variants differ only in STACKABLE ones; the rest is the program's)
     saved_config = {**config, "sweep": [dict(v, label=variant_label(v)) for v in variants]}
     if resume:  # in a multi-host run, process 0 holds the folder

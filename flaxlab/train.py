@@ -358,10 +358,12 @@ def steps_per_epoch(num_examples, batch_size, drop_last=True):
 STACKABLE = {"optimizer.lr": "optimizer", "optimizer.weight_decay": "optimizer", "l1": "l1", "model.dropout": "dropout"}
 
 
-def check_split(devices, parallel_mode, num_models, batch_size, variants=1):
+def check_split(devices, parallel_mode, num_models, batch_size, variants=1, model_axis="auto"):
     """Refuses models (`--parallel seeds`) or a batch that `devices` cannot split evenly; a sweep asks it of each
-    program before any trains (its second program's batch was refused after the first had trained)."""
+    program before it writes its folder (its second program's batch was refused after the first had trained)."""
     if devices > 1 and parallel_mode == "seeds":
+        if model_axis == "sequential":
+            raise UsageError("--parallel seeds vmaps the models on each device: use --model_axis auto or vmap")
         if num_models % devices:
             count = "--seeds times the variants" if variants > 1 else "--seeds"
             raise UsageError(f"--parallel seeds: {num_models} model{'s' if num_models > 1 else ''} do not split over "
@@ -394,10 +396,8 @@ class Trainer:
         self.mesh, self.devices = mesh, parallel.num_shards(mesh)
         self.models_sharded = mesh is not None and parallel_mode == "seeds"
         self.shards = 1 if self.models_sharded else self.devices  # parts of each batch
-        check_split(self.devices, parallel_mode, num_models, batch_size)
+        check_split(self.devices, parallel_mode, num_models, batch_size, model_axis=model_axis)
         if self.models_sharded:
-            if model_axis == "sequential":
-                raise UsageError("--parallel seeds vmaps the models on each device: use --model_axis auto or vmap")
             model_axis = "vmap"
         if compute_dtype not in parallel.COMPUTE_DTYPES:
             raise UsageError(f"unknown compute dtype '{compute_dtype}'; known: {', '.join(parallel.COMPUTE_DTYPES)}")

@@ -113,7 +113,9 @@ def check_seeds_split_over_devices():
                 ({"seeds": 1}, [{"model.dropout": 0.0}, {"model.dropout": 0.3}],
                  "2 models do not split over 8 devices; train a multiple of 8 (--seeds times the variants)"),
                 ({"seeds": 1, "parallel": "data"}, [{"batch_size": 32}, {"batch_size": 30}],
-                 "--batch-size 30 does not split over 8 devices")):
+                 "--batch-size 30 does not split over 8 devices"),
+                ({"seeds": 8, "model_axis": "sequential"}, [{"batch_size": 32}, {"batch_size": 64}],
+                 "--parallel seeds vmaps the models on each device")):
             try:
                 run_sweep({**config, **fields}, variants, workdir=Path(tmp) / "sweep", dataset=ds, log=lambda *a: None)
                 raise AssertionError(f"{variants} ran")

@@ -223,6 +223,16 @@ def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_s
             run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=quiet)
         with pytest.raises(UsageError, match="a run is training there"):
             run_sweep(cnn(epochs=1), [{}], tmp_path / "run", dataset=data, log=quiet)
+        (tmp_path / "run" / "training.json").unlink()  # the other launch marks it while this one compiles:
+
+        def marked_meanwhile(line):
+            if line.startswith("compiled in"):
+                (tmp_path / "run" / "training.json").write_text(json.dumps(marker))
+        files = sorted(p.name for p in (tmp_path / "run").iterdir())
+        with pytest.raises(UsageError, match="a run is training there"):
+            run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=marked_meanwhile)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == files + ["training.json"]
+        assert json.loads((tmp_path / "run" / "training.json").read_text()) == marker  # the other's, left alone
     finally:
         alive.kill()
         alive.wait()
