@@ -4,6 +4,7 @@ Every module takes NHWC float images and `train` (for dropout and batch norm) an
 Weights start as PyTorch's defaults do (uniform, fan-in scaled), because the reports' learning
 rates (SGD lr 1 for the FNN) were tuned for that start.
 """
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -353,37 +354,81 @@ def batch_norm(train, name=None):
     return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_normalize(x, scale, bias, epsilon):
-    """(y, batch mean, biased batch variance) over all axes but the last, fast variance as in flax. The
-    gradient is written out: two per-channel sums and one elementwise pass, where jax's derivative of the
-    same forward takes more passes over the maps. The statistics' cotangents are ignored: they only feed
-    the running averages."""
-    return _batch_normalize_fwd(x, scale, bias, epsilon)[0]
+_REAL_EXAMPLES = []  # the batch's mask of real examples while a train step traces the model (`real_examples`)
 
 
-def _batch_stats(x):
+@contextlib.contextmanager
+def real_examples(mask):
+    """Batch norm in training takes its statistics over the examples `mask` marks (None: all): a short last
+    batch is padded with filler examples to the batch's shape (`drop_last` false), which torch's DataLoader
+    does not have, and which the loss already leaves out."""
+    _REAL_EXAMPLES.append(mask)
+    try:
+        yield
+    finally:
+        _REAL_EXAMPLES.pop()
+
+
+def _example_weights(x):
+    """1 for a real example of `x`'s batch, 0 for filler; None when every example is real (or unknown)."""
+    mask = _REAL_EXAMPLES[-1] if _REAL_EXAMPLES else None
+    if mask is None or mask.shape != x.shape[:1]:  # a network that folds other axes into the batch: all
+        return None
+    return mask.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_normalize(x, scale, bias, weights, epsilon):
+    """(y, batch mean, biased batch variance) over all axes but the last, fast variance as in flax, over the
+    examples `weights` marks (None: all). The gradient is written out: two per-channel sums and one elementwise
+    pass, where jax's derivative of the same forward takes more passes over the maps. The statistics'
+    cotangents are ignored: they only feed the running averages."""
+    return _batch_normalize_fwd(x, scale, bias, weights, epsilon)[0]
+
+
+def _count(x, weights):
+    """How many values per channel the statistics are over: all of `x`'s but the last axis, or the marked
+    examples'."""
+    per_channel = x.size // x.shape[-1]
+    return per_channel if weights is None else weights.sum() * (per_channel // x.shape[0])
+
+
+def _sums(x, weights):
+    """Per-channel sum of `x` over all axes but the last; with `weights`, of the marked examples only (each
+    example's sum first, then weighted: no pass over the maps more)."""
+    if weights is None:
+        return x.reshape(-1, x.shape[-1]).sum(0)
+    return weights @ x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+
+
+def _batch_stats(x, weights=None):
     """Per-channel mean and biased variance as flax computes them: E[x^2] - E[x]^2, clipped at 0."""
-    x2 = x.reshape(-1, x.shape[-1])
-    mean = x2.mean(0)
-    return mean, jnp.maximum((x2 * x2).mean(0) - mean * mean, 0.0)
+    if weights is None:
+        x2 = x.reshape(-1, x.shape[-1])
+        mean = x2.mean(0)
+        return mean, jnp.maximum((x2 * x2).mean(0) - mean * mean, 0.0)
+    n = _count(x, weights)
+    mean = _sums(x, weights) / n
+    return mean, jnp.maximum(_sums(x * x, weights) / n - mean * mean, 0.0)
 
 
-def _batch_normalize_fwd(x, scale, bias, epsilon):
-    mean, var = _batch_stats(x)
+def _batch_normalize_fwd(x, scale, bias, weights, epsilon):
+    mean, var = _batch_stats(x, weights)
     inv = jax.lax.rsqrt(var + epsilon)
-    return ((x - mean) * (inv * scale) + bias, mean, var), (x, mean, inv, scale)
+    return ((x - mean) * (inv * scale) + bias, mean, var), (x, mean, inv, scale, weights)
 
 
 def _batch_normalize_bwd(epsilon, residuals, cotangents):
-    x, mean, inv, scale = residuals
+    x, mean, inv, scale, weights = residuals
+    n = _count(x, weights)
     grad = cotangents[0]
-    x2, grad2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
-    n = x2.shape[0]
-    grad_bias = grad2.sum(0)
-    grad_scale = (grad2 * (x2 - mean)).sum(0) * inv
+    grad_bias = _sums(grad, weights)
+    grad_scale = _sums(grad * (x - mean), weights) * inv
     grad_x = (scale * inv / n) * (n * grad - grad_bias - (x - mean) * (inv * grad_scale))
-    return grad_x, grad_scale, grad_bias
+    if weights is not None:  # filler examples feed nothing back
+        grad_x = grad_x * weights.reshape((-1,) + (1,) * (x.ndim - 1))
+        return grad_x, grad_scale, grad_bias, jnp.zeros_like(weights)
+    return grad_x, grad_scale, grad_bias, None
 
 
 _batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
@@ -413,16 +458,17 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             y = normalize(running_mean.value, running_var.value)
         else:
+            weights = _example_weights(x)
             if x.dtype == scale.dtype == bias.dtype == jnp.float32 and jax.default_backend() == "cpu":
-                y, mean, var = _batch_normalize(x, scale, bias, self.epsilon)
+                y, mean, var = _batch_normalize(x, scale, bias, weights, self.epsilon)
             else:  # bf16 compute, or off XLA:CPU: statistics in fp32, as flax computes them, and jax's gradient
-                mean, var = _batch_stats(x.astype(jnp.float32))
+                mean, var = _batch_stats(x.astype(jnp.float32), weights)
                 y = normalize(mean, var)
             if not self.is_initializing():
-                count = x.size // channels  # values per channel (per model, under vmap)
+                count = _count(x, weights)  # values per channel (per model, under vmap)
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
                 running_var.value = (self.momentum * running_var.value
-                                     + (1 - self.momentum) * var * (count / max(count - 1, 1)))
+                                     + (1 - self.momentum) * var * (count / jnp.maximum(count - 1, 1)))
         return y.astype(jnp.result_type(x, scale, bias))
 
 

@@ -24,7 +24,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
-from flaxlab import parallel
+from flaxlab import models, parallel
 from flaxlab.errors import UsageError
 from flaxlab.optim import make_optimizer
 
@@ -83,7 +83,9 @@ def preprocess(images):
 
 
 def l1_penalty(params):
-    return sum(jnp.abs(p).sum() for p in jax.tree_util.tree_leaves(params))
+    """The sum of |w|, with torch's gradient: sign(w), 0 at 0 (jax's |x| has 1 there, which moved the zero
+    biases that torch's L1 leaves alone)."""
+    return sum((p * jax.lax.stop_gradient(jnp.sign(p))).sum() for p in jax.tree_util.tree_leaves(params))
 
 
 def classification_sums(logits, labels, mask=None):
@@ -139,8 +141,9 @@ def train_step(state, batch, rng, compute_dtype=None):
     model_kwargs = {"dropout": hparams["dropout"]} if "dropout" in hparams else {}
 
     def loss_fn(params):
-        logits, updates = _forward(state, params, batch["image"], compute_dtype, train=True,
-                                   rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
+        with models.real_examples(batch.get("mask")):  # batch norm's statistics leave a short batch's filler out
+            logits, updates = _forward(state, params, batch["image"], compute_dtype, train=True,
+                                       rngs={"dropout": rng}, mutable=["batch_stats"], **model_kwargs)
         sums = metric_sums(logits, batch["label"], batch.get("mask"))
         loss = sums["loss"] / sums["count"]
         if "l1" in hparams:

@@ -47,9 +47,32 @@ def test_train_step_is_pure_and_learns(mnist_sample):
 
 
 def test_l1_penalty_adds_sign_gradient():
-    params = {"w": jnp.array([1.5, -2.0, 0.5])}
+    params = {"w": jnp.array([1.5, -2.0, 0.5, 0.0])}  # torch's |x| has gradient 0 at 0 (batch norm's biases start so)
     grad = jax.grad(lambda p: 0.1 * train.l1_penalty(p))(params)
-    chex.assert_trees_all_close(grad, {"w": jnp.array([0.1, -0.1, 0.1])})
+    chex.assert_trees_all_close(grad, {"w": jnp.array([0.1, -0.1, 0.1, 0.0])})
+    assert float(train.l1_penalty(params)) == 4.0
+
+
+@pytest.mark.parametrize("name", ["ai604_cnn_bn", "ai604_mlp_bn"])
+def test_batch_norm_leaves_a_short_batchs_filler_out(name):
+    """drop_last false: the last batch holds filler examples, masked out of the loss; batch norm's statistics
+    (and so every gradient before it, and the running statistics) are those of the real examples alone, as
+    torch's short last batch gives. Two models vmapped, as seeds train."""
+    model = models.make_model({"name": name}, 10)
+    images = jax.random.uniform(jax.random.key(1), (2, 4, 28, 28, 1))
+    labels = jnp.array([[0, 1, 2, 0], [3, 4, 5, 3]])
+    states = jax.vmap(lambda key: train.TrainState.create(
+        apply_fn=model.apply, tx=optim.make_optimizer({"name": "sgd", "lr": 0.1}),
+        **model.init(key, images[0, :1], train=False)))(jax.random.split(jax.random.key(0)))
+    step = jax.jit(jax.vmap(train.train_step, in_axes=(0, 0, None)))
+    rng = jax.random.key(2)
+    real, real_sums = step(states, {"image": images[:, :3], "label": labels[:, :3]}, rng)
+    padded, sums = step(states, {"image": images, "label": labels, "mask": jnp.array([[1, 1, 1, 0]] * 2)}, rng)
+    chex.assert_trees_all_close((padded.params, padded.batch_stats), (real.params, real.batch_stats), atol=1e-5)
+    chex.assert_trees_all_close(sums, real_sums, rtol=1e-6)
+    x, weights = jax.random.normal(jax.random.key(3), (5, 3, 3, 4)), jnp.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    chex.assert_trees_all_close(models._batch_stats(x, weights), models._batch_stats(x[jnp.array([0, 2, 3])]),
+                                atol=1e-6)  # the other path's statistics (bf16 compute, GPUs): jax's gradient
 
 
 def test_eval_sums_are_exact_with_a_padded_last_batch(mnist_sample):
