@@ -45,9 +45,14 @@ class BestEpochs:
         self.value, self.epoch, self.stale = state["value"], state["epoch"], state["stale"]
 
     def update(self, epoch, values):
-        """Takes this epoch's values (one per model); returns which models improved."""
+        """Takes this epoch's values (one per model); returns which models improved. A model that has gone
+        `patience` epochs without improving has stopped, as its own run would: its kept epoch stays, however
+        it goes on in the stacked program until every model has stopped."""
         improved = []
         for i, v in enumerate(values):
+            if self.patience and self.stale[i] >= self.patience:
+                improved.append(False)
+                continue
             # a NaN kept as the best (a first epoch that diverged) is beaten by any number
             better = self.value[i] is None or np.isfinite(v) and (
                 not np.isfinite(self.value[i]) or self.sign * v > self.sign * self.value[i])

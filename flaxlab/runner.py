@@ -509,7 +509,8 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
 
     `data` holds device splits "train", "test" and optionally "val". With `select` (a validation
     metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),
-    and with `patience` training stops once no model has improved for that many epochs.
+    and with `patience` a model stops once it has not improved for that many epochs (its best kept), training
+    once every model has stopped.
     `resumed` = (states, best, progress) from a checkpoint continues that run at its next epoch.
     `variants`: a sweep program's labels (its models variant-major), whose test scores the epoch line gives.
     Returns (states, best or None, history, best epochs or None).
@@ -558,7 +559,8 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
             on_epoch(history)
         bar.end_epoch(line)
         if done:
-            log(f"early stopping after epoch {epoch}: no model's {select} improved for {patience} epochs")
+            log(f"early stopping after epoch {epoch}: every model has gone {patience} epochs without improving its "
+                f"{select}")
     return states, best, history, (tracker.epoch if tracker else None)
 
 

@@ -252,6 +252,10 @@ def test_best_epochs_and_early_stopping_per_model():
     assert again.should_stop() and again.epoch == [2, 1]
     accuracy = metrics.BestEpochs("val_accuracy", 1)
     assert accuracy.update(1, [0.5]).tolist() == [True] and not accuracy.update(2, [0.4])[0]
+    stacked = metrics.BestEpochs("val_loss", 2, patience=2)  # seed 0 stops after epoch 3, as it would alone
+    for epoch, values in enumerate([[1.0, 1.0], [1.1, 0.9], [1.2, 0.8], [0.5, 0.7]], 1):
+        stacked.update(epoch, values)
+    assert stacked.epoch == [1, 4] and stacked.value == [1.0, 0.7] and not stacked.should_stop()
     diverged = metrics.BestEpochs("val_loss", 1, patience=2)  # a NaN first epoch is beaten by any number
     assert [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)] == [True, False, True, True]
     assert diverged.epoch == [4] and not diverged.should_stop()
