@@ -211,6 +211,10 @@ def check_sweep(config):
         raise UsageError(f"the sweep must be a list of variants, each {{field: value, ...}}, got {sweep!r}")
 
 
+NOT_OFFERED = {("optimizer.name", "adamw"): "not offered (AdamW decays the weights apart from the gradient); "
+               "--optimizer.name adam with --optimizer.weight_decay is torch's Adam, the decay added to the gradient"}
+
+
 def validate(config):
     """Raises UsageError for a value outside its allowed set or range."""
     missing = ([s for s in ("name", "epochs", "batch_size") if s not in config]
@@ -231,6 +235,8 @@ def validate(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{key} must be a finite number, got {value}")
     for key, allowed in _choices().items():
+        if (key, flat.get(key)) in NOT_OFFERED:  # one letter away from an offered value, which means another thing
+            raise UsageError(f"--{key} {flat[key]}: {NOT_OFFERED[key, flat[key]]}")
         if key in flat and flat[key] not in allowed:
             raise UsageError(f"unknown value '{flat[key]}' for --{key}{did_you_mean(flat[key], allowed)}; choose one "
                              f"of {', '.join(allowed)}")
@@ -266,6 +272,10 @@ def validate(config):
     for key, (owner, users, off) in USED_WITH.items():
         if flat.get(key, off) != off and flat[owner] not in users:
             raise UsageError(f"--{key} is for --{owner} {' or '.join(users)}; {flat[owner]} does not use it")
+    if flat.get("optimizer.name") == "rprop" and flat.get("optimizer.schedule", "constant") != "constant":
+        raise UsageError("--optimizer.schedule cosine with Rprop: its steps adapt by themselves, and torch's schedulers "
+                         "leave them alone (Rprop reads the lr once, as its first step size); use --optimizer.schedule "
+                         "constant")
     if flat.get("optimizer.nesterov") and not flat.get("optimizer.momentum"):  # plain SGD: torch refuses it
         raise UsageError("--optimizer.nesterov needs --optimizer.momentum above 0 (without momentum it is plain SGD)")
     return config

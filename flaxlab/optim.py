@@ -65,7 +65,6 @@ def _rprop(learning_rate, weight_decay):
 
 
 SCHEDULES = ("constant", "cosine")
-INJECTED = ("lr", "weight_decay")  # config fields that are optimizer state, so a stacked run may vary them
 
 
 def make_optimizer(cfg):

@@ -84,6 +84,10 @@ def cli(*args, cwd):
      "--optimizer.momentum is for --optimizer.name sgd; rprop does not use it"),
     (["run", "gtsrb_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov is for --optimizer.name sgd"),
     (["run", "mnist_cnn", "--optimizer.nesterov", "true"], "--optimizer.nesterov needs --optimizer.momentum above 0"),
+    (["run", "mnist_cnn", "--optimizer.name", "adamw"],  # "did you mean adam?": coupled L2, not AdamW's decay
+     "--optimizer.name adamw: not offered (AdamW decays the weights apart from the gradient)"),
+    (["sweep", "mnist_cnn", "--grid", "optimizer.name=sgd,rprop", "--optimizer.schedule", "cosine"],  # torch's leave it
+     "--optimizer.schedule cosine with Rprop: its steps adapt by themselves"),
     (["run", "ai604_vgg19_scratch", "--model.weights", "w.pth"],  # trained from random weights, the file unread
      "--model.weights: this run starts from random weights (--model.pretrained false), so it would not read them"),
     (["run", "mnist_cnn", "--model.name", "lenet5_bn", "--model.features", "3,4"],  # was a TypeError traceback
