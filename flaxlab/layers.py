@@ -57,6 +57,11 @@ def _named_padding(padding, kernel, stride, dilation):
     return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
 
 
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):  # a value meant for another argument, or "False" (true)
+        raise UsageError(f"{name} must be True or False, got {value!r}")
+
+
 def _require_ndim(name, array, ndim, layout):
     if jnp.ndim(array) != ndim:
         raise UsageError(f"{name} must be {layout}, got shape {tuple(jnp.shape(array))}")
@@ -80,6 +85,7 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     g*C_out/groups..., as lax's feature_group_count and torch's groups. `padding` may also be torch's
     "valid" or "same".
     """
+    x, w = jnp.asarray(x), jnp.asarray(w)  # nested lists too
     _require_ndim("conv2d's input", x, 4, "NHWC (batch, height, width, channels)")
     _require_ndim("conv2d's kernel", w, 4, "HWIO (height, width, in channels / groups, out channels)")
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
@@ -91,7 +97,7 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
         padding = _named_padding(padding, (kh, kw), stride, dilation)
     (pt, pb), (pl, pr) = _padding_pairs(padding)
     if group_in * groups != c_in:
-        raise UsageError(f"kernel {w.shape} with {groups} groups does not fit {c_in} input channels "
+        raise UsageError(f"kernel {w.shape} with {groups} group{'s' * (groups > 1)} does not fit {c_in} input channels "
                          f"(it takes {group_in * groups})")
     if c_out % groups:
         raise UsageError(f"kernel {w.shape}: {c_out} output channels do not split into {groups} groups")
@@ -117,6 +123,7 @@ def conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, dilation=1):
     w is (kh, kw, C_in, C_out), C_in being this layer's input channels: torch's weight (C_in, C_out, kh, kw)
     transposed by (2, 3, 0, 1). It is the gradient of conv2d with that kernel taken as (kh, kw, C_out, C_in).
     """
+    x, w = jnp.asarray(x), jnp.asarray(w)
     _require_ndim("conv_transpose2d's input", x, 4, "NHWC (batch, height, width, channels)")
     _require_ndim("conv_transpose2d's kernel", w, 4, "HWIO (height, width, in channels, out channels)")
     stride, dilation, padding, output_padding = (_pair(value, name) for value, name in (
@@ -141,8 +148,7 @@ def _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode):
     _require_ndim("a pooling layer's input", x, 4, "NHWC (batch, height, width, channels)")
     kernel, dilation, padding = _pair(kernel, "kernel"), _pair(dilation, "dilation"), _pair(padding, "padding")
     stride = kernel if stride is None else _pair(stride, "stride")
-    if not isinstance(ceil_mode, (bool, np.bool_)):  # a value meant for another argument
-        raise UsageError(f"ceil_mode must be True or False, got {ceil_mode!r}")
+    _flag(ceil_mode, "ceil_mode")
     out = tuple(shapes.pool_output_size(size, k, s, p, d, ceil_mode)
                 for size, k, s, p, d in zip(x.shape[1:3], kernel, stride, padding, dilation))
     # ceil_mode's last window may reach past the right padding: pad that far too.
@@ -161,6 +167,7 @@ def _first_max(members, axis):
 def max_pool2d(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     """torch.nn.MaxPool2d, its arguments in its order: the maximum over each window of the input padded with
     -inf (padding never wins); the gradient goes to the window's first maximum, in row-major order."""
+    x = jnp.asarray(x)
     kernel, stride, dilation, pads, out = _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     taps = _windows(padded, kernel, stride, dilation, out)
@@ -170,7 +177,9 @@ def max_pool2d(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
 def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     """torch.nn.AvgPool2d: the window's sum over its count, which counts the zero padding when
     `count_include_pad`, but never the part of a ceil_mode window that hangs past the padding."""
+    x = jnp.asarray(x)
     kernel, stride, dilation, pads, out = _pool_geometry(x, kernel, stride, padding, 1, ceil_mode)
+    _flag(count_include_pad, "count_include_pad")
     (pt, pb), (pl, pr) = pads
 
     def window_sums(a, pads):
@@ -186,6 +195,7 @@ def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include
 
 def flatten(x):
     """(N, ...) -> (N, features), in NHWC order (not torch's CHW order)."""
+    x = jnp.asarray(x)
     if jnp.ndim(x) == 0:
         raise UsageError("flatten's input must be a batch (N, ...), got a scalar")
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 cannot be inferred for an empty batch
@@ -226,6 +236,7 @@ def roi_max_pool(features, boxes, output_size):
     for a bin wholly outside the image. The gradient goes to each bin's first maximum (row-major), as there.
     Bin edges are computed in float32 as torchvision's are (on the host: see _roi_bin_edges).
     """
+    features = jnp.asarray(features)
     _require_ndim("roi_max_pool's features", features, 3, "one image's (H, W, C)")
     if jnp.ndim(boxes) != 2 or jnp.shape(boxes)[1] != 4:
         raise UsageError(f"roi_max_pool's boxes must be (K, 4): x1, y1, x2, y2 (no batch-index column, as "
@@ -233,6 +244,8 @@ def roi_max_pool(features, boxes, output_size):
     oh, ow = _pair(output_size, "output_size")
     if oh <= 0 or ow <= 0:
         raise UsageError(f"output_size must be positive, got {output_size!r}")
+    if _concrete(boxes) is not None and not np.isfinite(_concrete(boxes)).all():  # rounded to a corner of nothing
+        raise UsageError(f"roi_max_pool's boxes must be finite numbers, got {np.asarray(boxes).tolist()}")
     height, width, _ = features.shape
     x1, y1, x2, y2 = _round_half_away(jnp.asarray(boxes, jnp.float32)).astype(jnp.int32).T
 
@@ -260,8 +273,15 @@ def batch_norm(x, gamma, beta, running_mean, running_var, train, momentum=0.1, e
     """torch.nn.BatchNorm: normalise each channel (last axis) by the batch's mean and biased variance in
     training, by the running ones in inference. Returns (y, new_running_mean, new_running_var); the running
     variance is updated with the unbiased batch variance, as torch does."""
+    x = jnp.asarray(x)
     if jnp.ndim(x) < 2:
         raise UsageError(f"batch_norm's input must be (N, ..., C), channels last, got shape {jnp.shape(x)}")
+    _flag(train, "train")
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not 0 <= momentum <= 1:
+        raise UsageError(f"batch_norm's momentum must be a number in [0, 1] (torch's: the new batch's share), "
+                         f"got {momentum!r}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:  # -1 gave inf
+        raise UsageError(f"batch_norm's eps must be a number, 0 or more, got {eps!r}")
     for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                         ("running_var", running_var)):
         if jnp.shape(value) != x.shape[-1:]:  # broadcasting would give every channel another's numbers
@@ -293,23 +313,21 @@ def softmax_cross_entropy(logits, labels):
 
     Labels outside 0..K-1 are refused when they are concrete; under jit they would give nonsense (jnp
     indexing clips), so check them before."""
+    if jnp.ndim(logits) == 0:
+        raise UsageError("logits must have a class axis, (..., K), got a scalar")
     if jnp.shape(labels) != jnp.shape(logits)[:-1]:
         raise UsageError(f"labels of shape {jnp.shape(labels)} do not match logits of shape {jnp.shape(logits)}: "
                          f"give one integer label per row of logits, shape {jnp.shape(logits)[:-1]}")
-    try:
-        concrete = np.asarray(labels)
-    except jax.errors.TracerArrayConversionError:  # under jit: unknown until run
-        concrete = None
+    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+        raise UsageError(f"labels must be integer class indices, got {jnp.asarray(labels).dtype} (for probabilities, "
+                         f"or one-hot rows, use softmax_cross_entropy_probs)")
+    concrete = _concrete(labels)
     if concrete is not None and concrete.size:
         low, high = int(concrete.min()), int(concrete.max())
         if low < 0 or high >= jnp.shape(logits)[-1]:
             raise UsageError(f"labels must be in 0..{jnp.shape(logits)[-1] - 1} (one per class of the logits), "
                              f"got {low}..{high}")
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise UsageError(f"labels must be integer class indices, got {labels.dtype} (for probabilities, or one-hot "
-                         f"rows, use softmax_cross_entropy_probs)")
-    return -jnp.take_along_axis(_log_softmax(logits), labels[..., None], axis=-1).mean()
+    return -jnp.take_along_axis(_log_softmax(jnp.asarray(logits)), jnp.asarray(labels)[..., None], axis=-1).mean()
 
 
 def softmax_cross_entropy_probs(logits, probs):
@@ -321,8 +339,19 @@ def softmax_cross_entropy_probs(logits, probs):
 
 
 def mse(a, b):
-    """Mean over all elements of (a - b)^2."""
+    """Mean over all elements of (a - b)^2, of two arrays of one shape."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape:  # broadcasting (4, 1) against (4,) averaged 16 differences
+        raise UsageError(f"mse's arrays must have one shape, got {a.shape} and {b.shape}")
     return ((a - b) ** 2).mean()
+
+
+def _concrete(array):
+    """The values of `array` as numpy, or None under jit (unknown until run)."""
+    try:
+        return np.asarray(array)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ size of an even kernel) is an `ImpossibleShape`, which is also a `ValueError`.
 """
 import numbers
 
+import numpy as np
+
 from flaxlab.errors import UsageError
 
 
@@ -58,6 +60,8 @@ def pool_output_size(size, kernel, stride=None, padding=0, dilation=1, ceil_mode
     _require_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
     if not isinstance(padding, numbers.Integral) or isinstance(padding, bool) or padding < 0:
         raise UsageError(f"pooling padding must be a non-negative integer, got {padding!r}")
+    if not isinstance(ceil_mode, (bool, np.bool_)):  # "no" was taken as True
+        raise UsageError(f"ceil_mode must be True or False, got {ceil_mode!r}")
     if padding > kernel // 2:  # torch's rule, on the kernel, not its dilated span
         raise UsageError(f"pooling padding {padding} is more than half the kernel size {kernel}")
     span = effective_kernel(kernel, dilation)
@@ -73,9 +77,10 @@ def pool_output_size(size, kernel, stride=None, padding=0, dilation=1, ceil_mode
 def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding=0, dilation=1):
     """(size - 1) * stride - 2 * padding + span + output_padding, as torch.nn.ConvTranspose2d."""
     _require_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
-    if not isinstance(padding, numbers.Integral) or padding < 0:
+    if not isinstance(padding, numbers.Integral) or isinstance(padding, bool) or padding < 0:  # True was 1
         raise UsageError(f"padding must be a non-negative integer, got {padding!r}")
-    if not isinstance(output_padding, numbers.Integral) or not 0 <= output_padding < max(stride, dilation):
+    if (not isinstance(output_padding, numbers.Integral) or isinstance(output_padding, bool)
+            or not 0 <= output_padding < max(stride, dilation)):
         # Larger values would add rows that no input pixel reaches; torch refuses them too.
         raise UsageError(f"output_padding must be in [0, max(stride, dilation)) = [0, {max(stride, dilation)}), "
                          f"got {output_padding!r}")

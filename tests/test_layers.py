@@ -146,12 +146,33 @@ def test_conv2d_rejects_kernel_that_does_not_fit_the_channels():
      r"gamma must have one value per channel, shape \(3,\) for input \(2, 4, 4, 3\)"),
     (lambda: layers.softmax_cross_entropy(jnp.ones((4, 5)), jnp.array([0.0, 1, 2, 3])), "integer class indices"),
     (lambda: layers.softmax_cross_entropy_probs(jnp.ones((4, 5)), jnp.array([0, 1, 2, 3])),
-     r"probs of shape \(4,\) do not match logits of shape \(4, 5\)")])
+     r"probs of shape \(4,\) do not match logits of shape \(4, 5\)"),
+    # a broadcast mean, settings taken as true or as numbers, and tracebacks
+    (lambda: layers.mse(np.arange(4.0).reshape(4, 1), np.arange(4.0)), r"one shape, got \(4, 1\) and \(4,\)"),
+    (lambda: layers.batch_norm(jnp.ones((2, 3)), *[jnp.ones(3)] * 4, train="False"), "train must be True or False"),
+    (lambda: layers.batch_norm(jnp.ones((2, 3)), *[jnp.ones(3)] * 4, True, momentum=2.0), r"momentum .* in \[0, 1\]"),
+    (lambda: layers.batch_norm(jnp.ones((2, 3)), *[jnp.ones(3)] * 4, True, momentum="0.1"), "momentum must be"),
+    (lambda: layers.batch_norm(jnp.ones((2, 3)), *[jnp.ones(3)] * 4, False, eps=-1.0), "eps must be a number, 0"),
+    (lambda: layers.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, count_include_pad=3), "count_include_pad must be True"),
+    (lambda: layers.roi_max_pool(jnp.ones((5, 5, 1)), jnp.array([[np.nan, 0, 3, 3]]), 2), "boxes must be finite"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones((3, 4)), jnp.array([0.0, np.nan, 2.0])), "integer class indices"),
+    (lambda: layers.softmax_cross_entropy(jnp.ones(()), jnp.zeros((), int)), "logits must have a class axis"),
+    (lambda: layers.conv2d(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 2)), groups=2),
+     r"kernel \(3, 3, 3, 2\) with 2 groups does not fit 3 input channels")])
 def test_bad_input_is_one_clear_error(call, message):
     """Shapes and values torch refuses (or that would give a silent wrong number) are UsageErrors naming them;
     they were unpacking errors, a cross-entropy averaged over a broadcast, and a NaN running variance."""
     with pytest.raises(UsageError, match=message):
         call()
+
+
+def test_layers_take_nested_lists_as_torch_takes_tensors():
+    image = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
+    kernel = np.ones((2, 2, 1, 1), np.float32)
+    for layer, args in ((layers.conv2d, (kernel,)), (layers.conv_transpose2d, (kernel,)), (layers.max_pool2d, (2,)),
+                        (layers.avg_pool2d, (2,)), (layers.flatten, ())):
+        listed = [a.tolist() if isinstance(a, np.ndarray) else a for a in args]
+        np.testing.assert_array_equal(layer(image.tolist(), *listed), layer(jnp.asarray(image), *args))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own speed

@@ -114,7 +114,10 @@ def test_kernel_for_output_without_solution(in_size, out_size, stride, dilation)
     lambda: shapes.conv_transpose_output_size(3, 3, stride=2, output_padding=2),
     lambda: shapes.conv_transpose_output_size(1, 1, padding=1),
     lambda: shapes.kernel_for_output(0, 3), lambda: shapes.kernel_for_output(5, 0),
-    lambda: shapes.same_padding(0), lambda: shapes.conv_output_size(5, 3, padding="same")])
+    lambda: shapes.same_padding(0), lambda: shapes.conv_output_size(5, 3, padding="same"),
+    lambda: shapes.pool_output_size(5, 2, ceil_mode="no"),
+    lambda: shapes.conv_transpose_output_size(5, 3, padding=True),
+    lambda: shapes.conv_transpose_output_size(5, 3, stride=2, output_padding=True)])
 def test_nonsense_is_a_usage_error(call):
     with pytest.raises(UsageError):
         call()
