@@ -273,9 +273,9 @@ def validate(config):
         if flat.get(key, off) != off and flat[owner] not in users:
             raise UsageError(f"--{key} is for --{owner} {' or '.join(users)}; {flat[owner]} does not use it")
     if flat.get("optimizer.name") == "rprop" and flat.get("optimizer.schedule", "constant") != "constant":
-        raise UsageError("--optimizer.schedule cosine with Rprop: its steps adapt by themselves, and torch's schedulers "
-                         "leave them alone (Rprop reads the lr once, as its first step size); use --optimizer.schedule "
-                         "constant")
+        raise UsageError("--optimizer.schedule cosine with Rprop: its steps adapt by themselves, and torch's "
+                         "schedulers leave them alone (Rprop reads the lr once, as its first step size); use "
+                         "--optimizer.schedule constant")
     if flat.get("optimizer.nesterov") and not flat.get("optimizer.momentum"):  # plain SGD: torch refuses it
         raise UsageError("--optimizer.nesterov needs --optimizer.momentum above 0 (without momentum it is plain SGD)")
     return config

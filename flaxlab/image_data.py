@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import tarfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -28,9 +29,9 @@ from flaxlab.data import (Dataset, Split, cache_dir, data_dir_option, data_dir_o
                           resolve_source)
 from flaxlab.errors import DataError, UsageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
-CACHE_VERSION = 1  # bump when what is cached (or how it is decoded) changes
+CACHE_VERSION = 2  # bump when what is cached (or how it is decoded) changes
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -149,6 +150,25 @@ def _pil():
     return Image
 
 
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # Pillow's 16- and 32-bit and float greyscale
+
+
+def eight_bit(im):
+    """A 16-bit, 32-bit or float greyscale PIL image as 8-bit greyscale, scaled by its depth (others as they
+    are): Pillow's convert("L") clips such pixels at 255, so a 16-bit X-ray came out black and white, a float
+    one black. Integers are scaled by the least of 8, 10, 12, 14 or 16 bits that holds the brightest pixel (a
+    12-bit X-ray is stored in 16), floats by 1 where they lie in [0, 1], else by 255."""
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im
+    pixels = np.nan_to_num(np.asarray(im, np.float64))
+    top = pixels.max(initial=0)
+    if im.mode == "F":
+        scale = 1.0 if top <= 1 else 255.0
+    else:
+        scale = next((2.0 ** bits - 1 for bits in (8, 10, 12, 14, 16) if top < 2 ** bits), 2.0 ** 32 - 1)
+    return _pil().fromarray(np.clip(pixels * (255 / scale), 0, 255).round().astype(np.uint8), "L")
+
+
 def _decode(raw, path, rel, size):
     """One image file's bytes -> uint8 (h, w, 3), resized (bilinear) to `size` when given."""
     Image = _pil()
@@ -157,7 +177,7 @@ def _decode(raw, path, rel, size):
             if im.mode == "RGB":
                 im.load()  # decode now, inside the try: a truncated file fails here
             else:
-                im = im.convert("RGB")
+                im = eight_bit(im).convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(im, np.uint8)
@@ -813,6 +833,7 @@ def images(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.
 def _as_network_input(im, size, channels):
     """A PIL image as uint8 (h, w, channels) at `size` (bilinear); a clear background becomes white paper."""
     Image = _pil()
+    im = eight_bit(im)
     if "A" in im.getbands() or "transparency" in im.info:  # a drawing app's ink on a clear background:
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))  # on paper
     im = im.convert("L" if channels == 1 else "RGB")
@@ -840,10 +861,11 @@ def _arrays_as_images(images, size, channels):
     return np.stack(prepared), [f"image-{i}" for i in range(len(images))], [images.shape[1:3]] * len(images)
 
 
-def read_images(paths, size, channels):
+def read_images(paths, size, channels, log=None):
     """Image files, and the images of folders (not their subfolders), as uint8 (N, h, w, channels) resized to
     `size` (bilinear): what `predict` gives a trained network. Returns (images, file paths, original (h, w)s).
-    `paths` may be one path, or (from Python) an array of uint8 images, named image-0, image-1, ..."""
+    `paths` may be one path, or (from Python) an array of uint8 images, named image-0, image-1, ...
+    `log` is told what a folder held besides images, and which files hold several frames (the first is read)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     elif hasattr(paths, "shape") and hasattr(paths, "dtype"):  # numpy or jax
@@ -854,25 +876,45 @@ def read_images(paths, size, channels):
                         "[, channels]): np.stack a list of them")
     Image = _pil()
     from PIL import ImageOps
+    log = log or (lambda line: None)
     files = []
-    for path in map(Path, paths):
+    for given in paths:
+        path = Path(given)
+        if not str(given):  # Path("") is the current folder
+            raise DataError("an empty path was given for an image")
         if path.is_dir():
-            found = sorted((f for f in path.iterdir() if f.is_file() and _is_image(f.name)),
-                           key=lambda f: natural_key(f.name))
+            entries = sorted(path.iterdir(), key=lambda f: natural_key(f.name))
+            found = [f for f in entries if f.is_file() and _is_image(f.name)]
             if not found:
-                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
+                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}"
+                                f"{' (its subfolders are not searched)' if any(f.is_dir() for f in entries) else ''}")
             files += found
+            other = [f.name + "/" * f.is_dir() for f in entries if f not in found and not f.name.startswith(".")]
+            if other:
+                log(f"note: {path} also holds {len(other)} entr{'y' if len(other) == 1 else 'ies'} that are not "
+                    f"image files ({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}), left out; subfolders "
+                    f"are not searched, and images are {', '.join(IMAGE_SUFFIXES)}")
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            raise DataError(f"{path} is a link to {os.readlink(path)}, which is not there")
         else:
             raise DataError(f"{path} not found")
+    first = {}  # a file given twice (or in a folder given too) is read once
+    for file in files:
+        first.setdefault(file.resolve(), file)
+    files = list(first.values())
     images, sizes = [], []
     for file in files:
         try:
-            with Image.open(file) as im:
-                im = ImageOps.exif_transpose(im)  # a phone's photo, upright as its viewer shows it
-                sizes.append((im.height, im.width))
-                images.append(_as_network_input(im, size, channels))
+            with warnings.catch_warnings():  # Pillow's DecompressionBombWarning; past twice its limit, an error
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(file) as im:
+                    if getattr(im, "n_frames", 1) > 1:
+                        log(f"note: {file} holds {im.n_frames} frames; the first is read")
+                    im = ImageOps.exif_transpose(im)  # a phone's photo, upright as its viewer shows it
+                    sizes.append((im.height, im.width))
+                    images.append(_as_network_input(im, size, channels))
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...: all mean "bad file"
             raise DataError(f"cannot read {file}: {_image_error(e)}") from None
     return np.stack(images), [str(f) for f in files], sizes

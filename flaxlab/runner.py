@@ -1150,17 +1150,17 @@ def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
     if segmentation:
         default = workdir / "predicted-masks"
         out = Path(out) if out else default
-        if out == default and out.is_dir() and all(p.suffix == ".png" and p.is_file() for p in out.iterdir()):
-            shutil.rmtree(out)  # an earlier predict's masks, where this one writes by default
+        # an earlier predict's masks, where this one writes by default: replaced once this one has its masks
+        earlier = out == default and out.is_dir() and all(p.suffix == ".png" and p.is_file() for p in out.iterdir())
         if why := unwritable(out):
             raise UsageError(f"--out {out}: {why}")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not earlier and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--out {out}: masks go to a new or empty folder, and {out} is "
                              f"{'a file' if not out.is_dir() else 'not empty'}: name another with --out DIR")
     elif out:
         raise UsageError("--out is for segmentation runs' masks; a classification run prints its classes")
     size, channels = dataset.train.images.shape[1:3], dataset.train.images.shape[3]
-    images, files, sizes = image_data.read_images(paths, size, channels)
+    images, files, sizes = image_data.read_images(paths, size, channels, log=log)
     stems = [Path(f).stem for f in files]
     if segmentation and len(set(stems)) < len(stems):
         twice = next(s for s in stems if stems.count(s) > 1)
@@ -1186,6 +1186,8 @@ def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
             log(f"{file}: " + ", ".join(f"{names[c]} ({100 * p[c]:.1f}%)" for c in best))
         return probabilities
     from PIL import Image
+    if earlier:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     for file, p, (h, w) in zip(files, probabilities, sizes):
         mask = Image.fromarray((p.argmax(-1) * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)

@@ -17,10 +17,9 @@ import numpy as np
 
 from flaxlab.data import Dataset, Split, data_dir_or_default, resolve_source
 from flaxlab.errors import DataError, UsageError
-from flaxlab.image_data import (_cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
-                                _with_how_to, natural_key)
+from flaxlab.image_data import (IMAGE_SUFFIXES, _cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
+                                _with_how_to, eight_bit, natural_key)
 
-IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 _GLAS_NAME = re.compile(r"^(train|testA|testB|test|val)_(\d+)(_anno)?$")
 
 GLAS_URL = "https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"
@@ -68,7 +67,8 @@ def _decode_image(raw, path, rel, size):
     Image = _pil()
     im = _open(raw, path, rel)
     native = im.size
-    im = im.convert("L" if im.mode in ("L", "I", "I;16", "1", "LA") else "RGB")
+    im = eight_bit(im)
+    im = im.convert("L" if im.mode in ("L", "1", "LA") else "RGB")
     if size is not None and im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), Image.BILINEAR)
     array = np.asarray(im, np.uint8)

@@ -257,7 +257,8 @@ def test_best_epochs_and_early_stopping_per_model():
         stacked.update(epoch, values)
     assert stacked.epoch == [1, 4] and stacked.value == [1.0, 0.7] and not stacked.should_stop()
     diverged = metrics.BestEpochs("val_loss", 1, patience=2)  # a NaN first epoch is beaten by any number
-    assert [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)] == [True, False, True, True]
+    improved = [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)]
+    assert improved == [True, False, True, True]
     assert diverged.epoch == [4] and not diverged.should_stop()
 
 
@@ -381,8 +382,13 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     assert sorted(p.name for p in masks.iterdir()) == ["one.png", "two.png"]
     two = np.asarray(Image.open(masks / "two.png"))
     assert two.shape == (70, 90) and set(np.unique(two)) <= {0, 255}
+    with pytest.raises(DataError, match="missing.png not found"):  # a failed predict leaves the last masks alone
+        runner.predict_images(tmp_path / "run", [tmp_path / "missing.png"], log=lambda *a: None)
+    assert sorted(p.name for p in masks.iterdir()) == ["one.png", "two.png"]
     runner.predict_images(tmp_path / "run", [tmp_path / "b"], log=lambda *a: None)  # its masks replace the last's
     assert sorted(p.name for p in masks.iterdir()) == ["one.png"]
+    runner.predict_images(tmp_path / "run", [tmp_path / "b" / "one.png", tmp_path / "b"], log=lambda *a: None)
+    assert sorted(p.name for p in masks.iterdir()) == ["one.png"]  # one image given twice: one mask, no refusal
     with pytest.raises(UsageError, match="a is not empty: name another with --out DIR"):  # other files are kept
         runner.predict_images(tmp_path / "run", [tmp_path / "b"], out=tmp_path / "a", log=lambda *a: None)
     with pytest.raises(UsageError, match="two images named one"):

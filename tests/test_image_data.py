@@ -155,6 +155,31 @@ def test_read_images_for_predict_turns_phone_photos_upright_and_sorts_naturally(
     assert (drawn[2:4, 1:3] == 0).all() and (drawn[:2] == 255).all() and (drawn[4:] == 255).all()
 
 
+def test_read_images_scales_16_bit_and_float_images_and_says_what_a_folder_also_held(tmp_path):
+    """Pillow's convert("L") clipped 16-bit pixels at 255 (an X-ray came out black and white) and made floats 0."""
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(pixels).save(tmp_path / "8bit.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(pixels.astype(np.uint16) * 16).save(tmp_path / "12bit.png")  # a 12-bit X-ray, stored in 16
+    Image.fromarray(pixels / 255.0).save(tmp_path / "float.tiff")
+    frames = [Image.fromarray(pixels), Image.fromarray(255 - pixels)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "notes.txt").write_text("x"), (tmp_path / "sub").mkdir()
+    lines = []
+    images, files, _ = image_data.read_images([tmp_path, tmp_path / "8bit.png"], (8, 8), 1, log=lines.append)
+    assert [Path(f).name for f in files] == ["8bit.png", "12bit.png", "16bit.png", "float.tiff", "moving.gif"]
+    for image in images:
+        np.testing.assert_allclose(image[..., 0], pixels, atol=1)
+    assert lines == [f"note: {tmp_path} also holds 2 entries that are not image files (notes.txt, sub/), left out; "
+                     f"subfolders are not searched, and images are {', '.join(image_data.IMAGE_SUFFIXES)}",
+                     f"note: {tmp_path / 'moving.gif'} holds 2 frames; the first is read"]
+    with pytest.raises(DataError, match="an empty path was given"):  # was the current folder
+        image_data.read_images([""], (8, 8), 1)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="gone.png is a link to .*nowhere.png, which is not there"):
+        image_data.read_images([tmp_path / "gone.png"], (8, 8), 1)
+
+
 def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         image_data.read_image_folder(tmp_path / "missing")
