@@ -221,9 +221,12 @@ def _check_options(name, config, variants, sweep):
 
 
 def _split_cpu(config, variants):
-    """One CPU device per model that XLA:CPU would train one after another (parallel.split_cpu_devices)."""
+    """One CPU device per model that XLA:CPU would train one after another (parallel.split_cpu_devices), as
+    many as a sweep's largest program stacks (its programs train one after another: a sweep over widths, four
+    programs of one model, made four devices that slowed its one)."""
+    from flaxlab import sweep
     from flaxlab.train import resolve_model_axis
-    models = config["seeds"] * max(1, len(variants))
+    models = config["seeds"] * (max(len(p.variants) for p in sweep.plan(config, variants)) if variants else 1)
     sequential = resolve_model_axis(config.get("model_axis", "auto"), models, "cpu") == "sequential"
     parallel.split_cpu_devices(models if sequential else 1, config["distributed"])
 

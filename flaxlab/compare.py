@@ -9,7 +9,7 @@ from typing import NamedTuple
 from flaxlab import metrics, plots
 from flaxlab.config import check_sweep, differences, with_field
 from flaxlab.errors import UsageError
-from flaxlab.runner import default_workdir, make_workdir, unwritable, write_json
+from flaxlab.runner import default_workdir, make_workdir, unwritable, write_atomically, write_json
 from flaxlab.sweep import csv_text, markdown_table, variant_row
 
 WRITES = ("compare.json", "results.md", "results.csv", "trials.csv", "comparison.png")
@@ -202,12 +202,12 @@ def compare_runs(folders, out=None, log=print):
     score = scores.pop()
     selected_note = " (test score at each model's selected epoch, and at the last)" if selecting else ""
     listing = _listing(folders, runs)
-    (out / "results.md").write_text(
+    write_atomically(out / "results.md",
         "# comparison\n\n" + "".join(f"{'  ' if line.startswith(' ') else '- '}{line.strip()}\n" for line in listing)
         + (f"\n{note}\n" if note else "") + f"\n{table}\n\nEvery trial{selected_note}:\n\n"
         f"{metrics.trial_table(trials)}\n")
-    (out / "results.csv").write_text(csv_text(rows))
-    (out / "trials.csv").write_text(csv_text(trials))
+    write_atomically(out / "results.csv", csv_text(rows))
+    write_atomically(out / "trials.csv", csv_text(trials))
     data = runs[0].data
     on = (" (tested on different data)" if note  # a slide of the figure alone would not say so
           else f" on {data.get('name', '?')} ({data.get('test_examples', 0):,} test)")

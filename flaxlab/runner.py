@@ -277,11 +277,15 @@ def load_pretrained(states, model_config, loaded=None):
     return states.replace(**merged)
 
 
-def write_json(path, obj):
-    """Writes JSON atomically: a run folder never holds a half-written file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+def write_atomically(path, text):
+    """A run folder never holds a half-written file: the text goes to a file beside it, then takes its name."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomically(path, json.dumps(obj, indent=1))
 
 
 def load_dataset(config, data_dir=None, dataset=None, batch_sizes=None):
@@ -679,7 +683,7 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         plots.trial_curves({config["name"]: history}, workdir / "trials.png", f"{config['name']}: loss per trial")
     val = f"{len(dataset.val):,} val / " if dataset.val else ""
     counts = f"{len(dataset.train):,} train / {val}{len(dataset.test):,} test"
-    (workdir / "results.md").write_text(
+    write_atomically(workdir / "results.md",
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {counts} examples\n"
         f"- model: {config['model']['name']}, {info['learnable_weights']:,} learnable weights; {info['seeds']} "
@@ -851,7 +855,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
             remove_earlier_run(workdir, log)
             checkpoints = Checkpoints(workdir, config["checkpoint_every"], create=True)  # the last epoch's at least
         write_json(workdir / "config.json", config)
-        saved = [0]  # epochs whose history is on disk
+        saved = [len(resumed[2]["history"]["epoch"]) if resumed else 0]  # epochs whose history is on disk
         board = tensorboard.Board(workdir, tensorboard.run_names(config["seed"], config["seeds"]),
                                   first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
 

@@ -23,7 +23,7 @@ from flaxlab.checkpoint import CHECKPOINT_DIR, Checkpoints, kept_epochs
 from flaxlab.errors import UsageError
 from flaxlab.runner import (check_resumable, check_workdir, data_differs, default_workdir, fit, flip_warning,
                             folder_of_this_process, load_dataset, make_workdir, marked_as_training, pretrained_weights,
-                            remove_earlier_run, remove_if_temporary, set_up, write_json)
+                            remove_earlier_run, remove_if_temporary, set_up, write_atomically, write_json)
 from flaxlab.train import STACKABLE, check_split
 
 
@@ -371,8 +371,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         score = metrics.score_name(next(iter(histories.values())))
         selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
                     if config["best_metric"] else "")
-        (workdir / "results.csv").write_text(csv_text(rows))
-        (workdir / "trials.csv").write_text(csv_text(trials))
+        write_atomically(workdir / "results.csv", csv_text(rows))
+        write_atomically(workdir / "trials.csv", csv_text(trials))
         optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
         programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
                                 f"({p['model_axis']}"
@@ -384,7 +384,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                                    f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
                                    f"{p['data']['test_examples']:,} test" if several else "")
                                 for p in program_info)
-        (workdir / "results.md").write_text(
+        write_atomically(workdir / "results.md",
             f"# {config['name']}\n\n{config.get('description', '')}\n\n"
             f"- data: {dataset.source}, {len(dataset.train):,} train / "
             f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"

@@ -354,3 +354,15 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"flaxlab {__version__}\n"
+
+
+def test_a_sweep_gets_cpu_devices_for_its_largest_program_only(monkeypatch):
+    """Its programs train one after another: four programs of one network width each made four devices."""
+    from experiments import EXPERIMENTS, cli as experiments_cli
+    from flaxlab import parallel
+    asked = []
+    monkeypatch.setattr(parallel, "split_cpu_devices", lambda models, distributed=False: asked.append(models))
+    for name in ("mnist_cnn_widths", "mnist_cnn_dropout"):
+        config = {**EXPERIMENTS[name](), "seeds": 2, "model_axis": "sequential"}
+        experiments_cli._split_cpu(config, config["sweep"])
+    assert asked == [2, 14]  # 1 model x 2 seeds; 7 dropout rates stacked in one program x 2 seeds
