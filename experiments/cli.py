@@ -335,6 +335,11 @@ def _summary(args, overrides):
         known = sorted(set(models.MODELS) | set(EXPERIMENTS))
         raise UsageError(f"unknown model or experiment '{args.model}'{did_you_mean(args.model, known)}; known: "
                          f"{', '.join(known)}")
+    if overrides and overrides[0].startswith("--model."):  # was "unexpected argument"
+        using = [name for name, make in EXPERIMENTS.items() if make()["model"]["name"] == args.model][:2]
+        example = f" (e.g. `summary {using[0]} {' '.join(overrides[:2])}`)" if using else ""
+        raise UsageError(f"{overrides[0]}: a network by its name is shown with its defaults; --model.* options go "
+                         f"with an experiment that trains it{example}")
     if overrides:
         raise UsageError(f"unexpected argument '{overrides[0]}'")
     print(_summary_table(args, {"name": args.model}, ()))
@@ -370,7 +375,10 @@ def _summary_table(args, model_config, size, name=None):
         from flaxlab.runner import shape_error_gist, size_hint
         hint = size_hint(model, input_shape, option.split()[0], with_channels=bool(args.input_shape))
         raise UsageError(f"{name} cannot take {option}: {shape_error_gist(e)}{hint}") from None
-    return summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}")
+    inside = getattr(model, "input_size", 0)  # ImageNet networks resize their input (a conv1 of 112x112 from 32x32)
+    resized = (f" (resized to {inside}x{inside} inside the network)" if inside and input_shape[:2] != (inside,) * 2
+               else "")
+    return summary.format_summary(table, title=f"{args.model}, input {'x'.join(map(str, input_shape))}{resized}")
 
 
 def _layers(args):

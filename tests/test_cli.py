@@ -64,6 +64,9 @@ def cli(*args, cwd):
     (["summary", "gtsrb_cnn", "--input-shape", "40,15,3"], "it takes e.g. --input-shape 40,16,3"),  # not 41,41
     (["summary", "mnist_cnn", "--input-shape="], "bad --input-shape ''"),
     (["summary", "layer_stack"], "layer_stack has no report input to show it on: give --input-shape H,W,C"),
+    (["summary", "unet", "--model.width", "4"],  # was "unexpected argument"
+     "--model.width: a network by its name is shown with its defaults; --model.* options go with an experiment "
+     "that trains it (e.g. `summary jsrt_unet --model.width 4`)"),
     (["list", "mnist"], "unexpected argument 'mnist'"),
     (["run", "glas_fcn", "--model.name", "small_cnn"],
      "small_cnn puts out a label per image, and glas is segmentation: choose a segmentation network"),
@@ -295,7 +298,8 @@ def test_summary_prints_the_reports_counts(tmp_path):
     out = cli("summary", "mnist_cnn", "--data.size", "14,14", cwd=tmp_path)  # was shown at 28x28, silently
     assert "input 14x14x1" in out.stdout and "Total params: 8,778" in out.stdout  # the dense layer takes 3x3x32
     out = cli("summary", "tdt4265_resnet18", cwd=tmp_path)  # torchvision's 11,689,512 less 1000-class fc plus 10
-    assert "input 32x32x3" in out.stdout and "Trainable params: 11,181,642" in out.stdout, out.stderr
+    assert "input 32x32x3 (resized to 224x224 inside the network)" in out.stdout, out.stderr  # conv1 gives 112x112
+    assert "Trainable params: 11,181,642" in out.stdout
     # an ablation over networks: a table each (it showed the sweep's base, LeNet-5, which neither variant trains)
     out = cli("summary", "ai604_cnn_bn", cwd=tmp_path)
     assert re.findall(r"(ai604_cnn_bn \(.*\)), input 28x28x1\n(?:.*\n)*?Trainable params: ([\d,]+)", out.stdout) == [
