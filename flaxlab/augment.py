@@ -59,16 +59,27 @@ def random_crop(key, images, padding, maps=None):
     return _crop(images, offsets, padding), _maps_op(maps, lambda m: _crop(m, offsets, padding))
 
 
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
 def random_jitter(key, images, strength, maps=None):
-    """Brightness and contrast each scaled by a random factor in [1 - strength, 1 + strength] per image
-    (torchvision's ColorJitter(brightness, contrast)): lighting varies far more between photos than shape."""
+    """Brightness and contrast each scaled by a random factor in [1 - strength, 1 + strength] per image, as
+    torchvision's ColorJitter(brightness, contrast) does: the two in a random order, each clipped to [0, 1],
+    contrast about the mean grey level. Lighting varies far more between photos than shape."""
     n = images.shape[0]
-    bright_key, contrast_key = jax.random.split(key)
+    bright_key, contrast_key, order_key = jax.random.split(key, 3)
     bright = jax.random.uniform(bright_key, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
     contrast = jax.random.uniform(contrast_key, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
-    images = images * bright
-    mean = images.mean(axis=(1, 2, 3), keepdims=True)
-    return jnp.clip((images - mean) * contrast + mean, 0.0, 1.0), maps
+
+    def brightness(x):
+        return jnp.clip(x * bright, 0.0, 1.0)
+
+    def contrasted(x):
+        grey = x @ jnp.asarray(GREY, x.dtype) if x.shape[-1] == 3 else x.mean(-1)
+        mean = grey.mean(axis=(1, 2))[:, None, None, None]
+        return jnp.clip((x - mean) * contrast + mean, 0.0, 1.0)
+    brightness_first = jax.random.bernoulli(order_key, 0.5, (n, 1, 1, 1))
+    return jnp.where(brightness_first, contrasted(brightness(images)), brightness(contrasted(images))), maps
 
 
 def make_augment(cfg):

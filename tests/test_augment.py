@@ -78,6 +78,23 @@ def test_jitter_scales_brightness_and_contrast_within_range():
     assert 0.69 < ratio.min() < 0.75 and 1.25 < ratio.max() < 1.31
 
 
+def test_jitter_is_torchvisions_color_jitter():
+    """torchvision's adjust_brightness and adjust_contrast (about the mean of rgb_to_grayscale), each clamped, in
+    a random order per image; the factors drawn as random_jitter draws them."""
+    images = jax.random.uniform(jax.random.key(4), (64, 5, 5, 3), minval=0.2, maxval=0.9)
+    key, strength = jax.random.key(7), 0.5
+    out = np.asarray(augment.random_jitter(key, images, strength)[0])
+    bright_key, contrast_key, order_key = jax.random.split(key, 3)
+    draw = lambda k: np.asarray(jax.random.uniform(k, (64,), minval=1 - strength, maxval=1 + strength))  # noqa: E731
+    brightness = lambda x, f: np.clip(f * x, 0, 1)  # noqa: E731
+    contrast = lambda x, f: np.clip(f * x + (1 - f) * (x @ np.array([0.2989, 0.587, 0.114])).mean(), 0, 1)  # noqa
+    first = np.asarray(jax.random.bernoulli(order_key, 0.5, (64,)))
+    for image, b, c, brightness_first, got in zip(np.asarray(images), draw(bright_key), draw(contrast_key), first, out):
+        want = contrast(brightness(image, b), c) if brightness_first else brightness(contrast(image, c), b)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert 0 < first.sum() < 64
+
+
 @pytest.mark.parametrize("options", [{"flip_lr": True, "flip_ud": True}, {"crop": 3}, {"rotate": 30.0}])
 def test_masks_move_with_their_images(options):
     # the mask marks exactly the bright pixels of each image: after augmentation it still must
