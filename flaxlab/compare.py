@@ -204,7 +204,7 @@ def compare_runs(folders, out=None, log=print):
     listing = _listing(folders, runs)
     write_atomically(out / "results.md",
         "# comparison\n\n" + "".join(f"{'  ' if line.startswith(' ') else '- '}{line.strip()}\n" for line in listing)
-        + (f"\n{note}\n" if note else "") + f"\n{table}\n\nEvery trial{selected_note}:\n\n"
+        + (f"\n{note}\n" if note else "") + f"\n{table}\n\n{metrics.BEST_TEST_NOTE}\n\nEvery trial{selected_note}:\n\n"
         f"{metrics.trial_table(trials)}\n")
     write_atomically(out / "results.csv", csv_text(rows))
     write_atomically(out / "trials.csv", csv_text(trials))

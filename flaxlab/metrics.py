@@ -9,6 +9,10 @@ HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 VAL_KEYS = ("val_loss", "val_accuracy")
 CLASSIFICATION = ("loss", "accuracy")
 SEGMENTATION = ("loss", "accuracy", "dice")  # accuracy: of pixels; dice: per image, = F1 for binary masks
+BEST_TEST_NOTE = ("\"best test\" is each model's best epoch by its test score itself: an optimistic figure, as "
+                  "no run could pick that epoch without seeing the test set (--best_metric picks by a validation "
+                  "split)")
+
 # what picks a model's best epoch (its kept checkpoint, early stopping)
 SELECTION_METRICS = VAL_KEYS + ("val_dice",)
 

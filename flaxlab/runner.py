@@ -697,7 +697,7 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         + f"), jax {info['jax']}: compile {info['compile_s']} s, "
         f"train {info['train_s']} s, {info['steps_per_s']} steps/s\n"
         + (f"- **{note}**\n" if (note := metrics.divergence_note(history, config["optimizer"]["name"])) else "")
-        + f"\n{table}\n{trials}{analysis_md}")
+        + f"\n{table}\n\n{metrics.BEST_TEST_NOTE}\n{trials}{analysis_md}")
     plots.learning_curves(history, workdir / "curves.png",
                           f"{config['name']}: {dataset.name} ({dataset.source.split(':')[0]}, {counts})", best_epochs)
     return stats, table

@@ -392,7 +392,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
             f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
             + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
                       if (note := metrics.divergence_note(history, optimizer_of[label])))
-            + f"\n{table}\n\n"
+            + f"\n{table}\n\n{metrics.BEST_TEST_NOTE}\n\n"
             f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
         plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
         selected_epochs = {label: [row["selected_epoch"] for row in trials if row["variant"] == label]
