@@ -165,13 +165,20 @@ def _first_max(members, axis):
 
 
 def max_pool2d(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """torch.nn.MaxPool2d, its arguments in its order: the maximum over each window of the input padded with
-    -inf (padding never wins); the gradient goes to the window's first maximum, in row-major order."""
+    """torch.nn.MaxPool2d, its arguments in its order: the maximum over each window of the input (padding never
+    wins). The gradient goes to the member torch's kernel keeps: the window's first maximum in row-major order,
+    but its last NaN where it holds NaNs, and its first pixel in the image where all are -inf."""
     x = jnp.asarray(x)
     kernel, stride, dilation, pads, out = _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode)
-    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    taps = _windows(padded, kernel, stride, dilation, out)
-    return _first_max(taps.reshape(kernel[0] * kernel[1], *taps.shape[2:]), axis=0)
+    def members(a, fill):  # (taps, N, oh, ow, C)
+        windows = _windows(jnp.pad(a, ((0, 0), *pads, (0, 0)), constant_values=fill), kernel, stride, dilation, out)
+        return windows.reshape(-1, *windows.shape[2:])
+    taps = members(x, -jnp.inf)
+    inside = members(jnp.ones((1, *x.shape[1:3], 1), bool), False)  # (taps, 1, oh, ow, 1)
+    nan = jnp.isnan(taps)
+    kept = jnp.where(nan.any(0), len(taps) - 1 - jnp.argmax(nan[::-1], 0),  # torch: `val > max || isnan(val)`
+                     jnp.where(taps.max(0) == -jnp.inf, jnp.argmax(inside, 0), jnp.argmax(taps, 0)))
+    return jnp.take_along_axis(taps, kept[None], axis=0)[0]
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True):

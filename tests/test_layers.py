@@ -186,6 +186,21 @@ def test_named_padding_is_torchs():
         np.testing.assert_allclose(layers.conv2d(x, w, padding=padding, dilation=dilation), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("args", [(3, 2, 1), (2, 2, 0, 1, True), (3, 1, 1, 2), ((1, 2), 1)])
+def test_max_pool_gradient_goes_where_torchs_goes_with_nans_and_infinities(args):
+    """torch's kernel keeps a window's last NaN (`val > max || isnan(val)`) and, where every pixel is -inf, its
+    first pixel in the image; the gradient went to the first NaN, and to the padding (lost) before."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal((2, 7, 7, 3)).astype(np.float32)
+    x[x > 1.2], x[x < -1.0] = np.nan, -np.inf
+    x[0, :3, :3] = -np.inf  # windows of -inf only, with padding
+    x[1, 0, :4] = np.nan  # several NaNs in a window
+    grad = jax.grad(lambda a: layers.max_pool2d(a, *args).sum())(jnp.asarray(x))
+    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, *args).sum().backward()
+    np.testing.assert_array_equal(grad, xt.grad.permute(0, 2, 3, 1).numpy())
+
+
 def test_max_pooling_keeps_a_nan_as_torch_does():
     """A NaN activation must reach the loss: the training networks' pools dropped it when it was not a window's
     first member (the comparison was `>`), so a blown-up run could show a finite loss."""
