@@ -119,7 +119,7 @@ def _join(address):
         timeout = int(os.environ.get("FLAXLAB_JOIN_TIMEOUT", JOIN_TIMEOUT_S))
         assert timeout > 0
     except (ValueError, AssertionError):
-        raise UsageError(f"FLAXLAB_JOIN_TIMEOUT must be a positive number of seconds, "
+        raise UsageError(f"FLAXLAB_JOIN_TIMEOUT must be a positive whole number of seconds, "
                          f"got '{os.environ['FLAXLAB_JOIN_TIMEOUT']}'") from None
     run = (f" of {kwargs['num_processes']} processes at {address} (this is process {kwargs['process_id']})"
            if kwargs else "")
@@ -139,6 +139,9 @@ def _join(address):
         if not address and "coordinator_address" in why:  # jax found no cluster (TPU pod, SLURM, Open MPI)
             why = ("jax detected no cluster to join (a TPU pod, SLURM, Open MPI); elsewhere set "
                    "JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process")
+        elif "Failed to start RPC server" in why:  # process 0 serves the coordinator at the address
+            why = (f"process 0 could not serve the coordinator at {address}: is its port taken (by another "
+                   f"program, or an earlier run still alive)? Give every process another JAX_COORDINATOR_ADDRESS port")
         raise UsageError(f"could not join the multi-host run: {why}") from None
     finally:
         waiting.cancel()
@@ -315,6 +318,13 @@ def from_process_0(read):
     return message["value"]
 
 
+def same_launch(config, **flags):
+    """Stops every process of a multi-host run, in one line, unless all were started with the same options and
+    `flags` (--resume): a process told to resume reads the run folder through process 0 first, a collective the
+    others would not make (a hang, or tracebacks in every process)."""
+    in_every_process(lambda: None, {**config, **flags})
+
+
 def in_every_process(do, config, fingerprint=None):
     """`do()` in every process of a multi-host run, which then go on together or stop together: a UsageError
     in one process (its data missing, say) is raised in all, naming the process, where the others would
@@ -347,8 +357,8 @@ def in_every_process(do, config, fingerprint=None):
     if failure is not None:
         raise failure
     for index, reply in enumerate(replies):
-        if "error" in reply:
-            raise UsageError(reply["error"] if index == jax.process_index() else f"process {index}: {reply['error']}")
+        if "error" in reply:  # the same line in every process
+            raise UsageError(f"process {index}: {reply['error']}")
     differ = [str(i) for i, reply in enumerate(replies) if reply["fingerprint"] != replies[0]["fingerprint"]]
     if differ:
         raise UsageError(f"process {', '.join(differ)} of the multi-host run read other data than process 0 (other "

@@ -804,6 +804,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     step bar (--quiet), `log=lambda *a: None` everything but `report`'s.
     """
     config = config_lib.note_changes(config_lib.validate(config))
+    parallel.same_launch(config, resume=resume)
     check_workdir(workdir)
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(config, workdir))

@@ -251,6 +251,8 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     """
     config = config_lib.note_changes(config_lib.validate(config))
     report = report or log
+    parallel.same_launch({**config, "sweep": variants if variants is not None else config.get("sweep")},
+                         resume=resume)
     check_workdir(workdir)
     if variants is not None:  # {"optimizer.lr": [0.1, 0.2]} from Python: an AttributeError
         config_lib.check_sweep({"sweep": variants})
