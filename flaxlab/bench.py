@@ -223,7 +223,8 @@ def _span(values, digits=None):
 def markdown_table(results, epochs):
     """results: {experiment: comparisons}. A table of steps/s and the median ratio, the machine named."""
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {epochs} epoch(s) per run, flaxlab and the "
-             "PyTorch peer alternating; ratio = flaxlab's images/s over the peer's (median over repeats).", "",
+             "PyTorch peer alternating; ratio = flaxlab's images/s over the peer's (median over repeats). With "
+             "several seeds, a flaxlab step trains every seed's model, a peer step one model.", "",
              "| workload | seeds | flaxlab steps/s | PyTorch steps/s | ratio (median, range) | flaxlab compile s |",
              "|---|---|---|---|---|---|"]
     for name, rows in results.items():

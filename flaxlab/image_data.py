@@ -527,7 +527,10 @@ def _signature(sources):
             for root, dirs, files in os.walk(source):
                 dirs.sort()
                 for name in sorted(files):
-                    st = (Path(root) / name).stat()
+                    try:
+                        st = (Path(root) / name).stat()
+                    except OSError:  # a link to nothing, say: no file the loaders read (a traceback before)
+                        st = (Path(root) / name).lstat()
                     h.update(f"|{Path(root, name).relative_to(source)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 

@@ -20,6 +20,7 @@ from flaxlab.errors import DataError, UsageError
 from flaxlab.image_data import (IMAGE_SUFFIXES, _cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
                                 _with_how_to, eight_bit, natural_key)
 
+SPLIT_NAMES = {"", "train", "test", "testA", "testB", "val"}  # what a split folder (or GlaS name) may be called
 _GLAS_NAME = re.compile(r"^(train|testA|testB|test|val)_(\d+)(_anno)?$")
 
 GLAS_URL = "https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"
@@ -112,6 +113,8 @@ def read_pairs(path, size=None):
     if not found:
         raise DataError(f"no images with masks in {path} (expected SPLIT/images/NAME + SPLIT/masks/NAME, "
                         "or GlaS's SPLIT_N.bmp + SPLIT_N_anno.bmp)")
+    if len(found) == 1 and not SPLIT_NAMES.intersection(found):  # an archive's top folder: a prefix, not a split
+        found = {"": next(iter(found.values()))}
     out = {}
     for split, entries in sorted(found.items()):
         for name, entry in entries.items():
@@ -126,11 +129,11 @@ def read_pairs(path, size=None):
                 raise DataError(f"{_where(path, mask_rel)} is {mask_size[0]}x{mask_size[1]} and its image "
                                 f"{image_rel} {image_size[0]}x{image_size[1]}: a mask is its image's size (swapped "
                                 f"or mismatched files?)")
-        images = _stack([entries[n]["image"][1] for n in names], "images", path)
+        pictures = [entries[n]["image"][1] for n in names]
+        if len({p.shape[-1] for p in pictures}) > 1:  # mixed greyscale and colour files: colour for all
+            pictures = [np.broadcast_to(p, (*p.shape[:2], 3)) for p in pictures]
+        images = _stack(pictures, "images", path)
         masks = _stack([entries[n]["mask"][1] for n in names], "masks", path)
-        channels = {entries[n]["image"][1].shape[-1] for n in names}
-        if len(channels) > 1:  # mixed greyscale and colour files: colour for all
-            images = np.stack([np.broadcast_to(entries[n]["image"][1], (*images.shape[1:3], 3)) for n in names])
         out[split] = (images, masks, names)
     return out
 

@@ -180,6 +180,15 @@ def test_read_images_scales_16_bit_and_float_images_and_says_what_a_folder_also_
         image_data.read_images([tmp_path / "gone.png"], (8, 8), 1)
 
 
+def test_a_dangling_link_in_a_data_folder_is_no_traceback(tmp_path):
+    """The cache's signature stats every file of the folder, the loaders read only images."""
+    tree = write_tree(tmp_path / "tree", {**folder_files(("cat", "dog"), 2, prefix="train/"),
+                                          **folder_files(("cat", "dog"), 1, prefix="test/")})
+    (tmp_path / "tree" / "train" / "cat" / "notes.txt").symlink_to(tmp_path / "nowhere")
+    assert image_data._signature([tree]) != image_data._signature([tmp_path / "tree2"])
+    assert len(data.load("images", data_dir=tree).train) == 4
+
+
 def test_missing_empty_and_corrupt_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         image_data.read_image_folder(tmp_path / "missing")

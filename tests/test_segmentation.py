@@ -43,6 +43,20 @@ def test_paired_layout_resizes_images_bilinear_and_masks_nearest(tmp_path):
     np.testing.assert_array_equal(native[1][1], (np.asarray(Image.open(tmp_path / "test/masks/case1.png")) > 0))
 
 
+def test_paired_layout_takes_mixed_grey_and_colour_files_and_an_archives_top_folder(tmp_path):
+    import tarfile
+    _pairs(tmp_path / "mixed", "train", 2, grey=True)
+    _pairs(tmp_path / "mixed", "train", 1)  # case0 again, in colour: grey case1 stays
+    images = seg_data.read_pairs(tmp_path / "mixed")["train"][0]  # "differ in size (20x30 and 20x30)" before
+    assert images.shape == (2, 20, 30, 3) and (images[1, ..., 0] == images[1, ..., 2]).all()
+    _pairs(tmp_path / "mine", "mydata", 5)
+    with tarfile.open(tmp_path / "mydata.tar", "w") as tar:
+        tar.add(tmp_path / "mine" / "mydata", arcname="mydata")
+    for source in (tmp_path / "mine" / "mydata", tmp_path / "mydata.tar"):  # "no train split (found 'mydata')"
+        ds = seg_data.load_segmentation("paired", source, size=(10, 15), test_fraction=0.2, cache=False)
+        assert (len(ds.train), len(ds.test)) == (4, 1)
+
+
 def test_glas_release_layout_marks_every_gland_id_as_foreground(tmp_path):
     rng = np.random.default_rng(1)
     for split, n in (("train", 3), ("testA", 2), ("testB", 1)):
