@@ -33,15 +33,15 @@ def _first_maximum(members):
     The index is kept rather than found again in the backward pass by comparing members with the
     maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
     batch split over devices), and then no member would equal its maximum and the gradient be lost.
-    The maxima are jnp.maximum's, which keeps a NaN, as torch does: a NaN activation must reach the loss, not
-    be pooled away (a `where(member > best)` dropped it). A step of the 1MD120 CNN ran no slower this way
-    (188 against 183 steps/s, medians of 6 alternating rounds, 2-core EPYC); an isnan() test cost ~5%.
+    For the same reason it is one argmax over the stacked members, not a chain of `member > best so far`:
+    XLA:CPU fused a tanh, sigmoid or batch norm producing the members into each comparison and into the
+    maxima apart, rounding them differently (jax 0.10.2), so the chain kept a wrong member and sent the
+    gradient there (the 1MD120 CNN with tanh: conv gradients off by 2x, against eager jax and torch).
+    jnp.max keeps a NaN, as torch does: a NaN activation must reach the loss, not be pooled away. The
+    1MD120 CNN's step took 2.70 ms against the chain's 2.83 (medians of 7 alternating rounds, 2-core Xeon).
     """
-    best, first = members[0], jnp.zeros(members[0].shape, jnp.int8)
-    for i, member in enumerate(members[1:], 1):
-        first = jnp.where(member > best, jnp.int8(i), first)
-        best = jnp.maximum(best, member)
-    return best, first
+    stacked = jnp.stack(members)
+    return stacked.max(0), jnp.argmax(stacked, 0).astype(jnp.int8)
 
 
 def _max_pool_fwd(x, size):

@@ -31,8 +31,13 @@ from flaxlab.optim import make_optimizer
 EPOCH_MODES = ("auto", "step", "scan")
 
 # XLA:CPU's YNNPACK fusions make the course's small nets slower: the 1MD120 CNN's step took
-# 3.0-3.5 ms without them against 3.6-4.3 ms with them (2-core EPYC, jax 0.10.2, alternating runs).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# 3.0-3.5 ms without them against 3.6-4.3 ms with them (2-core EPYC, jax 0.10.2, alternating runs); the GTSRB
+# CNN's 66 against 256 ms (2-core Xeon). But its reductions stay: without them XLA:CPU computed wrong gradients
+# for the TDT4265 CNN with batch norm (10% off, against eager jax and float64; jax 0.10.2), and they cost little
+# (medians of 7 alternating rounds, 2-core Xeon: the 1MD120 CNN 2.82 ms either way, the all-conv net 21.6
+# against 20.7, the GTSRB CNN 67.0 against 66.5, the FNN 14.1 against 13.7). `tests/test_train.py` compares
+# compiled gradients with eager ones.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 # glibc's malloc serves each block over 32 MB with a fresh mmap and unmaps it when freed, so the temporary

@@ -225,7 +225,7 @@ def test_bad_input_in_one_process_stops_every_process_in_one_line(command, tmp_p
     results = _two_processes(cmd, timeout=300, per_process=(["--data-dir", str(sample)], ["--data-dir", str(missing)]))
     lines = [err.splitlines()[-1] for _, _, err in results]
     assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
-    assert lines[1].startswith(f"error: process 1: --data-dir {missing} is not a folder") and lines[0] == lines[1]
+    assert lines[1].startswith(f"error: process 1: --data-dir {missing} is not a folder") and lines[0] == lines[1], lines
     for per_process, line in [
             ((["--data-dir", str(sample)], ["--data-dir", str(sample), "--resume"]),  # a hang, or tracebacks
              "error: process 1 of the multi-host run was given other options than process 0 (--resume): start "
