@@ -34,9 +34,9 @@ def _first_maximum(members):
     maxima: XLA may compute the pooled values in two fusions that round differently (seen with the
     batch split over devices), and then no member would equal its maximum and the gradient be lost.
     For the same reason it is one argmax over the stacked members, not a chain of `member > best so far`:
-    XLA:CPU fused a tanh, sigmoid or batch norm producing the members into each comparison and into the
-    maxima apart, rounding them differently (jax 0.10.2), so the chain kept a wrong member and sent the
-    gradient there (the 1MD120 CNN with tanh: conv gradients off by 2x, against eager jax and torch).
+    XLA:CPU fused the tanh or sigmoid producing the members into each comparison and into the maxima apart,
+    rounding them differently (jax 0.10.2), so the chain kept a wrong member and sent the gradient there
+    (the 1MD120 CNN with tanh: conv gradients off by 2x, against eager jax and torch).
     jnp.max keeps a NaN, as torch does: a NaN activation must reach the loss, not be pooled away. The
     1MD120 CNN's step took 2.70 ms against the chain's 2.83 (medians of 7 alternating rounds, 2-core Xeon).
     """
