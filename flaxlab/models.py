@@ -5,6 +5,7 @@ Weights start as PyTorch's defaults do (uniform, fan-in scaled), because the rep
 rates (SGD lr 1 for the FNN) were tuned for that start.
 """
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -354,7 +355,9 @@ def batch_norm(train, name=None):
     return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-_REAL_EXAMPLES = []  # the batch's mask of real examples while a train step traces the model (`real_examples`)
+# the batch's mask of real examples while a train step traces the model (`real_examples`); a context variable,
+# so that a model traced in another thread meanwhile does not take this one's mask
+_REAL_EXAMPLES = contextvars.ContextVar("real_examples", default=None)
 
 
 @contextlib.contextmanager
@@ -362,16 +365,16 @@ def real_examples(mask):
     """Batch norm in training takes its statistics over the examples `mask` marks (None: all): a short last
     batch is padded with filler examples to the batch's shape (`drop_last` false), which torch's DataLoader
     does not have, and which the loss already leaves out."""
-    _REAL_EXAMPLES.append(mask)
+    token = _REAL_EXAMPLES.set(mask)
     try:
         yield
     finally:
-        _REAL_EXAMPLES.pop()
+        _REAL_EXAMPLES.reset(token)
 
 
 def _example_weights(x):
     """1 for a real example of `x`'s batch, 0 for filler; None when every example is real (or unknown)."""
-    mask = _REAL_EXAMPLES[-1] if _REAL_EXAMPLES else None
+    mask = _REAL_EXAMPLES.get()
     if mask is None or mask.shape != x.shape[:1]:  # a network that folds other axes into the batch: all
         return None
     return mask.astype(jnp.float32)
@@ -388,17 +391,18 @@ def _batch_normalize(x, scale, bias, weights, epsilon):
 
 def _count(x, weights):
     """How many values per channel the statistics are over: all of `x`'s but the last axis, or the marked
-    examples'."""
+    examples' (at least 1: a batch of filler alone leaves the statistics 0, not NaN)."""
     per_channel = x.size // x.shape[-1]
-    return per_channel if weights is None else weights.sum() * (per_channel // x.shape[0])
+    return per_channel if weights is None else jnp.maximum(weights.sum(), 1.0) * (per_channel // x.shape[0])
 
 
 def _sums(x, weights):
     """Per-channel sum of `x` over all axes but the last; with `weights`, of the marked examples only (each
-    example's sum first, then weighted: no pass over the maps more)."""
+    example's sum first, then weighted: no pass over the maps more). Not a matrix product: that would run in
+    TF32 on a GPU, bf16 on a TPU, and E[x^2] - E[x]^2 of sums so rounded was percents off."""
     if weights is None:
         return x.reshape(-1, x.shape[-1]).sum(0)
-    return weights @ x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+    return (weights[:, None] * x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)).sum(0)
 
 
 def _batch_stats(x, weights=None):

@@ -14,6 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -399,25 +404,45 @@ def marked_as_training(workdir):
 def _claim(path, marker):
     """Writes the training marker unless a live process's is there (two launches into one folder passed
     check_workdir while neither had marked it, then both trained and wiped each other's files): the marker
-    appears whole or not at all (a hard link of a written file), and only where none is."""
+    appears whole or not at all (a hard link of a written file), and only where none is. The folder is locked
+    meanwhile, where the file system has locks: two launches finding a stopped run's marker both replaced it."""
     written = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     written.write_text(json.dumps(marker, indent=1))
     try:
-        for attempt in range(2):
-            try:
-                os.link(written, path)
-                return
-            except FileExistsError:
-                _refuse_if_training(path.parent)
-                if attempt:
-                    raise UsageError(f"--workdir {path.parent}: another run has just started training there: "
-                                     "give another folder") from None
-                path.unlink(missing_ok=True)  # a stopped run's
-            except OSError:  # a file system without hard links
-                os.replace(written, path)
-                return
+        with _folder_locked(path.parent):
+            for attempt in range(2):
+                try:
+                    os.link(written, path)
+                    return
+                except FileExistsError:
+                    _refuse_if_training(path.parent)
+                    if attempt:
+                        raise UsageError(f"--workdir {path.parent}: another run has just started training there: "
+                                         "give another folder") from None
+                    path.unlink(missing_ok=True)  # a stopped run's
+                except OSError:  # a file system without hard links
+                    os.replace(written, path)
+                    return
     finally:
         written.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_locked(folder):
+    """An exclusive lock on `folder` while the block runs (flock on the folder itself: no file is left behind;
+    the kernel releases it when the process dies); none where the file system or platform has no such locks."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _marker_pid(path):

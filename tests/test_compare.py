@@ -1,6 +1,7 @@
 """`compare`: runs and sweeps trained apart, read back from their folders into one table and one figure."""
 import csv
 import json
+import socket
 
 import pytest
 
@@ -241,6 +242,44 @@ def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_s
     assert state().startswith(f"training or stopped (pid {alive.pid} on elsewhere since ")
     run_experiment(cnn(epochs=1), tmp_path / "run", dataset=data, log=quiet)  # a gone process's marker: no refusal
     assert not (tmp_path / "run" / "training.json").exists() and state() == "finished"
+
+
+def _claim_in_a_child(folder, results, done):
+    """One launch's claim of `folder` (a forked process), its liveness check slowed to widen the race."""
+    import os
+    import time
+    from flaxlab import runner
+    check = runner._refuse_if_training
+    runner._refuse_if_training = lambda workdir: (check(workdir), time.sleep(0.3))
+    try:
+        runner._claim(folder / runner.TRAINING_MARKER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                        "process_start": runner._process_start(os.getpid()),
+                                                        "since": "2026-12-07T00:00:00"})
+        results.put("claimed")
+    except UsageError as e:
+        results.put(str(e))
+    done.wait(30)  # alive until both have tried: a claimant's marker names a live process
+
+
+def test_two_launches_finding_a_stopped_runs_marker_do_not_both_claim_the_folder(tmp_path):
+    """Both found the stopped run's marker stale, then each replaced it in turn, and both trained in one folder:
+    the folder is locked from the check to the claim."""
+    import multiprocessing
+    marker = tmp_path / "training.json"
+    marker.write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname(), "since": "2026-12-06T00:00:00"}))
+    fork = multiprocessing.get_context("fork")
+    results, done = fork.Queue(), fork.Event()
+    children = [fork.Process(target=_claim_in_a_child, args=(tmp_path, results, done)) for _ in range(2)]
+    for child in children:
+        child.start()
+    try:
+        outcomes = sorted((results.get(timeout=60) for _ in children), key=lambda outcome: outcome != "claimed")
+    finally:
+        done.set()
+        for child in children:
+            child.join(30)
+    assert outcomes[0] == "claimed" and "a run is training there" in outcomes[1], outcomes
+    assert json.loads(marker.read_text())["pid"] in {child.pid for child in children}
 
 
 def test_a_sweeps_variant_is_compared_with_every_field_it_sets():

@@ -102,6 +102,23 @@ def test_batch_norm_leaves_a_short_batchs_filler_out(name):
                                 atol=1e-6)  # the other path's statistics (bf16 compute, GPUs): jax's gradient
 
 
+def test_batch_norms_example_mask_is_the_tracing_threads_own_and_exact():
+    """The mask is a context variable: a model traced in another thread meanwhile took this thread's mask. Its
+    sums are not a matrix product (TF32 on GPUs, bf16 on TPUs: percents off in the variance), and a batch of
+    filler alone leaves the statistics 0, not NaN."""
+    import threading
+    x, mask = jax.random.normal(jax.random.key(3), (4, 3, 3, 2)), jnp.array([True, False, True, True])
+    seen = []
+    with models.real_examples(mask):
+        other = threading.Thread(target=lambda: seen.append(models._example_weights(x)))
+        other.start()
+        other.join()
+        mine = models._example_weights(x)
+    assert seen == [None] and mine.tolist() == [1.0, 0.0, 1.0, 1.0] and models._example_weights(x) is None
+    assert "dot_general" not in str(jax.make_jaxpr(models._batch_stats)(x, mine))
+    assert np.isfinite(models._batch_stats(x, jnp.zeros(4))).all()
+
+
 def test_eval_sums_are_exact_with_a_padded_last_batch(mnist_sample):
     model = models.make_model({"name": "mlp", "hidden": (16,)}, 10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
