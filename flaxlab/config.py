@@ -235,7 +235,8 @@ def validate(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{key} must be a finite number, got {value}")
     for key, allowed in _choices().items():
-        if isinstance(flat.get(key), str) and (key, flat[key]) in NOT_OFFERED:  # one letter away from an offered value, which means another thing
+        # one letter away from an offered value, which means another thing
+        if isinstance(flat.get(key), str) and (key, flat[key]) in NOT_OFFERED:
             raise UsageError(f"--{key} {flat[key]}: {NOT_OFFERED[key, flat[key]]}")
         if key in flat and flat[key] not in allowed:
             raise UsageError(f"unknown value '{flat[key]}' for --{key}{did_you_mean(flat[key], allowed)}; choose one "

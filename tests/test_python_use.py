@@ -87,7 +87,8 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
                          (with_field(config, "batch_size", 100.0), "--batch_size must be a whole number"),
                          (with_field(config, "model", {"features": (8,)}), "the config lacks model.name"),
                          # a list where a name goes was a TypeError (unhashable) from the check of names not offered
-                         (with_field(config, "optimizer.name", ["adam"]), "unknown value '['adam']' for --optimizer.name"),
+                         (with_field(config, "optimizer.name", ["adam"]),
+                          "unknown value '['adam']' for --optimizer.name"),
                          (with_field(config, "model", {"name": "small_cnn", "featurs": (8,)}),
                           "small_cnn takes no --model.featurs (did you mean --model.features?); its options: ")):
         with pytest.raises(UsageError, match=re.escape(message)):
