@@ -163,6 +163,9 @@ def check_out(out):
 def compare_runs(folders, out=None, log=print):
     """Writes OUT/results.md (a table over runs, then every trial), results.csv, trials.csv, comparison.png
     (test score and train loss per epoch, one curve per run) and compare.json; returns the table's rows."""
+    for folder in folders:  # one missing folder of two was "compare needs two run folders"
+        if not Path(folder).is_dir():
+            raise UsageError(f"{folder}: no such folder")
     if len(folders) < 2 and not all("variants" in (_read_json(Path(f) / "history.json") or {}) for f in folders):
         raise UsageError("compare needs two run folders or more (or a sweep's)")
     resolved = [Path(f).resolve() for f in folders]
@@ -274,6 +277,8 @@ def list_runs(folder="runs"):
     import datetime
     from flaxlab.runner import is_run_folder, training_process
     folder = Path(folder)
+    if folder == Path("runs") and not folder.exists():  # the default, before any run
+        return "no runs yet: runs/ does not exist here (a run writes runs/NAME unless --workdir names a folder)"
     if not folder.is_dir():
         raise UsageError(f"{folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}")
     # a folder with a history but no readable config.json is a damaged run, listed as one (it went unlisted)

@@ -895,7 +895,7 @@ def read_images(paths, size, channels, log=None):
             taken = set(found)  # a folder of 10,000 digits: a list's `in` made this 10^8 comparisons
             other = [f.name + "/" * f.is_dir() for f in entries if f not in taken and not f.name.startswith(".")]
             if other:
-                log(f"note: {path} also holds {len(other)} entr{'y' if len(other) == 1 else 'ies'} that are not "
+                log(f"note: {path} also holds {len(other)} entr{'y that is' if len(other) == 1 else 'ies that are'} not "
                     f"image files ({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}), left out; subfolders "
                     f"are not searched, and images are {', '.join(IMAGE_SUFFIXES)}")
         elif path.is_file():

@@ -78,7 +78,7 @@ def learning_curves(history, path, title, selected_epochs=None):
         text = f"final {name} {show(np.mean(history[key][-1]))}"
         if selected_epochs:
             kept = at_selected(history, key, selected_epochs).mean()
-            text += f", at selected epoch{'s' if n > 1 else ''} {show(kept)}"
+            text += f",\nat selected epoch{'s' if n > 1 else ''} {show(kept)}"  # one line was cut off
         ax.set_title(text, fontsize=10)
     fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
     fig.tight_layout()

@@ -97,7 +97,7 @@ def test_learning_curves_mark_the_selected_epochs_and_give_their_test_scores(tmp
     plots.learning_curves(history, tmp_path / "kept.png", "kept", selected_epochs=[2, 3])
     plots.learning_curves(history, tmp_path / "last.png", "last")
     kept, last = figures
-    assert kept.axes[1].get_title() == "final test accuracy 90.50%, at selected epochs 91.50%"  # (95 + 88) / 2
+    assert kept.axes[1].get_title() == "final test accuracy 90.50%,\nat selected epochs 91.50%"  # (95 + 88) / 2
     assert last.axes[1].get_title() == "final test accuracy 90.50%"
     for ax in kept.axes:
         marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]

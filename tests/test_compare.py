@@ -111,6 +111,7 @@ def test_bad_input_is_one_line(folders, tmp_path):
             ([str(folders / "plain")], "compare needs two run folders or more (or a sweep's)"),
             ([str(folders / "plain"), str(tmp_path)], f"{tmp_path} has no readable history.json and config.json"),
             ([str(folders / "plain"), "nosuch"], "nosuch: no such folder"),
+            (["nosuch"], "nosuch: no such folder"),  # was "compare needs two run folders"
             ([str(folders / "plain"), str(damaged)], f"{damaged}/history.json is damaged or not a flaxlab run's"),
             ([str(folders / "plain"), str(folders / "swept"), str(folders / "plain")],
              f"{folders / 'plain'} is given twice"),
@@ -191,6 +192,7 @@ def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnis
         list_runs(tmp_path / "plain" / "config.json")
     assert list_runs(tmp_path / "notes") == f"no run folders in {tmp_path / 'notes'}"
     assert cli("runs", str(tmp_path / "missing"), cwd=tmp_path).stderr == f"error: {tmp_path / 'missing'}: no such folder\n"
+    assert cli("runs", cwd=tmp_path / "notes").stdout.startswith("no runs yet: runs/ does not exist here")  # a first use
 
 
 def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_sample):
