@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from flaxlab import metrics, plots
 from flaxlab.config import check_sweep, differences, with_field
 from flaxlab.errors import UsageError
@@ -23,6 +25,7 @@ class Run(NamedTuple):
     selected_epochs: list  # each model's selected (best-validation) epoch; None when the run selected none
     data: dict  # the data record of history.json
     config: dict  # the folder's config.json
+    image_stats: list = None  # segmentation: each model's (std, min) of its per-image test scores, where written
 
 
 def _read_json(path):
@@ -32,13 +35,38 @@ def _read_json(path):
         return None
 
 
-def _sweep_selected_epochs(folder):
-    """{variant: [selected epoch per seed]} from a sweep's trials.csv; {} when it selected none."""
+def _trials_csv(folder):
     try:
         with open(Path(folder) / "trials.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return {}
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error):
+        return []
+
+
+def _sweep_image_stats(folder):
+    """{variant: [(std, min) of each seed's per-image test scores]} from a segmentation sweep's trials.csv."""
+    stats = {}
+    for row in _trials_csv(folder):
+        try:
+            stats.setdefault(row["variant"], []).append((float(row["test_images_std"]), float(row["test_images_min"])))
+        except (KeyError, TypeError, ValueError):  # classification, or a damaged file
+            return {}
+    return stats
+
+
+def _run_image_stats(folder, models):
+    """[(std, min) of each seed's per-image test scores] from a segmentation run's scores.json; None without."""
+    per_seed = (_read_json(Path(folder) / "scores.json") or {}).get("per_seed")
+    try:
+        stats = [(float(np.std(scores)), float(np.min(scores))) for scores in per_seed]
+    except (TypeError, ValueError):
+        return None
+    return stats if len(stats) == models else None
+
+
+def _sweep_selected_epochs(folder):
+    """{variant: [selected epoch per seed]} from a sweep's trials.csv; {} when it selected none."""
+    rows = _trials_csv(folder)
     selected = {}
     for row in rows:
         try:
@@ -96,16 +124,17 @@ def read_runs(folder):
     if not all(isinstance(d, dict) for d in data):
         raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
     if "variants" in recorded:  # a sweep
-        selected = _sweep_selected_epochs(folder)
+        selected, image_stats = _sweep_selected_epochs(folder), _sweep_image_stats(folder)
         histories = {label: _history(history, folder) for label, history in dict(recorded["variants"]).items()}
         return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0),
-                    _selected(selected.get(label), history), recorded.get("data", {}), _variant_config(config, label))
+                    _selected(selected.get(label), history), recorded.get("data", {}), _variant_config(config, label),
+                    image_stats.get(label))
                 for label, history in histories.items() if history]
     history = _history(recorded.get("history"), folder)
     if not history:
         return []
     return [Run(folder, config["name"], history, config.get("seed", 0), _selected(info.get("selected_epochs"), history),
-                info.get("data", {}), config)]
+                info.get("data", {}), config, _run_image_stats(folder, np.size(history["test_loss"][-1])))]
 
 
 def _variant_config(config, label):
@@ -186,10 +215,14 @@ def compare_runs(folders, out=None, log=print):
     labels = _labels(runs)
     histories = {label: run.history for label, run in zip(labels, runs)}
     selecting = all(run.selected_epochs for run in runs)
+    # the JSRT report's F1 std and min over test images, where every run wrote them
+    per_image = all(run.image_stats and len(run.image_stats) == np.size(run.history["test_loss"][-1]) for run in runs)
     rows, trials = [], []
     number = {Path(folder): i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
     for label, run in zip(labels, runs):
         mine = metrics.trial_rows(label, run.history, run.first_seed, run.selected_epochs if selecting else None)
+        for row, (std, least) in zip(mine, run.image_stats if per_image else ()):
+            row.update(test_images_std=std, test_images_min=least)
         rows.append({**variant_row(label, number[run.folder], run.history, mine), "epochs": len(run.history["epoch"]),
                      "folder": str(run.folder)})
         trials += mine

@@ -1209,6 +1209,10 @@ def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
         f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
     for line in _inversion_notes(images, files, pixel_mean, invert):
         log(line)
+    tiny = [f"{file} ({w}x{h})" for file, (h, w) in zip(files, sizes) if h < size[0] / 4 or w < size[1] / 4]
+    if tiny:  # a 1x1 image came out 100% foreground, without a word
+        log(f"note: {len(tiny)} image{'s' * (len(tiny) > 1)} far smaller than the {size[1]}x{size[0]} the network "
+            f"learnt from, blown up to it: little for it to go on ({', '.join(tiny[:3])}{', ...' * (len(tiny) > 3)})")
     if not segmentation:
         names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
         for file, p in zip(files, probabilities):

@@ -397,6 +397,11 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError, match="--top is for classification runs"):  # it went unused without a word
         runner.predict_images(tmp_path / "run", [tmp_path / "b"], top=2, out=tmp_path / "o", log=lambda *a: None)
+    Image.fromarray(images[0][:3, :5]).save(tmp_path / "tiny.png")  # a 3x5 image came out 93% gland unsaid
+    said = []
+    runner.predict_images(tmp_path / "run", [tmp_path / "tiny.png"], out=tmp_path / "t", log=said.append)
+    assert any(line.startswith("note: 1 image far smaller than the 128x128 the network learnt from") and
+               "tiny.png (5x3)" in line for line in said), said
 
 
 def test_a_data_parallel_run_resumed_on_other_devices_is_warned_of(tmp_path):

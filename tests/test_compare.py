@@ -135,6 +135,30 @@ def test_classification_and_segmentation_are_not_compared(folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_segmentation_runs_are_compared_with_their_per_image_std_and_min(tmp_path):
+    """The JSRT report gives F1 mean, std and min over the test images: a run's scores.json and a sweep's trials.csv
+    hold them, and compare's trial table gives them (it gave the mean alone)."""
+    history = {"epoch": [1], "train_loss": [[0.5]], "test_loss": [[0.5]], "train_accuracy": [[0.8]],
+               "test_accuracy": [[0.8]], "train_dice": [[0.6]], "test_dice": [[0.7]]}
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    run.mkdir()
+    sweep.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "jsrt_unet", "seed": 0}))
+    (run / "history.json").write_text(json.dumps({"info": {}, "history": history}))
+    (run / "scores.json").write_text(json.dumps({"per_seed": [[0.5, 0.7, 0.9]]}))
+    (sweep / "config.json").write_text(json.dumps({"name": "jsrt_unet", "seed": 0, "sweep": [{"label": "elu"}]}))
+    (sweep / "history.json").write_text(json.dumps({"variants": {"elu": history}}))
+    (sweep / "trials.csv").write_text("variant,trial,seed,test_images_std,test_images_min,final_test_dice\n"
+                                      "elu,1,0,0.05,0.4,0.7\n")
+    compare_runs([run, sweep], tmp_path / "out")
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| std over test images | min over test images | final test dice |" in table
+    assert "| 0.1633 | 0.5000 | 0.7000 |" in table and "| 0.0500 | 0.4000 | 0.7000 |" in table
+    (run / "scores.json").unlink()  # a run without them: the columns are left out, not made up
+    compare_runs([run, sweep], tmp_path / "out2")
+    assert "std over test images" not in (tmp_path / "out2" / "results.md").read_text()
+
+
 def test_runs_lists_each_folder_with_its_state_and_score(folders, tmp_path, mnist_sample):
     """`runs`: finished runs and sweeps with their final score (a sweep's best variant), and where a stopped one
     stands: the checkpoint --resume goes on from, the variants a sweep finished, no epoch yet, a damaged history."""
@@ -246,40 +270,46 @@ def test_a_run_in_training_is_listed_so_and_its_folder_refused(tmp_path, mnist_s
     assert not (tmp_path / "run" / "training.json").exists() and state() == "finished"
 
 
-def _claim_in_a_child(folder, results, done):
-    """One launch's claim of `folder` (a forked process), its liveness check slowed to widen the race."""
-    import os
-    import time
-    from flaxlab import runner
-    check = runner._refuse_if_training
-    runner._refuse_if_training = lambda workdir: (check(workdir), time.sleep(0.3))
-    try:
-        runner._claim(folder / runner.TRAINING_MARKER, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                        "process_start": runner._process_start(os.getpid()),
-                                                        "since": "2026-12-07T00:00:00"})
-        results.put("claimed")
-    except UsageError as e:
-        results.put(str(e))
-    done.wait(30)  # alive until both have tried: a claimant's marker names a live process
+CLAIMANT = """
+import os, socket, sys, time
+from pathlib import Path
+from flaxlab import runner
+from flaxlab.errors import UsageError
+check = runner._refuse_if_training
+runner._refuse_if_training = lambda workdir: (check(workdir), time.sleep(0.3))  # the race's window widened
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    runner._claim(Path(sys.argv[1]) / runner.TRAINING_MARKER, {"pid": os.getpid(), "host": socket.gethostname(),
+                  "process_start": runner._process_start(os.getpid()), "since": "2026-12-07T00:00:00"})
+    print("claimed", flush=True)
+except UsageError as e:
+    print(e, flush=True)
+sys.stdin.readline()  # alive until both have tried: a claimant's marker names a live process
+"""
 
 
 def test_two_launches_finding_a_stopped_runs_marker_do_not_both_claim_the_folder(tmp_path):
     """Both found the stopped run's marker stale, then each replaced it in turn, and both trained in one folder:
     the folder is locked from the check to the claim."""
-    import multiprocessing
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
     marker = tmp_path / "training.json"
     marker.write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname(), "since": "2026-12-06T00:00:00"}))
-    fork = multiprocessing.get_context("fork")
-    results, done = fork.Queue(), fork.Event()
-    children = [fork.Process(target=_claim_in_a_child, args=(tmp_path, results, done)) for _ in range(2)]
-    for child in children:
-        child.start()
+    children = [subprocess.Popen([sys.executable, "-c", CLAIMANT, str(tmp_path)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                for _ in range(2)]
     try:
-        outcomes = sorted((results.get(timeout=60) for _ in children), key=lambda outcome: outcome != "claimed")
+        assert [child.stdout.readline() for child in children] == ["ready\n"] * 2
+        for child in children:  # both claim at once
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outcomes = sorted((child.stdout.readline().strip() for child in children), key=lambda said: said != "claimed")
     finally:
-        done.set()
         for child in children:
-            child.join(30)
+            child.communicate("end\n", timeout=30)
     assert outcomes[0] == "claimed" and "a run is training there" in outcomes[1], outcomes
     assert json.loads(marker.read_text())["pid"] in {child.pid for child in children}
 
