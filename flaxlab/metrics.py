@@ -51,10 +51,10 @@ class BestEpochs:
     def update(self, epoch, values):
         """Takes this epoch's values (one per model); returns which models improved. A model that has gone
         `patience` epochs without improving has stopped, as its own run would: its kept epoch stays, however
-        it goes on in the stacked program until every model has stopped."""
-        improved = []
+        it goes on in the stacked program until every model has stopped (`held`)."""
+        improved, stopped = [], self.stopped()
         for i, v in enumerate(values):
-            if self.patience and self.stale[i] >= self.patience:
+            if stopped[i]:
                 improved.append(False)
                 continue
             # a NaN kept as the best (a first epoch that diverged) is beaten by any number
@@ -67,12 +67,25 @@ class BestEpochs:
             improved.append(better)
         return np.array(improved)
 
+    def stopped(self):
+        """Which models early stopping has stopped (before the epoch `update` takes next)."""
+        return np.array([self.patience > 0 and stale >= self.patience for stale in self.stale])
+
     def should_stop(self):
         """Early stopping: every model has gone `patience` epochs without improving."""
         return self.patience > 0 and min(self.stale) >= self.patience
 
     def state(self):
         return {"value": self.value, "epoch": self.epoch, "stale": self.stale}
+
+
+def held(history, split, scores, stopped):
+    """A split's scores of this epoch, the `stopped` models' those of their last epoch in `history`: such a model
+    trains on in the stacked program, but its final and best test figures and curves are its own run's, which
+    ended there (a seed stopped at epoch 2 was reported at the stacked program's epoch 4)."""
+    if scores is None or not stopped.any():
+        return scores
+    return {name: np.where(stopped, history[f"{split}_{name}"][-1], values).tolist() for name, values in scores.items()}
 
 
 DIVERGED_LOSS = 10.0  # a mean loss above this is worse than a uniform guess among 20,000 classes

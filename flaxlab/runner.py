@@ -538,8 +538,8 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
 
     `data` holds device splits "train", "test" and optionally "val". With `select` (a validation
     metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),
-    and with `patience` a model stops once it has not improved for that many epochs (its best kept), training
-    once every model has stopped.
+    and with `patience` a model stops once it has not improved for that many epochs (its best kept, its scores
+    held from then on), training once every model has stopped.
     `resumed` = (states, best, progress) from a checkpoint continues that run at its next epoch.
     `variants`: a sweep program's labels (its models variant-major), whose test scores the epoch line gives.
     Returns (states, best or None, history, best epochs or None).
@@ -570,6 +570,10 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
         seconds = time.perf_counter() - t0
         train, test = summarize(train_sums), summarize(trainer.evaluate(states, data["test"]))
         val_scores = summarize(trainer.evaluate(states, val)) if val is not None else None
+        if tracker:  # an early-stopped model's scores stay those of its last epoch
+            stopped = tracker.stopped()
+            train, test, val_scores = (metrics.held(history, split, scores, stopped) for split, scores in
+                                       (("train", train), ("test", test), ("val", val_scores)))
         metrics.append_epoch(history, epoch, seconds, train, test, val_scores)
         line = f"train {_scores(train)}  " + (f"val {_scores(val_scores)}  " if val_scores else "") + \
             f"test {_scores(test)}"

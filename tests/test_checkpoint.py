@@ -256,6 +256,12 @@ def test_best_epochs_and_early_stopping_per_model():
     for epoch, values in enumerate([[1.0, 1.0], [1.1, 0.9], [1.2, 0.8], [0.5, 0.7]], 1):
         stacked.update(epoch, values)
     assert stacked.epoch == [1, 4] and stacked.value == [1.0, 0.7] and not stacked.should_stop()
+    assert stacked.stopped().tolist() == [True, False]
+    # its scores stay those of its last epoch (3): its final and best test figures are its own run's
+    history = {"test_loss": [[1.0, 1.0], [1.1, 0.9], [1.2, 0.8]], "test_accuracy": [[0.5, 0.5], [0.6, 0.6], [0.4, 0.7]]}
+    assert metrics.held(history, "test", {"loss": [0.5, 0.7], "accuracy": [0.9, 0.8]}, stacked.stopped()) == {
+        "loss": [1.2, 0.7], "accuracy": [0.4, 0.8]}
+    assert metrics.held(history, "val", None, stacked.stopped()) is None
     diverged = metrics.BestEpochs("val_loss", 1, patience=2)  # a NaN first epoch is beaten by any number
     improved = [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)]
     assert improved == [True, False, True, True]
