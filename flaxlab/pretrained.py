@@ -207,11 +207,15 @@ def convert_state_dict(state_dict, arch="resnet18"):
     return {"params": params, "batch_stats": stats} if stats else {"params": params}
 
 
-def _torch_load_failure(error):
+def _torch_load_failure(error, path):
     """Why torch.load refused a file, in words: its messages advise unpickling the file (advice not to follow
-    for a weights file, with terminal colour codes), stop mid-sentence, or are a bare number."""
+    for a weights file, with terminal colour codes), stop mid-sentence, or are a bare number. Its unpickler
+    refuses random bytes as it refuses a whole model: torch.save writes a zip archive (or, before torch 1.6, a
+    pickle, which starts with byte 0x80)."""
     text = str(error)
-    if "weights only load failed" in text.lower() or "weights_only" in text:
+    with open(path, "rb") as f:
+        saved_by_torch = zipfile.is_zipfile(path) or f.read(1) == b"\x80"
+    if saved_by_torch and ("weights only load failed" in text.lower() or "weights_only" in text):
         return ("it holds pickled Python objects (a whole model, saved with torch.save(model)?), not only tensors: "
                 "save model.state_dict() instead")
     if "zip archive" in text or "central directory" in text:
@@ -245,7 +249,7 @@ def read_state_dict(path):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch's own errors: its unpickler's, a zip reader's, a bare KeyError
-                raise DataError(f"cannot read weights from {path}: {_torch_load_failure(e)}") from None
+                raise DataError(f"cannot read weights from {path}: {_torch_load_failure(e, path)}") from None
             for wrapper in ("state_dict", "model_state_dict", "model"):  # a training script's checkpoint
                 if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                     state = state[wrapper]

@@ -129,6 +129,9 @@ def test_missing_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"cut.pth: not a whole file of torch.save's \(cut short or damaged\)$"):
         pretrained.read_state_dict(tmp_path / "cut.pth")
     (tmp_path / "junk.pth").write_text("junk\n")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(5000))  # was "a whole model"
+    with pytest.raises(DataError, match="random.pth: not a file torch.save wrote, or a damaged one$"):
+        pretrained.read_state_dict(tmp_path / "random.pth")
     with pytest.raises(DataError, match="junk.pth: not a file torch.save wrote, or a damaged one$"):
         pretrained.read_state_dict(tmp_path / "junk.pth")
 
