@@ -62,8 +62,9 @@ def summarize_model(model, input_shape, train=False):
         if context.method_name != "__call__" or not context.module.path:  # the model itself is no row
             return next_fun(*args, **kwargs)
         kind = type(context.module).__name__
-        if isinstance(getattr(context.module, "kind", None), str):  # e.g. Activation(relu)
-            kind += f"({context.module.kind})"
+        for option in ("kind", "method"):  # Activation(relu), Upsample(nearest): the ablations' switches
+            if isinstance(getattr(context.module, option, None), str):
+                kind += f"({getattr(context.module, option)})"
         call = [tuple(context.module.path), kind, None]
         calls.append(call)
         call[2] = next_fun(*args, **kwargs)

@@ -57,6 +57,15 @@ def test_rows_keep_call_order_with_pooling_and_activation_rows():
     assert rows[-1].output_shape == (10,)
 
 
+def test_the_unets_rows_name_its_upsampling_and_activation():
+    """`summary jsrt_unet` and `summary jsrt_unet_nearest` printed the same rows."""
+    for method, activation in (("bilinear", "relu"), ("nearest", "elu")):
+        network = models.make_model({"name": "unet", "width": 4, "depth": 2, "upsample": method,
+                                     "activation": activation}, 2)
+        kinds = {row.kind for row in summarize_model(network, (32, 32, 1)).rows}
+        assert {f"Upsample({method})", f"Activation({activation})"} <= kinds, kinds
+
+
 def test_gtsrb_last_layer_gets_512_features():
     rows = summary_of("gtsrb_cnn", GTSRB, 43).rows
     flatten = [row for row in rows if row.kind == "Flatten"]
