@@ -215,8 +215,10 @@ def compare_runs(folders, out=None, log=print):
     labels = _labels(runs)
     histories = {label: run.history for label, run in zip(labels, runs)}
     selecting = all(run.selected_epochs for run in runs)
-    # the JSRT report's F1 std and min over test images, where every run wrote them
-    per_image = all(run.image_stats and len(run.image_stats) == np.size(run.history["test_loss"][-1]) for run in runs)
+    # the JSRT report's F1 std and min over test images, where every run wrote them, of the states the table scores:
+    # a run's scores.json holds its selected states' (when it selected), which a table of final scores does not show
+    per_image = all(run.image_stats and len(run.image_stats) == np.size(run.history["test_loss"][-1])
+                    and bool(run.selected_epochs) == selecting for run in runs)
     rows, trials = [], []
     number = {Path(folder): i for i, folder in enumerate(folders, 1)}  # a sweep's variants share their folder's
     for label, run in zip(labels, runs):

@@ -79,13 +79,21 @@ class BestEpochs:
         return {"value": self.value, "epoch": self.epoch, "stale": self.stale}
 
 
-def held(history, split, scores, stopped):
-    """A split's scores of this epoch, the `stopped` models' those of their last epoch in `history`: such a model
+def held(history, split, scores, tracker):
+    """A split's scores of this epoch, the models `tracker` has stopped those of the epoch they stopped at (their
+    best + patience; found by number, as a history written before scores were held goes on past it): such a model
     trains on in the stacked program, but its final and best test figures and curves are its own run's, which
     ended there (a seed stopped at epoch 2 was reported at the stacked program's epoch 4)."""
-    if scores is None or not stopped.any():
+    stopped = np.flatnonzero(tracker.stopped())
+    if scores is None or not len(stopped):
         return scores
-    return {name: np.where(stopped, history[f"{split}_{name}"][-1], values).tolist() for name, values in scores.items()}
+    scores = {name: list(values) for name, values in scores.items()}
+    for i in stopped:
+        stop = tracker.epoch[i] + tracker.patience
+        at = history["epoch"].index(stop) if stop in history["epoch"] else -1
+        for name, values in scores.items():
+            values[i] = history[f"{split}_{name}"][at][i]
+    return scores
 
 
 DIVERGED_LOSS = 10.0  # a mean loss above this is worse than a uniform guess among 20,000 classes

@@ -427,18 +427,31 @@ def _claim(path, marker):
         written.unlink(missing_ok=True)
 
 
+FOLDER_LOCK_WAIT_S = 2.0  # a claim holds the lock for milliseconds
+
+
 @contextlib.contextmanager
 def _folder_locked(folder):
     """An exclusive lock on `folder` while the block runs (flock on the folder itself: no file is left behind;
-    the kernel releases it when the process dies); none where the file system or platform has no such locks."""
+    the kernel releases it when the process dies); none where the file system or platform has no such locks,
+    nor after FOLDER_LOCK_WAIT_S where another process holds it long (`flock DIR python -m experiments ...`
+    around this very run waited for ever)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         fd = None
     try:
-        if fd is not None and fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + FOLDER_LOCK_WAIT_S
+        while fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            except OSError:  # no locks here
+                break
         yield
     finally:
         if fd is not None:
@@ -571,8 +584,7 @@ def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpo
         train, test = summarize(train_sums), summarize(trainer.evaluate(states, data["test"]))
         val_scores = summarize(trainer.evaluate(states, val)) if val is not None else None
         if tracker:  # an early-stopped model's scores stay those of its last epoch
-            stopped = tracker.stopped()
-            train, test, val_scores = (metrics.held(history, split, scores, stopped) for split, scores in
+            train, test, val_scores = (metrics.held(history, split, scores, tracker) for split, scores in
                                        (("train", train), ("test", test), ("val", val_scores)))
         metrics.append_epoch(history, epoch, seconds, train, test, val_scores)
         line = f"train {_scores(train)}  " + (f"val {_scores(val_scores)}  " if val_scores else "") + \
@@ -1213,9 +1225,9 @@ def predict_images(workdir, paths, top=None, invert=False, out=None, log=print):
         f"{size[0]}x{size[1]}{', greyscale' if channels == 1 else ''}{', inverted' if invert else ''}")
     for line in _inversion_notes(images, files, pixel_mean, invert):
         log(line)
-    tiny = [f"{file} ({w}x{h})" for file, (h, w) in zip(files, sizes) if h < size[0] / 4 or w < size[1] / 4]
+    tiny = [f"{file} ({h}x{w})" for file, (h, w) in zip(files, sizes) if h < size[0] / 4 or w < size[1] / 4]
     if tiny:  # a 1x1 image came out 100% foreground, without a word
-        log(f"note: {len(tiny)} image{'s' * (len(tiny) > 1)} far smaller than the {size[1]}x{size[0]} the network "
+        log(f"note: {len(tiny)} image{'s' * (len(tiny) > 1)} far smaller than the {size[0]}x{size[1]} the network "
             f"learnt from, blown up to it: little for it to go on ({', '.join(tiny[:3])}{', ...' * (len(tiny) > 3)})")
     if not segmentation:
         names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]

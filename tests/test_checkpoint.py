@@ -1,5 +1,6 @@
 """Orbax checkpoints and --resume: a run killed with SIGKILL and resumed ends exactly as an
 uninterrupted one; best-validation states and early stopping per model."""
+import functools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from flaxlab import metrics
+from flaxlab import metrics, runner
 from flaxlab.checkpoint import Checkpoints
 from flaxlab.errors import DataError, UsageError
 from flaxlab.runner import evaluate_checkpoint, predict_images, select_models
@@ -258,10 +259,49 @@ def test_best_epochs_and_early_stopping_per_model():
     assert stacked.epoch == [1, 4] and stacked.value == [1.0, 0.7] and not stacked.should_stop()
     assert stacked.stopped().tolist() == [True, False]
     # its scores stay those of its last epoch (3): its final and best test figures are its own run's
-    history = {"test_loss": [[1.0, 1.0], [1.1, 0.9], [1.2, 0.8]], "test_accuracy": [[0.5, 0.5], [0.6, 0.6], [0.4, 0.7]]}
-    assert metrics.held(history, "test", {"loss": [0.5, 0.7], "accuracy": [0.9, 0.8]}, stacked.stopped()) == {
+    history = {"epoch": [1, 2, 3], "test_loss": [[1.0, 1.0], [1.1, 0.9], [1.2, 0.8]],
+               "test_accuracy": [[0.5, 0.5], [0.6, 0.6], [0.4, 0.7]]}
+    assert metrics.held(history, "test", {"loss": [0.5, 0.7], "accuracy": [0.9, 0.8]}, stacked) == {
         "loss": [1.2, 0.7], "accuracy": [0.4, 0.8]}
-    assert metrics.held(history, "val", None, stacked.stopped()) is None
+    assert metrics.held(history, "val", None, stacked) is None
+    # a history written before scores were held goes on past the stop: its stop epoch's are taken, not the last's
+    history = {key: values + [[0.3, 0.6]] for key, values in history.items() if key != "epoch"} | {"epoch": [1, 2, 3, 4]}
+    assert metrics.held(history, "test", {"loss": [0.5, 0.7]}, stacked) == {"loss": [1.2, 0.7]}
+
+
+def test_a_stopped_models_scores_stay_its_own_runs_through_a_resume():
+    """fit itself holds them (a seed stopped at epoch 2 had the stacked program's epoch 4 as its final score), and a
+    run resumed after its stop goes on holding them."""
+    import copy
+    val = {1: [0.5, 0.9], 2: [0.6, 0.8], 3: [0.4, 0.7], 4: [0.3, 0.6], 5: [0.2, 0.5]}  # model 0 stops after epoch 2
+
+    class Trainer:  # scores by epoch, no network
+        num_models, segmentation = 2, False
+
+        def train_epoch(self, states, data, keys, epoch, on_step=None):
+            self.epoch = epoch
+            return {"w": states["w"] + 1}, {"loss": jnp.ones(2), "correct": jnp.full(2, 0.5), "count": jnp.ones(2)}
+
+        def evaluate(self, states, split):
+            scores = jnp.array(val[self.epoch]) if split == "val" else jnp.full(2, 0.1 * self.epoch)
+            return {"loss": scores, "correct": scores, "count": jnp.ones(2)}
+
+    class Saved:
+        def save(self, epoch, states, best, progress, force=False):
+            self.at = (states, best, copy.deepcopy(progress))
+
+    data, quiet = {"train": None, "test": "test", "val": "val"}, lambda *a: None
+    fit = functools.partial(runner.fit, Trainer(), {"w": jnp.zeros(2)}, data, None, select="val_loss", patience=1,
+                            progress=False, log=quiet)
+    _, _, history, selected = fit(5)
+    assert selected == [1, 5] and np.allclose(history["test_accuracy"], [[0.1, 0.1], [0.2, 0.2], [0.2, 0.3],
+                                                                         [0.2, 0.4], [0.2, 0.5]])
+    saved = Saved()
+    fit(3, checkpoints=saved)
+    states, best, progress = saved.at
+    _, _, resumed, _ = fit(5, resumed=(states, best, json.loads(json.dumps(progress))))
+    assert {k: v for k, v in resumed.items() if k != "epoch_time_s"} == {
+        k: v for k, v in history.items() if k != "epoch_time_s"}
     diverged = metrics.BestEpochs("val_loss", 1, patience=2)  # a NaN first epoch is beaten by any number
     improved = [diverged.update(e, [v])[0] for e, v in enumerate([np.nan, np.nan, 0.9, 0.5], 1)]
     assert improved == [True, False, True, True]
@@ -407,7 +447,7 @@ def test_predict_writes_a_segmentation_runs_masks_at_each_images_size(tmp_path):
     said = []
     runner.predict_images(tmp_path / "run", [tmp_path / "tiny.png"], out=tmp_path / "t", log=said.append)
     assert any(line.startswith("note: 1 image far smaller than the 128x128 the network learnt from") and
-               "tiny.png (5x3)" in line for line in said), said
+               "tiny.png (3x5)" in line for line in said), said
 
 
 def test_a_data_parallel_run_resumed_on_other_devices_is_warned_of(tmp_path):

@@ -276,7 +276,8 @@ from pathlib import Path
 from flaxlab import runner
 from flaxlab.errors import UsageError
 check = runner._refuse_if_training
-runner._refuse_if_training = lambda workdir: (check(workdir), time.sleep(0.3))  # the race's window widened
+runner._refuse_if_training = lambda workdir: (check(workdir), time.sleep(1.5))  # the race's window widened
+runner.FOLDER_LOCK_WAIT_S = 30
 print("ready", flush=True)
 sys.stdin.readline()
 try:
@@ -312,6 +313,23 @@ def test_two_launches_finding_a_stopped_runs_marker_do_not_both_claim_the_folder
             child.communicate("end\n", timeout=30)
     assert outcomes[0] == "claimed" and "a run is training there" in outcomes[1], outcomes
     assert json.loads(marker.read_text())["pid"] in {child.pid for child in children}
+
+
+def test_a_claim_does_not_wait_for_ever_on_a_folder_locked_around_the_run(tmp_path):
+    """`flock DIR python -m experiments run --workdir DIR`: the run waited for its own wrapper's lock, unsaid."""
+    import fcntl
+    import os
+    import time
+    from flaxlab import runner
+    wrapper = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(wrapper, fcntl.LOCK_EX)
+    try:
+        start = time.monotonic()
+        runner._claim(tmp_path / runner.TRAINING_MARKER, {"pid": os.getpid()})
+        assert time.monotonic() - start < runner.FOLDER_LOCK_WAIT_S + 5
+    finally:
+        os.close(wrapper)
+    assert json.loads((tmp_path / runner.TRAINING_MARKER).read_text()) == {"pid": os.getpid()}
 
 
 def test_a_sweeps_variant_is_compared_with_every_field_it_sets():
