@@ -265,7 +265,8 @@ def test_best_epochs_and_early_stopping_per_model():
         "loss": [1.2, 0.7], "accuracy": [0.4, 0.8]}
     assert metrics.held(history, "val", None, stacked) is None
     # a history written before scores were held goes on past the stop: its stop epoch's are taken, not the last's
-    history = {key: values + [[0.3, 0.6]] for key, values in history.items() if key != "epoch"} | {"epoch": [1, 2, 3, 4]}
+    history = {key: values + [[0.3, 0.6]] for key, values in history.items() if key != "epoch"}
+    history["epoch"] = [1, 2, 3, 4]
     assert metrics.held(history, "test", {"loss": [0.5, 0.7]}, stacked) == {"loss": [1.2, 0.7]}
 
 
