@@ -43,10 +43,10 @@ def _trials_csv(folder):
         return []
 
 
-def _sweep_image_stats(folder):
-    """{variant: [(std, min) of each seed's per-image test scores]} from a segmentation sweep's trials.csv."""
+def _sweep_image_stats(rows):
+    """{variant: [(std, min) of each seed's per-image test scores]} from a segmentation sweep's trials.csv rows."""
     stats = {}
-    for row in _trials_csv(folder):
+    for row in rows:
         try:
             stats.setdefault(row["variant"], []).append((float(row["test_images_std"]), float(row["test_images_min"])))
         except (KeyError, TypeError, ValueError):  # classification, or a damaged file
@@ -54,19 +54,17 @@ def _sweep_image_stats(folder):
     return stats
 
 
-def _run_image_stats(folder, models):
+def _run_image_stats(folder):
     """[(std, min) of each seed's per-image test scores] from a segmentation run's scores.json; None without."""
     per_seed = (_read_json(Path(folder) / "scores.json") or {}).get("per_seed")
     try:
-        stats = [(float(np.std(scores)), float(np.min(scores))) for scores in per_seed]
+        return [(float(np.std(scores)), float(np.min(scores))) for scores in per_seed]
     except (TypeError, ValueError):
         return None
-    return stats if len(stats) == models else None
 
 
-def _sweep_selected_epochs(folder):
-    """{variant: [selected epoch per seed]} from a sweep's trials.csv; {} when it selected none."""
-    rows = _trials_csv(folder)
+def _sweep_selected_epochs(rows):
+    """{variant: [selected epoch per seed]} from a sweep's trials.csv rows; {} when it selected none."""
     selected = {}
     for row in rows:
         try:
@@ -124,7 +122,8 @@ def read_runs(folder):
     if not all(isinstance(d, dict) for d in data):
         raise UsageError(f"{folder}/history.json is damaged or not a flaxlab run's")
     if "variants" in recorded:  # a sweep
-        selected, image_stats = _sweep_selected_epochs(folder), _sweep_image_stats(folder)
+        trials = _trials_csv(folder)
+        selected, image_stats = _sweep_selected_epochs(trials), _sweep_image_stats(trials)
         histories = {label: _history(history, folder) for label, history in dict(recorded["variants"]).items()}
         return [Run(folder, f"{config['name']}: {label}", history, config.get("seed", 0),
                     _selected(selected.get(label), history), recorded.get("data", {}), _variant_config(config, label),
@@ -134,7 +133,7 @@ def read_runs(folder):
     if not history:
         return []
     return [Run(folder, config["name"], history, config.get("seed", 0), _selected(info.get("selected_epochs"), history),
-                info.get("data", {}), config, _run_image_stats(folder, np.size(history["test_loss"][-1])))]
+                info.get("data", {}), config, _run_image_stats(folder))]
 
 
 def _variant_config(config, label):
