@@ -56,10 +56,10 @@ def _sweep_image_stats(rows):
 
 def _run_image_stats(folder):
     """[(std, min) of each seed's per-image test scores] from a segmentation run's scores.json; None without."""
-    per_seed = (_read_json(Path(folder) / "scores.json") or {}).get("per_seed")
+    scores_json = _read_json(Path(folder) / "scores.json")
     try:
-        return [(float(np.std(scores)), float(np.min(scores))) for scores in per_seed]
-    except (TypeError, ValueError):
+        return [(float(np.std(scores)), float(np.min(scores))) for scores in scores_json["per_seed"]]
+    except (TypeError, ValueError, KeyError):  # none, or an edited file (a list, scores as text)
         return None
 
 

@@ -154,6 +154,10 @@ def test_segmentation_runs_are_compared_with_their_per_image_std_and_min(tmp_pat
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| std over test images | min over test images | final test dice |" in table
     assert "| 0.1633 | 0.5000 | 0.7000 |" in table and "| 0.0500 | 0.4000 | 0.7000 |" in table
+    for damaged in ("[1, 2]", '{"per_seed": [["a"]]}'):  # an edited file: left out too (a list was a traceback)
+        (run / "scores.json").write_text(damaged)
+        compare_runs([run, sweep], tmp_path / f"out-{len(damaged)}")
+        assert "std over test images" not in (tmp_path / f"out-{len(damaged)}" / "results.md").read_text()
     (run / "scores.json").unlink()  # a run without them: the columns are left out, not made up
     compare_runs([run, sweep], tmp_path / "out2")
     assert "std over test images" not in (tmp_path / "out2" / "results.md").read_text()
