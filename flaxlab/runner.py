@@ -862,7 +862,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     trainer = s.trainer
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
     info = {"experiment": config["name"],
-            "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1)},
+            "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1),
+                     **_data_dir_record(dataset, data_dir)},
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
@@ -953,6 +954,15 @@ def _data_record(workdir):
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("source"), str) else None
 
 
+def _data_dir_record(dataset, data_dir):
+    """The --data-dir a run read its files from, for `evaluate` and `figures` to read again: its source names
+    the file found there (GTSRB's training zip, without the test zip beside it), for people."""
+    data_dir = data_lib.data_dir_or_default(data_dir)
+    if not data_dir or not dataset.source.startswith("files:"):
+        return {}
+    return {"data_dir": str(Path(data_dir).expanduser().resolve())}
+
+
 def _recorded_data_dir(workdir, recorded):
     """Where a run read its files ('files:PATH'), or None (the shipped sample, TFDS); refused without a record
     (scoring the shipped sample instead of what the run read went unsaid), and for arrays given from Python
@@ -964,7 +974,9 @@ def _recorded_data_dir(workdir, recorded):
     if kind not in ("files", "sample", "tfds"):
         raise UsageError(f"{workdir} trained on data given from Python ('{recorded['source']}'): pass that "
                          "flaxlab.data.Dataset again, as dataset=")
-    return rest.split(" (")[0] if kind == "files" else None
+    if kind != "files":
+        return None
+    return recorded.get("data_dir") or rest.split(" (")[0]  # an older run's: a folder holding " (" is cut short
 
 
 def _run_config(workdir):
@@ -1007,6 +1019,8 @@ def _restore_run(workdir, data_dir, dataset=None, **fields):
         data_dir = _recorded_data_dir(workdir, recorded)
         if data_dir and not Path(data_dir).exists():
             raise UsageError(f"{workdir} was trained on {data_dir}, which is not there now: pass --data-dir")
+        if not data_dir and config["data"].get("source") == "auto":  # not $FLAXLAB_DATA_DIR's or a new TFDS copy
+            config["data"]["source"] = recorded["source"].partition(":")[0]
         dataset = load_dataset(config, data_dir)
         if why := data_differs(recorded, dataset):  # the files changed since
             raise UsageError(f"{workdir} was {why}")

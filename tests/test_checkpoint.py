@@ -214,6 +214,24 @@ def test_evaluate_reads_the_data_the_run_read(tmp_path):
         evaluate_checkpoint(tmp_path / "run")
 
 
+def test_evaluate_reads_the_data_folder_and_the_source_the_run_recorded(tmp_path, monkeypatch):
+    """The folder was the source's text cut at its first ' (' (GlaS's 'Warwick QU Dataset (Released 2016_07_08)'),
+    and a run on the shipped sample read $FLAXLAB_DATA_DIR's files once that was set (and refused them)."""
+    from experiments import EXPERIMENTS
+    from test_data import fake_mnist_dir
+    monkeypatch.delenv("FLAXLAB_DATA_DIR", raising=False)
+    (tmp_path / "MNIST (a copy)").mkdir()
+    data = fake_mnist_dir(tmp_path / "MNIST (a copy)", n_train=64, n_test=16)
+    config = {**EXPERIMENTS["mnist_cnn"](), "epochs": 1}
+    runner.run_experiment(config, tmp_path / "files", data_dir=str(data), progress=False, log=lambda *a: None)
+    runner.run_experiment(config, tmp_path / "sample", progress=False, log=lambda *a: None)
+    monkeypatch.setenv("FLAXLAB_DATA_DIR", str(data))
+    for run, test_examples in (("files", 16), ("sample", 1000)):
+        lines = []
+        evaluate_checkpoint(tmp_path / run, log=lines.append)
+        assert f"test ({test_examples:,} examples)" in lines[-1] and not any("note:" in x for x in lines), lines
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: [1, 2, 3], "config.json holds no run's config (a JSON object)"),
     (lambda c: {**c, "model": {**c["model"], "features": "8,16,32"}},
