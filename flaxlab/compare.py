@@ -79,12 +79,15 @@ def _is_number(value):
 
 
 def _well_formed(history):
-    """Train and test scores, a list per key with an entry per epoch: a number, or one per model."""
+    """Train and test scores, a list per key with an entry per epoch: a number (the epoch, its time), or one per
+    model (the scores: a bare number failed deep in the table)."""
     keys = ("epoch", "train_loss", "test_loss", "test_accuracy")
     if not isinstance(history, dict) or not all(isinstance(history.get(k), list) for k in keys):
         return False
-    for values in history.values():
+    for key, values in history.items():
         if not isinstance(values, list) or len(values) != len(history["epoch"]):
+            return False
+        if key.startswith(("train_", "val_", "test_")) and not all(isinstance(value, list) for value in values):
             return False
         rows = [value if isinstance(value, list) else [value] for value in values]
         if len({len(row) for row in rows}) > 1 or not all(_is_number(v) for row in rows for v in row):

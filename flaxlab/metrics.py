@@ -5,7 +5,6 @@ the reports' loops printed); test figures are computed after the epoch on the wh
 """
 import numpy as np
 
-HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 VAL_KEYS = ("val_loss", "val_accuracy")
 CLASSIFICATION = ("loss", "accuracy")
 SEGMENTATION = ("loss", "accuracy", "dice")  # accuracy: of pixels; dice: per image, = F1 for binary masks

@@ -278,7 +278,7 @@ def fetch_weights(arch, weights=""):
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
+    tmp = target.with_suffix(f".{os.getpid()}.part")  # two launches (or hosts sharing the cache) fetching at once
     try:
         urllib.request.urlretrieve(url, tmp)
     except (urllib.error.URLError, OSError) as e:

@@ -546,8 +546,9 @@ def _by_variant(split, variants):
 
 def fit(trainer, states, data, keys, epochs, *, select=None, patience=0, checkpoints=None, resumed=None,
         progress=True, log=print, on_epoch=None, variants=()):
-    """The epoch loop: train every model, evaluate, record. The only host sync is at an epoch's end (and, when
-    the output is not a terminal, once a minute inside a longer epoch for a progress line).
+    """The epoch loop: train every model, evaluate, record. On a GPU or TPU the only host sync is at an epoch's
+    end (and, when the output is not a terminal, once a minute inside a longer epoch for a progress line); a CPU
+    run over several devices waits for each step (XLA:CPU's collectives deadlock with several in flight).
 
     `data` holds device splits "train", "test" and optionally "val". With `select` (a validation
     metric), each model's state at its best epoch is kept (returned as `best`, saved in checkpoints),
@@ -616,8 +617,9 @@ def model_name(config, selected=None):
 
 
 def write_analysis(workdir, config, dataset, predictions, selected=None):
-    """For the first seed: confusion.png (counts and row-normalised), misclassified.png; returns the
-    most confused pairs as Markdown. The matrices of every seed go to confusion.json."""
+    """For the first seed: confusion.png (counts and row-normalised), misclassified.png; returns (the most
+    confused pairs as Markdown, None): write_segmentation_analysis's pair, whose second is per-image scores.
+    The matrices of every seed go to confusion.json."""
     labels = dataset.test.labels
     matrices = [analysis.confusion_matrix(labels, p, dataset.num_classes) for p in predictions]
     write_json(workdir / "confusion.json", {"rows_true_columns_predicted": [m.tolist() for m in matrices]})

@@ -342,7 +342,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                         checkpoints.close()
                 image_scores = None
                 if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
-                    predictions = np.asarray(s.trainer.predict(best if best is not None else states, s.test_data))
+                    predictions = parallel.to_host(s.trainer.predict(best if best is not None else states, s.test_data))
                     image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, len(programs),

@@ -66,8 +66,9 @@ def compile_for_backend(lowered):
         keep_freed_memory()
         try:
             return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
-        except Exception:  # an XLA without this flag rejects it at compile time
-            pass
+        except Exception as e:  # an XLA without this flag rejects it at compile time; other failures are raised
+            if "No such compile option" not in str(e):
+                raise
     return lowered.compile()
 
 
@@ -479,7 +480,9 @@ class Trainer:
         return parallel.batch_sharding(self.mesh)
 
     def compile(self, states, train_data, test_data, val_data=None):
-        """Compiles the epoch's functions for these shapes; returns the seconds it took."""
+        """Compiles the epoch's functions for these shapes; returns the seconds it took. Called before the first
+        epoch: it also fits the batch size to a training set smaller than one batch (--drop_last false) and
+        notes whether the task is segmentation."""
         t0 = time.perf_counter()
         sharded = self.mesh is not None and not self.models_sharded  # the training set in shards
         n = parallel.examples_per_shard(train_data, sharded)

@@ -56,7 +56,7 @@ def test_sigkilled_run_resumes_to_the_same_end(tmp_path):
     _, err = finished(cli(*RUN, "--workdir", "killed", "--resume", cwd=tmp_path))
     whole, resumed = history(tmp_path / "whole"), history(tmp_path / "killed")
     assert resumed["epoch"] == whole["epoch"] == [1, 2, 3, 4, 5]
-    for key in metrics.HISTORY_KEYS + metrics.VAL_KEYS:
+    for key in metrics.history_keys(whole):
         assert resumed[key] == whole[key], key  # bit for bit: same keys, same states, same compiled program
     results = lambda name: (tmp_path / name / "results.md").read_text().split("\n\n")[-2]  # noqa: E731 the table
     assert results("killed") == results("whole")

@@ -99,7 +99,9 @@ def test_bad_input_is_one_line(folders, tmp_path):
     plain = json.loads((folders / "plain" / "history.json").read_text())
     edits = {"longer": lambda h: h["history"]["epoch"].append(3),  # a list cut or grown: matplotlib's traceback
              "strings": lambda h: h["history"]["test_accuracy"].__setitem__(0, ["0.88"]),  # numpy's
-             "data": lambda h: h["info"].__setitem__("data", "oops")}  # an AttributeError
+             "data": lambda h: h["info"].__setitem__("data", "oops"),  # an AttributeError
+             "scalars": lambda h: h["history"].__setitem__("test_accuracy", [a[0] for a in h["history"]
+                                                                             ["test_accuracy"]])}  # len() of a number
     for name, edit in edits.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text((folders / "plain" / "config.json").read_text())

@@ -265,3 +265,25 @@ def test_cpu_buffers_over_32_mb_are_reused_not_mapped_afresh():
     if float(before) < 1000:  # e.g. transparent huge pages for every mapping: 2 MB per fault
         pytest.skip(f"this machine faults a fresh 34 MB block in with {before} faults, not page by page")
     assert float(before) > 8000 and applied == "True" and float(after) < 100, out.stdout
+
+
+def test_compile_for_backend_drops_only_an_unknown_flag():
+    """Every compile failure was taken for a jax without the CPU flag: an out-of-memory compiled twice."""
+    from flaxlab.train import compile_for_backend
+
+    class Lowered:
+        def __init__(self, error):
+            self.error, self.calls = error, []
+
+        def compile(self, compiler_options=None):
+            self.calls.append(compiler_options)
+            if compiler_options and self.error:
+                raise RuntimeError(self.error)
+            return "compiled"
+
+    older = Lowered("INVALID_ARGUMENT: No such compile option: 'xla_cpu_experimental_ynn_fusion_type'")
+    assert compile_for_backend(older) == "compiled" and older.calls[1] is None
+    failing = Lowered("RESOURCE_EXHAUSTED: out of memory while compiling")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compile_for_backend(failing)
+    assert len(failing.calls) == 1
