@@ -25,7 +25,7 @@ import numpy as np
 
 from flaxlab import config as config_lib
 from flaxlab import data as data_lib
-from flaxlab import analysis, metrics, parallel, plots, pretrained, tensorboard
+from flaxlab import analysis, metrics, parallel, plots, pooling, pretrained, tensorboard
 from flaxlab.errors import UsageError
 from flaxlab.models import count_params, make_model
 from flaxlab.augment import make_augment
@@ -83,7 +83,7 @@ _SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
 def shape_error_gist(e):
     """The part of jax's or flax's shape error a user can read ('Cannot concatenate arrays with shapes that
     differ ...'), without the shapes of the network's insides."""
-    if isinstance(e, ZeroDivisionError) or str(e).startswith("Shape should be positive"):
+    if isinstance(e, (ZeroDivisionError, pooling.PooledToNothing)) or str(e).startswith("Shape should be positive"):
         # a weight initialiser's fan-in of 0, or a convolution's output of no pixels: nothing is left
         return "its convolutions and pools shrink them to nothing"
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(":")[0].rstrip(".")[:200]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlab import layers
+from flaxlab import layers, pooling
 from flaxlab.errors import UsageError
 
 TOLERANCE = 1e-5
@@ -199,6 +199,28 @@ def test_max_pool_gradient_goes_where_torchs_goes_with_nans_and_infinities(args)
     xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
     torch.nn.functional.max_pool2d(xt, *args).sum().backward()
     np.testing.assert_array_equal(grad, xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("size", [2, 12, 17, 32])
+def test_the_training_networks_pools_match_torch_up_to_global_pooling(size):
+    """The first maximum's index was int8: a 12x12 window's members past 127 and a 32x32 (global) window's
+    wrapped, and the gradient went to 4 pixels of each 32x32 window (8.0 against torch's 2.0)."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal((2, 32, 32, 2)).astype(np.float32)
+    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, size).sum().backward()
+    for pool in (lambda a: pooling.max_pool(a, size), lambda a: pooling.max_pool_strided(a, size, size, 0)):
+        np.testing.assert_array_equal(jax.grad(lambda a: pool(a).sum())(x), xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("pool, message", [
+    (lambda x: pooling.max_pool(x, 5), "a 5x5 window is larger than the 4x4 input"),  # was 0x0 out
+    (lambda x: pooling.max_pool_strided(x, 3, 2, 2), "the padding at most half the window"),  # -inf out
+    (lambda x: pooling.max_pool(x, (2, 2)), r"a square window as one int .* got \(2, 2\)"),
+    (lambda x: pooling.max_pool(x[0], 2), r"takes \(N, H, W, C\) arrays, got shape \(4, 4, 1\)")])
+def test_the_training_networks_pools_refuse_what_torch_refuses(pool, message):
+    with pytest.raises(ValueError, match=message):
+        pool(jnp.ones((1, 4, 4, 1)))
 
 
 def test_max_pooling_keeps_a_nan_as_torch_does():
