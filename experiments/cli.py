@@ -86,13 +86,12 @@ def _apply_overrides(config, tokens):
     it swaps in takes its own `--model.*` options, and the experiment's network options it does not take
     are dropped (unless given: make_model refuses those)."""
     from flaxlab import config as config_lib
-    from flaxlab.models import MODELS, network_options
+    from flaxlab.models import MODELS, network_options, with_option_default
     pairs = _override_pairs(config, tokens)
     before, given = config, {key for key, _ in pairs}
     for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):
         name, option = config["model"].get("name"), key.partition("model.")[2]
-        if option and option not in config["model"] and name in MODELS and option in network_options(name):
-            config = {**config, "model": {**config["model"], option: network_options(name)[option]}}
+        config = {**config, "model": with_option_default(config["model"], option)}
         if option and option not in config["model"] and name in MODELS:  # another network's option
             takers = sorted(n for n in MODELS if option in network_options(n))
             if takers:

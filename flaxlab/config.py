@@ -88,7 +88,10 @@ def parse_value(key, text, default):
 
 def with_field(config, key, value):
     """A copy of `config` with the existing dotted field `key` set to `value`; a new `model.name` drops the old
-    network's options that the new one does not take, as `--model.name` does."""
+    network's options that the new one does not take, and its own can then be set, as on the command line."""
+    if key.startswith("model.") and isinstance(config.get("model"), dict):
+        from flaxlab.models import with_option_default
+        config = {**config, "model": with_option_default(config["model"], key.partition("model.")[2])}
     changed = _set_field(config, key, value)
     if key == "model.name" and isinstance(config["model"], dict):
         from flaxlab.models import MODELS, swap_network

@@ -760,6 +760,15 @@ def network_options(name):
     return {**options, **({"pretrained": False, "weights": ""} if name in pretrained.ARCHITECTURES else {})}
 
 
+def with_option_default(model_config, option):
+    """The model section with `option` at its network's default when the network takes it and the section lacks
+    it (a swapped-in network's options are not listed until set), so that it can be set."""
+    name = model_config.get("name")
+    if option and option not in model_config and name in MODELS and option in network_options(name):
+        return {**model_config, option: network_options(name)[option]}
+    return model_config
+
+
 def swap_network(model_config, network, given=()):
     """The model section once its name has changed from `network`: the old network's options that the new
     one does not take are dropped, except those in `given` (set by the user, so make_model refuses them)."""

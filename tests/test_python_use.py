@@ -99,6 +99,11 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
     assert type(with_field(config, "epochs", np.int64(2))["epochs"]) is int
     # another network drops the old one's options, as --model.name does (mlp was refused 'features')
     assert with_field(config, "model.name", "mlp")["model"] == {"name": "mlp", "activation": "relu"}
+    # and its own options can be set then, as --model.name mlp --model.hidden 64,32 (no field 'model.hidden')
+    mlp = with_field(with_field(config, "model.name", "mlp"), "model.hidden", (64, 32))
+    assert mlp["model"] == {"name": "mlp", "activation": "relu", "hidden": (64, 32)}
+    with pytest.raises(UsageError, match=r"no field 'model.features' in the config"):  # small_cnn's, not mlp's
+        with_field(mlp, "model.features", (8,))
 
 
 def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored_on_themselves(tmp_path):
