@@ -750,13 +750,24 @@ MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "layer_stack": LayerStack, "fcn": F
           "resnet18": pretrained.ResNet18, "vgg19": pretrained.VGG19}
 
 
+def _settable_fields(name):
+    module = MODELS[name]
+    fixed = {"parent", "name", "num_classes", *getattr(module, "keywords", {})}
+    return [f for f in dataclasses.fields(getattr(module, "func", module)) if f.name not in fixed]
+
+
+def _required_fields(name):
+    """A network's fields without a default (a module of one's own may have some): the config must give them."""
+    return [f for f in _settable_fields(name)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
 def network_options(name):
     """{option: default} of a network: its module's fields (less those its name fixes, and the class count,
     which the data set), plus what the runner reads to load its weights."""
-    module = MODELS[name]
-    fixed = {"parent", "name", "num_classes", *getattr(module, "keywords", {})}
-    options = {f.name: f.default for f in dataclasses.fields(getattr(module, "func", module))
-               if f.name not in fixed and f.default is not dataclasses.MISSING}
+    options = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+               for f in _settable_fields(name)
+               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     return {**options, **({"pretrained": False, "weights": ""} if name in pretrained.ARCHITECTURES else {})}
 
 
@@ -800,7 +811,11 @@ def make_model(model_config, num_classes):
     if "train" not in inspect.signature(cls.__call__).parameters:  # said as "cannot take 28x28 images"
         raise UsageError(f"{name}.__call__ takes no `train` argument: flaxlab calls it with train=True while "
                          "training (dropout, batch norm) and train=False to score")
-    foreign = sorted(set(kwargs) - set(network_options(name)))
+    required = [f.name for f in _required_fields(name)]
+    if missing := [field for field in required if field not in kwargs]:  # a TypeError from the module otherwise
+        raise UsageError(f"{name} needs {', '.join('model.' + f for f in missing)} in the config's model section "
+                         f"(a field without a default)")
+    foreign = sorted(set(kwargs) - set(network_options(name)) - set(required))  # was "takes no" for given ones
     if foreign:  # a misspelt option, or --model.name swapped in a network the experiment's options do not fit
         takes = sorted(network_options(name))
         hint = did_you_mean(foreign[0], takes, "--model.") if len(foreign) == 1 else ""

@@ -148,14 +148,23 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
             return {"axis": logits[:, None, :], "tuple": (logits, x), "dropout": logits,
                     "int": logits.astype(int)}[self.out]
 
+    class Width(nn.Module):  # a field without a default was refused as an option it "takes no"
+        num_classes: int
+        width: int
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(self.num_classes)(nn.Dense(self.width)(x.reshape(len(x), -1)))
+
     registered = dict(models.MODELS)
     try:
-        models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain,
+        models.MODELS.update(five=Five, no_classes=NoClasses, no_train=NoTrain, width=Width,
                              **{out: functools.partial(Extra, out=out) for out in ("axis", "tuple", "dropout", "int")})
         config = with_field(EXPERIMENTS["mnist_cnn"](), "epochs", 1)
         for name, message in (("five", "five puts out 5 scores per image, and mnist has 10 classes"),
                               ("no_classes", "no_classes has no num_classes field"),
                               ("no_train", "no_train.__call__ takes no `train` argument"),
+                              ("width", "width needs model.width in the config's model section"),
                               ("axis", "axis puts out scores of shape (N, 1, 10): a classification network's are "
                                        "(N, classes)"),
                               ("tuple", "tuple returns a tuple, not one array of scores: return the logits alone"),
@@ -163,6 +172,7 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
                               ("dropout", 'dropout: Parameter "deterministic" must be passed: set it from `train`')):
             with pytest.raises(UsageError, match=re.escape(message)):
                 runner.run_experiment(with_field(config, "model", {"name": name}), workdir=tmp_path / "bad")
+        assert models.make_model({"name": "width", "width": 16}, 10).width == 16
     finally:
         models.MODELS.clear()
         models.MODELS.update(registered)
