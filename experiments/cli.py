@@ -369,11 +369,10 @@ def _summary_table(args, model_config, size, name=None):
     try:
         table = summary.summarize_model(model, input_shape)
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
-        if not option:
-            raise
         from flaxlab.runner import shape_error_gist, size_hint
-        hint = size_hint(model, input_shape, option.split()[0], with_channels=bool(args.input_shape))
-        raise UsageError(f"{name} cannot take {option}: {shape_error_gist(e)}{hint}") from None
+        taken = option or f"{input_shape[0]}x{input_shape[1]} images"  # the network's options shrank them
+        hint = size_hint(model, input_shape, (option or "--data.size").split()[0], with_channels=bool(args.input_shape))
+        raise UsageError(f"{name} cannot take {taken}: {shape_error_gist(e)}{hint}") from None
     inside = getattr(model, "input_size", 0)  # ImageNet networks resize their input (a conv1 of 112x112 from 32x32)
     resized = (f" (resized to {inside}x{inside} inside the network)" if inside and input_shape[:2] != (inside,) * 2
                else "")

@@ -267,6 +267,9 @@ def validate(config):
         raise UsageError("--patience (early stopping) needs --best_metric val_loss, val_accuracy or val_dice")
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
+    if flat.get("seed", 0) + flat.get("seeds", 1) > 2 ** 32:  # 2**32 gave seed 0's model again; 2**64 a traceback
+        raise UsageError(f"--seed {flat['seed']} with --seeds {flat.get('seeds', 1)}: the seeds must stay below "
+                         "2**32 (4294967296), the 32 bits of jax's random keys")
     if flat.get("augment.rotate", 0) > 180:
         raise UsageError(f"--augment.rotate is the largest angle either way, at most 180 degrees, "
                          f"got {flat['augment.rotate']}")

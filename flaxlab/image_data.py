@@ -9,6 +9,7 @@ Without an official test split, `Dataset.test` is a validation split held out of
 set; `Dataset.source` says so. GTSRB's validation split is made by track: the ~30 photos of one
 physical sign are near-duplicates, and splitting them across train/val would inflate accuracy.
 """
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -554,8 +555,9 @@ def _cached(name, size, sources, compute, use_cache):
         with open(tmp, "wb") as f:
             np.savez(f, _key=np.array(key), **arrays)
         os.replace(tmp, file)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    except OSError:  # no cache then (a full disk, $FLAXLAB_CACHE a file: whose tmp cannot be unlinked either)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return arrays
 
 

@@ -55,6 +55,10 @@ def cli(*args, cwd):
     (["layers", "--seed", "-1"], "--seed must not be negative, got -1"),
     (["summary", "tdt4265_cnn", "--input-shape", "4,4,3"],
      "cannot take --input-shape 4,4,3: its convolutions and pools shrink them to nothing; it takes e.g. --input-shape 8,8,3"),
+    (["summary", "mnist_cnn", "--model.features", "8,16,32,64,128,256"],  # a traceback: no --data.size to name
+     "mnist_cnn cannot take 28x28 images: its convolutions and pools shrink them to nothing; it takes e.g."),
+    (["run", "mnist_cnn", "--seed", "4294967295", "--seeds", "2"],  # 2**32 was seed 0 again, 2**64 a traceback
+     "--seed 4294967295 with --seeds 2: the seeds must stay below 2**32"),
     (["summary", "mnist_cnn", "--data.size", "2,2"],
      "mnist_cnn cannot take --data.size 2,2: its convolutions and pools shrink them to nothing; it takes e.g. --data.size 4,4"),
     (["summary", "jsrt_unet", "--input-shape", "100,100,1"],  # a U-Net takes multiples of 16, not all sides >= 112

@@ -501,3 +501,15 @@ def test_histogram_equalisation_spreads_a_dark_image_and_keeps_its_hues():
     sample = data.load("gtsrb", source="sample", equalize_histograms=True)
     plain = data.load("gtsrb", source="sample")
     assert sample.train.images.mean() > plain.train.images.mean()
+
+
+def test_a_cache_that_cannot_be_written_is_gone_without(tmp_path, monkeypatch):
+    """$FLAXLAB_CACHE naming a file: the failed write's clean-up raised NotADirectoryError, a traceback."""
+    from flaxlab.image_data import _cached
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "a-file"))
+    arrays = _cached("mine", (8, 8), [], lambda: {"x": np.arange(3)}, use_cache=True)
+    np.testing.assert_array_equal(arrays["x"], np.arange(3))
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "cache"))  # and a writable one is read back
+    _cached("mine", (8, 8), [], lambda: {"x": np.arange(3)}, use_cache=True)
+    assert _cached("mine", (8, 8), [], lambda: 1 / 0, use_cache=True)["x"].tolist() == [0, 1, 2]
