@@ -354,6 +354,12 @@ def test_a_folder_of_someone_elses_files_is_not_a_run_folder(tmp_path):
                 cwd=tmp_path)
     assert swept.returncode == 0 and swept.stdout.startswith("warning: lr=1000: training diverged")
     assert "| lr=0.1 | 1 |" in swept.stdout and "program 1/1" not in swept.stdout
+    config = tmp_path / "run" / "config.json"
+    config.write_text(config.read_text()[:50])  # a run's own folder, its config cut short: "files no run wrote"
+    for resume in ((), ("--resume",)):
+        out = cli("run", "mnist_cnn", "--epochs", "1", "--workdir", "run", *resume, cwd=tmp_path)
+        assert out.returncode == 2 and "--workdir run: its config.json is damaged (not a flaxlab run's config)" \
+            in out.stderr, out.stderr
 
 
 def test_version(capsys):
