@@ -7,9 +7,12 @@
   python -m experiments bench mnist_cnn --peer
 """
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from flaxlab import parallel
@@ -399,7 +402,31 @@ def _layers(args):
         print(f"skipped {len(skipped)}, without their reference installed: {', '.join(skipped)}")
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a batch system's time limit, `timeout`, a notebook's kernel stopped) as Ctrl-C: the run says what
+    its folder holds and how to go on, and leaves no training marker (it died silently, exit 143). Yields the
+    list that records it."""
+    def stop(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+    terminated = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield terminated
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
+    with _sigterm_as_ctrl_c() as terminated:
+        return _main(argv, terminated)
+
+
+def _main(argv, terminated):
     try:
         args, overrides = _parser().parse_known_args(argv)
         if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
@@ -445,8 +472,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a run or sweep says what its folder holds
-        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
-        return 130
+        print(f"{'terminated' if terminated else 'interrupted'}{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 143 if terminated else 130  # as a shell reports SIGTERM's and SIGINT's
     except BrokenPipeError:  # `list | head`: the reader has what it wanted
         _silence_stdout()
         return 141  # as a process ended by SIGPIPE

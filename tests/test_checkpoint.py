@@ -62,9 +62,11 @@ def test_sigkilled_run_resumes_to_the_same_end(tmp_path):
     assert results("killed") == results("whole")
 
 
-def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
+@pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path, stop, code, word):
     """SIGINT mid-run: exit code 130 and one line naming the folder, the epochs on disk and, with
-    checkpoints, the --resume that goes on (the line was a bare 'interrupted')."""
+    checkpoints, the --resume that goes on (the line was a bare 'interrupted'). SIGTERM (a batch system's time
+    limit) the same, with 143: it died without a word, its training marker left behind."""
     run = [*RUN[:-5], "--epochs", "500", "--checkpoint_every", "1", "--workdir", "stopped"]
     # Python's own SIGINT handler, even where the suite runs as a background job (which ignores SIGINT)
     stopped = subprocess.Popen(
@@ -74,10 +76,11 @@ def test_ctrl_c_says_what_the_run_folder_holds_and_how_to_go_on(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)})
     while not (tmp_path / "stopped" / "checkpoints" / "2").is_dir() and stopped.poll() is None:
         time.sleep(0.02)
-    stopped.send_signal(signal.SIGINT)
+    stopped.send_signal(stop)
     _, err = stopped.communicate(timeout=300)
-    assert stopped.returncode == 130 and err.count("\n") == 1, err
-    assert err.startswith("interrupted: stopped holds config.json and the history of ") and \
+    assert stopped.returncode == code and err.count("\n") == 1, err
+    assert not (tmp_path / "stopped" / "training.json").exists()
+    assert err.startswith(f"{word}: stopped holds config.json and the history of ") and \
         "epoch(s); run the same command with --resume to go on from epoch " in err, err
     epochs = len(history(tmp_path / "stopped")["epoch"])
     assert f"the history of {epochs} epoch(s)" in err and 2 <= epochs < 500
