@@ -6,6 +6,11 @@ import numpy as np
 def confusion_matrix(labels, predictions, num_classes):
     """counts[true, predicted]."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
+    both = np.concatenate([labels.ravel(), predictions.ravel()])
+    if both.size and not 0 <= both.min() <= both.max() < num_classes:  # was a reshape's ValueError, or a wrong count
+        raise ValueError(f"classes run from 0 to {num_classes - 1}; got {both.min()} to {both.max()}")
     return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 

@@ -290,7 +290,8 @@ def resolve_source(name, source, data_dir, tfds_dir=None, tfds_name=None):
 def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0.0, test_fraction=0.1):
     """MNIST (its official test split; `test_fraction` is unused: the command line refuses it), resized and with
     a val split on request."""
-    from flaxlab.image_data import make_splits, resize_all
+    from flaxlab.image_data import check_size, make_splits, resize_all
+    size = check_size(size) if size else ()  # size=32 from Python: a TypeError, as CIFAR-10's and GTSRB's are not
     data_dir = data_dir_or_default(data_dir)
     source = resolve_source("mnist", source, data_dir, tfds_dir, "mnist")
     if source == "files":

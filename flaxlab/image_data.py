@@ -195,7 +195,7 @@ def _stack(arrays, where):
     return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
 
 
-def _check_size(size):
+def check_size(size):
     if size is None:
         return None
     if isinstance(size, int):
@@ -247,7 +247,7 @@ def read_image_folder(path, size=None, split=None):
     indices then come from the classes of all splits, so they agree across splits.
     Returns (images uint8 NHWC, labels int32, class_names).
     """
-    size = _check_size(size)
+    size = check_size(size)
     splits = _read_image_tree(path, size)
     class_names = sorted({c for _, names in splits.values() for c in names})
     if split is None:
@@ -396,7 +396,7 @@ def read_gtsrb(path, size):
     missing. Returns (images, labels, tracks): tracks = class folder * 1000 + track number, one id
     per physical sign, for `split_by_group`.
     """
-    size = _check_size(size)
+    size = check_size(size)
     return _gtsrb_train_arrays(_scan_gtsrb(path, size, test=False), path)
 
 
@@ -451,7 +451,7 @@ def read_gtsrb_test(path, size, gt_csv=None):
     The csv is looked for in `path` itself, or given as `gt_csv` (the csv, or GTSRB_Final_Test_GT.zip).
     Raises DataError when the images or the labels are absent. Returns (images, labels).
     """
-    size = _check_size(size)
+    size = check_size(size)
     return _gtsrb_test_arrays(_scan_gtsrb(path, size, train=False), path, gt_csv)
 
 
@@ -651,7 +651,7 @@ def load_cifar10(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=
     With no test split on disk, `test` is `test_fraction` of train, stratified by class; `val` is
     `val_fraction` of what remains (none when 0).
     """
-    size = _check_size(size)
+    size = check_size(size)
     source = _find(data_dir, CIFAR10_CANDIDATES, _cifar_looks_right, HOW_TO_GET_CIFAR10)
     if source is None:
         raise DataError(f"no CIFAR-10 in {data_dir} (looked for {', '.join(CIFAR10_CANDIDATES)} and "
@@ -693,7 +693,7 @@ def cifar10(source="auto", data_dir=None, tfds_dir=None, size=(), val_fraction=0
         return _files_or_sample(source, data_dir, HOW_TO_GET_CIFAR10, load_cifar10, CIFAR10_SAMPLE,
                                 size=size or None, val_fraction=val_fraction, test_fraction=test_fraction)
     train, test = load_tfds("cifar10", tfds_dir, how_to=HOW_TO_GET_CIFAR10)
-    size = _check_size(size or None)
+    size = check_size(size or None)
     train, test = (Split(resize_all(s.images, size), s.labels) for s in (train, test))
     train, val, test, note = make_splits(train, test, val_fraction, test_fraction, seed=0)
     return Dataset("cifar10", "tfds:cifar10" + note, train, test, num_classes=10, val=val, class_names=CIFAR10_CLASSES)
@@ -732,7 +732,7 @@ def load_gtsrb(data_dir, size=(28, 28), val_fraction=0.0, test_fraction=0.2, see
     `test_fraction` of train, made of whole tracks, stratified by class. `val` (when `val_fraction`)
     is made of whole tracks too.
     """
-    size = _check_size(size)
+    size = check_size(size)
     if size is None:
         raise UsageError("GTSRB images come in many sizes; load_gtsrb needs size=(h, w)")
     source = _find(data_dir, GTSRB_CANDIDATES, _gtsrb_looks_right, HOW_TO_GET_GTSRB)
@@ -810,7 +810,7 @@ def _image_folder_arrays(source, size):
 def load_image_folder(data_dir, size=None, val_fraction=0.0, test_fraction=0.1, seed=0, cache=True):
     """A classification set of class folders: `[train/]CLASS/IMAGE`, tested on its `test/` (or `val/`) split,
     else on `test_fraction` of train held out, stratified by class; images resized to `size` when given."""
-    size = _check_size(size)
+    size = check_size(size)
     source = _find(data_dir, (), lambda folder: True, HOW_TO_GET_IMAGES)
     arrays = _cached("images", size, [source], lambda: _image_folder_arrays(source, size), cache)
     classes = tuple(str(c) for c in arrays["class_names"])

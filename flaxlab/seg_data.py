@@ -17,7 +17,7 @@ import numpy as np
 
 from flaxlab.data import Dataset, Split, data_dir_or_default, resolve_source
 from flaxlab.errors import DataError, UsageError
-from flaxlab.image_data import (IMAGE_SUFFIXES, _cached, _check_size, _find, _image_error, _iter_files, _pil, _where,
+from flaxlab.image_data import (IMAGE_SUFFIXES, _cached, check_size, _find, _image_error, _iter_files, _pil, _where,
                                 _with_how_to, eight_bit, natural_key)
 
 SPLIT_NAMES = {"", "train", "test", "testA", "testB", "val"}  # what a split folder (or GlaS name) may be called
@@ -101,7 +101,7 @@ def _stack(arrays, what, path):
 
 def read_pairs(path, size=None):
     """{split: (images NHWC, masks NHW, names)} of a folder or archive in either layout, names sorted."""
-    size = _check_size(size)
+    size = check_size(size)
     found = {}
     for rel, raw in _iter_files(path, lambda rel: _role(rel) is not None):
         split, name, kind = _role(rel)
@@ -187,7 +187,7 @@ def load_segmentation(layout, data_dir, size=None, val_fraction=0.0, test_fracti
     """One segmentation data set from --data-dir: its train split, its test split (held out of train
     when there is none) and, with `val_fraction`, a validation split held out of train."""
     layout = LAYOUTS[layout]
-    size = _check_size(size)
+    size = check_size(size)
     source = _find(data_dir, layout.candidates, _looks_right, layout.how_to)
     if source is None:
         raise DataError(f"no {layout.name} data in {data_dir} (looked for {', '.join(layout.candidates)} "

@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flaxlab import analysis, data, metrics, models, optim, train
 
@@ -15,6 +16,12 @@ def test_confusion_matrix_counts_and_rows():
     np.testing.assert_array_equal(counts, [[1, 1, 0, 0], [0, 2, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_allclose(analysis.row_normalised(counts)[1], [0, 2 / 3, 1 / 3, 0])
     np.testing.assert_array_equal(analysis.row_normalised(counts)[3], 0)  # class never seen: no division by zero
+    # a class past the count was a reshape's ValueError (or, past it by less than a row, counted in the wrong cell)
+    for bad, message in ((([0, 5], [0, 1]), "classes run from 0 to 2; got 0 to 5"),
+                         (([0, 1], [0, -1]), "classes run from 0 to 2; got -1 to 1"),
+                         (([0, 1], [0]), r"labels \(2,\) and predictions \(1,\) differ in shape")):
+        with pytest.raises(ValueError, match=message):
+            analysis.confusion_matrix(*bad, 3)
 
 
 def test_most_confused_pairs_are_the_largest_off_diagonal_cells():

@@ -106,6 +106,8 @@ def test_resized_mnist_keeps_one_channel_and_the_digits(mnist_sample):
     """--data.size on grey images (PIL takes them as (H, W), not (H, W, 1))."""
     resized = data.load_mnist(source="sample", size=(32, 32))
     assert resized.train.images.shape == (5000, 32, 32, 1) and resized.train.images.dtype == np.uint8
+    # one side for both, as CIFAR-10's and GTSRB's loaders take it (a TypeError here)
+    np.testing.assert_array_equal(data.load("mnist", source="sample", size=32).test.images, resized.test.images)
     from PIL import Image
     digit = mnist_sample.test.images[7, ..., 0]
     expected = np.asarray(Image.fromarray(digit).resize((32, 32), Image.BILINEAR))
