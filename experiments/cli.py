@@ -58,6 +58,11 @@ def _full_name(config, key):
     return matches[0] if matches else key  # an unknown one is override's to report
 
 
+# options of other commands, given where they mean nothing
+OTHER_COMMANDS_OPTIONS = {"grid": "a grid of variants is sweep's: python -m experiments sweep NAME --grid FIELD=V1,V2",
+                          "data_dir": "this command reads no data (run, sweep and bench take --data-dir)"}
+
+
 def _override_pairs(config, tokens):
     """(dotted field, value) for each `--key=value` or `--key value`, the key by its full name."""
     from flaxlab.models import MODELS, network_options
@@ -73,6 +78,8 @@ def _override_pairs(config, tokens):
             i += 1
         else:
             raise UsageError(f"option {token} needs a value")
+        if key.replace("-", "_") in OTHER_COMMANDS_OPTIONS:  # was "unknown option '--data_dir'" and 45 options
+            raise UsageError(f"--{key}: {OTHER_COMMANDS_OPTIONS[key.replace('-', '_')]}")
         pairs.append((key.replace("-", "_"), value))
         i += 1
     network = next((value for key, value in pairs if key == "model.name"), None)

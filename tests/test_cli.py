@@ -48,6 +48,8 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--augment.rotate", "nan"], "--augment.rotate must be a finite number, got nan"),
     (["run", "mnist_cnn", "--augment.rotate", "400"], "--augment.rotate is the largest angle either way, at most 180"),
     (["run", "mnist_cnn", "stray"], "unexpected argument 'stray'"),
+    (["run", "mnist_cnn", "--grid", "lr=0.1,0.2"], "--grid: a grid of variants is sweep's: python -m experiments"),
+    (["show", "mnist_cnn", "--data-dir", "x"], "--data-dir: this command reads no data"),  # was "'--data_dir'"
     (["run", "mnist_cnn", "--epochs"], "needs a value"),
     (["train", "mnist_cnn"], "invalid choice: 'train'"),
     (["run"], "required: experiment"),
