@@ -36,8 +36,8 @@ EXPERIMENTS = {
     "tdt4265_model2": lambda: variant(
         tdt4265_cnn(), "tdt4265_model2", "TDT4265 task 3, model 2: model 1 trained with Adam 1e-3 and crop/flip "
         "augmentation (report: 79.1%).", **{"model.name": "tdt4265_cnn_bn", "optimizer.name": "adam",
-                                            "optimizer.lr": 1e-3, "augment": dict(CROP_AND_FLIP, rotate=0.0,
-                                                                                  flip_ud=False, jitter=0.0)}),
+                                            "optimizer.lr": 1e-3,
+                                            **{f"augment.{k}": v for k, v in CROP_AND_FLIP.items()}}),
     "bs6207_allconv": bs6207_allconv,
     "bs6207_allconv_bn": lambda: variant(
         bs6207_allconv(), "bs6207_allconv_bn", "BS6207: the all-conv net with batch norm after every conv "

@@ -56,8 +56,10 @@ def base_config(name, description, **sections):
     return config
 
 
-def variant(config, name, description, **dotted):
-    """A copy of `config` under a new name, with dotted fields replaced: an ablation in one line."""
+def variant(config, name, description, of=None, **dotted):
+    """A copy of `config` under a new name, with dotted fields replaced: an ablation in one line (`sweep=` its
+    variants: a named sweep; `of`: one of a sweep's variants, as a run of its own)."""
+    dotted = {**{k: v for k, v in (of or {}).items() if k != "label"}, **dotted}
     config = {**config, "name": name, "description": description}
     for key, value in dotted.items():
         config = with_field(config, key, value)

@@ -27,13 +27,11 @@ VARIANTS = (
 EXPERIMENTS = {
     "gtsrb_cnn": gtsrb_cnn,
     "gtsrb_cnn_bn": lambda: variant(gtsrb_cnn(), "gtsrb_cnn_bn", "ADL assignment 1: the GTSRB CNN with batch norm "
-                                    "after each conv; Adam 1e-3, 3 trials.", **{"model.name": "gtsrb_cnn_bn"}),
+                                    "after each conv; Adam 1e-3, 3 trials.", of=VARIANTS[1]),
     "gtsrb_cnn_sgd": lambda: variant(gtsrb_cnn(), "gtsrb_cnn_sgd", "ADL assignment 1: the GTSRB CNN with SGD "
-                                     "(lr 0.01, momentum 0.9), 3 trials.", **{k: v for k, v in VARIANTS[2].items()
-                                                                             if k != "label"}),
+                                     "(lr 0.01, momentum 0.9), 3 trials.", of=VARIANTS[2]),
     "gtsrb_cnn_rprop": lambda: variant(gtsrb_cnn(), "gtsrb_cnn_rprop", "ADL assignment 1: the GTSRB CNN with Rprop "
-                                       "(initial step 1e-3) on mini-batches, 3 trials.",
-                                       **{"optimizer.name": "rprop", "optimizer.lr": 1e-3}),
+                                       "(initial step 1e-3) on mini-batches, 3 trials.", of=VARIANTS[3]),
     "gtsrb_cnn_augment": lambda: variant(
         gtsrb_cnn(), "gtsrb_cnn_augment", "The GTSRB baseline with augmentation on device (no flips): shifts of up "
         "to 2 pixels, rotations of up to 10 degrees, brightness and contrast x[0.7, 1.3]; 15 epochs.",
@@ -43,7 +41,7 @@ EXPERIMENTS = {
         "gtsrb_cnn_augment, per-image histogram equalisation, Adam 1e-3 with cosine decay over 80 epochs.",
         **{"augment.crop": 2, "augment.rotate": 10.0, "augment.jitter": 0.3, "data.equalize_histograms": True,
            "optimizer.schedule": "cosine", "epochs": 80}),
-    "gtsrb_trials": lambda: {**variant(gtsrb_cnn(), "gtsrb_trials", "ADL assignment 1's table: baseline, batch norm, "
-                                       "SGD and Rprop, 3 trials each, test accuracy per trial and mean ± std."),
-                             "sweep": VARIANTS},
+    "gtsrb_trials": lambda: variant(gtsrb_cnn(), "gtsrb_trials", "ADL assignment 1's table: baseline, batch norm, "
+                                    "SGD and Rprop, 3 trials each, test accuracy per trial and mean ± std.",
+                                    sweep=VARIANTS),
 }

@@ -26,9 +26,7 @@ def mnist_cnn():
 
 def ablation(name, description, values=None, key=None, variants=None, base=None):
     """The CNN (or `base`) swept over `key` = each of `values`, or over explicit `variants`."""
-    config = variant(base or mnist_cnn(), name, description)
-    config["sweep"] = tuple(variants or ({key: v} for v in values))
-    return config
+    return variant(base or mnist_cnn(), name, description, sweep=tuple(variants or ({key: v} for v in values)))
 
 
 def _doubling(first, blocks=3):

@@ -57,19 +57,17 @@ EXPERIMENTS = {
     "glas_fcn2_flips": _fcn2_flips,
     # one launch; batch sizes change shapes, so each is its own program (128 > the 72 training images:
     # one full batch per epoch, as a DataLoader that keeps its short last batch gives)
-    "glas_batch_sizes": lambda: {**variant(_fcn2_flips(), "glas_batch_sizes", "1MD120: FCN2 with flips, batch "
-                                           "size 8 to 128."),
-                                 "sweep": tuple({"batch_size": b} for b in (8, 16, 32, 64, 128))},
+    "glas_batch_sizes": lambda: variant(_fcn2_flips(), "glas_batch_sizes", "1MD120: FCN2 with flips, batch size 8 to "
+                                        "128.", sweep=tuple({"batch_size": b} for b in (8, 16, 32, 64, 128))),
     # learning rates are stacked: the four are trained as one program
-    "glas_learning_rates": lambda: {**variant(_fcn2_flips(), "glas_learning_rates", "1MD120: FCN2 with flips, "
-                                              "learning rate 1e-2 to 1e-5."),
-                                    "sweep": tuple({"optimizer.lr": lr} for lr in (1e-2, 1e-3, 1e-4, 1e-5))},
+    "glas_learning_rates": lambda: variant(_fcn2_flips(), "glas_learning_rates", "1MD120: FCN2 with flips, learning "
+                                           "rate 1e-2 to 1e-5.",
+                                           sweep=tuple({"optimizer.lr": lr} for lr in (1e-2, 1e-3, 1e-4, 1e-5))),
     "jsrt_unet": jsrt_unet,
     "jsrt_unet_nearest": lambda: variant(jsrt_unet(), "jsrt_unet_nearest", "ADL assignment 1: the U-Net with "
-                                         "nearest-neighbour upsampling, 2 trials.", **{"model.upsample": "nearest"}),
+                                         "nearest-neighbour upsampling, 2 trials.", of=UNET_VARIANTS[1]),
     "jsrt_unet_elu": lambda: variant(jsrt_unet(), "jsrt_unet_elu", "ADL assignment 1: the U-Net with ELU "
-                                     "activations, 2 trials.", **{"model.activation": "elu"}),
-    "jsrt_unet_trials": lambda: {**variant(jsrt_unet(), "jsrt_unet_trials", "ADL assignment 1's table: U-Net "
-                                           "baseline, nearest upsampling and ELU, 2 trials each."),
-                                 "sweep": UNET_VARIANTS},
+                                     "activations, 2 trials.", of=UNET_VARIANTS[2]),
+    "jsrt_unet_trials": lambda: variant(jsrt_unet(), "jsrt_unet_trials", "ADL assignment 1's table: U-Net baseline, "
+                                        "nearest upsampling and ELU, 2 trials each.", sweep=UNET_VARIANTS),
 }

@@ -32,8 +32,8 @@ EXPERIMENTS = {
     "ai604_vgg19_scratch": lambda: variant(ai604_vgg19_pretrained(), "ai604_vgg19_scratch", "AI604 problem 4: the "
                                            "same VGG-19 trained from random weights, for comparison.",
                                            **{"model.pretrained": False}),
-    "ai604_vgg19_transfer": lambda: {**variant(ai604_vgg19_pretrained(), "ai604_vgg19_transfer", "AI604 problem 4: "
-                                               "VGG-19 pretrained vs from scratch, one launch."),
-                                     "sweep": ({"label": "pretrained"},
-                                               {"label": "from scratch", "model.pretrained": False})},
+    "ai604_vgg19_transfer": lambda: variant(ai604_vgg19_pretrained(), "ai604_vgg19_transfer", "AI604 problem 4: "
+                                            "VGG-19 pretrained vs from scratch, one launch.",
+                                            sweep=({"label": "pretrained"},
+                                                   {"label": "from scratch", "model.pretrained": False})),
 }
