@@ -4,7 +4,8 @@ import sys
 from experiments.cli import main
 
 code = main()
-if code in (130, 143):  # Ctrl-C, SIGTERM: XLA may still be compiling on a thread that interpreter shutdown crashes (exit 139)
+# Ctrl-C, SIGTERM: XLA may still be compiling on a thread that interpreter shutdown crashes (exit 139)
+if code in (130, 143):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
