@@ -1,5 +1,5 @@
 """Shared defaults every experiment config starts from, and a way to derive variants from one."""
-from flaxlab.config import with_field
+from flaxlab.config import with_fields
 
 
 def base_config(name, description, **sections):
@@ -59,8 +59,4 @@ def base_config(name, description, **sections):
 def variant(config, name, description, of=None, **dotted):
     """A copy of `config` under a new name, with dotted fields replaced: an ablation in one line (`sweep=` its
     variants: a named sweep; `of`: one of a sweep's variants, as a run of its own)."""
-    dotted = {**{k: v for k, v in (of or {}).items() if k != "label"}, **dotted}
-    config = {**config, "name": name, "description": description}
-    for key, value in dotted.items():
-        config = with_field(config, key, value)
-    return config
+    return with_fields({**config, "name": name, "description": description}, {**(of or {}), **dotted})

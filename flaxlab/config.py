@@ -60,6 +60,15 @@ def fields_named(config, key):
     return [key] if key in fields else [k for k in fields if k.endswith("." + key)]
 
 
+def _guessed(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def parse_value(key, text, default):
     """Command-line text to a value of the default's type (a list field takes comma-separated items)."""
     def scalar(t, like):
@@ -71,6 +80,9 @@ def parse_value(key, text, default):
             raise ValueError
         return type(like)(t)
 
+    if default is None:  # a field without a default (a network of one's own): a number, a list of them, or text
+        items = tuple(_guessed(t.strip()) for t in text.split(","))
+        return items if "," in text else items[0]
     try:
         if isinstance(default, (tuple, list)):
             like = default[0] if default else 0
@@ -98,6 +110,15 @@ def with_field(config, key, value):
         if value in MODELS:  # an unknown name is validate's to report
             changed["model"] = swap_network(changed["model"], config["model"].get("name"))
     return changed
+
+
+def with_fields(config, fields):
+    """`config` with each dotted field of `fields` set (a variant's `label` is no field), `model.name` first: a
+    swapped-in network's options are set after it, as on the command line, whatever the dict's order."""
+    for key, value in sorted(fields.items(), key=lambda item: item[0] != "model.name"):
+        if key != "label":
+            config = with_field(config, key, value)
+    return config
 
 
 def _set_field(config, key, value):
@@ -268,7 +289,7 @@ def validate(config):
     if flat.get("best_metric") and not flat.get("data.val_fraction"):
         raise UsageError(f"--best_metric {flat['best_metric']} needs a validation split: set --data.val_fraction")
     if flat.get("seed", 0) + flat.get("seeds", 1) > 2 ** 32:  # 2**32 gave seed 0's model again; 2**64 a traceback
-        raise UsageError(f"--seed {flat['seed']} with --seeds {flat.get('seeds', 1)}: the seeds must stay below "
+        raise UsageError(f"--seed {flat.get('seed', 0)} with --seeds {flat.get('seeds', 1)}: the seeds must stay below "
                          "2**32 (4294967296), the 32 bits of jax's random keys")
     if flat.get("augment.rotate", 0) > 180:
         raise UsageError(f"--augment.rotate is the largest angle either way, at most 180 degrees, "

@@ -772,11 +772,16 @@ def network_options(name):
 
 
 def with_option_default(model_config, option):
-    """The model section with `option` at its network's default when the network takes it and the section lacks
-    it (a swapped-in network's options are not listed until set), so that it can be set."""
+    """The model section with `option` at its network's default (None for a field without one) when the network
+    takes it and the section lacks it (a swapped-in network's options are not listed until set), so that it can
+    be set."""
     name = model_config.get("name")
-    if option and option not in model_config and name in MODELS and option in network_options(name):
-        return {**model_config, option: network_options(name)[option]}
+    if not option or option in model_config or name not in MODELS:
+        return model_config
+    if option in (options := network_options(name)):
+        return {**model_config, option: options[option]}
+    if option in {f.name for f in _required_fields(name)}:
+        return {**model_config, option: None}
     return model_config
 
 
@@ -813,8 +818,8 @@ def make_model(model_config, num_classes):
                          "training (dropout, batch norm) and train=False to score")
     required = [f.name for f in _required_fields(name)]
     if missing := [field for field in required if field not in kwargs]:  # a TypeError from the module otherwise
-        raise UsageError(f"{name} needs {', '.join('model.' + f for f in missing)} in the config's model section "
-                         f"(a field without a default)")
+        raise UsageError(f"{name} needs {', '.join('--model.' + f for f in missing)}, a field without a default "
+                         f"(from Python: with_field(config, 'model.{missing[0]}', ...))")
     foreign = sorted(set(kwargs) - set(network_options(name)) - set(required))  # was "takes no" for given ones
     if foreign:  # a misspelt option, or --model.name swapped in a network the experiment's options do not fit
         takes = sorted(network_options(name))

@@ -96,10 +96,7 @@ def variant_label(variant):
 
 
 def variant_config(config, variant):
-    out = {**config, "sweep": ()}
-    for key, value in variant.items():
-        if key != "label":
-            out = config_lib.with_field(out, key, value)
+    out = config_lib.with_fields({**config, "sweep": ()}, variant)
     return config_lib.validate(config_lib.drop_unused(out, config, set(variant)))
 
 

@@ -2,6 +2,7 @@
 import contextlib
 import functools
 import io
+import json
 import re
 
 from conftest import REPO
@@ -106,7 +107,7 @@ def test_configs_built_or_changed_by_hand_are_checked_before_anything_runs(tmp_p
         with_field(mlp, "model.features", (8,))
 
 
-def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored_on_themselves(tmp_path):
+def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored_on_themselves(tmp_path, capsys):
     """Found by a test user in a notebook: a run trained on arrays of one's own was rescored, silently, on the
     shipped MNIST sample (4.6% accuracy); one image given to predict_images was read as 28 images; a network
     without `num_classes` or `train`, or of 5 outputs on 10 classes, a tuple as `dataset` and a dict as a sweep's
@@ -114,6 +115,8 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
     import flax.linen as nn
     import pytest
     from experiments import EXPERIMENTS
+    from experiments.cli import main as cli_main
+    from flaxlab import config as config_lib
     from flaxlab import data
     from flaxlab.config import with_field
     from flaxlab.errors import DataError, UsageError
@@ -164,7 +167,8 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
         for name, message in (("five", "five puts out 5 scores per image, and mnist has 10 classes"),
                               ("no_classes", "no_classes has no num_classes field"),
                               ("no_train", "no_train.__call__ takes no `train` argument"),
-                              ("width", "width needs model.width in the config's model section"),
+                              ("width", "width needs --model.width, a field without a default (from Python: "
+                                        "with_field(config, 'model.width', ...))"),
                               ("axis", "axis puts out scores of shape (N, 1, 10): a classification network's are "
                                        "(N, classes)"),
                               ("tuple", "tuple returns a tuple, not one array of scores: return the logits alone"),
@@ -173,6 +177,13 @@ def test_a_notebook_users_mistakes_are_one_clear_error_and_own_arrays_are_scored
             with pytest.raises(UsageError, match=re.escape(message)):
                 runner.run_experiment(with_field(config, "model", {"name": name}), workdir=tmp_path / "bad")
         assert models.make_model({"name": "width", "width": 16}, 10).width == 16
+        # and is set as any option, after the network's name whatever the order (it was "no field 'model.width'")
+        for given in ({"model.name": "width", "model.width": 16}, {"model.width": 16, "model.name": "width"}):
+            assert config_lib.with_fields(config, given)["model"] == {"name": "width", "width": 16}
+        assert cli_main(["show", "mnist_cnn", "--model.name", "width", "--model.width", "16"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"] == {"name": "width", "width": 16}
+        assert [config_lib.parse_value("model.x", text, None) for text in ("16,8", "0.5", "relu", "true")] == [
+            (16, 8), 0.5, "relu", True]  # no default to take the type of
     finally:
         models.MODELS.clear()
         models.MODELS.update(registered)
