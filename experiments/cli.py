@@ -7,12 +7,10 @@
   python -m experiments bench mnist_cnn --peer
 """
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from flaxlab import parallel
@@ -58,9 +56,17 @@ def _full_name(config, key):
     return matches[0] if matches else key  # an unknown one is override's to report
 
 
-# options of other commands, given where they mean nothing
-OTHER_COMMANDS_OPTIONS = {"grid": "a grid of variants is sweep's: python -m experiments sweep NAME --grid FIELD=V1,V2",
-                          "data_dir": "this command reads no data (run, sweep and bench take --data-dir)"}
+def _check_other_commands_options(command, overrides):
+    """An option of another command, or misspelt, said as such (it was "unknown option '--data_dir'" and 45
+    options)."""
+    for token in overrides:
+        key = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") else ""
+        if key == "grid" and command != "sweep":
+            raise UsageError("--grid: a grid of variants is sweep's: python -m experiments sweep NAME --grid FIELD=V1,V2")
+        if key == "data_dir":
+            raise UsageError(f"--{token[2:].partition('=')[0]}: the option is spelt --data-dir"
+                             if command in ("run", "sweep", "bench") else
+                             "--data-dir: this command reads no data (run, sweep and bench take it)")
 
 
 def _override_pairs(config, tokens):
@@ -78,8 +84,6 @@ def _override_pairs(config, tokens):
             i += 1
         else:
             raise UsageError(f"option {token} needs a value")
-        if key.replace("-", "_") in OTHER_COMMANDS_OPTIONS:  # was "unknown option '--data_dir'" and 45 options
-            raise UsageError(f"--{key}: {OTHER_COMMANDS_OPTIONS[key.replace('-', '_')]}")
         pairs.append((key.replace("-", "_"), value))
         i += 1
     network = next((value for key, value in pairs if key == "model.name"), None)
@@ -379,7 +383,9 @@ def _summary_table(args, model_config, size, name=None):
     try:
         table = summary.summarize_model(model, input_shape)
     except Exception as e:  # only a user's shape can fail here, e.g. one too small for the net's pools
-        from flaxlab.runner import shape_error_gist, size_hint
+        from flaxlab.runner import SHAPE_ERRORS, shape_error_gist, size_hint
+        if not option and not isinstance(e, SHAPE_ERRORS):  # a network's own bug: its traceback
+            raise
         taken = option or f"{input_shape[0]}x{input_shape[1]} images"  # the network's options shrank them
         hint = size_hint(model, input_shape, (option or "--data.size").split()[0], with_channels=bool(args.input_shape))
         raise UsageError(f"{name} cannot take {taken}: {shape_error_gist(e)}{hint}") from None
@@ -409,35 +415,28 @@ def _layers(args):
         print(f"skipped {len(skipped)}, without their reference installed: {', '.join(skipped)}")
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a batch system's time limit, `timeout`, a notebook's kernel stopped) as Ctrl-C: the run says what
-    its folder holds and how to go on, and leaves no training marker (it died silently, exit 143). Yields the
-    list that records it."""
+_TERMINATED = []  # the SIGTERM that stopped this process, if one did
+
+
+def stop_on_sigterm():
+    """SIGTERM (a batch system's time limit, `timeout`, a stopped notebook kernel) ends a run as Ctrl-C does: it
+    says what its folder holds and how to go on (it died without a word, its training marker left). Set by the
+    process's entry point (experiments/__main__.py), and only over the default handler: not over one that
+    ignores the signal or another framework's; a second SIGTERM kills at once."""
     def stop(signum, frame):
-        terminated.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _TERMINATED.append(signum)
         raise KeyboardInterrupt
-    terminated = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
-        yield terminated
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield terminated
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
 
 
 def main(argv=None):
-    with _sigterm_as_ctrl_c() as terminated:
-        return _main(argv, terminated)
-
-
-def _main(argv, terminated):
     try:
         args, overrides = _parser().parse_known_args(argv)
         if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
+        _check_other_commands_options(args.command, overrides)
         for option in ("workdir", "data_dir", "out"):  # '--workdir=' (an unset shell variable) is no folder
             if getattr(args, option, None) == "":
                 raise UsageError(f"--{option.replace('_', '-')} is empty: give a folder")
@@ -479,8 +478,8 @@ def _main(argv, terminated):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a run or sweep says what its folder holds
-        print(f"{'terminated' if terminated else 'interrupted'}{f': {e}' if str(e) else ''}", file=sys.stderr)
-        return 143 if terminated else 130  # as a shell reports SIGTERM's and SIGINT's
+        print(f"{'terminated' if _TERMINATED else 'interrupted'}{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 143 if _TERMINATED else 130  # as a shell reports SIGTERM's and SIGINT's
     except BrokenPipeError:  # `list | head`: the reader has what it wanted
         _silence_stdout()
         return 141  # as a process ended by SIGPIPE

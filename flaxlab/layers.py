@@ -318,8 +318,8 @@ def softmax_cross_entropy(logits, labels):
     """Mean over the batch (and pixels) of -log softmax(logits)[label], for integer labels: logits (..., K),
     labels (...), as torch's cross_entropy takes (N,) or per-pixel (N, H, W) targets (with classes last here).
 
-    Labels outside 0..K-1 are refused when they are concrete; under jit their loss is NaN (jnp's gather
-    fills out-of-range indices with NaN), so check them before."""
+    Labels outside 0..K-1 are refused when they are concrete; under jit a label of K or more gives NaN (jnp's
+    gather fills), and a negative one counts from the end as numpy's indexing does, so check them before."""
     if jnp.ndim(logits) == 0:
         raise UsageError("logits must have a class axis, (..., K), got a scalar")
     if jnp.shape(labels) != jnp.shape(logits)[:-1]:

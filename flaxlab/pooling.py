@@ -5,6 +5,7 @@ back to that member. `max_pool_strided` covers `max_pool`'s windows too; the cou
 reshape-based `max_pool`, whose timing on their hot path was measured (1MD120 CNN).
 """
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +18,18 @@ class PooledToNothing(ValueError):
 def _check(x, window, stride=None, padding=0):
     """torch's refusals, which a reshape or an empty slice passed over (a window larger than the image gave
     a 0x0 output, a padding over half the window windows of padding alone)."""
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, stride or 1, padding)):
-        raise ValueError(f"pooling takes a square window as one int (and an int stride and padding), got "
-                         f"{window!r}")
+    stride = window if stride is None else stride
+    for name, value in (("window", window), ("stride", stride), ("padding", padding)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"pooling takes a square window, its stride and padding as ints, got {name} {value!r}")
     if x.ndim != 4:
         raise ValueError(f"pooling takes (N, H, W, C) arrays, got shape {x.shape}")
-    if window < 1 or (stride or 1) < 1 or not 0 <= padding <= window // 2:
+    if window < 1 or stride < 1 or not 0 <= padding <= window // 2:
         raise ValueError(f"window {window}, stride {stride}, padding {padding}: the window and stride are at "
                          "least 1, the padding at most half the window")
     if min(x.shape[1:3]) + 2 * padding < window:
         raise PooledToNothing(f"a {window}x{window} window is larger than the {x.shape[1]}x{x.shape[2]} input"
-                         + (f" padded by {padding}" if padding else ""))
+                              + (f" padded by {padding}" if padding else ""))
 
 
 def windows(x, size):

@@ -13,6 +13,7 @@ torchvision's (`weights=None`), so a from-scratch run starts where the reports' 
 import os
 import pickle
 import re
+import socket
 import urllib.error
 import urllib.request
 import zipfile
@@ -278,7 +279,7 @@ def fetch_weights(arch, weights=""):
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.part")  # two launches (or hosts sharing the cache) fetching at once
+    tmp = target.with_suffix(f".{socket.gethostname()}.{os.getpid()}.part")  # launches or hosts fetching at once
     try:
         urllib.request.urlretrieve(url, tmp)
     except (urllib.error.URLError, OSError) as e:

@@ -77,7 +77,7 @@ def stacked_hparams(config, variants):
 
 # errors jax and flax raise when a network's layers do not fit the images' size (a concatenation or sum of
 # maps of different sizes, a map pooled to nothing)
-_SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
+SHAPE_ERRORS = (TypeError, ValueError, ZeroDivisionError, IndexError)
 
 
 def shape_error_gist(e):
@@ -108,7 +108,7 @@ def _sizes_that_fit(model, image_shape):
     def maps_to_itself(shape):
         try:
             return _output_shape(model, shape)[1:3] == shape[:2]
-        except _SHAPE_ERRORS:
+        except SHAPE_ERRORS:
             return False
     for multiple in (2 ** i for i in range(1, 9)):
         sides = tuple(-(-side // multiple) * multiple for side in image_shape[:2])
@@ -123,7 +123,7 @@ def smallest_sides_that_fit(model, image_shape):
         try:
             _output_shape(model, (max(image_shape[0], side), max(image_shape[1], side), *image_shape[2:]))
             return True
-        except _SHAPE_ERRORS:
+        except SHAPE_ERRORS:
             return False
     low, high = min(image_shape[:2]), 2 * min(image_shape[:2])  # (40, 15) may fit at (40, 16)
     while not fits(high):
@@ -158,7 +158,7 @@ def check_input(config, model, dataset):
         out = _output_shape(model, image_shape, config["model"]["name"])
         problem = (f"maps {size} images to {'x'.join(map(str, out[1:3]))} masks"
                    if dataset.is_segmentation and out[1:3] != image_shape[:2] else None)
-    except _SHAPE_ERRORS as e:
+    except SHAPE_ERRORS as e:
         if "must be passed to the constructor or at call time" in str(e):  # not the images' size at all
             raise UsageError(f"{config['model']['name']}: {str(e).split(' to the constructor')[0]}: set it from "
                              "`train`, e.g. nn.Dropout(rate, deterministic=not train), "
@@ -354,7 +354,7 @@ def check_workdir(workdir):
     parallel.from_process_0(lambda: _refuse_if_training(workdir))  # process 0's own marker is the others' too
     if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
         names = sorted(p.name for p in Path(workdir).iterdir())
-        if {"config.json", "history.json"} <= set(names):  # a run's folder, its config edited or cut short
+        if "config.json" in names and _data_record(workdir) is not None:  # a run's folder, its config damaged
             raise UsageError(f"--workdir {workdir}: its config.json is damaged (not a flaxlab run's config), so "
                              "nothing there can be resumed or safely replaced: mend it, or give a new or empty folder")
         raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
@@ -855,6 +855,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(config, workdir))
 
+    given_dataset = dataset is not None
+
     def checked():  # what each process reads for itself, and bad input refused before any device work
         loaded = load_dataset(config, data_dir, dataset)  # the network checked against its images too
         model = make_model(config["model"], loaded.num_classes)
@@ -868,7 +870,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
     info = {"experiment": config["name"],
             "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1),
-                     **_data_dir_record(dataset, data_dir)},
+                     **_data_dir_record(dataset, data_dir, given=given_dataset)},
             "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
             "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
@@ -959,11 +961,12 @@ def _data_record(workdir):
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("source"), str) else None
 
 
-def _data_dir_record(dataset, data_dir):
+def _data_dir_record(dataset, data_dir, given=False):
     """The --data-dir a run read its files from, for `evaluate` and `figures` to read again: its source names
-    the file found there (GTSRB's training zip, without the test zip beside it), for people."""
+    the file found there (GTSRB's training zip, without the test zip beside it), for people. Nothing for a
+    dataset given from Python (not $FLAXLAB_DATA_DIR's, which it did not read)."""
     data_dir = data_lib.data_dir_or_default(data_dir)
-    if not data_dir or not dataset.source.startswith("files:"):
+    if given or not data_dir or not dataset.source.startswith("files:"):
         return {}
     return {"data_dir": str(Path(data_dir).expanduser().resolve())}
 

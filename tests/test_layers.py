@@ -216,7 +216,8 @@ def test_the_training_networks_pools_match_torch_up_to_global_pooling(size):
 @pytest.mark.parametrize("pool, message", [
     (lambda x: pooling.max_pool(x, 5), "a 5x5 window is larger than the 4x4 input"),  # was 0x0 out
     (lambda x: pooling.max_pool_strided(x, 3, 2, 2), "the padding at most half the window"),  # -inf out
-    (lambda x: pooling.max_pool(x, (2, 2)), r"a square window as one int .* got \(2, 2\)"),
+    (lambda x: pooling.max_pool(x, (2, 2)), r"a square window, its stride and padding as ints, got window \(2, 2\)"),
+    (lambda x: pooling.max_pool_strided(x, 2, 0, 0), "window 2, stride 0, padding 0: the window and stride are at"),
     (lambda x: pooling.max_pool(x[0], 2), r"takes \(N, H, W, C\) arrays, got shape \(4, 4, 1\)")])
 def test_the_training_networks_pools_refuse_what_torch_refuses(pool, message):
     with pytest.raises(ValueError, match=message):
