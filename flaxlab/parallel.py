@@ -191,7 +191,9 @@ def make_mesh(devices=0):
     """
     available = jax.device_count()
     if devices > available:
-        raise UsageError(f"--devices {devices}: only {available} device(s) here ({jax.default_backend()})")
+        cpu = (f"; a CPU is split into {devices} by XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+               "set before Python starts" if jax.default_backend() == "cpu" else "")
+        raise UsageError(f"--devices {devices}: only {available} device(s) here ({jax.default_backend()}){cpu}")
     if not devices and _cpu_split and jax.default_backend() == "cpu" and jax.process_count() == 1:
         devices = 1  # devices made by split_cpu_devices run models side by side, not a batch in parts
     count = devices or available

@@ -886,6 +886,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         f"({trainer.epoch_mode} mode)")
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
+    if note := shards_note(len(dataset.train), trainer.shards):
+        log(note)
     if warning := flip_warning(config):
         (report or log)(f"warning: {warning}")
     if resume and (warning := parallel.from_process_0(lambda: resumed_devices_warning(workdir, trainer))):
@@ -959,6 +961,14 @@ def _data_record(workdir):
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("source"), str) else None
+
+
+def shards_note(num_examples, shards):
+    """What a data-parallel run leaves out (parallel.shard_training_set cuts equal shards), or '': 4 of 4,500
+    examples on 8 devices went unsaid, --drop_last false or not."""
+    left_out = num_examples % shards
+    return (f"note: {left_out} of the {num_examples:,} training examples are left out of training: each of the "
+            f"{shards} devices trains on an equal shard of {num_examples // shards:,}") if left_out else ""
 
 
 def _data_dir_record(dataset, data_dir, given=False):

@@ -298,9 +298,16 @@ def test_deterministic_gpu_ops_flag_and_bad_multi_host_environment(monkeypatch):
         parallel.set_up_process()
 
 
+def test_a_data_parallel_run_says_what_its_equal_shards_leave_out():
+    from flaxlab.runner import shards_note
+    assert shards_note(4500, 8) == ("note: 4 of the 4,500 training examples are left out of training: each of the 8 "
+                                    "devices trains on an equal shard of 562")
+    assert shards_note(5000, 8) == shards_note(4500, 1) == ""
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compute_dtype", "float16"], "unknown value 'float16' for --compute_dtype"),
-    (["--devices", "3"], "--devices 3: only 1 device(s) here"),
+    (["--devices", "3"], "--devices 3: only 1 device(s) here (cpu); a CPU is split into 3 by XLA_FLAGS="),
     (["--devices", "-1"], "--devices must not be negative"),
     (["--parallel", "batch"], "unknown value 'batch' for --parallel"),
 ])
