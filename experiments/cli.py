@@ -62,7 +62,8 @@ def _check_other_commands_options(command, overrides):
     for token in overrides:
         key = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") else ""
         if key == "grid" and command != "sweep":
-            raise UsageError("--grid: a grid of variants is sweep's: python -m experiments sweep NAME --grid FIELD=V1,V2")
+            raise UsageError("--grid: a grid of variants is sweep's: "
+                             "python -m experiments sweep NAME --grid FIELD=V1,V2")
         if key == "data_dir":
             raise UsageError(f"--{token[2:].partition('=')[0]}: the option is spelt --data-dir"
                              if command in ("run", "sweep", "bench") else
