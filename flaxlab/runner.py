@@ -354,12 +354,21 @@ def check_workdir(workdir):
     parallel.from_process_0(lambda: _refuse_if_training(workdir))  # process 0's own marker is the others' too
     if workdir is not None and Path(workdir).is_dir() and any(Path(workdir).iterdir()) and not is_run_folder(workdir):
         names = sorted(p.name for p in Path(workdir).iterdir())
-        if "config.json" in names and _data_record(workdir) is not None:  # a run's folder, its config damaged
+        if "config.json" in names and _history_of_run_or_sweep(workdir):  # a run's folder, its config damaged
             raise UsageError(f"--workdir {workdir}: its config.json is damaged (not a flaxlab run's config), so "
                              "nothing there can be resumed or safely replaced: mend it, or give a new or empty folder")
         raise UsageError(f"--workdir {workdir} holds files that no flaxlab run wrote ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''}), which a run would overwrite: "
                          f"give a new or empty folder")
+
+
+def _history_of_run_or_sweep(workdir):
+    try:
+        recorded = json.loads((Path(workdir) / "history.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and any(keys <= set(recorded) for keys in ({"info", "history"},
+                                                                              {"data", "variants"}))
 
 
 def _refuse_if_training(workdir):
