@@ -56,18 +56,19 @@ def _full_name(config, key):
     return matches[0] if matches else key  # an unknown one is override's to report
 
 
-def _check_other_commands_options(command, overrides):
+def _check_other_commands_options(args, overrides):
     """An option of another command, or misspelt, said as such (it was "unknown option '--data_dir'" and 45
     options)."""
-    for token in overrides:
-        key = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") else ""
-        if key == "grid" and command != "sweep":
+    for token in overrides:  # sweep's parser takes --grid, and a command reading data --data-dir: not here
+        option = token[2:].partition("=")[0] if token.startswith("--") else ""
+        if option == "grid":
             raise UsageError("--grid: a grid of variants is sweep's: "
                              "python -m experiments sweep NAME --grid FIELD=V1,V2")
-        if key == "data_dir":
-            raise UsageError(f"--{token[2:].partition('=')[0]}: the option is spelt --data-dir"
-                             if command in ("run", "sweep", "bench") else
-                             "--data-dir: this command reads no data (run, sweep and bench take it)")
+        if option.replace("-", "_") == "data_dir":
+            raise UsageError(f"--{option}: the option is spelt --data-dir"
+                             if hasattr(args, "data_dir") else
+                             "--data-dir: this command reads no data (run, sweep, bench, evaluate and figures "
+                             "take it)")
 
 
 def _override_pairs(config, tokens):
@@ -435,9 +436,9 @@ def stop_on_sigterm():
 def main(argv=None):
     try:
         args, overrides = _parser().parse_known_args(argv)
+        _check_other_commands_options(args, overrides)
         if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
-        _check_other_commands_options(args.command, overrides)
         for option in ("workdir", "data_dir", "out"):  # '--workdir=' (an unset shell variable) is no folder
             if getattr(args, option, None) == "":
                 raise UsageError(f"--{option.replace('_', '-')} is empty: give a folder")

@@ -362,11 +362,20 @@ def check_workdir(workdir):
                          f"give a new or empty folder")
 
 
-def _history_of_run_or_sweep(workdir):
+def recorded_history(workdir, *keys):
+    """history.json's value under `keys` (the whole file without), or None where the file is missing, damaged
+    or holds no such entry (a run stopped before its first epoch ended, or older)."""
     try:
         recorded = json.loads((Path(workdir) / "history.json").read_text())
-    except (OSError, ValueError):
-        return False
+        for key in keys:
+            recorded = recorded[key]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return recorded
+
+
+def _history_of_run_or_sweep(workdir):
+    recorded = recorded_history(workdir)
     return isinstance(recorded, dict) and any(keys <= set(recorded) for keys in ({"info", "history"},
                                                                               {"data", "variants"}))
 
@@ -808,9 +817,8 @@ def data_differs(recorded, dataset):
 def _check_resumed_data(workdir, dataset):
     """--resume goes on with the data the run trained on (it once took the sample where --data-dir was left out,
     mixing full-MNIST epochs with sample ones in one history)."""
-    try:
-        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
+    recorded = recorded_history(workdir, "info", "data")
+    if recorded is None:
         return  # stopped before its first epoch ended: no data recorded, nothing trained on it kept
     if why := data_differs(recorded, dataset):
         raise UsageError(f"--resume: {workdir} was {why}")
@@ -819,10 +827,10 @@ def _check_resumed_data(workdir, dataset):
 def resumed_devices_warning(workdir, trainer):
     """A data-parallel run resumed on another device count goes on with other batches (each device permutes its
     own shard of the training set): not the interrupted run continued, as --devices N would be refused."""
+    info = recorded_history(workdir, "info")
     try:
-        info = json.loads((Path(workdir) / "history.json").read_text())["info"]
         shards = 1 if info.get("parallel") == "seeds" else int(info.get("devices") or 1)  # parts of each batch
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):
         return None
     if shards == trainer.shards:
         return None
@@ -965,10 +973,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
 
 def _data_record(workdir):
     """history.json's record of the data a run read (its source, counts and shapes), or None."""
-    try:
-        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    recorded = recorded_history(workdir, "info", "data")
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("source"), str) else None
 
 
@@ -1138,8 +1143,8 @@ def evaluate_checkpoint(workdir, data_dir=None, flip=False, log=print, dataset=N
 def _stand_in_dataset(workdir, config):
     """Zeros of the shapes a run trained on (history.json's record): what restoring its state needs, so that
     `predict` needs neither the data nor the time to load it; and the training images' mean pixel, if recorded."""
+    recorded = recorded_history(workdir, "info", "data")
     try:
-        recorded = json.loads((Path(workdir) / "history.json").read_text())["info"]["data"]
         shape, num_classes = tuple(recorded["image_shape"]), int(recorded["num_classes"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no data record; is {workdir} a "

@@ -51,6 +51,7 @@ def cli(*args, cwd):
     (["run", "mnist_cnn", "--grid", "lr=0.1,0.2"], "--grid: a grid of variants is sweep's: python -m experiments"),
     (["show", "mnist_cnn", "--data-dir", "x"], "--data-dir: this command reads no data"),  # was "'--data_dir'"
     (["run", "mnist_cnn", "--data_dir=x"], "--data_dir: the option is spelt --data-dir"),
+    (["evaluate", "--workdir", "w", "--data_dir", "x"], "--data_dir: the option is spelt --data-dir"),  # unexpected
     (["run", "mnist_cnn", "--epochs"], "needs a value"),
     (["train", "mnist_cnn"], "invalid choice: 'train'"),
     (["run"], "required: experiment"),
