@@ -1,5 +1,7 @@
 """Figures as in the reports: train vs test loss and accuracy per epoch."""
+import os
 import textwrap
+from pathlib import Path
 
 import matplotlib
 
@@ -10,6 +12,22 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from flaxlab.metrics import at_selected  # noqa: E402
+
+
+def _save(fig, path, title, dpi=120, fontsize=None, top_inches=0.0):
+    """Titles, lays out and writes the figure whole or not at all (a run stopped mid-write left half a PNG)."""
+    try:
+        fig.suptitle(title, **({"fontsize": fontsize} if fontsize else {}))  # None would not be the title's size
+        fig.tight_layout(rect=(0, 0, 1, 1 - top_inches / fig.get_figheight()))
+        part = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.part")
+        try:
+            fig.savefig(part, dpi=dpi, format=Path(path).suffix[1:] or "png")
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _epoch_axis(ax, epochs):
@@ -80,11 +98,7 @@ def learning_curves(history, path, title, selected_epochs=None):
             kept = at_selected(history, key, selected_epochs).mean()
             text += f",\nat selected epoch{'s' if n > 1 else ''} {show(kept)}"  # one line was cut off
         ax.set_title(text, fontsize=10)
-    fig.suptitle(title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title + (f" (mean of {n} seeds, band = min-max)" if n > 1 else ""))
 
 
 def trial_curves(histories, path, title):
@@ -115,11 +129,7 @@ def trial_curves(histories, path, title):
     handles += [Line2D([], [], color="black", marker=point, label="train"),
                 Line2D([], [], color="black", linestyle="--", marker=point, fillstyle="none", label=held)]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=110)
 
 
 def sweep_comparison(histories, path, title, legend="variant", selected_epochs=None):
@@ -146,11 +156,7 @@ def sweep_comparison(histories, path, title, legend="variant", selected_epochs=N
     means = "final mean, at selected epochs" if selected_epochs else "final mean"
     acc_ax.legend(fontsize=8, title=f"{legend} ({means})", title_fontsize=8)
     seeds = max(len(history[f"test_{score}"][-1]) for history in histories.values())
-    fig.suptitle(title + (" (mean over seeds, band = min-max)" if seeds > 1 else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title + (" (mean over seeds, band = min-max)" if seeds > 1 else ""))
 
 
 def confusion_figure(counts, path, title, class_names=None):
@@ -180,11 +186,7 @@ def confusion_figure(counts, path, title, class_names=None):
                         color="white" if v > 0.6 * top else "black")
     axes[0].set_title("counts")
     axes[1].set_title("row-normalised")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def misclassified_grid(images, labels, predictions, path, title, class_names=None, count=25):
@@ -202,11 +204,7 @@ def misclassified_grid(images, labels, predictions, path, title, class_names=Non
         image = images[i]
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
         ax.set_title(text, fontsize=9, color="tab:red")
-    fig.suptitle(f"{title}: {int((labels != predictions).sum())} misclassified (true -> predicted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: {int((labels != predictions).sum())} misclassified (true -> predicted)")
 
 
 def spread_over_classes(indices, labels, count):
@@ -261,11 +259,7 @@ def filter_grid(kernel_hwio, path, title):
             ax.imshow(_min_max(tile), interpolation="nearest")
         else:
             ax.imshow(_min_max(tile.mean(axis=-1)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    fig.suptitle(text, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, text, fontsize=10)
 
 
 def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
@@ -297,11 +291,7 @@ def feature_maps_figure(image, maps_hwc, path, title, max_maps=64):
     for channel, ax in enumerate(panels[1:count + 1]):
         ax.imshow(maps[..., channel], cmap="viridis", interpolation="nearest")
         ax.set_title(str(channel), fontsize=7)
-    fig.suptitle(text, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, text, fontsize=10)
 
 
 def _show(ax, image, title=None, mask=None, value_range=None):
@@ -332,11 +322,7 @@ def segmentation_extremes(images, masks, predictions, scores, path, title, count
         _show(row[0], images[i], f"{kind}: test image {name(i)}")
         _show(row[1], masks[i][..., None], "ground truth", value_range=(0, 1))
         _show(row[2], predictions[i][..., None], f"prediction, {label} {scores[i]:.3f}", value_range=(0, 1))
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.15 / fig.get_figheight()))  # tight_layout alone let it touch row 1
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=100, top_inches=0.15)  # tight_layout alone let the title touch row 1
 
 
 def mask_overlay(image, mask, prediction, path, title, score=None, label="DSC"):
@@ -345,8 +331,4 @@ def mask_overlay(image, mask, prediction, path, title, score=None, label="DSC"):
     _show(axes[0], image, "image")
     _show(axes[1], image, "ground truth", mask)
     _show(axes[2], image, "prediction" + (f" ({label} {score:.3f})" if score is not None else ""), prediction)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=110)

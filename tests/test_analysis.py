@@ -161,6 +161,24 @@ def test_confusion_figures_of_many_classes_stay_readable_and_bounded(tmp_path):
     assert Image.open(tmp_path / "many.png").size[0] <= 26 * 120
 
 
+def test_a_figure_stopped_mid_write_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """Ctrl-C during savefig left half a PNG where the last epoch's figure was."""
+    import matplotlib.figure
+    from flaxlab import plots
+    path = tmp_path / "confusion.png"
+    plots.confusion_figure(np.eye(3, dtype=int), path, "before")
+    before = path.read_bytes()
+
+    def stopped(fig, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        plots.confusion_figure(np.eye(3, dtype=int), path, "after")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]
+
+
 def test_the_stats_table_shows_whole_epochs_as_whole():
     stats = metrics.final_stats({"epoch": [1, 2], "train_loss": [[0.5, 0.6], [0.4, 0.5]], "test_loss": [[0.5] * 2] * 2,
                                  "train_accuracy": [[0.8] * 2] * 2, "test_accuracy": [[0.8, 0.9], [0.85, 0.9]],
