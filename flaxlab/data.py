@@ -7,6 +7,7 @@ inside the jitted train step (see `flaxlab.train`).
 import dataclasses
 import gzip
 import hashlib
+import importlib
 import os
 import socket
 import threading
@@ -311,23 +312,16 @@ def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fractio
     return Dataset("mnist", where + note, train, test, num_classes=10, val=val)
 
 
-def _image_dataset(name):
+def _loaded_on_use(module, name):
+    """A loader of a module that imports this one, so imported when a run asks for it."""
     def load(**kwargs):
-        from flaxlab import image_data
-        return getattr(image_data, name)(**kwargs)
+        return getattr(importlib.import_module(f"flaxlab.{module}"), name)(**kwargs)
     return load
 
 
-def _segmentation_dataset(name):
-    def load(**kwargs):
-        from flaxlab import seg_data
-        return getattr(seg_data, name)(**kwargs)
-    return load
-
-
-DATASETS = {"mnist": load_mnist, "cifar10": _image_dataset("cifar10"), "gtsrb": _image_dataset("gtsrb"),
-            "images": _image_dataset("images"),
-            **{name: _segmentation_dataset(name) for name in ("glas", "jsrt", "paired")}}
+DATASETS = {"mnist": load_mnist,
+            **{name: _loaded_on_use("image_data", name) for name in ("cifar10", "gtsrb", "images")},
+            **{name: _loaded_on_use("seg_data", name) for name in ("glas", "jsrt", "paired")}}
 
 
 def equalize(images):
