@@ -235,6 +235,97 @@ def _what_an_interrupted_sweep_left(workdir, program, programs, checkpoints):
             f"with --resume to go on from {where}")
 
 
+def _epochs_text(programs):
+    epochs = sorted({p.config["epochs"] for p in programs})  # a grid over epochs gives each program its own
+    return f"{' or '.join(map(str, epochs))} epoch{'s' * (epochs != [1])}"
+
+
+def _train_program(workdir, program, index, program_count, data, weights, *, resume, several, progress, log,
+                   on_epoch):
+    """Trains one program's variants x seeds side by side: (history, best epochs, per-image Dice of
+    segmentation, the program's record). `on_epoch` takes each variant's history so far, after every epoch."""
+    labels, seeds = [label for label, _ in program.variants], program.config["seeds"]
+    data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
+                 if several else "")
+    every = program.config["checkpoint_every"]
+    checkpoints = Checkpoints(workdir, every, create=True, part=f"program_{index}") if every else None
+    try:
+        log(f"program {index}/{program_count}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
+        s = set_up(program.config, data, [overrides for _, overrides in program.variants], weights)
+        resumed = None
+        if resume and checkpoints and checkpoints.latest_epoch() is not None:
+            resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
+        compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
+        board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels),
+                                  first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
+
+        def end_epoch(history):
+            on_epoch({label: _split_history(history, i, seeds) for i, label in enumerate(labels)})
+            board.log_epoch(history)
+        try:
+            states, best, history, best_epochs = fit(
+                s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
+                select=program.config["best_metric"] or None, patience=program.config["patience"],
+                checkpoints=checkpoints, resumed=resumed, progress=progress, log=log, on_epoch=end_epoch,
+                variants=labels)
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+        image_scores = None
+        if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
+            predictions = parallel.to_host(s.trainer.predict(best if best is not None else states, s.test_data))
+            image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, program_count,
+                                                                checkpoints)) from None
+    train_s = sum(history["epoch_time_s"])
+    images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
+    info = {"program": index, "variants": labels, "models": len(labels) * seeds,
+            "data": data.describe(), "model_axis": s.trainer.model_axis,
+            "devices": s.trainer.devices, "parallel": program.config.get("parallel", "data"),
+            "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
+            "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)}
+    return history, best_epochs, image_scores, info
+
+
+def _write_results(workdir, config, programs, dataset, histories, trials, program_info, rows, wall_s, several):
+    """results.md/.csv, trials.csv, trials.png and comparison.png of a finished sweep; its table, for the log."""
+    seeds, table = config["seeds"], markdown_table(rows)
+    score = metrics.score_name(next(iter(histories.values())))
+    selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
+                if config["best_metric"] else "")
+    write_atomically(workdir / "results.csv", csv_text(rows))
+    write_atomically(workdir / "trials.csv", csv_text(trials))
+    optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
+    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
+                            f"({p['model_axis']}"
+                            + (f", {p['devices']} devices, {p.get('parallel', 'data')} parallel"
+                               if p.get("devices", 1) > 1 else "")
+                            + f"), compile {p['compile_s']} s, train {p['train_s']} s "
+                            f"({p['epochs_run']} epoch{'s' * (p['epochs_run'] != 1)}, {p['images_per_s']} images/s)"
+                            + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
+                               f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
+                               f"{p['data']['test_examples']:,} test" if several else "")
+                            for p in program_info)
+    write_atomically(workdir / "results.md",
+        f"# {config['name']}\n\n{config.get('description', '')}\n\n"
+        f"- data: {dataset.source}, {len(dataset.train):,} train / "
+        f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
+        f"- {sum(len(p.variants) for p in programs)} variants x {seeds} seed(s) from seed {config['seed']}, "
+        f"{_epochs_text(programs)}; {len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
+        + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
+                  if (note := metrics.divergence_note(history, optimizer_of[label])))
+        + f"\n{table}\n\n{metrics.BEST_TEST_NOTE}\n\n"
+        f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
+    plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
+    selected_epochs = {label: [row["selected_epoch"] for row in trials if row["variant"] == label]
+                       for label in histories} if config["best_metric"] else None
+    plots.sweep_comparison(histories, workdir / "comparison.png",
+                           f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each",
+                           selected_epochs=selected_epochs)
+    return table
+
+
 def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, progress=True, log=print,
               report=None, resume=False):
     """Trains every variant x seed, program by program; writes the sweep's run folder.
@@ -280,8 +371,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
     dataset, several = datasets[0], len({id(d) for d in datasets}) > 1
     seeds = config["seeds"]
     total = sum(len(p.variants) for p in programs)
-    epochs = sorted({p.config["epochs"] for p in programs})  # a grid over epochs gives each program its own
-    epochs = f"{' or '.join(map(str, epochs))} epoch{'s' * (epochs != [1])}"
+    epochs = _epochs_text(programs)
     val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
     log(f"{config['name']}: {total} variants x {seeds} seed(s) = {total * seeds} models in {len(programs)} "
         f"program(s), {epochs} each; data: {dataset.source} ({len(dataset.train):,} train{val_count} / "
@@ -313,92 +403,27 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         for index, (program, data) in enumerate(zip(programs, datasets), 1):
             if index <= len(program_info):
                 continue
-            labels = [label for label, _ in program.variants]
-            data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
-                         if several else "")
-            checkpoints = (Checkpoints(workdir, config["checkpoint_every"], create=True, part=f"program_{index}")
-                           if config["checkpoint_every"] else None)
-            try:
-                log(f"program {index}/{len(programs)}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
-                s = set_up(program.config, data, [overrides for _, overrides in program.variants], weights[index - 1])
-                resumed = None
-                if resume and checkpoints and checkpoints.latest_epoch() is not None:
-                    resumed = checkpoints.restore(s.states, with_best=bool(program.config["best_metric"]))
-                compile_s = s.trainer.compile(s.states, s.train_data, s.test_data, s.val_data)
-                split = lambda h: {label: _split_history(h, i, seeds) for i, label in enumerate(labels)}  # noqa: E731
-                board = tensorboard.Board(workdir, tensorboard.run_names(program.config["seed"], seeds, labels),
-                                          first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
-                try:
-                    states, best, history, best_epochs = fit(
-                        s.trainer, s.states, s.data, s.train_keys, program.config["epochs"],
-                        select=program.config["best_metric"] or None, patience=program.config["patience"],
-                        checkpoints=checkpoints, resumed=resumed, progress=progress, log=log,
-                        on_epoch=lambda h: (save(split(h)), board.log_epoch(h)), variants=labels)
-                finally:
-                    if checkpoints is not None:
-                        checkpoints.close()
-                image_scores = None
-                if data.is_segmentation:  # per-image Dice of each model's final (or selected) state
-                    predictions = parallel.to_host(s.trainer.predict(best if best is not None else states, s.test_data))
-                    image_scores = [analysis.dice_per_image(p, data.test.labels) for p in predictions]
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(_what_an_interrupted_sweep_left(workdir, index, len(programs),
-                                                                        checkpoints)) from None
-            histories.update(split(history))
+            history, best_epochs, image_scores, info = _train_program(
+                workdir, program, index, len(programs), data, weights[index - 1], resume=resume, several=several,
+                progress=progress, log=log, on_epoch=save)
+            labels = info["variants"]
+            histories.update({label: _split_history(history, i, seeds) for i, label in enumerate(labels)})
             for i, label in enumerate(labels):
                 trials += metrics.trial_rows(label, histories[label], program.config["seed"],
                                              best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
                                              image_scores[i * seeds:(i + 1) * seeds] if image_scores else None)
-            train_s = sum(history["epoch_time_s"])
-            images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
-            program_info.append({"program": index, "variants": labels, "models": len(labels) * seeds,
-                                 "data": data.describe(), "model_axis": s.trainer.model_axis,
-                                 "devices": s.trainer.devices, "parallel": program.config.get("parallel", "data"),
-                                 "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
-                                 "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)})
+            program_info.append(info)
             rows += [variant_row(label, index, histories[label], trials) for label in labels]
             for label in labels:
                 if note := metrics.divergence_note(histories[label], program.config["optimizer"]["name"]):
                     report(f"warning: {label}: {note}")
             save()
-            if checkpoints is not None:  # the program is in history.json: its states are not needed again
-                shutil.rmtree(checkpoints.directory, ignore_errors=True)
+            if config["checkpoint_every"]:  # the program is in history.json: its states are not needed again
+                shutil.rmtree(workdir / CHECKPOINT_DIR / f"program_{index}", ignore_errors=True)
         if (workdir / CHECKPOINT_DIR).is_dir() and not any((workdir / CHECKPOINT_DIR).iterdir()):
             (workdir / CHECKPOINT_DIR).rmdir()
-        wall_s = earlier_s + time.perf_counter() - start
-        table = markdown_table(rows)
-        score = metrics.score_name(next(iter(histories.values())))
-        selected = (f" (test {score} at each model's best {config['best_metric']} epoch, and at the last)"
-                    if config["best_metric"] else "")
-        write_atomically(workdir / "results.csv", csv_text(rows))
-        write_atomically(workdir / "trials.csv", csv_text(trials))
-        optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
-        programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
-                                f"({p['model_axis']}"
-                                + (f", {p['devices']} devices, {p.get('parallel', 'data')} parallel"
-                                   if p.get("devices", 1) > 1 else "")
-                                + f"), compile {p['compile_s']} s, train {p['train_s']} s "
-                                f"({p['epochs_run']} epoch{'s' * (p['epochs_run'] != 1)}, {p['images_per_s']} images/s)"
-                                + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
-                                   f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
-                                   f"{p['data']['test_examples']:,} test" if several else "")
-                                for p in program_info)
-        write_atomically(workdir / "results.md",
-            f"# {config['name']}\n\n{config.get('description', '')}\n\n"
-            f"- data: {dataset.source}, {len(dataset.train):,} train / "
-            f"{f'{len(dataset.val):,} val / ' if dataset.val else ''}{len(dataset.test):,} test examples\n"
-            f"- {total} variants x {seeds} seed(s) from seed {config['seed']}, {epochs}; "
-            f"{len(programs)} program(s), {wall_s:.1f} s in all\n{programs_md}\n"
-            + "".join(f"- **{label}: {note}**\n" for label, history in histories.items()
-                      if (note := metrics.divergence_note(history, optimizer_of[label])))
-            + f"\n{table}\n\n{metrics.BEST_TEST_NOTE}\n\n"
-            f"Every trial{selected}:\n\n{metrics.trial_table(trials)}\n")
-        plots.trial_curves(histories, workdir / "trials.png", f"{config['name']}: loss per trial")
-        selected_epochs = {label: [row["selected_epoch"] for row in trials if row["variant"] == label]
-                           for label in histories} if config["best_metric"] else None
-        plots.sweep_comparison(histories, workdir / "comparison.png",
-                               f"{config['name']}: {dataset.name} ({len(dataset.test):,} test), {seeds} seed(s) each",
-                               selected_epochs=selected_epochs)
+        table = _write_results(workdir, config, programs, dataset, histories, trials, program_info, rows,
+                               wall_s=earlier_s + time.perf_counter() - start, several=several)
     report(f"\n{table}\n\nwrote {workdir}/ ({', '.join(sorted(p.name for p in workdir.iterdir()))})")
     remove_if_temporary(workdir)
     return SweepResult(workdir, rows, histories, program_info)
