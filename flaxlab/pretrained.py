@@ -190,6 +190,8 @@ def convert_state_dict(state_dict, arch="resnet18"):
         path, leaf = _flax_path(key)
         if leaf == "num_batches_tracked":
             continue
+        if not np.isfinite(value).all():  # trained from, it gave a NaN loss and a divergence warning at most
+            raise DataError(f"the {arch} weights' {key} holds NaN or infinite values: a damaged file?")
         if leaf in ("running_mean", "running_var"):
             put(stats, path, "mean" if leaf == "running_mean" else "var", value)
         elif leaf == "weight" and value.ndim == 4:
@@ -197,6 +199,9 @@ def convert_state_dict(state_dict, arch="resnet18"):
         elif leaf == "weight" and value.ndim == 2:
             if arch == "vgg19" and path == ("classifier_0",):  # torch flattens C, H, W; NHWC flattens H, W, C
                 out = value.shape[0]
+                if value.shape[1] != 512 * 7 * 7:  # e.g. a CIFAR VGG's 512 inputs
+                    raise DataError(f"the vgg19 weights' {key} has shape {value.shape}: torchvision's VGG-19 takes "
+                                    "512x7x7 = 25088 inputs there; a file of another VGG?")
                 value = value.reshape(out, 512, 7, 7).transpose(0, 2, 3, 1).reshape(out, -1)
             put(params, path, "kernel", value.T)
         elif leaf == "weight":  # batch norm
@@ -278,7 +283,11 @@ def fetch_weights(arch, weights=""):
     target = cache_dir() / "weights" / url.rsplit("/", 1)[1]
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # $FLAXLAB_CACHE a file, or unwritable
+        raise UsageError(f"cannot make {target.parent} for the {arch} weights ({e.strerror}): set FLAXLAB_CACHE "
+                         "to a writable folder, or pass --model.weights PATH") from None
     tmp = target.with_suffix(f".{socket.gethostname()}.{os.getpid()}.part")  # launches or hosts fetching at once
     try:
         urllib.request.urlretrieve(url, tmp)
@@ -310,11 +319,17 @@ def merge_pretrained(variables, pretrained, arch):
     def merge(fresh, loaded, path=()):
         if not isinstance(fresh, dict):
             if not hasattr(loaded, "shape") or fresh.shape != loaded.shape:
-                if path[0] == head:
+                if path[0] == head and getattr(loaded, "shape", ())[:-1] == fresh.shape[:-1]:  # a new class count
                     return fresh
-                shape = loaded.shape if hasattr(loaded, "shape") else "of its own (a module's tensors)"
-                raise DataError(f"pretrained {'/'.join(path)} has shape {shape}, the model {fresh.shape}")
+                shape = _torch_shape(loaded.shape) if hasattr(loaded, "shape") else "of its own (a module's tensors)"
+                raise DataError(f"pretrained {_torch_name(path)} has shape {shape}, the model's "
+                                f"{_torch_shape(fresh.shape)}")
             return loaded.astype(fresh.dtype)
+        kernel, bias = (getattr(loaded.get(k), "shape", None) for k in ("kernel", "bias"))
+        if path == (head,) and kernel and bias and kernel[-1:] != bias:
+            raise DataError(f"the {arch} weights' {_torch_name(path + ('kernel',))} has "
+                            f"{loaded['kernel'].shape[-1]} classes, its {_torch_name(path + ('bias',))} "
+                            f"{loaded['bias'].shape[0]}: a damaged file?")
         if not isinstance(loaded, dict):  # a 3-D 'weight', stored as a batch norm's scale
             raise DataError(f"pretrained {'/'.join(path)} is one tensor of shape {loaded.shape}, where the model "
                             f"has {names(fresh, path)}")
@@ -325,4 +340,19 @@ def merge_pretrained(variables, pretrained, arch):
                 + ([f"hold {names(extra, path)}, which {arch} has not"] if extra else []))
                 + ": a file of another network?")
         return {k: merge(v, loaded[k], path + (k,)) for k, v in fresh.items()}
-    return {collection: merge(dict(tree), pretrained.get(collection, {})) for collection, tree in variables.items()}
+    # the parameters first: a file of another network holds other layers, which its statistics would not say
+    return {collection: merge(dict(variables[collection]), pretrained.get(collection, {}))
+            for collection in sorted(variables, key=lambda c: c != "params")}
+
+
+def _torch_name(path):
+    """('layer2_0', 'conv1', 'kernel') -> 'layer2.0.conv1.weight', as the file names it."""
+    *modules, leaf = path
+    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    return ".".join([re.sub(r"_(\d+)$", r".\1", m) for m in modules] + [leaf])
+
+
+def _torch_shape(shape):
+    """A flax kernel's shape as torch holds it: HWIO -> OIHW, (in, out) -> (out, in)."""
+    shape = tuple(shape)
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1] if len(shape) == 2 else shape

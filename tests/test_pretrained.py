@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxlab import pretrained
-from flaxlab.errors import DataError
+from flaxlab.errors import DataError, UsageError
 from flaxlab.models import count_params
 
 torch = pytest.importorskip("torch", reason="the reference networks are PyTorch")
@@ -157,8 +157,27 @@ def test_weights_files_of_another_network_are_refused_and_wrapped_ones_read(tmp_
     jax.tree.map(np.testing.assert_array_equal, merged(wrapped), expected)
     half = merged({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()})
     np.testing.assert_allclose(half["params"]["conv1"]["kernel"], expected["params"]["conv1"]["kernel"], rtol=1e-2)
+    with pytest.raises(DataError, match=r"pretrained layer2.0.conv1.weight has shape \(128, 64, 5, 5\), the "
+                                        r"model's \(128, 64, 3, 3\)$"):  # as the file names and holds it
+        merged({**state, "layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)})
+    with pytest.raises(DataError, match=r"pretrained fc.weight has shape \(1000, 256\), the model's \(10, 512\)"):
+        merged({**state, "fc.weight": torch.zeros(1000, 256)})  # was kept as a new head's
+    with pytest.raises(DataError, match="fc.weight has 1000 classes, its fc.bias 7: a damaged file"):
+        merged({**state, "fc.bias": torch.zeros(7)})
+    with pytest.raises(DataError, match="layer1.0.bn1.running_var holds NaN or infinite values"):
+        merged({**state, "layer1.0.bn1.running_var": torch.full((64,), float("nan"))})
+    vgg = {"features.0.weight": torch.zeros(64, 3, 3, 3), "classifier.0.weight": torch.zeros(4096, 512)}
+    with pytest.raises(DataError, match="lack bn1, conv1, .*; hold classifier_0, features_0, which resnet18 has not: a file of "
+                                        "another network"):  # only the batch norms it lacks were named
+        merged(vgg)
+    with pytest.raises(DataError, match=r"classifier.0.weight has shape \(4096, 512\): torchvision's VGG-19 takes "
+                                        "512x7x7 = 25088"):  # a CIFAR VGG's: a reshape's traceback
+        pretrained.convert_state_dict({k: v.numpy() for k, v in vgg.items()}, "vgg19")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert pretrained.fetch_weights("resnet18", "~/w.pth") == tmp_path / "w.pth"
+    monkeypatch.setenv("FLAXLAB_CACHE", str(tmp_path / "w.pth"))  # a file: mkdir's traceback
+    with pytest.raises(UsageError, match="set FLAXLAB_CACHE to a writable folder, or pass --model.weights PATH"):
+        pretrained.fetch_weights("resnet18")
 
 
 @pytest.mark.parametrize("name", ["tdt4265_resnet18", "ai604_vgg19_transfer"])  # a run, a sweep
