@@ -231,11 +231,15 @@ def compare_runs(folders, out=None, log=print):
                      "folder": str(run.folder)})
         trials += mine
     # the same files at another --data.size are other data too (Dice on downsampled masks)
-    tested_on = {(run.data.get("source"), run.data.get("test_examples"),
-                  "x".join(map(str, (run.data.get("image_shape") or [])[:2]))) for run in runs}
+    tested_on = {}  # data -> the runs tested on it, in the runs' order (was sorted by name)
+    for run in runs:
+        data = (run.data.get("source"), run.data.get("test_examples"),
+                "x".join(map(str, (run.data.get("image_shape") or [])[:2])))
+        tested_on.setdefault(data, {})[number[run.folder]] = None  # a sweep's variants: its one run number
     note = ("" if len(tested_on) == 1 else
             "**the runs were tested on different data**: " + "; ".join(
-                f"{s} ({n} test{f', {size}' if size else ''})" for s, n, size in sorted(tested_on, key=str))
+                f"run{'s' * (len(on) > 1)} {', '.join(map(str, on))}: {s} ({n} test{f', {size}' if size else ''})"
+                for (s, n, size), on in tested_on.items())
             + ", so their scores do not compare exactly")
     table = markdown_table(rows, first="run")
     make_workdir(out)

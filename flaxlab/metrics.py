@@ -78,6 +78,15 @@ class BestEpochs:
         return {"value": self.value, "epoch": self.epoch, "stale": self.stale}
 
 
+def stopped_epochs(best_epochs, patience, epochs_run):
+    """The epoch after which early stopping stopped each model (its best + patience; the last epoch run for one
+    that never stopped), or None without early stopping: the history holds a stopped model's scores from then
+    on (`held`), which a reader averaging over epochs would not know."""
+    if not best_epochs or not patience:
+        return None
+    return [min(int(best) + patience, epochs_run) for best in best_epochs]
+
+
 def held(history, split, scores, tracker):
     """A split's scores of this epoch, the models `tracker` has stopped those of the epoch they stopped at (their
     best + patience; found by number, as a history written before scores were held goes on past it): such a model
@@ -153,7 +162,7 @@ def markdown_table(stats):
         return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.4f}"
     n = stats[0]["n"]
     columns = ("mean", "std", "min", "max") if n > 1 else ("mean",)  # one seed has no spread: a std of 0 misleads
-    head = f"| metric (over {n} seeds) | mean | std | min | max |" if n > 1 else "| metric (1 seed) | value |"
+    head = f"| metric (over {n} seeds) | mean | std (n - 1) | min | max |" if n > 1 else "| metric (1 seed) | value |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for s in stats:
         cells = " | ".join(fmt(s["metric"], s[k]) for k in columns)
@@ -228,4 +237,6 @@ def trial_table(rows):
     if per_image:  # the reports give both kinds; say which each is
         lines += ["", "± is the sample standard deviation over a variant's trials (n - 1); the std over test images "
                       "is the population one over a model's images (n), numpy's default."]
+    elif len(rows) > len({r["variant"] for r in rows}):  # some variant has trials to spread
+        lines += ["", "± is the sample standard deviation over a variant's trials (n - 1)."]
     return "\n".join(lines)

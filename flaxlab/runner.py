@@ -754,6 +754,8 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         f"seed(s) from seed {config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
         + (f"; each model's state at its best {config['best_metric']} kept (selected epoch)" if best_epochs else "")
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
+        + (f" (the models stopped after epochs {', '.join(map(str, stopped))}, their scores held from then on)"
+           if (stopped := info.get("stopped_epochs")) and min(stopped) < len(history["epoch"]) else "")
         + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
         + "\n"
         f"- {info['backend']} ({info['device']}"
@@ -953,7 +955,8 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         info.update(train_s=round(train_s, 3), steps_per_s=round(steps / train_s, 1),
                     images_per_s=round(trainer.images_per_epoch(len(dataset.train)) * len(history["epoch"])
                                        * config["seeds"] / train_s, 1),
-                    epochs_run=len(history["epoch"]), selected_epochs=best_epochs)
+                    epochs_run=len(history["epoch"]), selected_epochs=best_epochs,
+                    stopped_epochs=metrics.stopped_epochs(best_epochs, config["patience"], len(history["epoch"])))
         save_history(history)
         report = report or log  # what a --quiet run still says
         if note := metrics.divergence_note(history, config["optimizer"]["name"]):

@@ -179,6 +179,16 @@ def test_a_figure_stopped_mid_write_leaves_the_last_one_whole(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]
 
 
+def test_the_epoch_each_model_stopped_at_is_its_best_plus_patience():
+    """Seeds stopped at epochs 2, 2 and 4 of 4 (selected 1, 1, 3): epochs 3-4 of the first two hold epoch 2's
+    scores, which history.json did not say."""
+    assert metrics.stopped_epochs([1, 1, 3], 1, 4) == [2, 2, 4]
+    assert metrics.stopped_epochs([4, 2], 3, 4) == [4, 4]  # never stopped: ran to the end
+    assert metrics.stopped_epochs([1, 1], 0, 4) is None and metrics.stopped_epochs(None, 2, 4) is None
+    assert "std (n - 1)" in metrics.markdown_table(metrics.final_stats(
+        {"epoch": [1], **{f"{s}_{m}": [[0.5, 0.6]] for s in ("train", "test") for m in ("loss", "accuracy")}}))
+
+
 def test_the_stats_table_shows_whole_epochs_as_whole():
     stats = metrics.final_stats({"epoch": [1, 2], "train_loss": [[0.5, 0.6], [0.4, 0.5]], "test_loss": [[0.5] * 2] * 2,
                                  "train_accuracy": [[0.8] * 2] * 2, "test_accuracy": [[0.8, 0.9], [0.85, 0.9]],

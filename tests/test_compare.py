@@ -88,6 +88,7 @@ def test_runs_scored_at_another_size_are_noted_as_tested_on_different_data(folde
     compare_runs([folders / "plain", tmp_path / "small"], tmp_path / "out", log=lines.append)
     note = next(line for line in lines if line.startswith("note:"))
     assert "tested on different data" in note and "300 test, 14x14)" in note and "300 test, 28x28)" in note
+    assert note.index("run 1: ") < note.index("300 test, 28x28); run 2: ") < note.index("300 test, 14x14)")  # sorted
 
 
 def test_bad_input_is_one_line(folders, tmp_path):

@@ -49,6 +49,7 @@ def test_early_stopping_ends_the_run(tmp_path):
         **EXPERIMENTS["tdt4265_cnn"]()["optimizer"], "lr": 5.0})
     epochs_run, selected = len(result.history["epoch"]), result.info["selected_epochs"][0]
     assert epochs_run < 8 and epochs_run == selected + 1  # stopped one epoch (the patience) after its best
+    assert result.info["stopped_epochs"] == [epochs_run]
     assert f"{epochs_run} of 8 epochs" in (result.workdir / "results.md").read_text()
 
 
