@@ -855,6 +855,33 @@ def _what_an_interrupted_run_left(workdir, epochs_saved, checkpoints, every):
     return f"{workdir} holds config.json and the history of {epochs_saved} epoch(s); {how}"
 
 
+def _run_info(config, dataset, s, data_dir_record, log):
+    """history.json's `info` of a run about to train (what it trains, on what, how), said in two lines."""
+    trainer = s.trainer
+    # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
+    info = {"experiment": config["name"],
+            "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1),
+                     **data_dir_record},
+            "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
+            "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
+            "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
+            "devices": trainer.devices, "parallel": config.get("parallel", "data") if trainer.devices > 1 else None,
+            "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype"),
+            "models_side_by_side": len(trainer.spread) or 1}
+    where = f"{info['backend']}" + (f" x {trainer.devices} devices ({info['parallel']} parallel)"
+                                     if trainer.devices > 1 else "")
+    if trainer.spread:
+        where += f" ({len(trainer.spread)} models at a time, one per CPU device)"
+    log(f"{config['name']}: {config['model']['name']} with {info['learnable_weights']:,} learnable weights, "
+        f"{config['seeds']} seed(s), {config['epochs']} epoch{'s' * (config['epochs'] != 1)} on {where} "
+        f"({trainer.epoch_mode} mode)")
+    val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
+    log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
+    if note := shards_note(len(dataset.train), trainer.shards):
+        log(note)
+    return info
+
+
 def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=True, log=print, resume=False,
                    report=None):
     """Trains config['seeds'] models of one experiment as one program and writes its run folder.
@@ -874,7 +901,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
     if resume:  # in a multi-host run, process 0 holds the folder
         parallel.from_process_0(lambda: check_resumable(config, workdir))
 
-    given_dataset = dataset is not None
+    given_dataset = dataset is not None  # from Python: no --data-dir to record (not $FLAXLAB_DATA_DIR's)
 
     def checked():  # what each process reads for itself, and bad input refused before any device work
         loaded = load_dataset(config, data_dir, dataset)  # the network checked against its images too
@@ -886,27 +913,7 @@ def run_experiment(config, workdir=None, data_dir=None, dataset=None, progress=T
         parallel.from_process_0(lambda: _check_resumed_data(workdir, dataset))
     s = set_up(restored_from_checkpoint(config) if resume else config, dataset, weights=weights)
     trainer = s.trainer
-    # the training images' mean pixel: `predict` checks new images by it (a sweep, never predicted from, has none)
-    info = {"experiment": config["name"],
-            "data": {**dataset.describe(), "pixel_mean": round(float(dataset.train.images.mean()), 1),
-                     **_data_dir_record(dataset, data_dir, given=given_dataset)},
-            "learnable_weights": count_params(jax.tree.map(lambda a: a[0], s.states.params)),
-            "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "epoch_mode": trainer.epoch_mode, "model_axis": trainer.model_axis, "seeds": config["seeds"],
-            "devices": trainer.devices, "parallel": config.get("parallel", "data") if trainer.devices > 1 else None,
-            "processes": jax.process_count(), "compute_dtype": config.get("compute_dtype"),
-            "models_side_by_side": len(trainer.spread) or 1}
-    where = f"{info['backend']}" + (f" x {trainer.devices} devices ({info['parallel']} parallel)"
-                                     if trainer.devices > 1 else "")
-    if trainer.spread:
-        where += f" ({len(trainer.spread)} models at a time, one per CPU device)"
-    log(f"{config['name']}: {config['model']['name']} with {info['learnable_weights']:,} learnable weights, "
-        f"{config['seeds']} seed(s), {config['epochs']} epoch{'s' * (config['epochs'] != 1)} on {where} "
-        f"({trainer.epoch_mode} mode)")
-    val_count = f" / {len(dataset.val):,} val" if dataset.val else ""
-    log(f"data: {dataset.source} ({len(dataset.train):,} train{val_count} / {len(dataset.test):,} test examples)")
-    if note := shards_note(len(dataset.train), trainer.shards):
-        log(note)
+    info = _run_info(config, dataset, s, _data_dir_record(dataset, data_dir, given=given_dataset), log)
     if warning := flip_warning(config):
         (report or log)(f"warning: {warning}")
     if resume and (warning := parallel.from_process_0(lambda: resumed_devices_warning(workdir, trainer))):
