@@ -59,7 +59,7 @@ def _full_name(config, key):
 def _check_other_commands_options(args, overrides):
     """An option of another command, or misspelt, said as such (it was "unknown option '--data_dir'" and 45
     options)."""
-    for token in overrides:  # sweep's parser takes --grid, and a command reading data --data-dir: not here
+    for token in overrides:  # sweep's and bench's parsers take --grid, and those reading data --data-dir
         option = token[2:].partition("=")[0] if token.startswith("--") else ""
         if option == "grid":
             raise UsageError("--grid: a grid of variants is sweep's: "

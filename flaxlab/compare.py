@@ -231,7 +231,7 @@ def compare_runs(folders, out=None, log=print):
                      "folder": str(run.folder)})
         trials += mine
     # the same files at another --data.size are other data too (Dice on downsampled masks)
-    tested_on = {}  # data -> the runs tested on it, in the runs' order (was sorted by name)
+    tested_on = {}  # data -> the runs tested on it, in the runs' order (was sorted by source)
     for run in runs:
         data = (run.data.get("source"), run.data.get("test_examples"),
                 "x".join(map(str, (run.data.get("image_shape") or [])[:2])))

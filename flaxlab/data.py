@@ -313,7 +313,7 @@ def load_mnist(source="auto", data_dir=None, tfds_dir=None, size=(), val_fractio
 
 
 def _loaded_on_use(module, name):
-    """A loader of a module that imports this one, so imported when a run asks for it."""
+    """flaxlab.`module`.`name`, imported on first use (that module imports this one)."""
     def load(**kwargs):
         return getattr(importlib.import_module(f"flaxlab.{module}"), name)(**kwargs)
     return load

@@ -87,6 +87,12 @@ def stopped_epochs(best_epochs, patience, epochs_run):
     return [min(int(best) + patience, epochs_run) for best in best_epochs]
 
 
+def stopped_note(stopped, epochs_run, names):
+    """Which models early stopping stopped before the last epoch run, by `names` (one per model), or ''."""
+    early = [f"{name} after epoch {epoch}" for name, epoch in zip(names, stopped or ()) if epoch < epochs_run]
+    return f"stopped early: {', '.join(early)} (scores held from then on)" if early else ""
+
+
 def held(history, split, scores, tracker):
     """A split's scores of this epoch, the models `tracker` has stopped those of the epoch they stopped at (their
     best + patience; found by number, as a history written before scores were held goes on past it): such a model

@@ -313,7 +313,7 @@ def merge_pretrained(variables, pretrained, arch):
 
     def names(keys, path):
         keys = sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])  # 2 < 10
-        return ", ".join("/".join(path + (k,)) for k in keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6
+        return ", ".join(_torch_name(path + (k,)) for k in keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6
                                                                      else "")
 
     def merge(fresh, loaded, path=()):
@@ -325,14 +325,14 @@ def merge_pretrained(variables, pretrained, arch):
                 raise DataError(f"pretrained {_torch_name(path)} has shape {shape}, the model's "
                                 f"{_torch_shape(fresh.shape)}")
             return loaded.astype(fresh.dtype)
-        kernel, bias = (getattr(loaded.get(k), "shape", None) for k in ("kernel", "bias"))
-        if path == (head,) and kernel and bias and kernel[-1:] != bias:
-            raise DataError(f"the {arch} weights' {_torch_name(path + ('kernel',))} has "
-                            f"{loaded['kernel'].shape[-1]} classes, its {_torch_name(path + ('bias',))} "
-                            f"{loaded['bias'].shape[0]}: a damaged file?")
         if not isinstance(loaded, dict):  # a 3-D 'weight', stored as a batch norm's scale
-            raise DataError(f"pretrained {'/'.join(path)} is one tensor of shape {loaded.shape}, where the model "
+            raise DataError(f"pretrained {_torch_name(path)} is one tensor of shape {loaded.shape}, where the model "
                             f"has {names(fresh, path)}")
+        if path == (head,):
+            kernel, bias = (getattr(loaded.get(k), "shape", None) for k in ("kernel", "bias"))
+            if kernel and bias and kernel[-1:] != bias:
+                raise DataError(f"the {arch} weights' {_torch_name(path + ('kernel',))} has {kernel[-1]} classes, "
+                                f"its {_torch_name(path + ('bias',))} {bias[0]}: a damaged file?")
         missing, extra = set(fresh) - set(loaded), set(loaded) - set(fresh)
         if missing or extra:  # extra: ResNet-34's blocks beyond ResNet-18's went unused, unsaid
             raise DataError(f"the {arch} weights " + "; ".join(
@@ -347,9 +347,9 @@ def merge_pretrained(variables, pretrained, arch):
 
 def _torch_name(path):
     """('layer2_0', 'conv1', 'kernel') -> 'layer2.0.conv1.weight', as the file names it."""
-    *modules, leaf = path
-    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-    return ".".join([re.sub(r"_(\d+)$", r".\1", m) for m in modules] + [leaf])
+    *modules, leaf = [re.sub(r"_(\d+)$", r".\1", part) for part in path]
+    return ".".join(modules + [{"kernel": "weight", "scale": "weight", "mean": "running_mean",
+                                "var": "running_var"}.get(leaf, leaf)])
 
 
 def _torch_shape(shape):

@@ -754,8 +754,9 @@ def write_summary(workdir, config, dataset, info, history, analysis_md="", best_
         f"seed(s) from seed {config['seed']}; {len(history['epoch'])} of {config['epochs']} epochs"
         + (f"; each model's state at its best {config['best_metric']} kept (selected epoch)" if best_epochs else "")
         + (f"; early stopping after {config['patience']} epochs without improvement" if config["patience"] else "")
-        + (f" (the models stopped after epochs {', '.join(map(str, stopped))}, their scores held from then on)"
-           if (stopped := info.get("stopped_epochs")) and min(stopped) < len(history["epoch"]) else "")
+        + (f"; {note}" if (note := metrics.stopped_note(info.get("stopped_epochs"), len(history["epoch"]),
+                                                          [f"seed {config['seed'] + i}" for i in range(info["seeds"])]))
+           else "")
         + ("; evaluated on each image and its left-right mirror (logits averaged)" if config.get("eval_flip") else "")
         + "\n"
         f"- {info['backend']} ({info['device']}"
@@ -830,9 +831,11 @@ def resumed_devices_warning(workdir, trainer):
     """A data-parallel run resumed on another device count goes on with other batches (each device permutes its
     own shard of the training set): not the interrupted run continued, as --devices N would be refused."""
     info = recorded_history(workdir, "info")
+    if not isinstance(info, dict):
+        return None
     try:
         shards = 1 if info.get("parallel") == "seeds" else int(info.get("devices") or 1)  # parts of each batch
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError):
         return None
     if shards == trainer.shards:
         return None
@@ -1156,7 +1159,7 @@ def _stand_in_dataset(workdir, config):
     recorded = recorded_history(workdir, "info", "data")
     try:
         shape, num_classes = tuple(recorded["image_shape"]), int(recorded["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise UsageError(f"{Path(workdir) / 'history.json'} is missing or holds no data record; is {workdir} a "
                          "finished run's folder?") from None
     from flaxlab.seg_data import LAYOUTS

@@ -178,7 +178,7 @@ def markdown_table(rows, first="program"):
     score = "dice" if "test_dice_mean" in rows[0] else "accuracy"
     fmt = lambda v: metrics.format_score(score, v)  # noqa: E731
     selecting = f"selected_test_{score}_mean" in rows[0]  # the kept models' score leads, as in results.md
-    kept = f"test {score} at selected epoch (mean ± std) | " if selecting else ""
+    kept = f"test {score} at selected epoch (mean ± std) | " if selecting else ""  # the sample std (n - 1)
     lines = [f"| variant | {first} | seeds | {kept}"
              + f"final test {score} (mean ± std) | min | max | best test {score} (mean) | final test loss |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if selecting else "")]
@@ -242,13 +242,16 @@ def _epochs_text(programs):
 
 def _train_program(workdir, program, index, program_count, data, weights, *, resume, several, progress, log,
                    on_epoch):
-    """Trains one program's variants x seeds side by side: (history, best epochs, per-image Dice of
-    segmentation, the program's record). `on_epoch` takes each variant's history so far, after every epoch."""
+    """Trains one program's variants x seeds side by side: ({variant: its history}, best epochs, per-image Dice
+    of segmentation, the program's record). `on_epoch` takes each variant's history so far, after every epoch."""
     labels, seeds = [label for label, _ in program.variants], program.config["seeds"]
+
+    def by_variant(history):
+        return {label: _split_history(history, i, seeds) for i, label in enumerate(labels)}
     data_note = (f"; {'x'.join(map(str, data.train.images.shape[1:3]))} images, {len(data.train):,} train"
                  if several else "")
     every = program.config["checkpoint_every"]
-    checkpoints = Checkpoints(workdir, every, create=True, part=f"program_{index}") if every else None
+    checkpoints = Checkpoints(workdir, every, create=True, part=_checkpoint_part(index)) if every else None
     try:
         log(f"program {index}/{program_count}: {'; '.join(labels)} ({len(labels) * seeds} model(s){data_note})")
         s = set_up(program.config, data, [overrides for _, overrides in program.variants], weights)
@@ -260,7 +263,7 @@ def _train_program(workdir, program, index, program_count, data, weights, *, res
                                   first_epoch=resumed[2]["epoch"] + 1 if resumed else 1)
 
         def end_epoch(history):
-            on_epoch({label: _split_history(history, i, seeds) for i, label in enumerate(labels)})
+            on_epoch(by_variant(history))
             board.log_epoch(history)
         try:
             states, best, history, best_epochs = fit(
@@ -284,8 +287,14 @@ def _train_program(workdir, program, index, program_count, data, weights, *, res
             "data": data.describe(), "model_axis": s.trainer.model_axis,
             "devices": s.trainer.devices, "parallel": program.config.get("parallel", "data"),
             "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
-            "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1)}
-    return history, best_epochs, image_scores, info
+            "epochs_run": len(history["epoch"]), "images_per_s": round(images / train_s, 1),
+            "stopped_epochs": metrics.stopped_epochs(best_epochs, program.config["patience"], len(history["epoch"]))}
+    return by_variant(history), best_epochs, image_scores, info
+
+
+def _checkpoint_part(index):
+    """The folder (under the checkpoints) of the program in training, removed once it is in history.json."""
+    return f"program_{index}"
 
 
 def _write_results(workdir, config, programs, dataset, histories, trials, program_info, rows, wall_s, several):
@@ -306,6 +315,9 @@ def _write_results(workdir, config, programs, dataset, histories, trials, progra
                             + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
                                f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
                                f"{p['data']['test_examples']:,} test" if several else "")
+                            + (f"; {note}" if (note := metrics.stopped_note(p.get("stopped_epochs"), p["epochs_run"], [
+                                f"{label} seed {config['seed'] + i}" for label in p["variants"] for i in range(seeds)]))
+                               else "")
                             for p in program_info)
     write_atomically(workdir / "results.md",
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
@@ -403,11 +415,11 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
         for index, (program, data) in enumerate(zip(programs, datasets), 1):
             if index <= len(program_info):
                 continue
-            history, best_epochs, image_scores, info = _train_program(
+            trained, best_epochs, image_scores, info = _train_program(
                 workdir, program, index, len(programs), data, weights[index - 1], resume=resume, several=several,
                 progress=progress, log=log, on_epoch=save)
-            labels = info["variants"]
-            histories.update({label: _split_history(history, i, seeds) for i, label in enumerate(labels)})
+            labels = list(trained)
+            histories.update(trained)
             for i, label in enumerate(labels):
                 trials += metrics.trial_rows(label, histories[label], program.config["seed"],
                                              best_epochs[i * seeds:(i + 1) * seeds] if best_epochs else None,
@@ -419,7 +431,7 @@ def run_sweep(config, variants=None, workdir=None, data_dir=None, dataset=None, 
                     report(f"warning: {label}: {note}")
             save()
             if config["checkpoint_every"]:  # the program is in history.json: its states are not needed again
-                shutil.rmtree(workdir / CHECKPOINT_DIR / f"program_{index}", ignore_errors=True)
+                shutil.rmtree(workdir / CHECKPOINT_DIR / _checkpoint_part(index), ignore_errors=True)
         if (workdir / CHECKPOINT_DIR).is_dir() and not any((workdir / CHECKPOINT_DIR).iterdir()):
             (workdir / CHECKPOINT_DIR).rmdir()
         table = _write_results(workdir, config, programs, dataset, histories, trials, program_info, rows,

@@ -185,6 +185,9 @@ def test_the_epoch_each_model_stopped_at_is_its_best_plus_patience():
     assert metrics.stopped_epochs([1, 1, 3], 1, 4) == [2, 2, 4]
     assert metrics.stopped_epochs([4, 2], 3, 4) == [4, 4]  # never stopped: ran to the end
     assert metrics.stopped_epochs([1, 1], 0, 4) is None and metrics.stopped_epochs(None, 2, 4) is None
+    assert metrics.stopped_note([2, 4], 4, ["seed 0", "seed 1"]) == ("stopped early: seed 0 after epoch 2 (scores "
+                                                                    "held from then on)")  # not seed 1, which ran on
+    assert metrics.stopped_note([4, 4], 4, ["seed 0", "seed 1"]) == "" == metrics.stopped_note(None, 4, ["seed 0"])
     assert "std (n - 1)" in metrics.markdown_table(metrics.final_stats(
         {"epoch": [1], **{f"{s}_{m}": [[0.5, 0.6]] for s in ("train", "test") for m in ("loss", "accuracy")}}))
 

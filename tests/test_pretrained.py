@@ -149,7 +149,7 @@ def test_weights_files_of_another_network_are_refused_and_wrapped_ones_read(tmp_
         return pretrained.merge_pretrained(fresh, pretrained.pretrained_variables("resnet18", tmp_path / "w.pth"),
                                            "resnet18")
     deeper = {**state, **{k.replace("layer1.1.", "layer1.2."): v for k, v in state.items() if "layer1.1." in k}}
-    with pytest.raises(DataError, match="the resnet18 weights hold layer1_2, which resnet18 has not: a file of "
+    with pytest.raises(DataError, match="the resnet18 weights hold layer1.2, which resnet18 has not: a file of "
                                         "another network"):
         merged(deeper)
     expected = merged(state)
@@ -167,9 +167,13 @@ def test_weights_files_of_another_network_are_refused_and_wrapped_ones_read(tmp_
     with pytest.raises(DataError, match="layer1.0.bn1.running_var holds NaN or infinite values"):
         merged({**state, "layer1.0.bn1.running_var": torch.full((64,), float("nan"))})
     vgg = {"features.0.weight": torch.zeros(64, 3, 3, 3), "classifier.0.weight": torch.zeros(4096, 512)}
-    with pytest.raises(DataError, match="lack bn1, conv1, .*; hold classifier_0, features_0, which resnet18 has not: a file of "
-                                        "another network"):  # only the batch norms it lacks were named
+    with pytest.raises(DataError, match=r"lack bn1, conv1, .*; hold classifier\.0, features\.0, which resnet18 has "
+                                        "not: a file of another network"):  # only the batch norms it lacked were named
         merged(vgg)
+    with pytest.raises(DataError, match=r"pretrained conv1 is one tensor of shape \(8,\), where the model has "
+                                        r"conv1\.weight"):  # the head's check made it an AttributeError once
+        pretrained.merge_pretrained({"params": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}},
+                                    {"params": {"conv1": np.zeros(8, np.float32)}}, "resnet18")
     with pytest.raises(DataError, match=r"classifier.0.weight has shape \(4096, 512\): torchvision's VGG-19 takes "
                                         "512x7x7 = 25088"):  # a CIFAR VGG's: a reshape's traceback
         pretrained.convert_state_dict({k: v.numpy() for k, v in vgg.items()}, "vgg19")
