@@ -197,7 +197,8 @@ def _parser():
     bench.add_argument("experiment", help="a workload: mnist_cnn, mnist_fnn or any experiment; `all`: every "
                                           "workload the peer runs (with --peer)")
     bench.add_argument("--markdown", help="with --peer: also write the results as a Markdown table to this file")
-    bench.add_argument("--epochs", type=int, default=1)
+    bench.add_argument("--epochs", type=int, default=1, help="epochs each side trains (default 1; not the "
+                                                             "experiment's own)")
     bench.add_argument("--data-dir", help="default: ../shared/data when present, else the shipped sample")
     bench.add_argument("--peer", action="store_true", help="also run ../shared/peers/torch_reference.py and compare")
     bench.add_argument("--as-peer-runs", action="store_true",
@@ -290,7 +291,8 @@ def _bench(args, overrides):
     shared = bench.shared_dir()
     data_dir = args.data_dir or (shared / "data" if shared else None)
     if (args.peer or args.markdown) and not shared:
-        raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED")
+        raise UsageError("--peer needs ../shared (with peers/ and data/) beside the repository, or $FLAXLAB_SHARED "
+                         "(or $FLAXLAB_SHARED_DATA naming its data/)")
     if (args.experiment == "all" or args.markdown) and not args.peer:
         raise UsageError("bench all and --markdown compare with the peer: add --peer")
     if args.peer:  # before flaxlab's side runs and prints its rows
@@ -315,7 +317,7 @@ def _bench(args, overrides):
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(bench.markdown_table(results, args.epochs))
+        tmp.write_text(bench.markdown_table(results, args.epochs, overrides))
         os.replace(tmp, path)
         print(f"wrote {path}", file=sys.stderr)
 
@@ -439,9 +441,10 @@ def main(argv=None):
         _check_other_commands_options(args, overrides)
         if overrides and args.command in ("list", "figures", "evaluate", "predict", "layers", "compare", "runs"):
             raise UsageError(f"unexpected argument '{overrides[0]}'")
-        for option in ("workdir", "data_dir", "out"):  # '--workdir=' (an unset shell variable) is no folder
+        for option in ("workdir", "data_dir", "out", "markdown"):  # '--workdir=' (an unset shell variable)
             if getattr(args, option, None) == "":
-                raise UsageError(f"--{option.replace('_', '-')} is empty: give a folder")
+                what = "file" if option == "markdown" else "folder"
+                raise UsageError(f"--{option.replace('_', '-')} is empty: give a {what}")
         if args.command in ("summary", "layers", "figures", "evaluate", "predict"):  # run, sweep, bench: set_up_process
             parallel.check_backend()
         if args.command == "list":

@@ -68,7 +68,7 @@ def bench_flaxlab(config, data_dir, epochs=1):
                 backend=jax.default_backend(), epoch_mode=trainer.epoch_mode, seeds=config["seeds"],
                 seed=config["seed"], batch_size=config["batch_size"], steps=steps, data=dataset.source,
                 load_s=round(load_s, 2), compile_s=round(compile_s, 3), train_s=round(train_s, 3),
-                steps_per_s=_figures(steps / train_s), images_per_s=_figures(images / train_s),
+                steps_per_s=_figures(steps / train_s), images=images, images_per_s=_figures(images / train_s),
                 test_accuracy=round(float(np.mean(test["accuracy"])), 4), test_size=len(dataset.test),
                 devices=trainer.devices, models_side_by_side=len(trainer.spread) or 1,
                 compute_dtype=config.get("compute_dtype", "float32"),
@@ -147,17 +147,43 @@ def run_peer(workload, epochs, batch_size, seeds, shared, extra=()):
 
 
 def compare(ours, peers):
-    """Ratio of flaxlab to the peer in throughput; with N seeds, N vmapped models vs N sequential runs."""
+    """Ratio of flaxlab to the peer in throughput; with N seeds, flaxlab's N models side by side (vmapped, or one
+    per CPU device) vs N sequential runs. From unrounded counts: the two ratios of one seed agree."""
     peer_train_s = sum(p["train_s"] for p in peers)
     peer_steps = sum(p["steps"] for p in peers)  # every seed's over every seed's time (seed 0's alone disagreed)
     peer_images = sum(p["steps"] * p["batch_size"] for p in peers)
+    images = ours.get("images", ours["images_per_s"] * ours["train_s"])  # a row of an older flaxlab has no count
     return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
                 flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=_figures(peer_images / peer_train_s),
                 flaxlab_steps_per_s=ours["steps_per_s"], peer_steps_per_s=_figures(peer_steps / peer_train_s),
-                ratio_images_per_s=round(ours["images_per_s"] / (peer_images / peer_train_s), 2),
-                ratio_steps_per_s=round(ours["steps_per_s"] * peer_train_s / peer_steps, 2) if ours["seeds"] == 1
-                else None,
-                flaxlab_wall_s=round(ours["train_s"] + ours["compile_s"], 2), peer_wall_s=round(peer_train_s, 2))
+                ratio_images_per_s=round(images * peer_train_s / (ours["train_s"] * peer_images), 2),
+                ratio_steps_per_s=round(ours["steps"] * peer_train_s / (ours["train_s"] * peer_steps), 2)
+                if ours["seeds"] == 1 else None,
+                flaxlab_train_s=ours["train_s"], flaxlab_compile_s=ours["compile_s"],
+                peer_train_s=round(peer_train_s, 2))
+
+
+def _busy_ticks():
+    """The machine's busy CPU time so far, in seconds (all processes; /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def others_busy(work):
+    """`work()`, and the cores other processes kept busy meanwhile (the machine's busy time less this process's
+    and its children's, over the wall time; None off Linux): eager PyTorch's threads slow down far more than
+    XLA's when a core is taken (mnist_cnn's ratio read 24.8x beside one busy process, 1.4x on an idle machine)."""
+    busy, mine, t0 = _busy_ticks(), os.times(), time.perf_counter()
+    result = work()
+    wall, after, now = time.perf_counter() - t0, _busy_ticks(), os.times()
+    if busy is None or after is None or wall <= 0:
+        return result, None
+    own = sum(getattr(now, k) - getattr(mine, k) for k in ("user", "system", "children_user", "children_system"))
+    return result, round(max(0.0, (after - busy - own) / wall), 2)
 
 
 def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
@@ -174,7 +200,11 @@ def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
     return json.loads(rows[-1])
 
 
-def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None):
+BUSY = 0.25  # cores kept busy by other processes past which a ratio is flagged
+
+
+def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None,
+                       warn=lambda line: print(line, file=sys.stderr)):
     """flaxlab (`bench_flaxlab_apart`) and its peer on experiment `name` (`config`: it with the command line's
     `overrides`), alternating `repeat` times; every JSON row goes to `emit`.
     Returns the comparisons, each with both sides' steps/s and flaxlab's compile time."""
@@ -182,13 +212,21 @@ def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repe
     extra = ("--width", str(config["model"]["width"])) if workload == "unet" else ()
     comparisons = []
     for _ in range(repeat):
-        ours = bench_flaxlab_apart(name, overrides, data_dir, epochs)
+        ours, busy_ours = others_busy(lambda: bench_flaxlab_apart(name, overrides, data_dir, epochs))
         emit(ours)
-        peers = run_peer(workload, epochs, config["batch_size"], config["seeds"], shared, extra)
+        peers, busy_peer = others_busy(lambda: run_peer(workload, epochs, config["batch_size"], config["seeds"],
+                                                        shared, extra))
         for row in peers:
             emit(row)
         comparison = compare(ours, peers)
-        comparison.update(compile_s=ours["compile_s"], device=ours["device"], peer_device=peers[0]["device"])
+        busy = None if busy_ours is None else max(busy_ours, busy_peer)
+        comparison.update(compile_s=ours["compile_s"], device=ours["device"], peer_device=peers[0]["device"],
+                          devices=ours["devices"], models_side_by_side=ours["models_side_by_side"],
+                          other_processes_cores=busy)
+        if busy is not None and busy > BUSY:
+            warn(f"warning: other processes kept {busy:.1f} of the {os.cpu_count()} cores busy while {name} was "
+                 "benched: the peer's threads slow down far more than XLA's, so the ratio reads too high; bench on "
+                 "an idle machine")
         emit(comparison)
         comparisons.append(comparison)
     if repeat > 1:
@@ -220,18 +258,26 @@ def _span(values, digits=None):
     return text(low) if text(low) == text(high) else f"{text(low)}-{text(high)}"
 
 
-def markdown_table(results, epochs):
-    """results: {experiment: comparisons}. A table of steps/s and the median ratio, the machine named."""
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {epochs} epoch(s) per run, flaxlab and the "
-             "PyTorch peer alternating; ratio = flaxlab's images/s over the peer's (median over repeats). With "
-             "several seeds, a flaxlab step trains every seed's model, a peer step one model.", "",
-             "| workload | seeds | flaxlab steps/s | PyTorch steps/s | ratio (median, range) | flaxlab compile s |",
-             "|---|---|---|---|---|---|"]
+def markdown_table(results, epochs, overrides=()):
+    """results: {experiment: comparisons}. A table of steps/s and the median ratio, the machine, the settings
+    and how busy other processes kept it named."""
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}; {epochs} epoch(s) per run{given}, flaxlab "
+             "and the PyTorch peer alternating; ratio = flaxlab's images/s over the peer's (median over repeats). "
+             "With several seeds, a flaxlab step trains every seed's model, a peer step one model. The peer's time "
+             "includes its DataLoader's batching, as the reports' scripts did.", "",
+             "| workload | seeds | flaxlab devices | flaxlab steps/s | PyTorch steps/s | ratio (median, range) "
+             "| flaxlab compile s | cores busy with other work |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         ratios = [r["ratio_images_per_s"] for r in rows]
-        lines.append(f"| `{name}` vs `{PEER_WORKLOADS[name]}` | {rows[0]['seeds']} "
+        busy = [r["other_processes_cores"] for r in rows if r.get("other_processes_cores") is not None]
+        busy_text = "not measured" if not busy else f"**{_span(busy, 1)} (ratio too high)**" if max(busy) > BUSY \
+            else _span(busy, 1)
+        lines.append(f"| `{name}` vs `{PEER_WORKLOADS[name]}` | {rows[0]['seeds']} | {rows[0].get('devices', 1)} "
                      f"| {_span([r['flaxlab_steps_per_s'] for r in rows])} | {_span([r['peer_steps_per_s'] for r in rows])} "
-                     f"| **{np.median(ratios):.2f}x** ({_span(ratios, 2)}) | {_span([r['compile_s'] for r in rows], 1)} |")
+                     f"| **{np.median(ratios):.2f}x** ({_span(ratios, 2)}) "
+                     f"| {_span([r['compile_s'] for r in rows], 1)} | {busy_text} |")
     return "\n".join(lines) + "\n"
 
 

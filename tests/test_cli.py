@@ -240,14 +240,38 @@ def test_bench_against_the_pytorch_peer_in_one_run(tmp_path, shared_data):
     assert ours["peer"] == "flaxlab" and peer["peer"] == "pytorch-eager" and ours["steps"] == peer["steps"] == 58
     assert ratio["ratio_images_per_s"] > 0 and ours["test_accuracy"] > 0.85
     table = (tmp_path / "docs/bench.md").read_text()
-    assert "cores; cpu (" in table and f"| `mnist_fnn` vs `mnist_fnn` | 1 | {ratio['flaxlab_steps_per_s']:.3g} |" in table
+    assert "cores; cpu (" in table and f"| `mnist_fnn` vs `mnist_fnn` | 1 | 1 | {ratio['flaxlab_steps_per_s']:.3g} |" \
+        in table
     assert ratio["peer_steps_per_s"] == pytest.approx(peer["steps_per_s"], rel=0.01)
+    assert ratio["ratio_steps_per_s"] == ratio["ratio_images_per_s"]  # one seed: from unrounded counts, equal
+    assert ratio["other_processes_cores"] >= 0 and ratio["flaxlab_train_s"] == ours["train_s"]
+
+
+def test_bench_says_when_other_processes_kept_the_cores_busy():
+    """Beside one busy process the peer's two threads collapsed and mnist_cnn read 24.8x (1.4x idle), unsaid."""
+    import time
+    from flaxlab import bench
+    if bench._busy_ticks() is None:
+        pytest.skip("no /proc/stat to measure the machine's load by")
+    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        _, busy = bench.others_busy(lambda: time.sleep(1.5))
+    finally:
+        other.kill()
+        other.wait()
+    _, quiet = bench.others_busy(lambda: sum(i * i for i in range(3_000_000)))  # our own work is not others'
+    assert busy > 0.5 and quiet < busy
+    row = {"ratio_images_per_s": 24.8, "flaxlab_steps_per_s": 201, "peer_steps_per_s": 8.1, "compile_s": 1.0,
+           "seeds": 1, "devices": 1, "other_processes_cores": busy}
+    table = bench.markdown_table({"mnist_cnn": [row]}, 1, ["--batch-size", "64"])
+    assert "(ratio too high)** |" in table and "1 epoch(s) per run with --batch-size 64" in table
 
 
 def test_bench_refuses_before_running_what_would_not_compare(tmp_path, shared_data):
     """Each was found only after flaxlab's side had run (the --markdown one as a traceback), or not at all
     (flaxlab trained on other data than the peer read, or in bfloat16 against its float32)."""
     refused = [(["--data-dir", str(tmp_path)], "the PyTorch peer reads its data from"),
+               (["--markdown="], "--markdown is empty: give a file"),  # ran, and wrote no table
                (["--compute_dtype", "bfloat16"], "--compute_dtype would change flaxlab's side only")]
     if Path("/proc/self").is_dir():  # where root may write anywhere else
         refused.append((["--markdown", "/proc/x/table.md"], "--markdown /proc/x/table.md: cannot write in /proc"))
