@@ -311,8 +311,9 @@ def _bench(args, overrides):
         for _ in range(args.repeat):
             emit(bench.bench_flaxlab(config, data_dir, epochs=args.epochs))
         return
-    results = {name: bench.bench_against_peer(name, config, overrides, data_dir, shared, args.epochs, args.repeat, emit)
-               for name, config in configs.items()}
+    warn = lambda line: parallel.is_primary() and print(line, file=sys.stderr)  # noqa: E731
+    results = {name: bench.bench_against_peer(name, config, overrides, data_dir, shared, args.epochs, args.repeat, emit,
+                                              warn) for name, config in configs.items()}
     if args.markdown:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -163,27 +163,47 @@ def compare(ours, peers):
                 peer_train_s=round(peer_train_s, 2))
 
 
-def _busy_ticks():
-    """The machine's busy CPU time so far, in seconds (all processes; /proc/stat), or None off Linux."""
+def _busy_seconds():
+    """Busy CPU time so far of the cores this process may run on (all their processes; /proc/stat's per-CPU lines,
+    in a container its cpuset's, not the host's), in seconds, or None off Linux."""
+    cores = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+    busy = 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name != "cpu" and (cores is None or name in cores):
+                    ticks = [int(v) for v in fields[:8]]
+                    busy += sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait (steal: another VM's)
+    except (OSError, ValueError, IndexError):
         return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def others_busy(work):
-    """`work()`, and the cores other processes kept busy meanwhile (the machine's busy time less this process's
-    and its children's, over the wall time; None off Linux): eager PyTorch's threads slow down far more than
-    XLA's when a core is taken (mnist_cnn's ratio read 24.8x beside one busy process, 1.4x on an idle machine)."""
-    busy, mine, t0 = _busy_ticks(), os.times(), time.perf_counter()
+    """`work()`, and the cores other processes (or VMs) kept busy meanwhile: the cores' busy time less this
+    process's and its waited-for children's, over the wall time, averaged over the whole of `work` (a side's
+    start-up and compile included); None off Linux. Eager PyTorch's threads slow down far more than XLA's when a
+    core is taken (mnist_cnn's ratio read 24.8x beside one busy process, 1.4x on an idle machine)."""
+    busy, mine, t0 = _busy_seconds(), os.times(), time.perf_counter()
     result = work()
-    wall, after, now = time.perf_counter() - t0, _busy_ticks(), os.times()
+    wall, after, now = time.perf_counter() - t0, _busy_seconds(), os.times()
     if busy is None or after is None or wall <= 0:
         return result, None
     own = sum(getattr(now, k) - getattr(mine, k) for k in ("user", "system", "children_user", "children_system"))
     return result, round(max(0.0, (after - busy - own) / wall), 2)
+
+
+BUSY = 0.25  # cores kept busy by other processes past which a ratio is flagged
+
+
+def busy_note(comparison):
+    """Which way other processes bent a ratio, or '': busy while the peer ran, it reads too high; while flaxlab
+    ran, too low."""
+    sides = [side for side in ("peer", "flaxlab") if (comparison.get(f"others_busy_{side}_cores") or 0) > BUSY]
+    if not sides:
+        return ""
+    return "ratio unreliable" if len(sides) == 2 else "ratio too high" if sides == ["peer"] else "ratio too low"
 
 
 def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
@@ -198,9 +218,6 @@ def bench_flaxlab_apart(name, overrides, data_dir, epochs=1):
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
         raise UsageError(f"flaxlab's bench of {name} failed: {why.removeprefix('error: ')}")
     return json.loads(rows[-1])
-
-
-BUSY = 0.25  # cores kept busy by other processes past which a ratio is flagged
 
 
 def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repeat=1, emit=lambda row: None,
@@ -219,14 +236,12 @@ def bench_against_peer(name, config, overrides, data_dir, shared, epochs=1, repe
         for row in peers:
             emit(row)
         comparison = compare(ours, peers)
-        busy = None if busy_ours is None else max(busy_ours, busy_peer)
         comparison.update(compile_s=ours["compile_s"], device=ours["device"], peer_device=peers[0]["device"],
                           devices=ours["devices"], models_side_by_side=ours["models_side_by_side"],
-                          other_processes_cores=busy)
-        if busy is not None and busy > BUSY:
-            warn(f"warning: other processes kept {busy:.1f} of the {os.cpu_count()} cores busy while {name} was "
-                 "benched: the peer's threads slow down far more than XLA's, so the ratio reads too high; bench on "
-                 "an idle machine")
+                          others_busy_flaxlab_cores=busy_ours, others_busy_peer_cores=busy_peer)
+        if note := busy_note(comparison):
+            warn(f"warning: other processes kept cores busy while {name} was benched (flaxlab's side: {busy_ours}, "
+                 f"the peer's: {busy_peer} cores on average): {note}; bench on an idle machine")
         emit(comparison)
         comparisons.append(comparison)
     if repeat > 1:
@@ -267,13 +282,16 @@ def markdown_table(results, epochs, overrides=()):
              "With several seeds, a flaxlab step trains every seed's model, a peer step one model. The peer's time "
              "includes its DataLoader's batching, as the reports' scripts did.", "",
              "| workload | seeds | flaxlab devices | flaxlab steps/s | PyTorch steps/s | ratio (median, range) "
-             "| flaxlab compile s | cores busy with other work |",
+             "| flaxlab compile s | cores busy with other work (flaxlab's side / the peer's) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         ratios = [r["ratio_images_per_s"] for r in rows]
-        busy = [r["other_processes_cores"] for r in rows if r.get("other_processes_cores") is not None]
-        busy_text = "not measured" if not busy else f"**{_span(busy, 1)} (ratio too high)**" if max(busy) > BUSY \
-            else _span(busy, 1)
+        busy = {side: [r[key] for r in rows if r.get(key := f"others_busy_{side}_cores") is not None]
+                for side in ("flaxlab", "peer")}
+        notes = sorted({note for r in rows if (note := busy_note(r))})
+        busy_text = ("not measured" if not busy["flaxlab"] or not busy["peer"] else
+                     f"{_span(busy['flaxlab'], 1)} / {_span(busy['peer'], 1)}"
+                     + (f" (**{', '.join(notes)}**)" if notes else ""))
         lines.append(f"| `{name}` vs `{PEER_WORKLOADS[name]}` | {rows[0]['seeds']} | {rows[0].get('devices', 1)} "
                      f"| {_span([r['flaxlab_steps_per_s'] for r in rows])} | {_span([r['peer_steps_per_s'] for r in rows])} "
                      f"| **{np.median(ratios):.2f}x** ({_span(ratios, 2)}) "

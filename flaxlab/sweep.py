@@ -283,7 +283,7 @@ def _train_program(workdir, program, index, program_count, data, weights, *, res
                                                                 checkpoints)) from None
     train_s = sum(history["epoch_time_s"])
     images = s.trainer.images_per_epoch(len(data.train)) * len(history["epoch"]) * len(labels) * seeds
-    info = {"program": index, "variants": labels, "models": len(labels) * seeds,
+    info = {"program": index, "variants": labels, "models": len(labels) * seeds, "seed": program.config["seed"],
             "data": data.describe(), "model_axis": s.trainer.model_axis,
             "devices": s.trainer.devices, "parallel": program.config.get("parallel", "data"),
             "compile_s": round(compile_s, 3), "train_s": round(train_s, 3),
@@ -316,7 +316,8 @@ def _write_results(workdir, config, programs, dataset, histories, trials, progra
                                f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
                                f"{p['data']['test_examples']:,} test" if several else "")
                             + (f"; {note}" if (note := metrics.stopped_note(p.get("stopped_epochs"), p["epochs_run"], [
-                                f"{label} seed {config['seed'] + i}" for label in p["variants"] for i in range(seeds)]))
+                                f"{label} seed {p.get('seed', config['seed']) + i}" for label in p["variants"]
+                                for i in range(seeds)]))
                                else "")
                             for p in program_info)
     write_atomically(workdir / "results.md",
