@@ -297,6 +297,22 @@ def _checkpoint_part(index):
     return f"program_{index}"
 
 
+def _program_line(p, seeds, first_seed, several):
+    """results.md's line of a trained program (its record in history.json): models, speed, data, early stops."""
+    devices = f", {p['devices']} devices, {p.get('parallel', 'data')} parallel" if p.get("devices", 1) > 1 else ""
+    epochs = f"{p['epochs_run']} epoch{'s' * (p['epochs_run'] != 1)}"
+    line = (f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) ({p['model_axis']}"
+            f"{devices}), compile {p['compile_s']} s, train {p['train_s']} s ({epochs}, {p['images_per_s']} images/s)")
+    if several:
+        data = p["data"]
+        line += (f"; data: {'x'.join(map(str, data['image_shape'][:2]))} images, {data['train_examples']:,} train / "
+                 f"{data['val_examples']:,} val / {data['test_examples']:,} test")
+    names = [f"{label} seed {p.get('seed', first_seed) + i}" for label in p["variants"] for i in range(seeds)]
+    if note := metrics.stopped_note(p.get("stopped_epochs"), p["epochs_run"], names):
+        line += f"; {note}"
+    return line
+
+
 def _write_results(workdir, config, programs, dataset, histories, trials, program_info, rows, wall_s, several):
     """results.md/.csv, trials.csv, trials.png and comparison.png of a finished sweep; its table, for the log."""
     seeds, table = config["seeds"], markdown_table(rows)
@@ -306,20 +322,7 @@ def _write_results(workdir, config, programs, dataset, histories, trials, progra
     write_atomically(workdir / "results.csv", csv_text(rows))
     write_atomically(workdir / "trials.csv", csv_text(trials))
     optimizer_of = {label: p.config["optimizer"]["name"] for p in programs for label, _ in p.variants}
-    programs_md = "\n".join(f"- program {p['program']}: {', '.join(p['variants'])}: {p['models']} model(s) "
-                            f"({p['model_axis']}"
-                            + (f", {p['devices']} devices, {p.get('parallel', 'data')} parallel"
-                               if p.get("devices", 1) > 1 else "")
-                            + f"), compile {p['compile_s']} s, train {p['train_s']} s "
-                            f"({p['epochs_run']} epoch{'s' * (p['epochs_run'] != 1)}, {p['images_per_s']} images/s)"
-                            + (f"; data: {'x'.join(map(str, p['data']['image_shape'][:2]))} images, "
-                               f"{p['data']['train_examples']:,} train / {p['data']['val_examples']:,} val / "
-                               f"{p['data']['test_examples']:,} test" if several else "")
-                            + (f"; {note}" if (note := metrics.stopped_note(p.get("stopped_epochs"), p["epochs_run"], [
-                                f"{label} seed {p.get('seed', config['seed']) + i}" for label in p["variants"]
-                                for i in range(seeds)]))
-                               else "")
-                            for p in program_info)
+    programs_md = "\n".join(_program_line(p, seeds, config["seed"], several) for p in program_info)
     write_atomically(workdir / "results.md",
         f"# {config['name']}\n\n{config.get('description', '')}\n\n"
         f"- data: {dataset.source}, {len(dataset.train):,} train / "
