@@ -777,6 +777,9 @@ def check_resumable(config, workdir):
     if workdir is None:
         raise UsageError("--resume needs --workdir: the run folder of the interrupted run")
     saved_path = Path(workdir) / "config.json"
+    if Path(workdir).is_dir() and not any(Path(workdir).iterdir()):  # a Ctrl-C between making it and config.json
+        raise UsageError(f"--resume: {workdir} is empty (a run stopped there before it wrote anything): nothing to go "
+                         "on from; run the same command without --resume")
     if not saved_path.is_file():
         raise UsageError(f"--resume: {saved_path} not found; is {workdir} a run folder?")
     try:

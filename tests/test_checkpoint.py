@@ -132,6 +132,14 @@ def test_a_damaged_checkpoints_abandoned_reads_are_not_logged(caplog):
     assert logged == ["another failure", "a task's other failure"]
 
 
+def test_resume_of_an_empty_folder_says_nothing_was_trained(tmp_path):
+    """A Ctrl-C between making the run folder and writing its config.json left it empty, and --resume then said
+    "config.json not found; is it a run folder?"."""
+    from experiments import EXPERIMENTS
+    with pytest.raises(UsageError, match="is empty .*: nothing to go on from; run the same command without --resume"):
+        runner.check_resumable(EXPERIMENTS["mnist_cnn"](), tmp_path)
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     def error(*args):
         out = cli(*args, cwd=tmp_path)
