@@ -152,11 +152,10 @@ def compare(ours, peers):
     peer_train_s = sum(p["train_s"] for p in peers)
     peer_steps = sum(p["steps"] for p in peers)  # every seed's over every seed's time (seed 0's alone disagreed)
     peer_images = sum(p["steps"] * p["batch_size"] for p in peers)
-    images = ours.get("images", ours["images_per_s"] * ours["train_s"])  # a row of an older flaxlab has no count
     return dict(compare=ours["workload"], machine=platform.node() or platform.machine(), seeds=ours["seeds"],
                 flaxlab_images_per_s=ours["images_per_s"], peer_images_per_s=_figures(peer_images / peer_train_s),
                 flaxlab_steps_per_s=ours["steps_per_s"], peer_steps_per_s=_figures(peer_steps / peer_train_s),
-                ratio_images_per_s=round(images * peer_train_s / (ours["train_s"] * peer_images), 2),
+                ratio_images_per_s=round(ours["images"] * peer_train_s / (ours["train_s"] * peer_images), 2),
                 ratio_steps_per_s=round(ours["steps"] * peer_train_s / (ours["train_s"] * peer_steps), 2)
                 if ours["seeds"] == 1 else None,
                 flaxlab_train_s=ours["train_s"], flaxlab_compile_s=ours["compile_s"],
